@@ -1,1 +1,33 @@
-fn main() {}
+//! `teamtune`: thin commands over the teamtune crates. Each subcommand lives in its own module
+//! under `commands/`; this file only parses arguments and dispatches.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "teamtune", version, about = "Fine-tune LLaMA-3.x chat models with LoRA on multi-agent trajectories")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer a prompt with a model (chat template applied), streaming the text to stdout.
+    Generate(commands::generate::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    // Logs go to stderr so that stdout carries only what a command produces.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => commands::generate::run(args),
+    }
+}

@@ -1,1 +1,58 @@
-//! LLaMA-3.x
+//! LLaMA-3.x for teamtune: config, weights from HF folders, the hub or GGUF files, a forward
+//! pass with KV cache and padded or packed batches that is differentiable end to end in
+//! training mode, the tokenizer and chat template that belong to the model, and sampling.
+
+pub mod assets;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+mod gguf;
+mod hub;
+pub mod layout;
+pub mod model;
+pub mod sampling;
+pub mod source;
+pub mod weights;
+
+pub use assets::{load_chat_assets, ChatAssets};
+pub use cache::KvCache;
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::{LlamaError, Result};
+pub use generate::{generate, Generated, StopReason};
+pub use layout::TokenLayout;
+pub use model::{Linear, Llama, Mode};
+pub use sampling::{Sampler, SamplingParams};
+pub use source::{default_model_path, teamtune_home, ModelFiles};
+pub use weights::{GgufWeights, WeightSource};
+
+use candle_core::{DType, Device};
+
+/// A model ready to run: weights, config and its chat assets.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub assets: ChatAssets,
+    pub files: ModelFiles,
+}
+
+impl LoadedModel {
+    /// Loads `spec` ("" = default model, folder, .gguf, hub id) in `dtype` on `device`.
+    pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let files = ModelFiles::resolve(spec)?;
+        let (config, weights) = match &files {
+            ModelFiles::HfFolder { dir, weights } => (
+                LlamaConfig::from_file(&dir.join("config.json"))?,
+                WeightSource::safetensors(weights.clone())?,
+            ),
+            ModelFiles::Gguf { path } => {
+                let g = GgufWeights::open(path)?;
+                (g.config()?, WeightSource::Gguf(g))
+            }
+        };
+        let assets = ChatAssets::load(&files, &config.eos_token_ids)?;
+        assets.check_fits(config.vocab_size)?;
+        tracing::info!(model = %files.describe(), layers = config.num_hidden_layers, hidden = config.hidden_size, ?dtype, "loading model");
+        let model = Llama::load(&config, &weights, dtype, device)?;
+        Ok(LoadedModel { model, assets, files })
+    }
+}

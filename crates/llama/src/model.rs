@@ -1,0 +1,348 @@
+//! The LLaMA decoder: embeddings, N blocks of (RMSNorm, grouped-query attention with RoPE,
+//! RMSNorm, SwiGLU MLP), a final RMSNorm and the LM head. Reads like the transformers
+//! implementation on purpose, so that logits match it position by position.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::ops;
+use candle_transformers::utils::repeat_kv;
+
+use crate::cache::KvCache;
+use crate::config::LlamaConfig;
+use crate::error::{LlamaError, Result};
+use crate::layout::TokenLayout;
+use crate::weights::WeightSource;
+
+/// Which kernels a forward uses. candle's fused RMSNorm, RoPE and last-dim softmax have no
+/// backward and silently cut gradients, so training must use the composed, differentiable
+/// forms; inference keeps the fused ones because they are faster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Inference,
+    Training,
+}
+
+/// A frozen projection `y = x W^T` (no bias in Llama-3.x).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor) -> Self {
+        Linear { weight }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Flatten leading dims so one GEMM runs against the transposed weight view (no copy).
+        let dims = x.dims();
+        let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Inference && x.is_contiguous() {
+            return Ok(ops::rms_norm(x, &self.weight, self.eps as f32)?);
+        }
+        // As transformers: normalise in f32, cast back, then scale.
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// cos/sin of every token's rotation angles, `[batch, time, head_dim/2]`, shared by all layers.
+struct Rotation {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotation {
+    fn new(inv_freq: &Tensor, layout: &TokenLayout, dtype: DType) -> Result<Self> {
+        let device = inv_freq.device();
+        let pos = layout.positions_tensor(device)?.to_dtype(DType::F32)?;
+        let angles = pos.unsqueeze(D::Minus1)?.broadcast_mul(&inv_freq.reshape((1, 1, ()))?)?;
+        Ok(Rotation {
+            cos: angles.cos()?.to_dtype(dtype)?.contiguous()?,
+            sin: angles.sin()?.to_dtype(dtype)?.contiguous()?,
+        })
+    }
+
+    /// Rotate-half RoPE on `[batch, heads, time, head_dim]`.
+    fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Inference {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?);
+        }
+        let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
+        let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rot: &Rotation,
+        bias: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?)
+        };
+        let q = heads(self.q_proj.forward(x)?, self.n_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?.contiguous()?;
+        let q = rot.apply(&q, mode)?;
+        let k = rot.apply(&k, mode)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k.contiguous()?, &v)?,
+            None => (k, v),
+        };
+        let n_rep = self.n_heads / self.n_kv_heads;
+        let k = repeat_kv(k.contiguous()?, n_rep)?;
+        let v = repeat_kv(v, n_rep)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(bias)?,
+            None => scores,
+        };
+        // Softmax in f32 as transformers does, whatever the model dtype.
+        let probs = match mode {
+            Mode::Inference => ops::softmax_last_dim(&scores)?,
+            Mode::Training => ops::softmax(&scores, D::Minus1)?,
+        }
+        .to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&gated)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A LLaMA-3.x causal language model with frozen weights in one dtype on one device.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    inv_freq: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    pub fn load(config: &LlamaConfig, weights: &WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+        let c = config;
+        let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (nq, nkv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: get(name, &[h])?,
+                eps: c.rms_norm_eps,
+            })
+        };
+        let embed_tokens = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let lin = |name: &str, shape: &[usize]| -> Result<Linear> {
+                Ok(Linear::new(get(&format!("{p}.{name}.weight"), shape)?))
+            };
+            blocks.push(Block {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: lin("self_attn.q_proj", &[nq, h])?,
+                    k_proj: lin("self_attn.k_proj", &[nkv, h])?,
+                    v_proj: lin("self_attn.v_proj", &[nkv, h])?,
+                    o_proj: lin("self_attn.o_proj", &[h, nq])?,
+                    n_heads: c.num_attention_heads,
+                    n_kv_heads: c.num_key_value_heads,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: lin("mlp.gate_proj", &[i, h])?,
+                    up_proj: lin("mlp.up_proj", &[i, h])?,
+                    down_proj: lin("mlp.down_proj", &[h, i])?,
+                },
+            });
+        }
+        // Some checkpoints with tied embeddings still ship an lm_head; use it when present.
+        let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            Linear::new(embed_tokens.clone())
+        } else {
+            Linear::new(get("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        let inv_freq = Tensor::new(c.inv_freq(), device)?;
+        Ok(Llama {
+            config: c.clone(),
+            embed_tokens,
+            blocks,
+            norm: norm("model.norm.weight")?,
+            lm_head,
+            inv_freq,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers, batch)
+    }
+
+    /// Token embeddings `[batch, time, hidden]` of `input_ids` (u32 `[batch, time]`).
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.flatten_all()?;
+        if let Some(max) = ids.max(0)?.to_scalar::<u32>().ok() {
+            if max as usize >= self.config.vocab_size {
+                return Err(LlamaError::Shape(format!(
+                    "token id {max} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+        }
+        Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, ()))?)
+    }
+
+    /// Final hidden states (after the last RMSNorm) `[batch, time, hidden]` for `input_ids`.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let x = self.embed(input_ids)?;
+        self.forward_embeddings(&x, layout, cache, mode)
+    }
+
+    /// As `forward_hidden`, from embeddings: callers may inject their own input (e.g. a
+    /// trainable tensor, to check that gradients reach the first layer).
+    pub fn forward_embeddings(
+        &self,
+        x: &Tensor,
+        layout: &TokenLayout,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        layout.check(b, t)?;
+        if let Some(c) = cache.as_deref() {
+            if c.batch() != b {
+                return Err(LlamaError::Shape(format!("cache batch {} != input batch {b}", c.batch())));
+            }
+            if layout.segments.is_some() && !c.is_empty() {
+                return Err(LlamaError::Shape("packed sequences cannot continue a KV cache".into()));
+            }
+        }
+        let no_cache: Vec<Vec<bool>> = vec![vec![]; b];
+        let cached_valid = cache.as_deref().map_or(&no_cache[..], |c| c.valid());
+        let bias = layout.attention_bias(cached_valid, &self.device)?;
+        let rot = Rotation::new(&self.inv_freq, layout, self.dtype)?;
+        let mut x = x.clone();
+        for (l, block) in self.blocks.iter().enumerate() {
+            let residual = &x;
+            let h = block.input_layernorm.forward(&x, mode)?;
+            let h = block.self_attn.forward(&h, &rot, bias.as_ref(), cache.as_deref_mut().map(|c| (c, l)), mode)?;
+            let x1 = (residual + h)?;
+            let h = block.post_attention_layernorm.forward(&x1, mode)?;
+            x = (&x1 + block.mlp.forward(&h)?)?;
+        }
+        if let Some(c) = cache {
+            c.commit(&layout.valid, &layout.positions);
+        }
+        self.norm.forward(&x, mode)
+    }
+
+    /// Logits `[.., vocab]` in f32 for hidden states `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits at every position `[batch, time, vocab]` (training, evaluation).
+    pub fn forward(&self, input_ids: &Tensor, layout: &TokenLayout, cache: Option<&mut KvCache>, mode: Mode) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, layout, cache, mode)?;
+        self.logits(&h)
+    }
+
+    /// Logits of each row's last column `[batch, vocab]` (generation; rows are left-padded so
+    /// the last column is always a real token). Only that column goes through the LM head.
+    pub fn forward_last(&self, input_ids: &Tensor, layout: &TokenLayout, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, layout, cache, Mode::Inference)?;
+        let t = h.dim(1)?;
+        self.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+}
