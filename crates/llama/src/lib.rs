@@ -35,24 +35,39 @@ pub struct LoadedModel {
     pub files: ModelFiles,
 }
 
+/// Reads the config of `files`.
+pub fn load_config(files: &ModelFiles) -> Result<LlamaConfig> {
+    match files {
+        ModelFiles::HfFolder { dir, .. } => LlamaConfig::from_file(&dir.join("config.json")),
+        ModelFiles::Gguf { path } => GgufWeights::open(path)?.config(),
+    }
+}
+
+/// Loads the weights of `files` as a model (no tokenizer needed).
+pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Llama> {
+    let (config, weights) = match files {
+        ModelFiles::HfFolder { dir, weights } => (
+            LlamaConfig::from_file(&dir.join("config.json"))?,
+            WeightSource::safetensors(weights.clone())?,
+        ),
+        ModelFiles::Gguf { path } => {
+            let g = GgufWeights::open(path)?;
+            (g.config()?, WeightSource::Gguf(g))
+        }
+    };
+    tracing::info!(model = %files.describe(), layers = config.num_hidden_layers, hidden = config.hidden_size, ?dtype, "loading model");
+    Llama::load(&config, &weights, dtype, device)
+}
+
 impl LoadedModel {
-    /// Loads `spec` ("" = default model, folder, .gguf, hub id) in `dtype` on `device`.
+    /// Loads `spec` ("" = default model, folder, .gguf, hub id) in `dtype` on `device`, with
+    /// its tokenizer and chat template; errors if the tokenizer does not fit the model.
     pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Self> {
         let files = ModelFiles::resolve(spec)?;
-        let (config, weights) = match &files {
-            ModelFiles::HfFolder { dir, weights } => (
-                LlamaConfig::from_file(&dir.join("config.json"))?,
-                WeightSource::safetensors(weights.clone())?,
-            ),
-            ModelFiles::Gguf { path } => {
-                let g = GgufWeights::open(path)?;
-                (g.config()?, WeightSource::Gguf(g))
-            }
-        };
+        let config = load_config(&files)?;
         let assets = ChatAssets::load(&files, &config.eos_token_ids)?;
         assets.check_fits(config.vocab_size)?;
-        tracing::info!(model = %files.describe(), layers = config.num_hidden_layers, hidden = config.hidden_size, ?dtype, "loading model");
-        let model = Llama::load(&config, &weights, dtype, device)?;
+        let model = load_model(&files, dtype, device)?;
         Ok(LoadedModel { model, assets, files })
     }
 }

@@ -60,9 +60,12 @@ impl RmsNorm {
         if mode == Mode::Inference && x.is_contiguous() {
             return Ok(ops::rms_norm(x, &self.weight, self.eps as f32)?);
         }
-        // As transformers: normalise in f32, cast back, then scale.
+        // As transformers: normalise in (at least) f32, cast back, then scale.
         let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
+        let xf = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
@@ -138,12 +141,16 @@ impl Attention {
         let k = repeat_kv(k.contiguous()?, n_rep)?;
         let v = repeat_kv(v, n_rep)?.contiguous()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        // Softmax in f32 at least, as transformers does for half-precision models.
+        let scores = match scores.dtype() {
+            DType::F16 | DType::BF16 => scores.to_dtype(DType::F32)?,
+            _ => scores,
+        };
         let scores = match bias {
-            Some(bias) => scores.broadcast_add(bias)?,
+            Some(bias) => scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?,
             None => scores,
         };
-        // Softmax in f32 as transformers does, whatever the model dtype.
         let probs = match mode {
             Mode::Inference => ops::softmax_last_dim(&scores)?,
             Mode::Training => ops::softmax(&scores, D::Minus1)?,
@@ -327,9 +334,13 @@ impl Llama {
         self.norm.forward(&x, mode)
     }
 
-    /// Logits `[.., vocab]` in f32 for hidden states `[.., hidden]`.
+    /// Logits `[.., vocab]` for hidden states `[.., hidden]`, in f32 (f64 for an f64 model).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+        let logits = self.lm_head.forward(hidden)?;
+        Ok(match logits.dtype() {
+            DType::F64 => logits,
+            _ => logits.to_dtype(DType::F32)?,
+        })
     }
 
     /// Logits at every position `[batch, time, vocab]` (training, evaluation).
