@@ -1,21 +1,87 @@
-//! The default model, SmolLM2-135M-Instruct from its Q4_1 GGUF, against transformers.
+//! The default model, SmolLM2-135M-Instruct from its Q4_1 GGUF, against transformers reading
+//! the same GGUF (fixtures from scripts/make_reference.py).
 
 mod common;
 
-use candle_core::{DType, Device};
-use teamtune_llama::{generate, LoadedModel, SamplingParams};
+use std::collections::HashMap;
 
-fn chatml(user: &str) -> String {
-    format!("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use teamtune_llama::{generate, LoadedModel, SamplingParams, StopReason, TokenLayout};
+
+struct Fixture {
+    json: Value,
+    logits: HashMap<String, Tensor>,
+}
+
+fn fixture() -> Fixture {
+    let dir = common::fixtures().join("smollm2");
+    Fixture {
+        json: serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap(),
+        logits: candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap(),
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn load() -> LoadedModel {
+    let path = common::default_model();
+    LoadedModel::load(path.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn matches_transformers_logits_tokens_and_greedy_continuations() {
+    let m = load();
+    let f = fixture();
+    let cases = f.json["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    for (i, case) in cases.iter().enumerate() {
+        let name = case["name"].as_str().unwrap();
+        let prompt_ids = ids(&case["prompt_ids"]);
+        // Our GGUF tokenizer gives transformers' ids for the rendered prompt.
+        let ours = m.assets.encode(case["prompt_text"].as_str().unwrap(), false).unwrap();
+        assert_eq!(ours, prompt_ids, "{name}: prompt tokens");
+
+        let input = Tensor::new(prompt_ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let layout = TokenLayout::contiguous(1, prompt_ids.len(), 0);
+        let last = m.model.forward_last(&input, &layout, None).unwrap().squeeze(0).unwrap();
+        let want = &f.logits[&format!("last_logits_{i}")];
+        let (a, b) = (last.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
+        let err = common::max_rel_err(&a, &b, 1.0);
+        assert!(err < 1e-3, "{name}: last-position logits, max relative error {err:e}");
+
+        let want_ids = ids(&case["greedy_ids"]);
+        let out = generate(&m.model, &prompt_ids, &SamplingParams::default(), 32, &[2], |_| true).unwrap();
+        let mut got = out.tokens.clone();
+        if let StopReason::Eos(e) = out.stop {
+            got.push(e);
+        }
+        assert_eq!(got, want_ids, "{name}: greedy continuation");
+    }
+}
+
+#[test]
+fn gguf_tokenizer_matches_transformers() {
+    let m = load();
+    let f = fixture();
+    for case in f.json["tokenizer_cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(m.assets.encode(text, false).unwrap(), ids(&case["ids"]), "{text:?}");
+    }
+    assert_eq!(m.assets.eos_token.as_deref(), Some("<|im_end|>"));
+    assert!(m.assets.eos_token_ids.contains(&2));
+    assert!(m.assets.chat_template.as_deref().unwrap().contains("<|im_start|>"));
 }
 
 #[test]
 fn answers_the_capital_of_france() {
-    let path = common::default_model();
-    let m = LoadedModel::load(path.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let prompt = m.assets.encode(&chatml("What is the capital of France?"), false).unwrap();
+    let m = load();
+    let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let prompt = m.assets.encode(prompt, false).unwrap();
     let out = generate(&m.model, &prompt, &SamplingParams::default(), 24, &m.assets.eos_token_ids, |_| true).unwrap();
     let text = m.assets.decode(&out.tokens, true).unwrap();
-    eprintln!("{text:?} {:?}", out.stop);
     assert!(text.contains("Paris"), "{text}");
+    assert!(matches!(out.stop, StopReason::Eos(_)), "a chat answer ends with its end-of-turn token");
 }
