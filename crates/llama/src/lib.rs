@@ -5,6 +5,7 @@
 pub mod assets;
 pub mod cache;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 mod gguf;
@@ -13,17 +14,20 @@ pub mod layout;
 pub mod model;
 pub mod sampling;
 pub mod source;
+pub mod stream;
 pub mod weights;
 
 pub use assets::{load_chat_assets, ChatAssets};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
+pub use device::{parse_device, parse_dtype};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generated, StopReason};
 pub use layout::TokenLayout;
 pub use model::{Linear, Llama, Mode};
 pub use sampling::{Sampler, SamplingParams};
 pub use source::{default_model_path, teamtune_home, ModelFiles};
+pub use stream::TextStream;
 pub use weights::{GgufWeights, WeightSource};
 
 use candle_core::{DType, Device};

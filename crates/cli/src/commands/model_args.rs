@@ -1,0 +1,44 @@
+//! Flags every model-running command shares, and turning them into a loaded model.
+
+use anyhow::Context;
+use teamtune_data::{BuiltinTemplate, ChatTemplate, TemplateOptions};
+use teamtune_llama::{parse_device, parse_dtype, ChatAssets, LoadedModel};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A HF folder, a .gguf file, or a hub id (meta-llama/Llama-3.1-8B-Instruct). Default:
+    /// SmolLM2-135M-Instruct from $TEAMTUNE_HOME (scripts/fetch-default-model.sh).
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// auto (bf16 on GPU, f32 on CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = parse_device(&self.device)?;
+        let dtype = parse_dtype(&self.dtype, &device)?;
+        LoadedModel::load(&self.model, dtype, &device).with_context(|| {
+            format!("loading model {}", if self.model.is_empty() { "(default)" } else { &self.model })
+        })
+    }
+}
+
+/// The model's own chat template, or a built-in one chosen from its special tokens.
+pub fn chat_template(assets: &ChatAssets) -> anyhow::Result<ChatTemplate> {
+    let options = TemplateOptions {
+        bos_token: assets.bos_token.clone(),
+        eos_token: assets.eos_token.clone(),
+        ..Default::default()
+    };
+    if let Some(source) = &assets.chat_template {
+        return Ok(ChatTemplate::new(source, options)?);
+    }
+    let builtin = BuiltinTemplate::guess(|t| assets.tokenizer.token_to_id(t).is_some())
+        .context("the model has no chat template and its tokens match no built-in one; use --raw")?;
+    Ok(ChatTemplate::builtin(builtin, options)?)
+}

@@ -1,0 +1,62 @@
+//! Prefill and decode throughput on the default model (SmolLM2-135M-Instruct, f32, CPU), with
+//! the same prompt length and token counts as scripts/bench_reference.py measures for
+//! transformers. Prints one JSON object; docs/BENCHMARKS.md holds the figures.
+//!
+//! cargo bench -p teamtune-llama --bench smollm2  (threads: RAYON_NUM_THREADS, default all cores)
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use teamtune_llama::{default_model_path, LoadedModel, TokenLayout};
+
+const PREFILL_TOKENS: usize = 512;
+const DECODE_TOKENS: usize = 128;
+
+fn main() -> anyhow::Result<()> {
+    let path = std::env::var("TEAMTUNE_BENCH_MODEL").unwrap_or_else(|_| default_model_path().display().to_string());
+    let m = LoadedModel::load(&path, DType::F32, &Device::Cpu)?;
+    // The prompt of scripts/bench_reference.py: repeated text cut to exactly PREFILL_TOKENS ids.
+    let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ".repeat(64);
+    let ids: Vec<u32> = m.assets.encode(&text, false)?[..PREFILL_TOKENS].to_vec();
+
+    let prefill = |cache: &mut teamtune_llama::KvCache| -> anyhow::Result<Tensor> {
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        Ok(m.model.forward_last(&input, &TokenLayout::contiguous(1, ids.len(), 0), Some(cache))?)
+    };
+    // Warm-up, then best of 3.
+    prefill(&mut m.model.new_cache(1))?;
+    let mut best_prefill = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        prefill(&mut m.model.new_cache(1))?;
+        best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
+    }
+
+    // Decode: greedy, one token at a time with the KV cache, after a 512-token prefill;
+    // the prefill is not counted.
+    let mut best_decode = f64::MAX;
+    for _ in 0..2 {
+        let mut cache = m.model.new_cache(1);
+        let mut logits = prefill(&mut cache)?;
+        let t = Instant::now();
+        for _ in 0..DECODE_TOKENS {
+            let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+            let input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+            let layout = TokenLayout::contiguous(1, 1, cache.next_positions()[0]);
+            logits = m.model.forward_last(&input, &layout, Some(&mut cache))?;
+        }
+        best_decode = best_decode.min(t.elapsed().as_secs_f64());
+    }
+    let json = serde_json::json!({
+        "impl": "teamtune",
+        "threads": candle_core::utils::get_num_threads(),
+        "dtype": "f32",
+        "prefill_tokens": PREFILL_TOKENS,
+        "prefill_tok_s": PREFILL_TOKENS as f64 / best_prefill,
+        "decode_tokens": DECODE_TOKENS,
+        "decode_tok_s": DECODE_TOKENS as f64 / best_decode,
+        "decode_note": "manual greedy loop with KV cache after a 512-token prefill, prefill excluded, best of 2",
+    });
+    println!("{json}");
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! `--device` and `--dtype` as users write them.
+
+use candle_core::{DType, Device};
+
+use crate::error::{LlamaError, Result};
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| LlamaError::Config { path: "--device".into(), message: format!("`{s}`: expected cuda:N") })?,
+                None => 0,
+            };
+            cuda_device(ordinal)
+        }
+        other => Err(LlamaError::Config {
+            path: "--device".into(),
+            message: format!("`{other}` is not a device (cpu, cuda, cuda:N)"),
+        }),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize) -> Result<Device> {
+    Err(LlamaError::Config {
+        path: "--device".into(),
+        message: "this teamtune was built without CUDA; rebuild with `--features cuda`".into(),
+    })
+}
+
+/// `f32`, `bf16` or `f16`; `auto` is bf16 on a GPU and f32 on the CPU (where bf16 is no faster).
+pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType> {
+    match spec {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        "auto" => Ok(if device.is_cpu() { DType::F32 } else { DType::BF16 }),
+        other => Err(LlamaError::Config {
+            path: "--dtype".into(),
+            message: format!("`{other}` is not a dtype (auto, f32, bf16, f16)"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_dtypes() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("tpu").unwrap_err().to_string().contains("tpu"));
+        assert!(parse_device("cuda:x").is_err());
+        assert_eq!(parse_dtype("auto", &Device::Cpu).unwrap(), DType::F32);
+        assert_eq!(parse_dtype("bf16", &Device::Cpu).unwrap(), DType::BF16);
+        assert!(parse_dtype("f8", &Device::Cpu).is_err());
+    }
+}
