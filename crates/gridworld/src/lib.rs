@@ -1,1 +1,34 @@
-//! placeholder until its issue lands
+//! The cooperative grid-world of teamtune (shared/GRIDWORLD.md): seven tasks with their
+//! parameters as data, scoring, the text of system and user messages, tolerant reply parsing,
+//! the turn loop, episode records (whose conversations are training lines), replay, rendering
+//! and scripted experts. Nothing about models.
+//!
+//! The agent runtime drives an [`Episode`]: [`Episode::current`] gives whose turn it is and its
+//! user message, [`Episode::messages`] the agent's whole conversation (trim it with
+//! [`window`]), [`Episode::submit`] takes the reply text; [`Episode::record`] gives the
+//! [`EpisodeRecord`] to write with [`append_records`].
+
+pub mod episode;
+pub mod error;
+pub mod expert;
+pub mod geom;
+pub mod observe;
+pub mod record;
+pub mod render;
+pub mod reply;
+pub mod task;
+pub mod world;
+
+pub use episode::{
+    replay, window, ChatMessage, EndReason, Episode, EpisodeRecord, ReplayReport, Role,
+    TrainingConversation, Turn, TurnOutcome, TurnRecord,
+};
+pub use error::{EpisodeError, RecordError, RenderError, SpecError};
+pub use expert::{play_expert, Expert};
+pub use geom::{Dir, Pos};
+pub use observe::{Briefing, GoalView, Observation};
+pub use record::{append_records, read_record, read_records, training_lines, write_jsonl_atomic};
+pub use render::{render_record, render_snapshots, render_text};
+pub use reply::{parse_reply, Reply, ReplyError};
+pub use task::{builtin_tasks, ActionName, TaskKind, TaskRegistry, TaskSpec, BUILTIN_IDS, NAMES};
+pub use world::{Action, World};

@@ -1,0 +1,732 @@
+//! Scripted experts for all seven task kinds. An expert sees exactly what its prompts show: the
+//! [`Briefing`] (its system message) and each turn's [`Observation`] (its user message), never
+//! the world. State it keeps across turns comes only from those observations (claims read in
+//! its inbox, cells it stood on), as a model's conversation would hold it; what it must not
+//! forget it also writes to its memory, which the prompt shows every turn.
+//!
+//! Replies are the schema's JSON with short, true text. The rationale states the facts before
+//! the decision in a fixed order ("At (1,1), target (3,4): x 1<3, so east."), because a small
+//! model learns the rule from that (notes/feasibility.md); reflections and messages vary.
+
+use crate::episode::Episode;
+use crate::error::EpisodeError;
+use crate::geom::{Dir, Pos};
+use crate::observe::{Briefing, GoalView, ItemPlace, Observation};
+use crate::reply::Reply;
+use crate::task::{ActionName, TaskKind, TaskSpec};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+
+fn dir_action(d: Dir) -> ActionName {
+    match d {
+        Dir::North => ActionName::North,
+        Dir::South => ActionName::South,
+        Dir::East => ActionName::East,
+        Dir::West => ActionName::West,
+    }
+}
+
+fn cmp_char(a: i32, b: i32) -> char {
+    match a.cmp(&b) {
+        std::cmp::Ordering::Less => '<',
+        std::cmp::Ordering::Greater => '>',
+        std::cmp::Ordering::Equal => '=',
+    }
+}
+
+/// One step toward `to`, x first, then y; `None` when there.
+pub fn step_toward(at: Pos, to: Pos) -> Option<Dir> {
+    if at.x < to.x {
+        Some(Dir::East)
+    } else if at.x > to.x {
+        Some(Dir::West)
+    } else if at.y < to.y {
+        Some(Dir::North)
+    } else if at.y > to.y {
+        Some(Dir::South)
+    } else {
+        None
+    }
+}
+
+/// The move toward `to` and the facts it rests on: `x 1<3, so east`, `x 3=3, y 5>4, so south`,
+/// `there, so ARRIVED`.
+pub fn nav_facts(at: Pos, to: Pos, arrived: ActionName) -> (ActionName, String) {
+    match step_toward(at, to) {
+        None => (arrived, format!("there, so {arrived}")),
+        Some(d) if at.x != to.x => (
+            dir_action(d),
+            format!("x {}{}{}, so {d}", at.x, cmp_char(at.x, to.x), to.x),
+        ),
+        Some(d) => (
+            dir_action(d),
+            format!(
+                "x {}={}, y {}{}{}, so {d}",
+                at.x,
+                to.x,
+                at.y,
+                cmp_char(at.y, to.y),
+                to.y
+            ),
+        ),
+    }
+}
+
+/// The move toward `to` and its rationale in the fixed order `At P, LABEL T: FACTS.`
+/// (e.g. `At (1,1), target (3,4): x 1<3, so east.`).
+pub fn nav_rationale(at: Pos, label: &str, to: Pos, arrived: ActionName) -> (ActionName, String) {
+    let (a, facts) = nav_facts(at, to, arrived);
+    (a, format!("At {at}, {label} {to}: {facts}."))
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+fn ordinal(k: usize) -> String {
+    let suffix = match (k % 10, k % 100) {
+        (1, n) if n != 11 => "st",
+        (2, n) if n != 12 => "nd",
+        (3, n) if n != 13 => "rd",
+        _ => "th",
+    };
+    format!("{k}{suffix}")
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// A scripted expert for one agent.
+#[derive(Debug, Clone)]
+pub struct Expert {
+    b: Briefing,
+    rng: ChaCha8Rng,
+    /// Corners / alphabetical: the cell this agent goes to.
+    goal_cell: Option<Pos>,
+    /// Corners: corners claimed by others.
+    taken: BTreeSet<Pos>,
+    /// Hidden points: cells known to hold no target (or one already held by another agent).
+    checked: BTreeSet<Pos>,
+    /// Hidden points: found targets and who holds each (`None`: free).
+    known: BTreeMap<Pos, Option<String>>,
+    /// Hidden points: the target this agent holds.
+    mine_target: Option<Pos>,
+    /// Hidden points: where each other agent last said it was, if still searching.
+    searchers: BTreeMap<String, Pos>,
+    /// Hidden points: cells others said they head for.
+    reserved: BTreeMap<String, Pos>,
+    /// Carry: items claimed by others -> (claimant, target).
+    claims: BTreeMap<char, (String, Pos)>,
+    /// Carry: this agent's claim (item, target).
+    mine: Option<(char, Pos)>,
+    /// Carry: owners learnt from cells or messages (when the goal does not name them).
+    owners: BTreeMap<char, String>,
+}
+
+impl Expert {
+    /// An expert for the agent of `briefing`; `seed` only varies its wording.
+    pub fn new(briefing: Briefing, seed: u64) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(seed ^ (briefing.me as u64).wrapping_mul(0x9E37_79B9));
+        Expert {
+            b: briefing,
+            rng,
+            goal_cell: None,
+            taken: BTreeSet::new(),
+            checked: BTreeSet::new(),
+            known: BTreeMap::new(),
+            mine_target: None,
+            searchers: BTreeMap::new(),
+            reserved: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            mine: None,
+            owners: BTreeMap::new(),
+        }
+    }
+
+    fn vary<'a>(&mut self, options: &[&'a str]) -> &'a str {
+        options[(self.rng.next_u32() as usize) % options.len()]
+    }
+
+    /// The reply for this turn's observation.
+    pub fn act(&mut self, obs: &Observation) -> Reply {
+        match self.b.kind {
+            TaskKind::Navigate => self.navigate(obs),
+            TaskKind::Corners => self.corners(obs),
+            TaskKind::Alphabetical => self.alphabetical(obs),
+            TaskKind::HiddenPoints => self.hidden_points(obs),
+            TaskKind::Carry => self.carry(obs),
+        }
+    }
+
+    fn reply(action: ActionName, rationale: String, reflection: String) -> Reply {
+        let mut r = Reply::new(action);
+        r.rationale = rationale;
+        r.reflection = reflection;
+        r
+    }
+
+    fn steps_reflection(&mut self, obs: &Observation, steps: u32, what: &str) -> String {
+        let left = obs.rounds + 1 - obs.round;
+        if steps == 0 {
+            let t = self.vary(&["I am on {w}.", "Already on {w}.", "{w} reached."]);
+            return capitalize(&t.replace("{w}", what));
+        }
+        let t = self.vary(&[
+            "{n} to {w}, {l} rounds left.",
+            "{w} is {n} away.",
+            "Score {s}; {n} to {w}.",
+        ]);
+        let n = if steps == 1 {
+            "1 step".to_string()
+        } else {
+            format!("{steps} steps")
+        };
+        let t = capitalize(&t.replace("{w}", what));
+        t.replace("{n}", &n)
+            .replace("{w}", what)
+            .replace("{l}", &left.to_string())
+            .replace("{s}", &crate::observe::fmt_score(obs.score))
+    }
+
+    fn navigate(&mut self, obs: &Observation) -> Reply {
+        let GoalView::Reach { target } = obs.goal else {
+            return Self::reply(
+                ActionName::Skip,
+                "No target given, so skip.".into(),
+                String::new(),
+            );
+        };
+        let (a, rat) = nav_rationale(obs.pos, "target", target, ActionName::Skip);
+        let refl = self.steps_reflection(obs, obs.pos.dist(target), "the target");
+        Self::reply(a, rat, refl)
+    }
+
+    fn corners(&mut self, obs: &Observation) -> Reply {
+        for m in &obs.inbox {
+            if m.text.contains("corner") {
+                for p in Pos::find_all(&m.text) {
+                    if self.b.corners().contains(&p) {
+                        self.taken.insert(p);
+                    }
+                }
+            }
+        }
+        let mut claim = String::new();
+        let mut message = String::new();
+        let mut memory = String::new();
+        let corner = match self.goal_cell {
+            Some(c) => c,
+            None => {
+                let mut free: Vec<Pos> = self
+                    .b
+                    .corners()
+                    .into_iter()
+                    .filter(|c| !self.taken.contains(c))
+                    .collect();
+                free.dedup();
+                if free.is_empty() {
+                    free = self.b.corners().to_vec();
+                }
+                let best = *free
+                    .iter()
+                    .min_by_key(|c| obs.pos.dist(**c))
+                    .expect("a grid has corners");
+                let taken: Vec<String> = self.taken.iter().map(|p| p.to_string()).collect();
+                claim = format!(
+                    "Taken: {}. Nearest free corner {best} ({} steps). ",
+                    list_or_none(&taken),
+                    obs.pos.dist(best)
+                );
+                message = self
+                    .vary(&["I take corner {c}.", "I take corner {c}; pick another."])
+                    .replace("{c}", &best.to_string());
+                memory = format!("My corner {best}.");
+                self.goal_cell = Some(best);
+                best
+            }
+        };
+        let (a, rat) = nav_rationale(obs.pos, "my corner", corner, ActionName::Skip);
+        let refl = self.steps_reflection(obs, obs.pos.dist(corner), "my corner");
+        let mut r = Self::reply(a, format!("{claim}{rat}"), refl);
+        r.message = message;
+        r.add_memory = memory;
+        r
+    }
+
+    fn alphabetical(&mut self, obs: &Observation) -> Reply {
+        let mut sorted = self.b.names.clone();
+        sorted.sort();
+        let me = self.b.my_name().to_string();
+        let k = sorted.iter().position(|n| *n == me).unwrap_or(0);
+        let cell = Pos::new(k as i32, 0);
+        let mut prefix = String::new();
+        let mut r_msg = String::new();
+        let mut mem = String::new();
+        if self.goal_cell.is_none() {
+            self.goal_cell = Some(cell);
+            prefix = format!(
+                "A-Z: {}; I am {}, so my cell {cell}. ",
+                sorted.join(", "),
+                ordinal(k + 1)
+            );
+            r_msg = self
+                .vary(&["I go to {c}.", "My cell is {c}.", "Heading to {c}."])
+                .replace("{c}", &cell.to_string());
+            mem = format!("My cell {cell} ({} in A-Z).", ordinal(k + 1));
+        }
+        let (a, rat) = nav_rationale(obs.pos, "my cell", cell, ActionName::Skip);
+        let refl = self.steps_reflection(obs, obs.pos.dist(cell), "my cell");
+        let mut r = Self::reply(a, format!("{prefix}{rat}"), refl);
+        r.message = r_msg;
+        r.add_memory = mem;
+        r
+    }
+
+    /// Hidden points. Rules, in order: stand on a target nobody holds (and say so); a holder
+    /// stays while a found target is still free or nothing more can be searched in time, else
+    /// it searches cells from which it can still get back; a non-holder goes to a free found
+    /// target, else searches the nearest unchecked cell (nearer to it than to other searchers).
+    fn hidden_points(&mut self, obs: &Observation) -> Reply {
+        let me = self.b.my_name().to_string();
+        for m in &obs.inbox {
+            let ps = Pos::find_all(&m.text);
+            let Some(&at) = ps.first() else { continue };
+            if m.text.starts_with("Target at") {
+                for holder in self.known.values_mut() {
+                    if holder.as_deref() == Some(m.from.as_str()) {
+                        *holder = None;
+                    }
+                }
+                self.known.insert(at, Some(m.from.clone()));
+                if self.mine_target == Some(at) {
+                    self.mine_target = None;
+                }
+                self.checked.insert(at);
+                self.searchers.remove(&m.from);
+                self.reserved.remove(&m.from);
+            } else if m.text.starts_with("No target at") || m.text.starts_with("Leaving") {
+                if m.text.starts_with("No target at") {
+                    self.checked.insert(at);
+                }
+                self.searchers.insert(m.from.clone(), at);
+                match ps.get(1) {
+                    Some(&next) => {
+                        self.reserved.insert(m.from.clone(), next);
+                    }
+                    None => {
+                        self.reserved.remove(&m.from);
+                    }
+                }
+            }
+        }
+        let here = obs.pos;
+        let turns_left = (obs.rounds + 1).saturating_sub(obs.round);
+        let on_target = obs.cell.hidden_target;
+        let holder_here = self.known.get(&here).cloned().flatten();
+        // 1. A target nobody holds (new, or given up): take it.
+        if on_target && holder_here.is_none() {
+            let old = self.mine_target.replace(here);
+            if let Some(old) = old {
+                self.known.insert(old, None);
+            }
+            self.known.insert(here, Some(me.clone()));
+            self.checked.insert(here);
+            let rationale = match old {
+                Some(old) => format!("At {here}, cell: hidden target, mine {old} is known, so take this one and skip."),
+                None => format!("At {here}, cell: hidden target, so skip."),
+            };
+            let refl = self
+                .vary(&[
+                    "Found a target; I hold it.",
+                    "I stand on a target.",
+                    "Holding this target.",
+                ])
+                .to_string();
+            let mut r = Self::reply(ActionName::Skip, rationale, refl);
+            r.message = match old {
+                Some(old) => format!("Target at {here}. I stay here. {old} is free."),
+                None => format!("Target at {here}. I stay here."),
+            };
+            r.add_memory = format!("I hold target {here}.");
+            return r;
+        }
+        if !on_target {
+            self.checked.insert(here);
+        }
+        let free_found: Vec<Pos> = self
+            .known
+            .iter()
+            .filter(|(_, h)| h.is_none())
+            .map(|(p, _)| *p)
+            .collect();
+        let all_found = self.known.len() >= self.b.hidden_targets;
+        // 2. A holder.
+        if let Some(t) = self.mine_target {
+            let stay_reason = if !free_found.is_empty() {
+                Some("a found target is free")
+            } else if all_found {
+                Some("all targets found")
+            } else {
+                None
+            };
+            let next = if stay_reason.is_none() {
+                self.search_cell(here, |p| here.dist(p) + p.dist(t) <= turns_left)
+            } else {
+                None
+            };
+            let Some(next) = next else {
+                let why = stay_reason.unwrap_or("no unchecked cell in reach");
+                let (a, rat) = nav_rationale(here, "my target", t, ActionName::Skip);
+                let refl = self
+                    .vary(&["I keep my target.", "Holding my target."])
+                    .to_string();
+                return Self::reply(a, format!("{}. {rat}", capitalize(why)), refl);
+            };
+            let (a, facts) = nav_facts(here, next, ActionName::Skip);
+            let rat = format!(
+                "At {here}, my target {t}, {turns_left} turns left; unchecked {next} in reach: {facts}."
+            );
+            let refl = self
+                .vary(&[
+                    "Searching near my target.",
+                    "I can search and still get back.",
+                ])
+                .to_string();
+            let mut r = Self::reply(a, rat, refl);
+            r.message = if here == t {
+                format!("Leaving {here} to search {next}; back in time.")
+            } else {
+                format!("No target at {here}. Next {next}.")
+            };
+            return r;
+        }
+        // 3. A free found target: go there.
+        if let Some(&t) = free_found.iter().min_by_key(|p| (here.dist(**p), p.y, p.x)) {
+            let (a, rat) = nav_rationale(here, "free target", t, ActionName::Skip);
+            let refl = self
+                .vary(&["Going to the free target.", "A found target needs me."])
+                .to_string();
+            let mut r = Self::reply(a, rat, refl);
+            if self.b.names.len() > 1 && !on_target {
+                r.message = format!("No target at {here}. Next {t}.");
+            }
+            return r;
+        }
+        // 4. Search.
+        let Some(next) = self.search_cell(here, |_| true) else {
+            let mut r = Self::reply(
+                ActionName::Skip,
+                format!("At {here}, no target; no unchecked cell, so skip."),
+                "Every cell is checked.".to_string(),
+            );
+            r.message = format!("No target at {here}.");
+            return r;
+        };
+        let (a, facts) = nav_facts(here, next, ActionName::Skip);
+        let what = if on_target {
+            "target held by another"
+        } else {
+            "no target"
+        };
+        let rat = format!("At {here}, {what}; nearest unchecked {next}: {facts}.");
+        let refl = self
+            .vary(&[
+                "Searching for hidden targets.",
+                "Checking new cells.",
+                "Keep searching.",
+            ])
+            .to_string();
+        let mut r = Self::reply(a, rat, refl);
+        if self.b.names.len() > 1 && !on_target {
+            r.message = format!("No target at {here}. Next {next}.");
+        }
+        r
+    }
+
+    /// The unchecked cell to search next among those `ok` accepts: nearest to `here`,
+    /// preferring cells nearer to me than to other searchers, then cells with fewer unchecked
+    /// neighbours (leaving no isolated cells behind), then farther from other searchers.
+    fn search_cell(&self, here: Pos, ok: impl Fn(Pos) -> bool) -> Option<Pos> {
+        let reserved: BTreeSet<Pos> = self.reserved.values().copied().collect();
+        let mut cells = Vec::new();
+        for y in 0..self.b.height {
+            for x in 0..self.b.width {
+                let p = Pos::new(x, y);
+                if !self.checked.contains(&p) && !reserved.contains(&p) && ok(p) {
+                    cells.push(p);
+                }
+            }
+        }
+        let others: Vec<Pos> = self.searchers.values().copied().collect();
+        let other_dist = |p: Pos| others.iter().map(|o| o.dist(p)).min().unwrap_or(u32::MAX);
+        let unchecked_nb = |p: Pos| {
+            Dir::ALL
+                .iter()
+                .map(|d| p.step(*d))
+                .filter(|q| {
+                    q.x >= 0
+                        && q.y >= 0
+                        && q.x < self.b.width
+                        && q.y < self.b.height
+                        && *q != here
+                        && !self.checked.contains(q)
+                })
+                .count()
+        };
+        let near: Vec<Pos> = cells
+            .iter()
+            .copied()
+            .filter(|&p| here.dist(p) <= other_dist(p))
+            .collect();
+        let pool = if near.is_empty() { &cells } else { &near };
+        pool.iter().copied().min_by_key(|&p| {
+            (
+                here.dist(p),
+                unchecked_nb(p),
+                std::cmp::Reverse(other_dist(p)),
+                p.y,
+                p.x,
+            )
+        })
+    }
+
+    fn carry(&mut self, obs: &Observation) -> Reply {
+        let me = self.b.my_name().to_string();
+        for m in &obs.inbox {
+            let text = &m.text;
+            let ps = Pos::find_all(text);
+            if let Some(rest) = text.strip_prefix("I take item ") {
+                if let (Some(id), Some(&t)) = (rest.chars().next(), ps.first()) {
+                    self.claims.insert(id, (m.from.clone(), t));
+                }
+            } else if let Some(rest) = text.strip_prefix("Item ") {
+                // "Item a at (1,2) is Bob's."
+                if let (Some(id), Some(idx)) = (rest.chars().next(), text.find(" is ")) {
+                    let owner = text[idx + 4..].trim_end_matches('.').trim_end_matches("'s");
+                    if !owner.is_empty() && !owner.contains(' ') {
+                        self.owners.insert(id, owner.to_string());
+                    }
+                }
+            } else if text.starts_with("Dropped item") {
+                if let Some(id) = text
+                    .strip_prefix("Dropped item ")
+                    .and_then(|r| r.chars().next())
+                {
+                    self.claims.remove(&id);
+                }
+            }
+        }
+        let GoalView::Carry { items, targets } = &obs.goal else {
+            return Self::reply(
+                ActionName::Skip,
+                "No items given, so skip.".into(),
+                String::new(),
+            );
+        };
+        for it in items {
+            if let Some(o) = &it.owner {
+                self.owners.insert(it.id, o.clone());
+            }
+        }
+        for ci in &obs.cell.items {
+            if let Some(o) = &ci.owner {
+                self.owners.insert(ci.id, o.clone());
+            }
+        }
+        let here = obs.pos;
+        let target_cells: BTreeSet<Pos> = targets.iter().map(|t| t.pos).collect();
+        let claimed_targets: BTreeSet<Pos> = self.claims.values().map(|(_, t)| *t).collect();
+        let free_targets: Vec<Pos> = targets
+            .iter()
+            .filter(|t| !t.filled && !claimed_targets.contains(&t.pos))
+            .map(|t| t.pos)
+            .collect();
+        let nearest_target = |from: Pos| {
+            free_targets
+                .iter()
+                .copied()
+                .min_by_key(|t| (from.dist(*t), t.y, t.x))
+        };
+
+        // Holding an item: carry it to my target.
+        if let Some(h) = obs.holding {
+            let keep = match self.mine {
+                Some((id, t)) if id == h => {
+                    !targets.iter().any(|tv| tv.pos == t && tv.filled) || here == t
+                }
+                _ => false,
+            };
+            let mut note = String::new();
+            let mut message = String::new();
+            let mut memory = String::new();
+            if !keep {
+                match nearest_target(here) {
+                    Some(t) => {
+                        self.mine = Some((h, t));
+                        note = format!("Free targets nearest: {t}. ");
+                        message = format!("I take item {h} to {t}.");
+                        memory = format!("Mine: item {h} to {t}.");
+                    }
+                    None => {
+                        return Self::reply(
+                            ActionName::Skip,
+                            format!("At {here}, holding {h}: no free target, so skip."),
+                            "All targets are taken.".into(),
+                        )
+                    }
+                }
+            }
+            let (_, t) = self.mine.expect("set above");
+            let (a, rat) =
+                nav_rationale(here, &format!("holding {h}, target"), t, ActionName::Drop);
+            let refl = self.steps_reflection(obs, here.dist(t), &format!("target {t}"));
+            let mut r = Self::reply(a, format!("{note}{rat}"), refl);
+            if a == ActionName::Drop {
+                message = format!("Dropped item {h} on {t}.");
+                self.mine = None;
+            }
+            r.message = message;
+            r.add_memory = memory;
+            return r;
+        }
+
+        // Not holding. Is my claimed item still on the ground and not delivered?
+        let on_ground = |id: char| {
+            items.iter().find_map(|it| match (&it.place, it.id == id) {
+                (ItemPlace::Ground(p), true) => Some(*p),
+                _ => None,
+            })
+        };
+        if let Some((id, t)) = self.mine {
+            let still = on_ground(id).filter(|p| !target_cells.contains(p));
+            let target_ok = !targets.iter().any(|tv| tv.pos == t && tv.filled);
+            if still.is_none() || !target_ok {
+                self.mine = None;
+            }
+        }
+        let may = |s: &Self, id: char| match s.owners.get(&id) {
+            Some(o) => *o == me,
+            None => true,
+        };
+        // An item here that I learnt is not mine: tell its owner, drop my claim.
+        let mut message = String::new();
+        let mut note = String::new();
+        if let Some((id, _)) = self.mine {
+            if !may(self, id) {
+                let owner = self.owners[&id].clone();
+                message = format!("Item {id} at {here} is {owner}'s.");
+                note = format!("Item {id} is {owner}'s. ");
+                self.mine = None;
+            }
+        }
+        let mut memory = String::new();
+        if self.mine.is_none() {
+            let mut best: Option<(u32, char, Pos, Pos)> = None;
+            for it in items {
+                let ItemPlace::Ground(p) = it.place else {
+                    continue;
+                };
+                if target_cells.contains(&p)
+                    || self.claims.contains_key(&it.id)
+                    || !may(self, it.id)
+                {
+                    continue;
+                }
+                let Some(t) = nearest_target(p) else { continue };
+                let cost = here.dist(p) + p.dist(t);
+                if best.is_none_or(|(c, id, _, _)| (cost, it.id) < (c, id)) {
+                    best = Some((cost, it.id, p, t));
+                }
+            }
+            match best {
+                Some((_, id, p, t)) => {
+                    self.mine = Some((id, t));
+                    note.push_str(&format!(
+                        "Best free item {id} at {p}, then target {t} ({} steps). ",
+                        here.dist(p) + p.dist(t)
+                    ));
+                    if self.b.names.len() > 1 {
+                        if !message.is_empty() {
+                            message.push(' ');
+                        }
+                        message.push_str(&format!("I take item {id} to {t}."));
+                    }
+                    memory = format!("Mine: item {id} to {t}.");
+                }
+                None => {
+                    let mut r = Self::reply(
+                        ActionName::Skip,
+                        format!("{note}At {here}: no free item for me, so skip."),
+                        self.vary(&["Nothing left for me.", "Others carry the rest."])
+                            .into(),
+                    );
+                    r.message = message;
+                    return r;
+                }
+            }
+        }
+        let (id, _) = self.mine.expect("set above");
+        let p = on_ground(id).expect("claimed items are on the ground");
+        let (a, rat) = nav_rationale(here, &format!("item {id}"), p, ActionName::Pick);
+        let refl = self.steps_reflection(obs, here.dist(p), &format!("item {id}"));
+        let mut r = Self::reply(a, format!("{note}{rat}"), refl);
+        if a == ActionName::Pick {
+            r.action_parameters
+                .insert("item".into(), Value::String(id.to_string()));
+        }
+        r.message = message;
+        r.add_memory = memory;
+        r
+    }
+}
+
+/// Plays a whole episode with one expert per agent.
+pub fn play_expert(spec: &TaskSpec, seed: u64) -> Result<Episode, EpisodeError> {
+    let mut ep = Episode::new(spec, seed)?;
+    let mut experts: Vec<Expert> = (0..ep.agent_count())
+        .map(|i| Expert::new(ep.briefing(i).clone(), seed))
+        .collect();
+    while let Some(turn) = ep.current() {
+        let reply = experts[turn.agent].act(turn.observation);
+        ep.submit_reply(&reply)?;
+    }
+    Ok(ep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rationale_fixed_order() {
+        let (a, r) = nav_rationale(Pos::new(1, 1), "target", Pos::new(3, 4), ActionName::Skip);
+        assert_eq!(a, ActionName::East);
+        assert_eq!(r, "At (1,1), target (3,4): x 1<3, so east.");
+        let (a, r) = nav_rationale(Pos::new(3, 5), "target", Pos::new(3, 4), ActionName::Skip);
+        assert_eq!(a, ActionName::South);
+        assert_eq!(r, "At (3,5), target (3,4): x 3=3, y 5>4, so south.");
+        let (a, r) = nav_rationale(Pos::new(3, 4), "item a", Pos::new(3, 4), ActionName::Pick);
+        assert_eq!(a, ActionName::Pick);
+        assert_eq!(r, "At (3,4), item a (3,4): there, so pick.");
+    }
+
+    #[test]
+    fn ordinals() {
+        assert_eq!(ordinal(1), "1st");
+        assert_eq!(ordinal(2), "2nd");
+        assert_eq!(ordinal(3), "3rd");
+        assert_eq!(ordinal(4), "4th");
+        assert_eq!(ordinal(11), "11th");
+    }
+}
