@@ -4,7 +4,6 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::ops;
-use candle_transformers::utils::repeat_kv;
 
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
@@ -137,18 +136,23 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, &k.contiguous()?, &v)?,
             None => (k, v),
         };
+        // Grouped-query attention without copying K/V per query head: the n_rep query heads
+        // that share a KV head are stacked along time, so one matmul serves the whole group.
         let n_rep = self.n_heads / self.n_kv_heads;
-        let k = repeat_kv(k.contiguous()?, n_rep)?;
-        let v = repeat_kv(v, n_rep)?.contiguous()?;
+        let s = k.dim(2)?;
+        let q = q.contiguous()?.reshape((b, self.n_kv_heads, n_rep * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
         // Softmax in f32 at least, as transformers does for half-precision models.
         let scores = match scores.dtype() {
             DType::F16 | DType::BF16 => scores.to_dtype(DType::F32)?,
             _ => scores,
         };
         let scores = match bias {
-            Some(bias) => scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?,
+            Some(bias) => scores
+                .reshape((b, self.n_kv_heads, n_rep, t, s))?
+                .broadcast_add(&bias.to_dtype(scores.dtype())?.unsqueeze(2)?)?
+                .reshape((b, self.n_kv_heads, n_rep * t, s))?,
             None => scores,
         };
         let probs = match mode {
@@ -156,7 +160,11 @@ impl Attention {
             Mode::Training => ops::softmax(&scores, D::Minus1)?,
         }
         .to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, self.n_heads, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
