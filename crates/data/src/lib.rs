@@ -1,1 +1,45 @@
-//! placeholder until its issue lands
+//! teamtune-data: conversation files to the token ids and loss masks the Hugging Face stack would
+//! produce, fast, with errors a user can act on.
+//!
+//! The flow the trainer runs:
+//! ```no_run
+//! use teamtune_data::*;
+//! # fn main() -> Result<(), DataError> {
+//! let tokenizer = tokenizers::Tokenizer::from_file("tokenizer.json").unwrap();
+//! let template = ChatTemplate::builtin(BuiltinTemplate::Llama31, TemplateOptions::default())?;
+//! let encoder = Encoder::new(tokenizer, template, EncodeOptions { max_len: Some(4096), ..Default::default() })?;
+//! let prepared = prepare(&["episodes.jsonl".into()], &encoder, &PrepareOptions::default())?;
+//! let pad = choose_pad_id(|t| encoder.tokenizer().token_to_id(t), None, encoder.end_of_turn_ids())?;
+//! let batches = make_batches(&prepared.train, &BatchOptions::new(8192, pad), encoder.end_of_turn_ids(), 0)?;
+//! # Ok(()) }
+//! ```
+//! The crate knows nothing of models: the caller passes a `tokenizers::Tokenizer` and a template
+//! (the model's own `chat_template`, or a built-in one).
+
+pub mod batch;
+pub mod conversation;
+pub mod encode;
+pub mod error;
+pub mod filter;
+pub mod pipeline;
+pub mod reader;
+pub mod split;
+pub mod stats;
+pub mod template;
+
+pub use batch::{choose_pad_id, make_batches, Batch, BatchOptions};
+pub use conversation::{Conversation, FieldError, Message, Role, Source};
+pub use encode::{
+    EncodeOptions, EncodeOutcome, Encoded, Encoder, Example, MaskMethod, Overlong, TrainOn,
+};
+pub use error::{DataError, InvalidRecord, Result};
+pub use filter::{MissingScore, PruneOptions, PruneReason, DEFAULT_MIN_SCORE};
+pub use pipeline::{
+    prepare, prepare_conversations, PrepareOptions, PrepareReport, Prepared, TaskCounts,
+};
+pub use reader::{discover, read_conversations, ConversationReader, ReadOptions, ReadReport};
+pub use split::{assign_splits, conversation_key, Split, SplitBy, SplitOptions};
+pub use stats::{percentile, Percentiles, TokenStats};
+pub use template::{
+    options_from_tokenizer_config, BuiltinTemplate, ChatTemplate, FixedDate, TemplateOptions,
+};

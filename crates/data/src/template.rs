@@ -1,0 +1,823 @@
+//! Chat templates rendered with minijinja the way transformers renders them with Jinja2.
+//!
+//! transformers compiles a model's `chat_template` in an `ImmutableSandboxedEnvironment` with
+//! `trim_blocks=True, lstrip_blocks=True`, the `loopcontrols` extension and its own
+//! `{% generation %}` tag, and adds `raise_exception`, `strftime_now`, a `tojson` that is Python's
+//! `json.dumps` (no HTML escaping, `", "`/`": "` separators, `indent`, `ensure_ascii`,
+//! `sort_keys`, `separators`), `dict` and `namespace`. The context holds `messages`, `tools` and
+//! `documents` (both `none` unless given), `add_generation_prompt` and the special tokens
+//! (`bos_token`, `eos_token`, ...). This module does the same with minijinja, plus the pycompat
+//! string/dict/list methods (`.strip()`, `.items()`, `.startswith()`, ...).
+//!
+//! Differences from transformers on purpose:
+//! - `strftime_now` formats a fixed date ([`FixedDate`], default 26 Jul 2024, the Llama-3.1
+//!   default) so that the same data always gives the same tokens.
+//! - `{% generation %}...{% endgeneration %}` is rewritten to a filter block, keeping its whitespace
+//!   control; [`ChatTemplate::render_with_generation_spans`] reports the byte spans it produced.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, Error, ErrorKind, State};
+
+use crate::conversation::Message;
+use crate::error::{DataError, Result};
+
+/// The Llama-3.1 Instruct chat template as shipped in meta-llama/Llama-3.1-8B-Instruct's
+/// tokenizer_config.json.
+pub const LLAMA31_TEMPLATE: &str = include_str!("templates/llama31.jinja");
+/// The plain ChatML template (`<|im_start|>role\ncontent<|im_end|>\n`).
+pub const CHATML_TEMPLATE: &str = include_str!("templates/chatml.jinja");
+
+/// Templates built into the crate, for models that ship none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuiltinTemplate {
+    Llama31,
+    ChatMl,
+}
+
+impl BuiltinTemplate {
+    pub fn source(self) -> &'static str {
+        match self {
+            BuiltinTemplate::Llama31 => LLAMA31_TEMPLATE,
+            BuiltinTemplate::ChatMl => CHATML_TEMPLATE,
+        }
+    }
+    /// The BOS and EOS strings the template expects.
+    pub fn default_special_tokens(self) -> (Option<&'static str>, Option<&'static str>) {
+        match self {
+            BuiltinTemplate::Llama31 => (Some("<|begin_of_text|>"), Some("<|eot_id|>")),
+            BuiltinTemplate::ChatMl => (None, Some("<|im_end|>")),
+        }
+    }
+    pub fn parse(name: &str) -> Option<Self> {
+        match name
+            .to_ascii_lowercase()
+            .replace(['-', '_', '.'], "")
+            .as_str()
+        {
+            "llama31" | "llama3" | "llama" => Some(BuiltinTemplate::Llama31),
+            "chatml" => Some(BuiltinTemplate::ChatMl),
+            _ => None,
+        }
+    }
+    /// Guesses a built-in template from the tokenizer's special tokens: Llama-3 header tokens give
+    /// Llama-3.1, `<|im_start|>` gives ChatML.
+    pub fn guess(has_token: impl Fn(&str) -> bool) -> Option<Self> {
+        if has_token("<|start_header_id|>") && has_token("<|eot_id|>") {
+            Some(BuiltinTemplate::Llama31)
+        } else if has_token("<|im_start|>") && has_token("<|im_end|>") {
+            Some(BuiltinTemplate::ChatMl)
+        } else {
+            None
+        }
+    }
+}
+
+/// The date `strftime_now` formats, fixed for reproducible data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedDate {
+    pub year: i32,
+    pub month: u32,
+    pub day: u32,
+    pub hour: u32,
+    pub minute: u32,
+    pub second: u32,
+}
+
+impl Default for FixedDate {
+    /// 26 Jul 2024, the date the Llama-3.1 template uses when none is given.
+    fn default() -> Self {
+        FixedDate {
+            year: 2024,
+            month: 7,
+            day: 26,
+            hour: 0,
+            minute: 0,
+            second: 0,
+        }
+    }
+}
+
+impl FixedDate {
+    /// Parses `YYYY-MM-DD`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut it = s.trim().splitn(3, '-');
+        let year = it.next()?.parse().ok()?;
+        let month = it.next()?.parse().ok()?;
+        let day = it.next()?.parse().ok()?;
+        let d = FixedDate {
+            year,
+            month,
+            day,
+            ..Default::default()
+        };
+        ((1..=12).contains(&month) && day >= 1 && day <= days_in_month(year, month)).then_some(d)
+    }
+
+    /// Formats the date like Python's `datetime.strftime` (C locale) for the common directives:
+    /// `%d %-d %e %m %-m %Y %y %B %b %h %A %a %H %-H %I %M %S %p %j %F %T %%`.
+    pub fn strftime(&self, fmt: &str) -> std::result::Result<String, String> {
+        const MONTHS: [&str; 12] = [
+            "January",
+            "February",
+            "March",
+            "April",
+            "May",
+            "June",
+            "July",
+            "August",
+            "September",
+            "October",
+            "November",
+            "December",
+        ];
+        const DAYS: [&str; 7] = [
+            "Sunday",
+            "Monday",
+            "Tuesday",
+            "Wednesday",
+            "Thursday",
+            "Friday",
+            "Saturday",
+        ];
+        let month = MONTHS[(self.month as usize).clamp(1, 12) - 1];
+        let weekday = DAYS[weekday(self.year, self.month, self.day)];
+        let mut out = String::with_capacity(fmt.len() + 16);
+        let mut chars = fmt.chars();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                out.push(c);
+                continue;
+            }
+            let mut d = chars.next().ok_or("format ends with a lone %")?;
+            let no_pad = d == '-';
+            if no_pad {
+                d = chars.next().ok_or("format ends with %-")?;
+            }
+            let num = |v: u32, w: usize| {
+                if no_pad {
+                    v.to_string()
+                } else {
+                    format!("{v:0w$}")
+                }
+            };
+            match d {
+                'd' => out.push_str(&num(self.day, 2)),
+                'e' => out.push_str(&format!("{:>2}", self.day)),
+                'm' => out.push_str(&num(self.month, 2)),
+                'Y' => out.push_str(&self.year.to_string()),
+                'y' => out.push_str(&num(self.year.rem_euclid(100) as u32, 2)),
+                'B' => out.push_str(month),
+                'b' | 'h' => out.push_str(&month[..3]),
+                'A' => out.push_str(weekday),
+                'a' => out.push_str(&weekday[..3]),
+                'H' => out.push_str(&num(self.hour, 2)),
+                'I' => out.push_str(&num((self.hour + 11) % 12 + 1, 2)),
+                'M' => out.push_str(&num(self.minute, 2)),
+                'S' => out.push_str(&num(self.second, 2)),
+                'p' => out.push_str(if self.hour < 12 { "AM" } else { "PM" }),
+                'j' => {
+                    let doy = (1..self.month)
+                        .map(|m| days_in_month(self.year, m))
+                        .sum::<u32>()
+                        + self.day;
+                    out.push_str(&num(doy, 3));
+                }
+                'F' => out.push_str(&format!(
+                    "{:04}-{:02}-{:02}",
+                    self.year, self.month, self.day
+                )),
+                'T' => out.push_str(&format!(
+                    "{:02}:{:02}:{:02}",
+                    self.hour, self.minute, self.second
+                )),
+                '%' => out.push('%'),
+                other => return Err(format!("strftime directive %{other} is not supported")),
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn is_leap(y: i32) -> bool {
+    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+}
+
+fn days_in_month(y: i32, m: u32) -> u32 {
+    match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if is_leap(y) => 29,
+        2 => 28,
+        _ => 0,
+    }
+}
+
+/// Day of the week, 0 = Sunday (Sakamoto's method).
+fn weekday(y: i32, m: u32, d: u32) -> usize {
+    const T: [i32; 12] = [0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4];
+    let y = if m < 3 { y - 1 } else { y };
+    let m = (m as usize).clamp(1, 12);
+    ((y + y / 4 - y / 100 + y / 400 + T[m - 1] + d as i32).rem_euclid(7)) as usize
+}
+
+/// Special tokens and extra variables the template sees, and the date `strftime_now` formats.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateOptions {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub date: FixedDate,
+    /// Extra template variables (transformers' `**kwargs` of `apply_chat_template`), for example
+    /// `date_string` or `enable_thinking`.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Private-use characters that mark the start and end of a `{% generation %}` block in the output.
+pub(crate) const GEN_START: char = '\u{E000}';
+pub(crate) const GEN_END: char = '\u{E001}';
+const TRACK_VAR: &str = "__teamtune_track_generation";
+const GEN_FILTER: &str = "__teamtune_generation";
+
+/// A compiled chat template.
+#[derive(Clone)]
+pub struct ChatTemplate {
+    env: Arc<Environment<'static>>,
+    source: Arc<str>,
+    has_generation: bool,
+    base_context: BTreeMap<String, Value>,
+    options: TemplateOptions,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source_len", &self.source.len())
+            .field("has_generation", &self.has_generation)
+            .finish()
+    }
+}
+
+/// Rewrites `{% generation %}`/`{% endgeneration %}` to a filter block with the same whitespace
+/// control, so that trim_blocks/lstrip_blocks treat them as the block tags they are in Jinja2.
+fn rewrite_generation_tags(source: &str) -> (String, bool) {
+    use std::sync::OnceLock;
+    static START: OnceLock<regex::Regex> = OnceLock::new();
+    static END: OnceLock<regex::Regex> = OnceLock::new();
+    let start = START.get_or_init(|| {
+        regex::Regex::new(r"\{%([-+]?)\s*generation\s*([-+]?)%\}").expect("valid regex")
+    });
+    let end = END.get_or_init(|| {
+        regex::Regex::new(r"\{%([-+]?)\s*endgeneration\s*([-+]?)%\}").expect("valid regex")
+    });
+    if !start.is_match(source) {
+        return (source.to_string(), false);
+    }
+    let s = start.replace_all(source, format!("{{%${{1}} filter {GEN_FILTER} ${{2}}%}}"));
+    let s = end.replace_all(&s, "{%${1} endfilter ${2}%}");
+    (s.into_owned(), true)
+}
+
+fn template_error(e: Error) -> DataError {
+    DataError::Template(describe_error(&e))
+}
+
+/// A one-line description of a minijinja error with its location, and the message of
+/// `raise_exception` as it was given.
+pub(crate) fn describe_error(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+impl ChatTemplate {
+    /// Compiles a template source.
+    pub fn new(source: &str, options: TemplateOptions) -> Result<Self> {
+        let (rewritten, has_generation) = rewrite_generation_tags(source);
+        let mut env = Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(template_error)?,
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, Error> {
+                Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("raise_exception: {msg}"),
+                ))
+            },
+        );
+        let date = options.date;
+        env.add_function(
+            "strftime_now",
+            move |fmt: String| -> std::result::Result<Value, Error> {
+                date.strftime(&fmt)
+                    .map(Value::from)
+                    .map_err(|m| Error::new(ErrorKind::InvalidOperation, m))
+            },
+        );
+        env.add_filter("tojson", py_tojson);
+        env.add_filter(GEN_FILTER, |state: &State, body: String| -> Value {
+            let track = state.lookup(TRACK_VAR).is_some_and(|v| v.is_true());
+            if track {
+                let mut s = String::with_capacity(body.len() + 6);
+                s.push(GEN_START);
+                s.push_str(&body);
+                s.push(GEN_END);
+                Value::from_safe_string(s)
+            } else {
+                Value::from_safe_string(body)
+            }
+        });
+        env.add_template_owned("chat_template", rewritten)
+            .map_err(template_error)?;
+
+        let mut base = BTreeMap::new();
+        base.insert("tools".to_string(), Value::from(()));
+        base.insert("documents".to_string(), Value::from(()));
+        for (name, tok) in [
+            ("bos_token", &options.bos_token),
+            ("eos_token", &options.eos_token),
+            ("unk_token", &options.unk_token),
+            ("pad_token", &options.pad_token),
+        ] {
+            if let Some(t) = tok {
+                base.insert(name.to_string(), Value::from(t.as_str()));
+            }
+        }
+        for (k, v) in &options.extra {
+            base.insert(k.clone(), json_to_value(v));
+        }
+        Ok(ChatTemplate {
+            env: Arc::new(env),
+            source: Arc::from(source),
+            has_generation,
+            base_context: base,
+            options,
+        })
+    }
+
+    /// A built-in template with its usual special tokens unless `options` sets them.
+    pub fn builtin(which: BuiltinTemplate, mut options: TemplateOptions) -> Result<Self> {
+        let (bos, eos) = which.default_special_tokens();
+        if options.bos_token.is_none() {
+            options.bos_token = bos.map(str::to_string);
+        }
+        if options.eos_token.is_none() {
+            options.eos_token = eos.map(str::to_string);
+        }
+        Self::new(which.source(), options)
+    }
+
+    /// The source as given (before the `{% generation %}` rewrite).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The special tokens and options it was built with.
+    pub fn options(&self) -> &TemplateOptions {
+        &self.options
+    }
+
+    /// Whether the template marks assistant output with `{% generation %}` blocks.
+    pub fn has_generation_markers(&self) -> bool {
+        self.has_generation
+    }
+
+    /// Converts messages into template values once, for repeated rendering of prefixes.
+    pub fn message_values(messages: &[Message]) -> Vec<Value> {
+        messages.iter().map(message_value).collect()
+    }
+
+    fn render_values(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        track: bool,
+    ) -> Result<String> {
+        let mut ctx = self.base_context.clone();
+        ctx.insert("messages".into(), Value::from(messages.to_vec()));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        if track {
+            ctx.insert(TRACK_VAR.into(), Value::from(true));
+        }
+        let tmpl = self
+            .env
+            .get_template("chat_template")
+            .map_err(template_error)?;
+        tmpl.render(Value::from(ctx)).map_err(template_error)
+    }
+
+    /// Renders messages (already converted with [`Self::message_values`]).
+    pub fn render_prepared(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.render_values(messages, add_generation_prompt, false)
+    }
+
+    /// Renders a conversation like `tokenizer.apply_chat_template(messages, tokenize=False)`.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_values(
+            &Self::message_values(messages),
+            add_generation_prompt,
+            false,
+        )
+    }
+
+    /// Renders and returns the byte ranges of the output that `{% generation %}` blocks produced
+    /// (empty when the template has none). The messages must not contain the private-use
+    /// characters U+E000/U+E001, which mark the blocks while rendering.
+    pub fn render_with_generation_spans(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<Range<usize>>)> {
+        let raw = self.render_values(messages, add_generation_prompt, self.has_generation)?;
+        if !self.has_generation {
+            return Ok((raw, Vec::new()));
+        }
+        let mut out = String::with_capacity(raw.len());
+        let mut spans = Vec::new();
+        let mut depth = 0usize;
+        let mut start = 0usize;
+        for c in raw.chars() {
+            match c {
+                GEN_START => {
+                    if depth == 0 {
+                        start = out.len();
+                    }
+                    depth += 1;
+                }
+                GEN_END => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        spans.push(start..out.len());
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        Ok((out, spans))
+    }
+}
+
+/// Converts a JSON value into a template value (maps keep their order).
+pub fn json_to_value(v: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                Value::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(a) => Value::from(a.iter().map(json_to_value).collect::<Vec<_>>()),
+        J::Object(m) => Value::from_pairs(m.iter().map(|(k, v)| (k.as_str(), json_to_value(v)))),
+    }
+}
+
+fn message_value(m: &Message) -> Value {
+    let role = Value::from(m.role.as_str());
+    let content = Value::from(m.content.as_str());
+    Value::from_pairs(
+        [("role", role), ("content", content)]
+            .into_iter()
+            .chain(m.extra.iter().map(|(k, v)| (k.as_str(), json_to_value(v)))),
+    )
+}
+
+/// Reads `chat_template`, `bos_token`, `eos_token`, `unk_token` and `pad_token` from a
+/// `tokenizer_config.json` (a `chat_template` list takes the entry named `default`; a token may be
+/// a string or an object with `content`).
+pub fn options_from_tokenizer_config(
+    config: &serde_json::Value,
+) -> (Option<String>, TemplateOptions) {
+    let token = |k: &str| match config.get(k) {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    };
+    let template = match config.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|e| e.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    };
+    let options = TemplateOptions {
+        bos_token: token("bos_token"),
+        eos_token: token("eos_token"),
+        unk_token: token("unk_token"),
+        pad_token: token("pad_token"),
+        ..Default::default()
+    };
+    (template, options)
+}
+
+// ---------------------------------------------------------------------------------------------
+// tojson: Python's json.dumps
+
+/// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=None,
+/// separators=None, sort_keys=False)`.
+fn py_tojson(
+    value: &Value,
+    ensure_ascii: Option<Value>,
+    kwargs: Kwargs,
+) -> std::result::Result<Value, Error> {
+    let mut ensure_ascii = ensure_ascii.is_some_and(|v| v.is_true());
+    if let Some(v) = kwargs.get::<Option<Value>>("ensure_ascii")? {
+        ensure_ascii = v.is_true();
+    }
+    let indent: Option<String> = match kwargs.get::<Option<Value>>("indent")? {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => {
+            if let Some(n) = v.as_i64() {
+                Some(" ".repeat(n.clamp(0, 256) as usize))
+            } else if let Some(s) = v.as_str() {
+                Some(s.to_string())
+            } else {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be an integer or a string",
+                ));
+            }
+        }
+    };
+    let (mut item_sep, mut key_sep) = if indent.is_some() {
+        (",".to_string(), ": ".to_string())
+    } else {
+        (", ".to_string(), ": ".to_string())
+    };
+    if let Some(seps) = kwargs.get::<Option<Value>>("separators")? {
+        if !seps.is_none() {
+            let items: Vec<Value> = seps.try_iter()?.collect();
+            match items.as_slice() {
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
+                    item_sep = a.as_str().unwrap_or_default().to_string();
+                    key_sep = b.as_str().unwrap_or_default().to_string();
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be a pair of strings",
+                    ))
+                }
+            }
+        }
+    }
+    let sort_keys = kwargs
+        .get::<Option<Value>>("sort_keys")?
+        .is_some_and(|v| v.is_true());
+    kwargs.assert_all_used()?;
+    if value.is_undefined() {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "tojson: Object of type Undefined is not JSON serializable",
+        ));
+    }
+    let json = serde_json::to_value(value).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: value is not JSON serializable: {e}"),
+        )
+    })?;
+    let fmt = PyJson {
+        ensure_ascii,
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+    };
+    let mut out = String::new();
+    fmt.write(&json, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+/// Python `json.dumps` formatting of a JSON value.
+pub(crate) struct PyJson {
+    pub ensure_ascii: bool,
+    pub indent: Option<String>,
+    pub item_sep: String,
+    pub key_sep: String,
+    pub sort_keys: bool,
+}
+
+impl PyJson {
+    fn newline(&self, level: usize, out: &mut String) {
+        if let Some(ind) = &self.indent {
+            out.push('\n');
+            for _ in 0..level {
+                out.push_str(ind);
+            }
+        }
+    }
+
+    pub(crate) fn write(&self, v: &serde_json::Value, level: usize, out: &mut String) {
+        use serde_json::Value as J;
+        match v {
+            J::Null => out.push_str("null"),
+            J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            J::Number(n) => {
+                if n.is_f64() {
+                    out.push_str(&py_float_repr(n.as_f64().unwrap_or(f64::NAN)));
+                } else {
+                    out.push_str(&n.to_string());
+                }
+            }
+            J::String(s) => py_json_string(s, self.ensure_ascii, out),
+            J::Array(a) => {
+                if a.is_empty() {
+                    out.push_str("[]");
+                    return;
+                }
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(level + 1, out);
+                    self.write(x, level + 1, out);
+                }
+                self.newline(level, out);
+                out.push(']');
+            }
+            J::Object(m) => {
+                if m.is_empty() {
+                    out.push_str("{}");
+                    return;
+                }
+                let mut entries: Vec<(&String, &serde_json::Value)> = m.iter().collect();
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(b.0));
+                }
+                out.push('{');
+                for (i, (k, x)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(level + 1, out);
+                    py_json_string(k, self.ensure_ascii, out);
+                    out.push_str(&self.key_sep);
+                    self.write(x, level + 1, out);
+                }
+                self.newline(level, out);
+                out.push('}');
+            }
+        }
+    }
+}
+
+/// A JSON string literal as Python's json module writes it.
+fn py_json_string(s: &str, ensure_ascii: bool, out: &mut String) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c if ensure_ascii && (c as u32) > 0x7e => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Python's `repr(float)`: shortest round-trip digits, exponent form outside 1e-4..1e16.
+pub(crate) fn py_float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    if f == 0.0 {
+        return if f.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits: "1.2345e-7", "1e20".
+    let e = format!("{f:e}");
+    let (mantissa, exp) = e.split_once('e').expect("exponent form");
+    let exp: i32 = exp.parse().expect("integer exponent");
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let n = digits.len() as i32;
+        let s = if exp >= 0 {
+            let int_len = exp + 1;
+            if n <= int_len {
+                format!("{digits}{}.0", "0".repeat((int_len - n) as usize))
+            } else {
+                format!(
+                    "{}.{}",
+                    &digits[..int_len as usize],
+                    &digits[int_len as usize..]
+                )
+            }
+        } else {
+            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
+        };
+        format!("{sign}{s}")
+    } else {
+        let m = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{m}e{esign}{:02}", exp.abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_repr_matches_python() {
+        for (f, s) in [
+            (1.0, "1.0"),
+            (0.5, "0.5"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (123.456, "123.456"),
+            (1e-5, "1e-05"),
+            (0.0001, "0.0001"),
+            (-2.5e-7, "-2.5e-07"),
+            (1.5e300, "1.5e+300"),
+            (0.1 + 0.2, "0.30000000000000004"),
+        ] {
+            assert_eq!(py_float_repr(f), s, "{f}");
+        }
+    }
+
+    #[test]
+    fn strftime_fixed_date() {
+        let d = FixedDate::default();
+        assert_eq!(d.strftime("%d %b %Y").unwrap(), "26 Jul 2024");
+        assert_eq!(
+            d.strftime("%A %-d %B %y %j %%").unwrap(),
+            "Friday 26 July 24 208 %"
+        );
+        assert!(d.strftime("%Q").is_err());
+        assert_eq!(FixedDate::parse("2025-02-29"), None);
+        assert!(FixedDate::parse("2024-02-29").is_some());
+    }
+
+    #[test]
+    fn generation_tags_rewritten_with_whitespace_control() {
+        let (s, has) = rewrite_generation_tags("a{%- generation -%}b{% endgeneration %}c");
+        assert!(has);
+        assert_eq!(
+            s,
+            format!("a{{%- filter {GEN_FILTER} -%}}b{{% endfilter %}}c")
+        );
+    }
+}

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Reference token ids and assistant masks for teamtune-data's tests, computed with transformers.
+
+Run it through scripts/make-data-reference.sh, which makes the virtual environment with pinned
+versions and fetches the tokenizers. Writes into crates/data/tests/fixtures/:
+
+- smollm2-tokenizer.json.gz: SmolLM2-135M-Instruct's tokenizer as transformers loads it from the
+  default model's GGUF (so the Rust tests need no GGUF reader), and smollm2-chat_template.jinja,
+  the template from the GGUF metadata.
+- reference-<config>.json: for each conversation of conversations.jsonl, the rendered text, the ids
+  of `tokenizer.apply_chat_template(messages, tokenize=True)`, and two masks computed
+  independently that must agree:
+    * `assistant_masks` from `apply_chat_template(..., return_assistant_tokens_mask=True)` with a
+      copy of the template patched with {% generation %} around each reply and its end-of-turn
+      token (llama31-generation.jinja, smollm2-generation.jinja);
+    * a prefix-difference mask computed here: reply i spans from the end of
+      render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i+1]),
+      tokens overlapping it are trained, then cut after the span's last end-of-turn token.
+  plus the mask for training on the last reply only and the decoded trained text.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import sys
+
+import transformers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+
+def render(tok, template, messages, add_generation_prompt):
+    return tok.apply_chat_template(
+        messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def overlap_mask(offsets, spans):
+    """transformers' rule: a token is in a span when its character range overlaps it."""
+    mask = [0] * len(offsets)
+    ranges = [None] * len(spans)
+    si = 0
+    for t, (ts, te) in enumerate(offsets):
+        while si < len(spans) and ts >= spans[si][1]:
+            si += 1
+        if si == len(spans):
+            break
+        if te > spans[si][0]:
+            mask[t] = 1
+            ranges[si] = (ranges[si][0] if ranges[si] else t, t + 1)
+    return mask, ranges
+
+
+def prefix_diff_mask(tok, template, messages, eot_ids):
+    full = render(tok, template, messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        pre = render(tok, template, messages[:i], True)
+        post = render(tok, template, messages[: i + 1], False)
+        assert full.startswith(post) and post.startswith(pre), (i, pre, post)
+        spans.append((len(pre), len(post)))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    mask, ranges = overlap_mask(enc["offset_mapping"], spans)
+    trimmed = []
+    for r in ranges:
+        if r is None:
+            continue
+        a, b = r
+        last = max((t for t in range(a, b) if ids[t] in eot_ids), default=None)
+        if last is not None:
+            for t in range(last + 1, b):
+                mask[t] = 0
+            b = last + 1
+        trimmed.append((a, b))
+    mask[0] = 0
+    return full, ids, mask, trimmed
+
+
+def reference(name, tok, template, generation_template, eot_names, conversations):
+    eot_ids = {tok.convert_tokens_to_ids(t) for t in eot_names}
+    out = {
+        "config": name,
+        "transformers": transformers.__version__,
+        "eot_ids": sorted(eot_ids),
+        "conversations": [],
+    }
+    for k, conv in enumerate(conversations):
+        messages = conv["messages"]
+        ids = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        text = render(tok, template, messages, False)
+        gen = tok.apply_chat_template(
+            messages,
+            chat_template=generation_template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        assert gen["input_ids"] == ids, f"{name} #{k}: the patched template renders differently"
+        assert render(tok, generation_template, messages, False) == text
+        gen_mask = list(gen["assistant_masks"])
+        full, pd_ids, pd_mask, ranges = prefix_diff_mask(tok, template, messages, eot_ids)
+        assert full == text and pd_ids == ids
+        assert pd_mask == gen_mask, f"{name} #{k}: prefix-diff mask != generation mask"
+        last = [0] * len(ids)
+        a, b = ranges[-1]
+        last[a:b] = [1] * (b - a)
+        trained = [tok.decode(ids[a:b], skip_special_tokens=False) for a, b in ranges]
+        bos = tok.convert_tokens_to_ids(tok.bos_token) if tok.bos_token else None
+        out["conversations"].append(
+            {
+                "index": k,
+                "text": text,
+                "input_ids": ids,
+                "assistant_mask": gen_mask,
+                "last_assistant_mask": last,
+                "trained_text": trained,
+                "bos_count": sum(1 for i in ids if i == bos) if bos is not None else 0,
+            }
+        )
+        print(f"{name} #{k}: {len(ids)} tokens, {sum(gen_mask)} trained", file=sys.stderr)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-tokenizer", required=True, help="Llama-3 tokenizer.json")
+    ap.add_argument("--smollm2-gguf", required=True, help="SmolLM2-135M-Instruct GGUF")
+    ap.add_argument("--fixtures", required=True, help="crates/data/tests/fixtures")
+    ap.add_argument("--llama-template", required=True, help="crates/data/src/templates/llama31.jinja")
+    ap.add_argument("--chatml-template", required=True, help="crates/data/src/templates/chatml.jinja")
+    args = ap.parse_args()
+    fx = args.fixtures
+
+    with open(os.path.join(fx, "conversations.jsonl"), encoding="utf-8") as f:
+        conversations = [json.loads(line) for line in f if line.strip()]
+
+    def read(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    # Llama-3.1 template with the real Llama-3 tokenizer. The bare tokenizer.json carries no special
+    # token roles, so name them as Llama-3.1's tokenizer_config.json does.
+    llama = PreTrainedTokenizerFast(
+        tokenizer_file=args.llama_tokenizer,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+    )
+    llama_ref = reference(
+        "llama31",
+        llama,
+        read(args.llama_template),
+        read(os.path.join(fx, "llama31-generation.jinja")),
+        ["<|eot_id|>", "<|end_of_text|>"],
+        conversations,
+    )
+
+    # SmolLM2 from the default model's GGUF, with the ChatML template of its metadata.
+    d, name = os.path.split(os.path.abspath(args.smollm2_gguf))
+    smol = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    smol_template = smol.chat_template
+    with open(os.path.join(fx, "smollm2-chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(smol_template)
+    data = smol.backend_tokenizer.to_str().encode("utf-8")
+    with gzip.GzipFile(os.path.join(fx, "smollm2-tokenizer.json.gz"), "wb", mtime=0) as f:
+        f.write(data)
+    smol_ref = reference(
+        "smollm2",
+        smol,
+        smol_template,
+        read(os.path.join(fx, "smollm2-generation.jinja")),
+        ["<|im_end|>", "<|endoftext|>"],
+        conversations,
+    )
+    # The built-in ChatML template (no default system message) with the same tokenizer; its
+    # generation copy is made here.
+    chatml = read(args.chatml_template)
+    chatml_gen = chatml.replace(
+        "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}",
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+        "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endif %}",
+    )
+    assert chatml_gen != chatml
+    chatml_ref = reference("chatml", smol, chatml, chatml_gen, ["<|im_end|>", "<|endoftext|>"], conversations)
+
+    for ref in (llama_ref, smol_ref, chatml_ref):
+        with open(os.path.join(fx, f"reference-{ref['config']}.json"), "w", encoding="utf-8") as f:
+            json.dump(ref, f, ensure_ascii=False, separators=(",", ":"))
+            f.write("\n")
+    print("wrote fixtures to", fx, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
