@@ -6,7 +6,11 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "teamtune", version, about = "Fine-tune LLaMA-3.x chat models with LoRA on multi-agent trajectories")]
+#[command(
+    name = "teamtune",
+    version,
+    about = "Fine-tune LLaMA-3.x chat models with LoRA on multi-agent trajectories"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,6 +20,10 @@ struct Cli {
 enum Command {
     /// Answer a prompt with a model (chat template applied), streaming the text to stdout.
     Generate(commands::generate::Args),
+    /// Play one grid-world episode and show it turn by turn (grid, prompt, reply, score).
+    Play(commands::play::Args),
+    /// Re-run recorded grid-world episodes and check that the scores come out the same.
+    Replay(commands::replay::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +37,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => commands::generate::run(args),
+        Command::Play(args) => commands::play::run(args),
+        Command::Replay(args) => commands::replay::run(args),
     }
 }

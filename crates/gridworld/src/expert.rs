@@ -343,7 +343,9 @@ impl Expert {
             self.known.insert(here, Some(me.clone()));
             self.checked.insert(here);
             let rationale = match old {
-                Some(old) => format!("At {here}, cell: hidden target, mine {old} is known, so take this one and skip."),
+                Some(old) => {
+                    format!("At {here}, cell: hidden target; {old} is found too, so skip.")
+                }
                 None => format!("At {here}, cell: hidden target, so skip."),
             };
             let refl = self
@@ -687,6 +689,29 @@ impl Expert {
         }
         r.message = message;
         r.add_memory = memory;
+        r
+    }
+}
+
+/// A baseline that picks a random allowed action each turn (seeded: same seed, same moves).
+#[derive(Debug, Clone)]
+pub struct RandomPolicy {
+    actions: Vec<ActionName>,
+    rng: ChaCha8Rng,
+}
+
+impl RandomPolicy {
+    pub fn new(briefing: &Briefing, seed: u64) -> Self {
+        RandomPolicy {
+            actions: briefing.actions.clone(),
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed ^ ((briefing.me as u64) << 32)),
+        }
+    }
+
+    pub fn act(&mut self, _obs: &Observation) -> Reply {
+        let k = ((self.rng.next_u64() as u128 * self.actions.len() as u128) >> 64) as usize;
+        let mut r = Reply::new(self.actions[k]);
+        r.rationale = "Random move.".into();
         r
     }
 }

@@ -24,7 +24,7 @@ pub use episode::{
     TrainingConversation, Turn, TurnOutcome, TurnRecord,
 };
 pub use error::{EpisodeError, RecordError, RenderError, SpecError};
-pub use expert::{play_expert, Expert};
+pub use expert::{play_expert, Expert, RandomPolicy};
 pub use geom::{Dir, Pos};
 pub use observe::{Briefing, GoalView, Observation};
 pub use record::{append_records, read_record, read_records, training_lines, write_jsonl_atomic};

@@ -9,6 +9,7 @@ use crate::observe::fmt_score;
 use crate::world::World;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos as Anchor, VPos};
 use plotters::style::FontStyle;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -190,15 +191,26 @@ fn draw_frame<DB: DrawingBackend>(
     for it in &world.items {
         if let Some(p) = it.pos {
             let (x0, y0) = px(p.x, p.y);
+            // stacked items on one cell step to the right
+            let k = world
+                .items
+                .iter()
+                .take_while(|o| o.id != it.id)
+                .filter(|o| o.pos == Some(p))
+                .count() as i32;
+            let (ix, iy) = (x0 + 2 + 13 * k, y0 + CELL - 14);
             area.draw(&Rectangle::new(
-                [(x0 + 3, y0 + CELL - 13), (x0 + 13, y0 + CELL - 3)],
+                [(ix, iy), (ix + 12, iy + 12)],
                 RGBColor(170, 110, 40).filled(),
             ))
             .map_err(draw_err)?;
             area.draw(&Text::new(
                 it.id.to_string(),
-                (x0 + 15, y0 + CELL - 15),
-                ("sans-serif", 11).into_font(),
+                (ix + 6, iy + 6),
+                ("sans-serif", 11)
+                    .into_font()
+                    .color(&WHITE)
+                    .pos(Anchor::new(HPos::Center, VPos::Center)),
             ))
             .map_err(draw_err)?;
         }
@@ -207,15 +219,18 @@ fn draw_frame<DB: DrawingBackend>(
         let (x0, y0) = px(a.pos.x, a.pos.y);
         // several agents on one cell are offset a little
         let k = world.agents[..i].iter().filter(|b| b.pos == a.pos).count() as i32;
-        let c = (x0 + CELL / 2 + 5 * k, y0 + CELL / 2 - 3 + 3 * k);
+        let c = (x0 + CELL / 2 + 4 + 4 * k, y0 + CELL / 2 - 4 + 3 * k);
         let color = AGENT_COLORS[i % AGENT_COLORS.len()];
-        area.draw(&Circle::new(c, 9, color.filled()))
+        area.draw(&Circle::new(c, 8, color.filled()))
             .map_err(draw_err)?;
         let initial = a.name.chars().next().unwrap_or('?').to_string();
         area.draw(&Text::new(
             initial,
-            (c.0 - 4, c.1 - 7),
-            ("sans-serif", 12).into_font().color(&WHITE),
+            c,
+            ("sans-serif", 12)
+                .into_font()
+                .color(&WHITE)
+                .pos(Anchor::new(HPos::Center, VPos::Center)),
         ))
         .map_err(draw_err)?;
         if let Some(k) = a.holding {

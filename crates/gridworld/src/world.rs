@@ -94,23 +94,37 @@ impl World {
     /// Draws an episode's world from the task and seed. Draw order: width, height, agent count,
     /// item count, names, start cells, then the task's cells (target / hidden targets / items
     /// and targets and owners).
+    ///
+    /// A world that is already solved is drawn again from the same stream (a random-points
+    /// episode with both agents starting on the targets would have no turns at all).
     pub fn generate(spec: &TaskSpec, seed: u64) -> Result<World, SpecError> {
         spec.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let width = pick_one(&mut rng, &spec.width);
-        let height = pick_one(&mut rng, &spec.height);
-        let n = pick_one(&mut rng, &spec.agents);
+        let mut world = Self::draw(spec, &mut rng);
+        for _ in 0..1000 {
+            if !world.is_complete() {
+                break;
+            }
+            world = Self::draw(spec, &mut rng);
+        }
+        Ok(world)
+    }
+
+    fn draw(spec: &TaskSpec, rng: &mut ChaCha8Rng) -> World {
+        let width = pick_one(rng, &spec.width);
+        let height = pick_one(rng, &spec.height);
+        let n = pick_one(rng, &spec.agents);
         let n_items = if spec.kind != TaskKind::Carry {
             0
         } else if spec.items.is_empty() {
             n
         } else {
-            pick_one(&mut rng, &spec.items)
+            pick_one(rng, &spec.items)
         };
         let cells = (width * height) as usize;
         let cell = |i: usize| Pos::new((i % width as usize) as i32, (i / width as usize) as i32);
-        let names = distinct(&mut rng, NAMES.len(), n);
-        let starts = distinct(&mut rng, cells, n);
+        let names = distinct(rng, NAMES.len(), n);
+        let starts = distinct(rng, cells, n);
         let agents = names
             .iter()
             .zip(&starts)
@@ -133,25 +147,25 @@ impl World {
         match spec.kind {
             TaskKind::Navigate => {
                 // Distinct from the first agent's start, so there is something to do.
-                let mut t = below(&mut rng, cells - 1);
+                let mut t = below(rng, cells - 1);
                 if t >= starts[0] {
                     t += 1;
                 }
                 world.targets.push(cell(t));
             }
             TaskKind::HiddenPoints => {
-                world.hidden = distinct(&mut rng, cells, spec.hidden_targets)
+                world.hidden = distinct(rng, cells, spec.hidden_targets)
                     .into_iter()
                     .map(cell)
                     .collect();
             }
             TaskKind::Carry => {
-                let spots = distinct(&mut rng, cells, 2 * n_items);
+                let spots = distinct(rng, cells, 2 * n_items);
                 let owners = if spec.permissions {
                     // Balanced: every agent gets its share before any gets more.
                     let mut base: Vec<usize> = (0..n_items).map(|i| i % n).collect();
                     for i in (1..base.len()).rev() {
-                        let j = below(&mut rng, i + 1);
+                        let j = below(rng, i + 1);
                         base.swap(i, j);
                     }
                     base.into_iter().map(Some).collect()
@@ -170,7 +184,7 @@ impl World {
             }
             TaskKind::Corners | TaskKind::Alphabetical => {}
         }
-        Ok(world)
+        world
     }
 
     pub fn in_bounds(&self, p: Pos) -> bool {

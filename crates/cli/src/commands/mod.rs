@@ -1,2 +1,4 @@
 pub mod generate;
 pub mod model_args;
+pub mod play;
+pub mod replay;

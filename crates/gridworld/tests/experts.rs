@@ -1,0 +1,145 @@
+//! The scripted experts: scores over 200 seeds per task, valid replies, rationales that state
+//! the facts before the decision and name the action taken.
+//!
+//! Measured (200 seeds, 0..200): 100 on every task except random_points (hidden targets), see
+//! `cargo run -p teamtune-gridworld --release --example expert_scores -- 200`.
+
+mod common;
+
+use common::spec;
+use teamtune_gridworld::{play_expert, Expert, Role, BUILTIN_IDS};
+
+fn mean_score(id: &str, seeds: u64) -> f64 {
+    let s = spec(id);
+    (0..seeds)
+        .map(|seed| play_expert(&s, seed).unwrap().score())
+        .sum::<f64>()
+        / seeds as f64
+}
+
+#[test]
+fn expert_scores_over_200_seeds() {
+    let mut table = Vec::new();
+    for id in BUILTIN_IDS {
+        let m = mean_score(id, 200);
+        table.push(format!("{id}: {m:.1}"));
+        let floor = match id {
+            // hidden targets: measured 84.5 over seeds 0..200; the issue asks for >= 75
+            "random_points" => 80.0,
+            // all measured 100.0; the issue asks for >= 95
+            _ => 99.0,
+        };
+        assert!(m >= floor, "{id}: mean {m:.1} < {floor}");
+    }
+    eprintln!("{}", table.join("\n"));
+}
+
+#[test]
+fn expert_replies_are_valid_and_rationales_name_the_action() {
+    for id in BUILTIN_IDS {
+        for seed in 0..40 {
+            let rec = play_expert(&spec(id), seed).unwrap().record();
+            assert_eq!(rec.invalid_replies(), 0, "{id} seed {seed}");
+            for conv in &rec.conversations {
+                for m in conv.messages.iter().filter(|m| m.role == Role::Assistant) {
+                    let v: serde_json::Value = serde_json::from_str(&m.content).unwrap();
+                    assert_eq!(v.as_object().unwrap().len(), 6);
+                    let order: Vec<usize> = [
+                        "\"reflection\":",
+                        "\"rationale\":",
+                        "\"action_name\":",
+                        "\"action_parameters\":",
+                        "\"message\":",
+                        "\"add_memory\":",
+                    ]
+                    .iter()
+                    .map(|k| m.content.find(k).unwrap())
+                    .collect();
+                    assert!(order.windows(2).all(|p| p[0] < p[1]), "{}", m.content);
+                    let action = v["action_name"].as_str().unwrap();
+                    let rationale = v["rationale"].as_str().unwrap();
+                    assert!(
+                        rationale.ends_with(&format!("so {action}.")),
+                        "{id}: rationale {rationale:?} does not end in the action {action}"
+                    );
+                    assert!(
+                        rationale.contains("At ("),
+                        "{id}: no position in {rationale:?}"
+                    );
+                    // facts before the decision: the position comes before "so"
+                    assert!(rationale.find("At (").unwrap() < rationale.rfind("so ").unwrap());
+                    assert!(!v["reflection"].as_str().unwrap().is_empty());
+                    assert!(v["message"].as_str().unwrap().len() < 120);
+                }
+            }
+        }
+    }
+}
+
+/// A move's rationale compares the coordinates truthfully: "x a<b, so east" really has a<b.
+#[test]
+fn move_rationales_are_true() {
+    for id in BUILTIN_IDS {
+        for seed in 0..20 {
+            let ep = play_expert(&spec(id), seed).unwrap();
+            for i in 0..ep.agent_count() {
+                for m in ep.messages(i).iter().filter(|m| m.role == Role::Assistant) {
+                    let v: serde_json::Value = serde_json::from_str(&m.content).unwrap();
+                    let r = v["rationale"].as_str().unwrap();
+                    let a = v["action_name"].as_str().unwrap();
+                    let last = r.rsplit(": ").next().unwrap();
+                    let parse = |s: &str| -> (i32, char, i32) {
+                        let c = s.chars().find(|c| "<>=".contains(*c)).unwrap();
+                        let (l, rr) = s.split_once(c).unwrap();
+                        (l.trim().parse().unwrap(), c, rr.trim().parse().unwrap())
+                    };
+                    if let Some(x) = last.strip_prefix("x ") {
+                        let xs = x.split([',']).next().unwrap();
+                        let (l, c, rr) = parse(xs);
+                        assert_eq!(
+                            c,
+                            match l.cmp(&rr) {
+                                std::cmp::Ordering::Less => '<',
+                                std::cmp::Ordering::Greater => '>',
+                                std::cmp::Ordering::Equal => '=',
+                            }
+                        );
+                        let want = match c {
+                            '<' => "east",
+                            '>' => "west",
+                            _ => {
+                                let ys = x.split(", y ").nth(1).unwrap();
+                                let ys = ys.split(',').next().unwrap();
+                                let (l, c, rr) = parse(ys);
+                                assert!(match c {
+                                    '<' => l < rr,
+                                    '>' => l > rr,
+                                    _ => false,
+                                });
+                                if c == '<' {
+                                    "north"
+                                } else {
+                                    "south"
+                                }
+                            }
+                        };
+                        assert_eq!(a, want, "{r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Experts decide from what they are shown: two experts given the same briefing and the same
+/// observations reply the same (there is no other input).
+#[test]
+fn experts_are_functions_of_their_prompts() {
+    let s = spec("multi_pick");
+    let ep = play_expert(&s, 3).unwrap();
+    let mut a = Expert::new(ep.briefing(0).clone(), 3);
+    let mut b = Expert::new(ep.briefing(0).clone(), 3);
+    let fresh = teamtune_gridworld::Episode::new(&s, 3).unwrap();
+    let obs = fresh.current().unwrap().observation.clone();
+    assert_eq!(a.act(&obs), b.act(&obs));
+}
