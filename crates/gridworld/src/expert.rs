@@ -506,26 +506,29 @@ impl Expert {
     fn carry(&mut self, obs: &Observation) -> Reply {
         let me = self.b.my_name().to_string();
         for m in &obs.inbox {
-            let text = &m.text;
-            let ps = Pos::find_all(text);
-            if let Some(rest) = text.strip_prefix("I take item ") {
-                if let (Some(id), Some(&t)) = (rest.chars().next(), ps.first()) {
-                    self.claims.insert(id, (m.from.clone(), t));
-                }
-            } else if let Some(rest) = text.strip_prefix("Item ") {
-                // "Item a at (1,2) is Bob's."
-                if let (Some(id), Some(idx)) = (rest.chars().next(), text.find(" is ")) {
-                    let owner = text[idx + 4..].trim_end_matches('.').trim_end_matches("'s");
-                    if !owner.is_empty() && !owner.contains(' ') {
-                        self.owners.insert(id, owner.to_string());
+            // one message may hold several sentences: "Item a at (1,2) is Bob's. I take item b to (0,0)."
+            for sentence in m.text.split_inclusive(". ") {
+                let text = sentence.trim();
+                let ps = Pos::find_all(text);
+                if let Some(rest) = text.strip_prefix("I take item ") {
+                    if let (Some(id), Some(&t)) = (rest.chars().next(), ps.first()) {
+                        self.claims.insert(id, (m.from.clone(), t));
                     }
-                }
-            } else if text.starts_with("Dropped item") {
-                if let Some(id) = text
-                    .strip_prefix("Dropped item ")
-                    .and_then(|r| r.chars().next())
-                {
-                    self.claims.remove(&id);
+                } else if let Some(rest) = text.strip_prefix("Item ") {
+                    // "Item a at (1,2) is Bob's." releases the sender's claim on it
+                    if let (Some(id), Some(idx)) = (rest.chars().next(), text.find(" is ")) {
+                        let owner = text[idx + 4..].trim_end_matches('.').trim_end_matches("'s");
+                        if !owner.is_empty() && !owner.contains(' ') {
+                            self.owners.insert(id, owner.to_string());
+                        }
+                        if self.claims.get(&id).is_some_and(|(who, _)| *who == m.from) {
+                            self.claims.remove(&id);
+                        }
+                    }
+                } else if let Some(rest) = text.strip_prefix("Dropped item ") {
+                    if let Some(id) = rest.chars().next() {
+                        self.claims.remove(&id);
+                    }
                 }
             }
         }
@@ -596,6 +599,7 @@ impl Expert {
             let mut r = Self::reply(a, format!("{note}{rat}"), refl);
             if a == ActionName::Drop {
                 message = format!("Dropped item {h} on {t}.");
+                memory = format!("Delivered item {h}.");
                 self.mine = None;
             }
             r.message = message;
@@ -624,15 +628,16 @@ impl Expert {
         // An item here that I learnt is not mine: tell its owner, drop my claim.
         let mut message = String::new();
         let mut note = String::new();
+        let mut memory = String::new();
         if let Some((id, _)) = self.mine {
             if !may(self, id) {
                 let owner = self.owners[&id].clone();
                 message = format!("Item {id} at {here} is {owner}'s.");
                 note = format!("Item {id} is {owner}'s. ");
+                memory = format!("Item {id} is {owner}'s, not mine.");
                 self.mine = None;
             }
         }
-        let mut memory = String::new();
         if self.mine.is_none() {
             let mut best: Option<(u32, char, Pos, Pos)> = None;
             for it in items {
@@ -664,7 +669,10 @@ impl Expert {
                         }
                         message.push_str(&format!("I take item {id} to {t}."));
                     }
-                    memory = format!("Mine: item {id} to {t}.");
+                    if !memory.is_empty() {
+                        memory.push(' ');
+                    }
+                    memory.push_str(&format!("Mine: item {id} to {t}."));
                 }
                 None => {
                     let mut r = Self::reply(
@@ -674,6 +682,7 @@ impl Expert {
                             .into(),
                     );
                     r.message = message;
+                    r.add_memory = memory;
                     return r;
                 }
             }

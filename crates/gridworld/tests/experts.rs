@@ -143,3 +143,70 @@ fn experts_are_functions_of_their_prompts() {
     let obs = fresh.current().unwrap().observation.clone();
     assert_eq!(a.act(&obs), b.act(&obs));
 }
+
+/// User variants from TOML: permissions with owners hidden from the goal (learnt on the cell
+/// and told by messages), permissions on multi_pick, a bigger corners grid, more items than
+/// agents.
+#[test]
+fn experts_on_user_variants() {
+    let mut reg = teamtune_gridworld::TaskRegistry::builtin();
+    reg.add_toml(
+        r#"
+[[task]]
+id = "permission_pick_hidden"
+kind = "carry"
+width = [3, 4]
+height = [4, 5]
+agents = [2, 3]
+rounds = 15
+permissions = true
+owners_in_goal = false
+
+[[task]]
+id = "multi_pick_perm"
+kind = "carry"
+width = [3, 4, 5]
+height = [3, 4, 5]
+agents = [2, 3, 4]
+rounds = 20
+permissions = true
+
+[[task]]
+id = "big_corners"
+kind = "corners"
+width = [8]
+height = [7]
+agents = [4]
+rounds = 14
+
+[[task]]
+id = "carry_extra"
+kind = "carry"
+width = [5]
+height = [5]
+agents = [2]
+items = [3, 4]
+rounds = 25
+"#,
+    )
+    .unwrap();
+    for (id, floor) in [
+        ("permission_pick_hidden", 95.0),
+        ("multi_pick_perm", 99.0),
+        ("big_corners", 99.0),
+        ("carry_extra", 99.0),
+    ] {
+        let s = reg.get(id).unwrap();
+        let mean = (0..100)
+            .map(|seed| play_expert(s, seed).unwrap().score())
+            .sum::<f64>()
+            / 100.0;
+        eprintln!("{id}: {mean:.1}");
+        assert!(mean >= floor, "{id}: mean {mean:.1} < {floor}");
+        // the goal does not name owners when hidden
+        if id == "permission_pick_hidden" {
+            let ep = teamtune_gridworld::Episode::new(s, 1).unwrap();
+            assert!(!ep.current().unwrap().user_message.contains("only)"));
+        }
+    }
+}
