@@ -4,15 +4,29 @@ use std::process::Command;
 
 fn teamtune() -> Command {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let fetch = Command::new("bash").arg(root.join("scripts/fetch-default-model.sh")).output().unwrap();
-    assert!(fetch.status.success(), "{}", String::from_utf8_lossy(&fetch.stderr));
+    let fetch = Command::new("bash")
+        .arg(root.join("scripts/fetch-default-model.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        fetch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetch.stderr)
+    );
     Command::new(env!("CARGO_BIN_EXE_teamtune"))
 }
 
 #[test]
 fn answers_on_stdout_and_logs_on_stderr() {
-    let out = teamtune().args(["generate", "--prompt", "What is the capital of France?"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = teamtune()
+        .args(["generate", "--prompt", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.trim(), "The capital of France is Paris.");
     assert!(String::from_utf8_lossy(&out.stderr).contains("loading model"));
@@ -29,12 +43,32 @@ fn multi_turn_messages_file_and_raw_mode() {
             {"role": "user", "content": "What is my name?"}]"#,
     )
     .unwrap();
-    let out = teamtune().args(["generate", "--messages", path.to_str().unwrap(), "--max-tokens", "20"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = teamtune()
+        .args([
+            "generate",
+            "--messages",
+            path.to_str().unwrap(),
+            "--max-tokens",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Ada"));
 
     let out = teamtune()
-        .args(["generate", "--raw", "--prompt", "Once upon a time", "--max-tokens", "8"])
+        .args([
+            "generate",
+            "--raw",
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "8",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -46,12 +80,21 @@ fn bad_arguments_fail_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.json");
     std::fs::write(&path, r#"[{"role": "robot", "content": "hi"}]"#).unwrap();
-    let out = teamtune().args(["generate", "--messages", path.to_str().unwrap()]).output().unwrap();
+    let out = teamtune()
+        .args(["generate", "--messages", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.json") && err.contains("message 0"), "{err}");
+    assert!(
+        err.contains("bad.json") && err.contains("message 0"),
+        "{err}"
+    );
 
-    let out = teamtune().args(["generate", "--prompt", "hi", "--model", "/no/such/model"]).output().unwrap();
+    let out = teamtune()
+        .args(["generate", "--prompt", "hi", "--model", "/no/such/model"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
 }

@@ -13,7 +13,8 @@ const PREFILL_TOKENS: usize = 512;
 const DECODE_TOKENS: usize = 128;
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::var("TEAMTUNE_BENCH_MODEL").unwrap_or_else(|_| default_model_path().display().to_string());
+    let path = std::env::var("TEAMTUNE_BENCH_MODEL")
+        .unwrap_or_else(|_| default_model_path().display().to_string());
     let m = LoadedModel::load(&path, DType::F32, &Device::Cpu)?;
     // The prompt of scripts/bench_reference.py: repeated text cut to exactly PREFILL_TOKENS ids.
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ".repeat(64);
@@ -21,7 +22,11 @@ fn main() -> anyhow::Result<()> {
 
     let prefill = |cache: &mut teamtune_llama::KvCache| -> anyhow::Result<Tensor> {
         let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        Ok(m.model.forward_last(&input, &TokenLayout::contiguous(1, ids.len(), 0), Some(cache))?)
+        Ok(m.model.forward_last(
+            &input,
+            &TokenLayout::contiguous(1, ids.len(), 0),
+            Some(cache),
+        )?)
     };
     // Warm-up, then best of 3.
     prefill(&mut m.model.new_cache(1))?;

@@ -12,7 +12,13 @@ use crate::weights::GgufWeights;
 
 /// Tokens that end an assistant turn in the chat formats we know; generation stops on any of
 /// them that the vocabulary has, besides the config's EOS ids.
-const TURN_END_TOKENS: [&str; 5] = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"];
+const TURN_END_TOKENS: [&str; 5] = [
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+];
 
 #[derive(Clone)]
 pub struct ChatAssets {
@@ -66,7 +72,8 @@ impl ChatAssets {
                 let template = if jinja.exists() {
                     Some(std::fs::read_to_string(&jinja).map_err(|e| LlamaError::io(&jinja, e))?)
                 } else {
-                    cfg.as_ref().and_then(|c| template_from_config(c.get("chat_template")?))
+                    cfg.as_ref()
+                        .and_then(|c| template_from_config(c.get("chat_template")?))
                 };
                 let token_str = |key: &str| -> Option<String> {
                     let v = cfg.as_ref()?.get(key)?;
@@ -78,14 +85,24 @@ impl ChatAssets {
                 if let Some(gen) = read_json_opt(&dir.join("generation_config.json"))? {
                     eos.extend(ids(gen.get("eos_token_id")));
                 }
-                (tokenizer, template, token_str("bos_token"), token_str("eos_token"), eos)
+                (
+                    tokenizer,
+                    template,
+                    token_str("bos_token"),
+                    token_str("eos_token"),
+                    eos,
+                )
             }
         };
         eos_ids.extend_from_slice(config_eos);
         if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
             eos_ids.push(id);
         }
-        eos_ids.extend(TURN_END_TOKENS.iter().filter_map(|t| tokenizer.token_to_id(t)));
+        eos_ids.extend(
+            TURN_END_TOKENS
+                .iter()
+                .filter_map(|t| tokenizer.token_to_id(t)),
+        );
         eos_ids.sort_unstable();
         eos_ids.dedup();
         Ok(ChatAssets {
@@ -151,7 +168,10 @@ fn template_from_config(v: &Value) -> Option<String> {
 
 fn ids(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|n| n as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|n| n as u32))
+            .collect(),
         Some(x) => x.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
         None => vec![],
     }

@@ -44,7 +44,12 @@ impl KvCache {
         &self.valid
     }
 
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let slot = self
             .layers
             .get_mut(layer)
@@ -64,7 +69,12 @@ impl KvCache {
     pub(crate) fn commit(&mut self, valid: &[Vec<bool>], positions: &[Vec<u32>]) {
         for (row, (new, pos)) in valid.iter().zip(positions).enumerate() {
             self.valid[row].extend_from_slice(new);
-            let last_real = new.iter().zip(pos).filter(|(v, _)| **v).map(|(_, p)| *p).last();
+            let last_real = new
+                .iter()
+                .zip(pos)
+                .filter(|(v, _)| **v)
+                .map(|(_, p)| *p)
+                .last();
             if let Some(last) = last_real {
                 self.next_position[row] = last + 1;
             }

@@ -262,7 +262,10 @@ impl Fields<'_> {
     fn rope(&self) -> Result<(f64, RopeScaling)> {
         let params = self.present("rope_parameters");
         let scaling = self.present("rope_scaling");
-        let theta = match params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
+        let theta = match params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+        {
             Some(t) => t,
             None => self.f64_opt("rope_theta")?.unwrap_or(10000.0),
         };
@@ -274,7 +277,9 @@ impl Fields<'_> {
         } else {
             "rope_scaling"
         };
-        let spec = spec.as_object().ok_or_else(|| self.bad(field, "an object"))?;
+        let spec = spec
+            .as_object()
+            .ok_or_else(|| self.bad(field, "an object"))?;
         let kind = spec
             .get("rope_type")
             .or_else(|| spec.get("type"))
@@ -310,7 +315,9 @@ impl Fields<'_> {
                     if high_freq_factor <= low_freq_factor {
                         return Err(LlamaError::Config {
                             path: self.path(),
-                            message: format!("{field}: high_freq_factor must exceed low_freq_factor"),
+                            message: format!(
+                                "{field}: high_freq_factor must exceed low_freq_factor"
+                            ),
                         });
                     }
                 }
@@ -372,11 +379,20 @@ mod tests {
             let wavelen = 2.0 * std::f64::consts::PI / p;
             let ratio = *s as f64 / p;
             if wavelen < 2048.0 {
-                assert!((ratio - 1.0).abs() < 1e-6, "wavelen {wavelen}: ratio {ratio}");
+                assert!(
+                    (ratio - 1.0).abs() < 1e-6,
+                    "wavelen {wavelen}: ratio {ratio}"
+                );
             } else if wavelen > 8192.0 {
-                assert!((ratio - 0.125).abs() < 1e-6, "wavelen {wavelen}: ratio {ratio}");
+                assert!(
+                    (ratio - 0.125).abs() < 1e-6,
+                    "wavelen {wavelen}: ratio {ratio}"
+                );
             } else {
-                assert!(ratio > 0.125 && ratio < 1.0, "wavelen {wavelen}: ratio {ratio}");
+                assert!(
+                    ratio > 0.125 && ratio < 1.0,
+                    "wavelen {wavelen}: ratio {ratio}"
+                );
             }
         }
     }
@@ -411,7 +427,10 @@ mod tests {
     fn missing_hidden_size_is_named() {
         let text = LLAMA31_8B.replace("\"hidden_size\": 4096,", "");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains("`hidden_size`"), "{err}");
+        assert!(
+            err.contains("config.json") && err.contains("`hidden_size`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -426,12 +445,18 @@ mod tests {
         let err = parse(&LLAMA31_8B.replace("\"hidden_size\": 4096", "\"hidden_size\": \"big\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("hidden_size") && err.contains("integer"), "{err}");
-        let err = parse(&LLAMA31_8B.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 5"))
+        assert!(
+            err.contains("hidden_size") && err.contains("integer"),
+            "{err}"
+        );
+        let err =
+            parse(&LLAMA31_8B.replace("\"num_key_value_heads\": 8", "\"num_key_value_heads\": 5"))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("num_key_value_heads"), "{err}");
+        let err = parse(&LLAMA31_8B.replace("\"llama3\"", "\"yarn\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("num_key_value_heads"), "{err}");
-        let err = parse(&LLAMA31_8B.replace("\"llama3\"", "\"yarn\"")).unwrap_err().to_string();
         assert!(err.contains("yarn"), "{err}");
         let err = parse(&LLAMA31_8B.replace("\"mlp_bias\": false", "\"mlp_bias\": true"))
             .unwrap_err()

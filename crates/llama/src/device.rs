@@ -10,9 +10,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = match s.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .map_err(|_| LlamaError::Config { path: "--device".into(), message: format!("`{s}`: expected cuda:N") })?,
+                Some(n) => n.parse().map_err(|_| LlamaError::Config {
+                    path: "--device".into(),
+                    message: format!("`{s}`: expected cuda:N"),
+                })?,
                 None => 0,
             };
             cuda_device(ordinal)
@@ -43,7 +44,11 @@ pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType> {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        "auto" => Ok(if device.is_cpu() { DType::F32 } else { DType::BF16 }),
+        "auto" => Ok(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        }),
         other => Err(LlamaError::Config {
             path: "--dtype".into(),
             message: format!("`{other}` is not a dtype (auto, f32, bf16, f16)"),

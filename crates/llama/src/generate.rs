@@ -40,20 +40,31 @@ pub fn generate(
     let mut start = 0u32;
     loop {
         if tokens.len() >= max_tokens {
-            return Ok(Generated { tokens, stop: StopReason::MaxTokens });
+            return Ok(Generated {
+                tokens,
+                stop: StopReason::MaxTokens,
+            });
         }
         let ids = Tensor::new(next_input.as_slice(), model.device())?.unsqueeze(0)?;
         let layout = TokenLayout::contiguous(1, next_input.len(), start);
-        let logits = model.forward_last(&ids, &layout, Some(&mut cache))?.squeeze(0)?;
+        let logits = model
+            .forward_last(&ids, &layout, Some(&mut cache))?
+            .squeeze(0)?;
         start += next_input.len() as u32;
         let tok = sampler.sample(&logits, &history)?;
         if eos_ids.contains(&tok) {
-            return Ok(Generated { tokens, stop: StopReason::Eos(tok) });
+            return Ok(Generated {
+                tokens,
+                stop: StopReason::Eos(tok),
+            });
         }
         tokens.push(tok);
         history.push(tok);
         if !on_token(tok) {
-            return Ok(Generated { tokens, stop: StopReason::Callback });
+            return Ok(Generated {
+                tokens,
+                stop: StopReason::Callback,
+            });
         }
         next_input = vec![tok];
     }

@@ -34,10 +34,7 @@ impl GgufWeights {
 
     fn meta_f64(&self, key: &str) -> Option<f64> {
         let v = self.meta(key)?;
-        v.to_f32()
-            .ok()
-            .map(f64::from)
-            .or_else(|| v.to_f64().ok())
+        v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok())
     }
 
     fn meta_str(&self, key: &str) -> Option<String> {
@@ -67,7 +64,10 @@ impl GgufWeights {
                 .ok_or_else(|| self.err("neither `llama.vocab_size` nor a token list"))?,
         };
         let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let divisors = self.raw("rope_freqs.weight")?.flatten_all()?.to_vec1::<f32>()?;
+            let divisors = self
+                .raw("rope_freqs.weight")?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             RopeScaling::FrequencyDivisors(divisors)
         } else {
             match self.meta_str("llama.rope.scaling.type").as_deref() {
@@ -80,8 +80,12 @@ impl GgufWeights {
                 }
             }
         };
-        let eos = self.meta_u64("tokenizer.ggml.eos_token_id").map(|x| x as u32);
-        let eot = self.meta_u64("tokenizer.ggml.eot_token_id").map(|x| x as u32);
+        let eos = self
+            .meta_u64("tokenizer.ggml.eos_token_id")
+            .map(|x| x as u32);
+        let eot = self
+            .meta_u64("tokenizer.ggml.eot_token_id")
+            .map(|x| x as u32);
         let mut eos_token_ids: Vec<u32> = eos.into_iter().chain(eot).collect();
         eos_token_ids.dedup();
         Ok(LlamaConfig {
@@ -99,9 +103,13 @@ impl GgufWeights {
             rope_scaling,
             max_position_embeddings: req("llama.context_length").unwrap_or(4096),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            bos_token_id: self.meta_u64("tokenizer.ggml.bos_token_id").map(|x| x as u32),
+            bos_token_id: self
+                .meta_u64("tokenizer.ggml.bos_token_id")
+                .map(|x| x as u32),
             eos_token_ids,
-            pad_token_id: self.meta_u64("tokenizer.ggml.padding_token_id").map(|x| x as u32),
+            pad_token_id: self
+                .meta_u64("tokenizer.ggml.padding_token_id")
+                .map(|x| x as u32),
         })
     }
 
@@ -127,7 +135,9 @@ impl GgufWeights {
                 "tokenizer model `{model}` is not supported (only BPE `gpt2`)"
             )));
         }
-        let pre = self.meta_str("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+        let pre = self
+            .meta_str("tokenizer.ggml.pre")
+            .unwrap_or_else(|| "default".into());
         let mut content_view = self.content.metadata.clone();
         // llama.cpp's names for the Llama-3 regex; candle knows it as `llama3`.
         if matches!(pre.as_str(), "llama-bpe" | "llama-v3" | "llama3") {

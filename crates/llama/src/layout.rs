@@ -33,7 +33,10 @@ impl TokenLayout {
                 .iter()
                 .map(|&n| (0..t as u32).map(|p| p.min(n.max(1) as u32 - 1)).collect())
                 .collect(),
-            valid: lengths.iter().map(|&n| (0..t).map(|i| i < n).collect()).collect(),
+            valid: lengths
+                .iter()
+                .map(|&n| (0..t).map(|i| i < n).collect())
+                .collect(),
             segments: None,
         }
     }
@@ -63,7 +66,11 @@ impl TokenLayout {
     /// One row per entry, each row the concatenation of several sequences whose positions
     /// restart at 0 and which never attend to each other; rows are right-padded.
     pub fn packed(rows: &[Vec<usize>]) -> Self {
-        let t = rows.iter().map(|r| r.iter().sum::<usize>()).max().unwrap_or(0);
+        let t = rows
+            .iter()
+            .map(|r| r.iter().sum::<usize>())
+            .max()
+            .unwrap_or(0);
         let mut layout = TokenLayout {
             positions: vec![],
             valid: vec![],
@@ -100,10 +107,15 @@ impl TokenLayout {
 
     pub(crate) fn check(&self, batch: usize, len: usize) -> Result<()> {
         let rows_ok = |v: &Vec<Vec<_>>| v.len() == batch && v.iter().all(|r| r.len() == len);
-        let seg_ok = self.segments.as_ref().is_none_or(|s| {
-            s.len() == batch && s.iter().all(|r| r.len() == len)
-        });
-        if rows_ok(&self.positions) && self.valid.len() == batch && self.valid.iter().all(|r| r.len() == len) && seg_ok {
+        let seg_ok = self
+            .segments
+            .as_ref()
+            .is_none_or(|s| s.len() == batch && s.iter().all(|r| r.len() == len));
+        if rows_ok(&self.positions)
+            && self.valid.len() == batch
+            && self.valid.iter().all(|r| r.len() == len)
+            && seg_ok
+        {
             Ok(())
         } else {
             Err(LlamaError::Shape(format!(
@@ -146,9 +158,7 @@ impl TokenLayout {
                         cached_valid[row][k]
                     } else {
                         let kk = k - cached;
-                        kk <= q
-                            && self.valid[row][kk]
-                            && seg.is_none_or(|seg| seg[kk] == seg[q])
+                        kk <= q && self.valid[row][kk] && seg.is_none_or(|seg| seg[kk] == seg[q])
                     };
                     if !allowed {
                         *slot = f32::NEG_INFINITY;
@@ -172,14 +182,21 @@ mod tests {
     fn allowed(bias: &Tensor) -> Vec<Vec<Vec<bool>>> {
         let v = bias.squeeze(1).unwrap().to_vec3::<f32>().unwrap();
         v.into_iter()
-            .map(|r| r.into_iter().map(|q| q.into_iter().map(|x| x == 0.0).collect()).collect())
+            .map(|r| {
+                r.into_iter()
+                    .map(|q| q.into_iter().map(|x| x == 0.0).collect())
+                    .collect()
+            })
             .collect()
     }
 
     #[test]
     fn causal_mask_with_cache_offset() {
         let l = TokenLayout::contiguous(1, 2, 3);
-        let bias = l.attention_bias(&[vec![true; 3]], &Device::Cpu).unwrap().unwrap();
+        let bias = l
+            .attention_bias(&[vec![true; 3]], &Device::Cpu)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             allowed(&bias)[0],
             vec![vec![true, true, true, true, false], vec![true; 5]]
@@ -189,7 +206,10 @@ mod tests {
     #[test]
     fn single_plain_token_needs_no_mask() {
         let l = TokenLayout::contiguous(2, 1, 7);
-        assert!(l.attention_bias(&[vec![true; 7], vec![true; 7]], &Device::Cpu).unwrap().is_none());
+        assert!(l
+            .attention_bias(&[vec![true; 7], vec![true; 7]], &Device::Cpu)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -212,7 +232,11 @@ mod tests {
     fn left_padding_hides_pad_keys_and_positions_continue() {
         let l = TokenLayout::left_padded(&[1, 3], &[5, 0]);
         assert_eq!(l.positions, vec![vec![5, 5, 5], vec![0, 1, 2]]);
-        let m = allowed(&l.attention_bias(&[vec![], vec![]], &Device::Cpu).unwrap().unwrap());
+        let m = allowed(
+            &l.attention_bias(&[vec![], vec![]], &Device::Cpu)
+                .unwrap()
+                .unwrap(),
+        );
         // Row 0: two pads then a real token that sees only itself.
         assert_eq!(m[0][2], vec![false, false, true]);
         assert_eq!(m[0][0], vec![true, false, false]);

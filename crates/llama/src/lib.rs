@@ -72,6 +72,10 @@ impl LoadedModel {
         let assets = ChatAssets::load(&files, &config.eos_token_ids)?;
         assets.check_fits(config.vocab_size)?;
         let model = load_model(&files, dtype, device)?;
-        Ok(LoadedModel { model, assets, files })
+        Ok(LoadedModel {
+            model,
+            assets,
+            files,
+        })
     }
 }

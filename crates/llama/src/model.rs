@@ -66,7 +66,9 @@ impl RmsNorm {
             _ => x.clone(),
         };
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let normed = xf
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
         Ok(normed.broadcast_mul(&self.weight)?)
     }
 }
@@ -81,7 +83,9 @@ impl Rotation {
     fn new(inv_freq: &Tensor, layout: &TokenLayout, dtype: DType) -> Result<Self> {
         let device = inv_freq.device();
         let pos = layout.positions_tensor(device)?.to_dtype(DType::F32)?;
-        let angles = pos.unsqueeze(D::Minus1)?.broadcast_mul(&inv_freq.reshape((1, 1, ()))?)?;
+        let angles = pos
+            .unsqueeze(D::Minus1)?
+            .broadcast_mul(&inv_freq.reshape((1, 1, ()))?)?;
         Ok(Rotation {
             cos: angles.cos()?.to_dtype(dtype)?.contiguous()?,
             sin: angles.sin()?.to_dtype(dtype)?.contiguous()?,
@@ -91,7 +95,11 @@ impl Rotation {
     /// Rotate-half RoPE on `[batch, heads, time, head_dim]`.
     fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if mode == Mode::Inference {
-            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?);
+            return Ok(candle_nn::rotary_emb::rope(
+                &x.contiguous()?,
+                &self.cos,
+                &self.sin,
+            )?);
         }
         let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
         let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
@@ -140,7 +148,9 @@ impl Attention {
         // that share a KV head are stacked along time, so one matmul serves the whole group.
         let n_rep = self.n_heads / self.n_kv_heads;
         let s = k.dim(2)?;
-        let q = q.contiguous()?.reshape((b, self.n_kv_heads, n_rep * t, self.head_dim))?;
+        let q = q
+            .contiguous()?
+            .reshape((b, self.n_kv_heads, n_rep * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         // Softmax in f32 at least, as transformers does for half-precision models.
@@ -205,7 +215,12 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn load(config: &LlamaConfig, weights: &WeightSource, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        config: &LlamaConfig,
+        weights: &WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let c = config;
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
@@ -289,7 +304,10 @@ impl Llama {
                 )));
             }
         }
-        Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, ()))?)
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, ()))?)
     }
 
     /// Final hidden states (after the last RMSNorm) `[batch, time, hidden]` for `input_ids`.
@@ -317,10 +335,15 @@ impl Llama {
         layout.check(b, t)?;
         if let Some(c) = cache.as_deref() {
             if c.batch() != b {
-                return Err(LlamaError::Shape(format!("cache batch {} != input batch {b}", c.batch())));
+                return Err(LlamaError::Shape(format!(
+                    "cache batch {} != input batch {b}",
+                    c.batch()
+                )));
             }
             if layout.segments.is_some() && !c.is_empty() {
-                return Err(LlamaError::Shape("packed sequences cannot continue a KV cache".into()));
+                return Err(LlamaError::Shape(
+                    "packed sequences cannot continue a KV cache".into(),
+                ));
             }
         }
         let no_cache: Vec<Vec<bool>> = vec![vec![]; b];
@@ -331,7 +354,13 @@ impl Llama {
         for (l, block) in self.blocks.iter().enumerate() {
             let residual = &x;
             let h = block.input_layernorm.forward(&x, mode)?;
-            let h = block.self_attn.forward(&h, &rot, bias.as_ref(), cache.as_deref_mut().map(|c| (c, l)), mode)?;
+            let h = block.self_attn.forward(
+                &h,
+                &rot,
+                bias.as_ref(),
+                cache.as_deref_mut().map(|c| (c, l)),
+                mode,
+            )?;
             let x1 = (residual + h)?;
             let h = block.post_attention_layernorm.forward(&x1, mode)?;
             x = (&x1 + block.mlp.forward(&h)?)?;
@@ -352,14 +381,25 @@ impl Llama {
     }
 
     /// Logits at every position `[batch, time, vocab]` (training, evaluation).
-    pub fn forward(&self, input_ids: &Tensor, layout: &TokenLayout, cache: Option<&mut KvCache>, mode: Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, layout, cache, mode)?;
         self.logits(&h)
     }
 
     /// Logits of each row's last column `[batch, vocab]` (generation; rows are left-padded so
     /// the last column is always a real token). Only that column goes through the LM head.
-    pub fn forward_last(&self, input_ids: &Tensor, layout: &TokenLayout, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        layout: &TokenLayout,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, layout, cache, Mode::Inference)?;
         let t = h.dim(1)?;
         self.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)

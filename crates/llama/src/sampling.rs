@@ -112,11 +112,19 @@ mod tests {
                 seed,
                 ..Default::default()
             });
-            (0..40).map(|_| s.sample(&logits(), &[]).unwrap()).collect::<Vec<_>>()
+            (0..40)
+                .map(|_| s.sample(&logits(), &[]).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
-        assert!(draw(7).iter().collect::<std::collections::HashSet<_>>().len() > 1);
+        assert!(
+            draw(7)
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 1
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub fn teamtune_home() -> PathBuf {
     if let Some(h) = std::env::var_os("TEAMTUNE_HOME") {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("teamtune")
 }
 
@@ -48,7 +50,9 @@ impl ModelFiles {
         let path = Path::new(spec);
         if path.is_file() {
             return if spec.ends_with(".gguf") {
-                Ok(ModelFiles::Gguf { path: path.to_path_buf() })
+                Ok(ModelFiles::Gguf {
+                    path: path.to_path_buf(),
+                })
             } else {
                 Err(LlamaError::NotFound(format!(
                     "{spec} is a file but not a .gguf; pass a GGUF file or a folder with config.json"
@@ -89,7 +93,10 @@ impl ModelFiles {
             )));
         };
         if !dir.join("config.json").exists() {
-            return Err(LlamaError::NotFound(format!("{}: config.json is missing", dir.display())));
+            return Err(LlamaError::NotFound(format!(
+                "{}: config.json is missing",
+                dir.display()
+            )));
         }
         Ok(ModelFiles::HfFolder {
             dir: dir.to_path_buf(),
@@ -112,7 +119,8 @@ fn looks_like_hub_id(spec: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -129,10 +137,14 @@ mod tests {
 
     #[test]
     fn missing_paths_are_clear() {
-        let err = ModelFiles::resolve("./definitely/not/here").unwrap_err().to_string();
+        let err = ModelFiles::resolve("./definitely/not/here")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("definitely/not/here"), "{err}");
         let dir = tempfile::tempdir().unwrap();
-        let err = ModelFiles::resolve(dir.path().to_str().unwrap()).unwrap_err().to_string();
+        let err = ModelFiles::resolve(dir.path().to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.safetensors"), "{err}");
     }
 }

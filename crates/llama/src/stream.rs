@@ -13,7 +13,11 @@ pub struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        TextStream { tokenizer, ids: Vec::new(), printed: 0 }
+        TextStream {
+            tokenizer,
+            ids: Vec::new(),
+            printed: 0,
+        }
     }
 
     fn decode(&self) -> Result<String> {
@@ -26,7 +30,10 @@ impl<'a> TextStream<'a> {
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let text = self.decode()?;
-        if text.len() > self.printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(self.printed) {
+        if text.len() > self.printed
+            && !text.ends_with('\u{FFFD}')
+            && text.is_char_boundary(self.printed)
+        {
             let piece = text[self.printed..].to_string();
             self.printed = text.len();
             Ok(Some(piece))

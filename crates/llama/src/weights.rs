@@ -37,12 +37,11 @@ impl WeightSource {
         }
         // Safety: the files are mapped read-only; a concurrent writer would be a user error
         // that the safetensors header checks cannot catch, as with every mmap-based loader.
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
-            LlamaError::Weights {
+        let tensors =
+            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| LlamaError::Weights {
                 path: files.first().cloned().unwrap_or_default(),
                 message: format!("cannot read safetensors (truncated or corrupt?): {e}"),
-            }
-        })?;
+            })?;
         Ok(WeightSource::Safetensors { files, tensors })
     }
 
@@ -74,7 +73,9 @@ impl WeightSource {
 
     pub fn origin(&self) -> &Path {
         match self {
-            WeightSource::Safetensors { files, .. } => files.first().map(|p| p.as_path()).unwrap_or(Path::new("")),
+            WeightSource::Safetensors { files, .. } => {
+                files.first().map(|p| p.as_path()).unwrap_or(Path::new(""))
+            }
             WeightSource::Gguf(g) => &g.path,
         }
     }
@@ -90,16 +91,24 @@ impl WeightSource {
     }
 
     /// Loads `hf_name`, checks its shape and converts it to `dtype` on `device`.
-    pub fn get(&self, hf_name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn get(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let t = match self {
             WeightSource::Safetensors { tensors, files } => {
                 let view = tensors.get(hf_name).map_err(|_| LlamaError::Weights {
                     path: files.first().cloned().unwrap_or_default(),
                     message: format!("tensor `{hf_name}` is missing"),
                 })?;
-                candle_core::safetensors::Load::load(&view, device).map_err(|e| LlamaError::Weights {
-                    path: files.first().cloned().unwrap_or_default(),
-                    message: format!("tensor `{hf_name}`: {e}"),
+                candle_core::safetensors::Load::load(&view, device).map_err(|e| {
+                    LlamaError::Weights {
+                        path: files.first().cloned().unwrap_or_default(),
+                        message: format!("tensor `{hf_name}`: {e}"),
+                    }
                 })?
             }
             WeightSource::Gguf(g) => g.get(hf_name)?.to_device(device)?,
@@ -170,7 +179,11 @@ impl GgufWeights {
             content
                 .metadata
                 .get(key)
-                .and_then(|v| v.to_u32().ok().or_else(|| v.to_u64().ok().map(|x| x as u32)))
+                .and_then(|v| {
+                    v.to_u32()
+                        .ok()
+                        .or_else(|| v.to_u64().ok().map(|x| x as u32))
+                })
                 .map(|x| x as usize)
                 .ok_or_else(|| LlamaError::Gguf {
                     path: path.to_path_buf(),
@@ -189,7 +202,8 @@ impl GgufWeights {
 
     /// Reads a tensor by its GGUF name, dequantised to f32 on the CPU.
     pub(crate) fn raw(&self, gguf: &str) -> Result<Tensor> {
-        let mut file = std::fs::File::open(&self.path).map_err(|e| LlamaError::io(&self.path, e))?;
+        let mut file =
+            std::fs::File::open(&self.path).map_err(|e| LlamaError::io(&self.path, e))?;
         let q = self
             .content
             .tensor(&mut file, gguf, &Device::Cpu)
@@ -228,8 +242,7 @@ impl GgufWeights {
 pub(crate) fn unpermute(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let d = rows / n_heads;
-    Ok(w
-        .reshape((n_heads, d / 2, 2, cols))?
+    Ok(w.reshape((n_heads, d / 2, 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
@@ -278,7 +291,10 @@ mod tests {
 
     #[test]
     fn gguf_names() {
-        assert_eq!(gguf_name("model.layers.3.mlp.down_proj.weight").unwrap(), "blk.3.ffn_down.weight");
+        assert_eq!(
+            gguf_name("model.layers.3.mlp.down_proj.weight").unwrap(),
+            "blk.3.ffn_down.weight"
+        );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
         assert!(gguf_name("model.layers.3.mlp.foo").is_none());
     }

@@ -33,9 +33,17 @@ fn truncated_safetensors() {
     copy_tiny(dir.path());
     let f = dir.path().join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let err = model_err(dir.path());
-    assert!(err.contains("model.safetensors") && err.contains("truncated or corrupt"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -43,10 +51,15 @@ fn config_missing_hidden_size() {
     let dir = tempfile::tempdir().unwrap();
     copy_tiny(dir.path());
     let cfg = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"hidden_size\": 64,", "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"hidden_size\": 64,", "");
     std::fs::write(&cfg, text).unwrap();
     let err = model_err(dir.path());
-    assert!(err.contains("config.json") && err.contains("`hidden_size`"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("`hidden_size`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -54,23 +67,40 @@ fn weights_that_do_not_fit_the_config() {
     let dir = tempfile::tempdir().unwrap();
     copy_tiny(dir.path());
     let cfg = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 160", "\"intermediate_size\": 128");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 160", "\"intermediate_size\": 128");
     std::fs::write(&cfg, text).unwrap();
     let err = model_err(dir.path());
-    assert!(err.contains("gate_proj.weight") && err.contains("[160, 64]") && err.contains("[128, 64]"), "{err}");
+    assert!(
+        err.contains("gate_proj.weight") && err.contains("[160, 64]") && err.contains("[128, 64]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn gguf_of_an_unsupported_architecture() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gpt2.gguf");
-    let w = QTensor::quantize(&Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let w = QTensor::quantize(
+        &Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     let arch = gguf_file::Value::String("gpt2".into());
     let mut file = std::fs::File::create(&path).unwrap();
-    gguf_file::write(&mut file, &[("general.architecture", &arch)], &[("token_embd.weight", &w)]).unwrap();
+    gguf_file::write(
+        &mut file,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &w)],
+    )
+    .unwrap();
     drop(file);
     let err = load_err(&path);
-    assert!(err.contains("gpt2.gguf") && err.contains("architecture `gpt2`"), "{err}");
+    assert!(
+        err.contains("gpt2.gguf") && err.contains("architecture `gpt2`"),
+        "{err}"
+    );
 }
 
 #[test]

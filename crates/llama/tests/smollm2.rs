@@ -17,13 +17,19 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = common::fixtures().join("smollm2");
     Fixture {
-        json: serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap(),
-        logits: candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap(),
+        json: serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap(),
+        logits: candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+            .unwrap(),
     }
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn load() -> LoadedModel {
@@ -41,19 +47,44 @@ fn matches_transformers_logits_tokens_and_greedy_continuations() {
         let name = case["name"].as_str().unwrap();
         let prompt_ids = ids(&case["prompt_ids"]);
         // Our GGUF tokenizer gives transformers' ids for the rendered prompt.
-        let ours = m.assets.encode(case["prompt_text"].as_str().unwrap(), false).unwrap();
+        let ours = m
+            .assets
+            .encode(case["prompt_text"].as_str().unwrap(), false)
+            .unwrap();
         assert_eq!(ours, prompt_ids, "{name}: prompt tokens");
 
-        let input = Tensor::new(prompt_ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(prompt_ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let layout = TokenLayout::contiguous(1, prompt_ids.len(), 0);
-        let last = m.model.forward_last(&input, &layout, None).unwrap().squeeze(0).unwrap();
+        let last = m
+            .model
+            .forward_last(&input, &layout, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let want = &f.logits[&format!("last_logits_{i}")];
-        let (a, b) = (last.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
+        let (a, b) = (
+            last.to_vec1::<f32>().unwrap(),
+            want.to_vec1::<f32>().unwrap(),
+        );
         let err = common::max_rel_err(&a, &b, 1.0);
-        assert!(err < 1e-3, "{name}: last-position logits, max relative error {err:e}");
+        assert!(
+            err < 1e-3,
+            "{name}: last-position logits, max relative error {err:e}"
+        );
 
         let want_ids = ids(&case["greedy_ids"]);
-        let out = generate(&m.model, &prompt_ids, &SamplingParams::default(), 32, &[2], |_| true).unwrap();
+        let out = generate(
+            &m.model,
+            &prompt_ids,
+            &SamplingParams::default(),
+            32,
+            &[2],
+            |_| true,
+        )
+        .unwrap();
         let mut got = out.tokens.clone();
         if let StopReason::Eos(e) = out.stop {
             got.push(e);
@@ -68,11 +99,20 @@ fn gguf_tokenizer_matches_transformers() {
     let f = fixture();
     for case in f.json["tokenizer_cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(m.assets.encode(text, false).unwrap(), ids(&case["ids"]), "{text:?}");
+        assert_eq!(
+            m.assets.encode(text, false).unwrap(),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
     }
     assert_eq!(m.assets.eos_token.as_deref(), Some("<|im_end|>"));
     assert!(m.assets.eos_token_ids.contains(&2));
-    assert!(m.assets.chat_template.as_deref().unwrap().contains("<|im_start|>"));
+    assert!(m
+        .assets
+        .chat_template
+        .as_deref()
+        .unwrap()
+        .contains("<|im_start|>"));
 }
 
 #[test]
@@ -80,8 +120,19 @@ fn answers_the_capital_of_france() {
     let m = load();
     let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
     let prompt = m.assets.encode(prompt, false).unwrap();
-    let out = generate(&m.model, &prompt, &SamplingParams::default(), 24, &m.assets.eos_token_ids, |_| true).unwrap();
+    let out = generate(
+        &m.model,
+        &prompt,
+        &SamplingParams::default(),
+        24,
+        &m.assets.eos_token_ids,
+        |_| true,
+    )
+    .unwrap();
     let text = m.assets.decode(&out.tokens, true).unwrap();
     assert!(text.contains("Paris"), "{text}");
-    assert!(matches!(out.stop, StopReason::Eos(_)), "a chat answer ends with its end-of-turn token");
+    assert!(
+        matches!(out.stop, StopReason::Eos(_)),
+        "a chat answer ends with its end-of-turn token"
+    );
 }

@@ -75,10 +75,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let started = std::time::Instant::now();
-    let out = generate(&loaded.model, &prompt, &params, args.max_tokens, &loaded.assets.eos_token_ids, |tok| {
-        match stream.push(tok) {
+    let out = generate(
+        &loaded.model,
+        &prompt,
+        &params,
+        args.max_tokens,
+        &loaded.assets.eos_token_ids,
+        |tok| match stream.push(tok) {
             Ok(Some(piece)) => {
-                if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+                if let Err(e) = stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| stdout.flush())
+                {
                     write_error = Some(anyhow::Error::from(e));
                     return false;
                 }
@@ -89,8 +97,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 write_error = Some(e.into());
                 false
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = write_error {
         return Err(e);
     }
@@ -115,9 +123,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn read_messages(path: &PathBuf) -> anyhow::Result<Vec<Message>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
     let items = value
         .as_array()
         .with_context(|| format!("{}: expected a JSON list of messages", path.display()))?;

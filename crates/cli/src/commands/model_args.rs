@@ -23,7 +23,14 @@ impl ModelArgs {
         let device = parse_device(&self.device)?;
         let dtype = parse_dtype(&self.dtype, &device)?;
         LoadedModel::load(&self.model, dtype, &device).with_context(|| {
-            format!("loading model {}", if self.model.is_empty() { "(default)" } else { &self.model })
+            format!(
+                "loading model {}",
+                if self.model.is_empty() {
+                    "(default)"
+                } else {
+                    &self.model
+                }
+            )
         })
     }
 }
@@ -38,7 +45,8 @@ pub fn chat_template(assets: &ChatAssets) -> anyhow::Result<ChatTemplate> {
     if let Some(source) = &assets.chat_template {
         return Ok(ChatTemplate::new(source, options)?);
     }
-    let builtin = BuiltinTemplate::guess(|t| assets.tokenizer.token_to_id(t).is_some())
-        .context("the model has no chat template and its tokens match no built-in one; use --raw")?;
+    let builtin = BuiltinTemplate::guess(|t| assets.tokenizer.token_to_id(t).is_some()).context(
+        "the model has no chat template and its tokens match no built-in one; use --raw",
+    )?;
     Ok(ChatTemplate::builtin(builtin, options)?)
 }

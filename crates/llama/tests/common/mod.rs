@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 pub fn repo_root() -> PathBuf {
@@ -18,7 +20,11 @@ pub fn default_model() -> PathBuf {
         .arg(repo_root().join("scripts/fetch-default-model.sh"))
         .output()
         .expect("run scripts/fetch-default-model.sh");
-    assert!(out.status.success(), "fetch failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fetch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     PathBuf::from(stdout.lines().next().expect("model path"))
 }
