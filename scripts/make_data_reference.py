@@ -29,6 +29,48 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 
+def gguf_tokenizer(path):
+    """The tokenizer transformers makes from a GGUF (`AutoTokenizer.from_pretrained(dir,
+    gguf_file=name)`), without torch: transformers' GGUF reader imports torch, so the metadata is
+    read with the gguf package and handed to transformers' own converter, as
+    `integrations.gguf.get_gguf_tokenizer` does. When torch is installed, the result is checked
+    against AutoTokenizer."""
+    from gguf import GGUFReader
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    reader = GGUFReader(path)
+    metadata = {k: f.contents() for k, f in reader.fields.items()}
+    architecture = metadata["general.architecture"]
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    assert tokenizer_dict.get("tokenizer_type") not in ("llama", "gemma4"), "not handled here"
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    tok = TokenizersBackend(tokenizer_object=backend, **tokenizer_config, **extra)
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return tok
+    d, name = os.path.split(os.path.abspath(path))
+    auto = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    assert auto.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    assert auto.chat_template == tok.chat_template
+    assert auto.special_tokens_map == tok.special_tokens_map, (auto.special_tokens_map, tok.special_tokens_map)
+    print("checked: same tokenizer as AutoTokenizer.from_pretrained(gguf_file=...)", file=sys.stderr)
+    return tok
+
+
 def render(tok, template, messages, add_generation_prompt):
     return tok.apply_chat_template(
         messages,
@@ -163,8 +205,7 @@ def main():
     )
 
     # SmolLM2 from the default model's GGUF, with the ChatML template of its metadata.
-    d, name = os.path.split(os.path.abspath(args.smollm2_gguf))
-    smol = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    smol = gguf_tokenizer(args.smollm2_gguf)
     smol_template = smol.chat_template
     with open(os.path.join(fx, "smollm2-chat_template.jinja"), "w", encoding="utf-8") as f:
         f.write(smol_template)

@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Answer a prompt with a model (chat template applied), streaming the text to stdout.
     Generate(commands::generate::Args),
+    /// Inspect conversation files: token statistics, rendered conversations with trained spans.
+    Data(commands::data::Args),
     /// Play one grid-world episode and show it turn by turn (grid, prompt, reply, score).
     Play(commands::play::Args),
     /// Re-run recorded grid-world episodes and check that the scores come out the same.
@@ -37,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => commands::generate::run(args),
+        Command::Data(args) => commands::data::run(args),
         Command::Play(args) => commands::play::run(args),
         Command::Replay(args) => commands::replay::run(args),
     }

@@ -450,7 +450,11 @@ impl Encoder {
         // Try the prefixes ending at earlier assistant turns, longest first. The token count of
         // a prefix is about the number of tokens of the full text that start before the end of
         // its span; re-encoding the prefix gives the exact ids.
-        for k in (0..assistant_idx.len().saturating_sub(1)).rev() {
+        let last_message = conv.messages.len() - 1;
+        for k in (0..assistant_idx.len()).rev() {
+            if assistant_idx[k] == last_message {
+                continue; // that is the whole conversation
+            }
             let end = full.assistant_spans.get(k).map_or(0, |s| s.end);
             let estimate = full.offsets.partition_point(|&(s, _)| s < end);
             if estimate > max_len + 8 {

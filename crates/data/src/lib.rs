@@ -27,6 +27,9 @@ pub mod split;
 pub mod stats;
 pub mod template;
 
+/// The tokenizers crate this one is built with, for callers that construct a `Tokenizer`.
+pub use tokenizers;
+
 pub use batch::{choose_pad_id, make_batches, Batch, BatchOptions};
 pub use conversation::{Conversation, FieldError, Message, Role, Source};
 pub use encode::{
