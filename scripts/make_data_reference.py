@@ -71,6 +71,98 @@ def gguf_tokenizer(path):
     return tok
 
 
+TOOLS = [
+    {
+        "name": "move",
+        "description": "Move one cell; é \"q\" <tag> & ' \\ \n\t 你好 🤖",
+        "parameters": {"dir": "left", "speed": 0.5, "tiny": 1e-07, "big": 1e20, "n": 3, "ok": True,
+                       "nothing": None, "list": [], "obj": {}, "nested": [1, [2.0, {"x": -1.5}]]},
+    }
+]
+
+CASE_MESSAGES = [
+    {"role": "system", "content": "  Be brief.  "},
+    {"role": "user", "content": "  Hello, world, again  ", "name": "A"},
+    {"role": "assistant", "content": "{\"action\": \"left\", \"note\": \"é\"}"},
+    {"role": "user", "content": "second question"},
+    {"role": "assistant", "content": "second answer"},
+]
+
+# (name, template, kwargs). Each is rendered by transformers with the SmolLM2 tokenizer's special
+# tokens; teamtune-data must give the same text (or raise with the same message).
+TEMPLATE_CASES = [
+    ("tojson", "{{ messages[2].content | tojson }}|{{ tools | tojson }}|{{ tools | tojson(indent=2) }}|"
+     "{{ tools[0] | tojson(ensure_ascii=True) }}|{{ tools[0].parameters | tojson(sort_keys=True) }}|"
+     "{{ tools[0] | tojson(separators=(',', ':')) }}|{{ messages | tojson(indent=4) }}", {"tools": TOOLS}),
+    ("string_methods", "{% for m in messages %}[{{ m.content.strip() }}|{{ m.content.split(',') | length }}|"
+     "{{ m.content.upper() }}|{{ m.content.lower().replace('l', 'L') }}|{{ m.content.lstrip() }}|"
+     "{{ m.content.rstrip() }}|{{ m.content.title() }}|{{ m.content.strip().capitalize() }}|"
+     "{{ m.content.count('o') }}|{{ m.content.find('o') }}|{{ m.content.strip().endswith('n') }}]{% endfor %}", {}),
+    ("printing", "{{ true }} {{ false }} {{ none }} {{ 1.0 }} {{ 0.1 + 0.2 }} {{ 10 / 4 }} {{ 7 // 2 }} {{ 2 ** 10 }} "
+     "{{ [1, 'a', none, true, 2.5] }} {{ {'k': 'v', 'n': 1} }} {{ 1e20 }} {{ -0.0 }} {{ 'x' in messages[0].content }} "
+     "{{ messages[0] is mapping }} {{ messages[0].content is string }} {{ tools is none }} {{ ('a', 1) }} "
+     "{{ messages[1] }}", {}),
+    ("whitespace", "{# comment #}\n{% for m in messages %}\n    {% if m.role == 'user' %}\n        U: {{ m.content }}\n"
+     "    {% elif m.role == 'assistant' %}\n  A: {{ m.content }}\n    {%- endif %}\n\n    {%+ if loop.last %}END{% endif %}\n"
+     "{% endfor %}\n{%- if add_generation_prompt -%}\n   GEN\n{%- endif %}\n", {}),
+    ("loops_namespace", "{% set ns = namespace(n=0, last='') %}{% for m in messages %}{% if m.role == 'system' %}"
+     "{% continue %}{% endif %}{% set ns.n = ns.n + 1 %}{% set ns.last = m.role %}{% if loop.index > 4 %}{% break %}"
+     "{% endif %}{{ loop.index0 }}/{{ loop.length }}:{{ m.role }}{{ ',' if not loop.last }};{% endfor %}{{ ns.n }} {{ ns.last }}"
+     "{% for x in range(3) %}{{ loop.first }}{{ loop.revindex }}{% endfor %}", {}),
+    ("slicing", "{{ messages[-1].content }}|{% for m in messages[::-1] %}{{ m.role[0] }}{% endfor %}|"
+     "{{ messages[1:3] | length }}|{{ 'abcdef'[1:-1] }}|{{ 'abcdef'[::2] }}|{{ messages[0]['role'] }}", {}),
+    ("filters", "{{ messages | map(attribute='role') | join(',') }}|{{ messages | selectattr('role', 'equalto', 'user') | list | length }}|"
+     "{{ messages | rejectattr('role', 'equalto', 'user') | map(attribute='role') | unique | join('+') }}|"
+     "{% for k, v in tools[0].parameters | items %}{{ k }}={{ v }};{% endfor %}|{{ missing | default('dflt') }}|"
+     "{{ (messages | first).role }}|{{ (messages | last).content | trim }}|{{ messages | length }}|"
+     "{{ [3, 1, 2] | sort | join }}|{{ 'a-b' | replace('-', '+') }}|{{ 'x' * 3 }}|{{ [1, 2] + [3] }}", {"tools": TOOLS}),
+    ("dicts", "{% set d = dict(a=1, b='x') %}{% for k, v in d.items() %}{{ k }}{{ v }}{% endfor %}|{{ d.get('c', 'none') }}|"
+     "{{ messages[1].get('name', 'anon') }}|{{ messages[0].get('name', 'anon') }}|{{ d.keys() | list }}|{{ d.values() | list }}|"
+     "{{ messages[1].name }}|{{ 'name' in messages[1] }}", {}),
+    ("specials", "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}|{{ add_generation_prompt }}|"
+     "{{ date_string }}|{{ enable_thinking }}|{{ documents is none }}", {"date_string": "1 Jan 2025", "enable_thinking": False}),
+    ("raise", "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}", {}),
+]
+
+
+def template_cases(tok):
+    out = []
+    for name, template, kwargs in TEMPLATE_CASES:
+        for gen in (False, True):
+            case = {"name": name, "template": template, "kwargs": kwargs, "add_generation_prompt": gen,
+                    "messages": CASE_MESSAGES}
+            try:
+                case["output"] = tok.apply_chat_template(
+                    CASE_MESSAGES, chat_template=template, tokenize=False, add_generation_prompt=gen, **kwargs
+                )
+            except Exception as e:  # noqa: BLE001 - the message is the expected result
+                case["error"] = str(e)
+            out.append(case)
+    # {% generation %} on lines of their own: trim_blocks/lstrip_blocks apply to them as block tags.
+    gen_template = (
+        "{%- for message in messages %}\n    {%- if message.role == 'assistant' %}\n<|im_start|>assistant\n"
+        "    {% generation %}\n        {{ message.content }}<|im_end|>\n    {% endgeneration %}\n\n"
+        "    {%- else %}\n<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n    {%- endif %}\n"
+        "{% endfor %}\n{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    enc = tok.apply_chat_template(
+        CASE_MESSAGES, chat_template=gen_template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    generation = {
+        "template": gen_template,
+        "messages": CASE_MESSAGES,
+        "text": tok.apply_chat_template(CASE_MESSAGES, chat_template=gen_template, tokenize=False),
+        "input_ids": enc["input_ids"],
+        "assistant_mask": list(enc["assistant_masks"]),
+    }
+    return {
+        "transformers": transformers.__version__,
+        "special_tokens": tok.special_tokens_map,
+        "cases": out,
+        "generation": generation,
+    }
+
+
 def render(tok, template, messages, add_generation_prompt):
     return tok.apply_chat_template(
         messages,
@@ -231,6 +323,10 @@ def main():
     )
     assert chatml_gen != chatml
     chatml_ref = reference("chatml", smol, chatml, chatml_gen, ["<|im_end|>", "<|endoftext|>"], conversations)
+
+    with open(os.path.join(fx, "reference-templates.json"), "w", encoding="utf-8") as f:
+        json.dump(template_cases(smol), f, ensure_ascii=False, indent=1)
+        f.write("\n")
 
     for ref in (llama_ref, smol_ref, chatml_ref):
         with open(os.path.join(fx, f"reference-{ref['config']}.json"), "w", encoding="utf-8") as f:

@@ -98,7 +98,7 @@ fn main() {
     let mut tokens = 0;
     for _ in 0..3 {
         let t0 = Instant::now();
-        let p = prepare(&[path.clone()], &encoder, &options).unwrap();
+        let p = prepare(std::slice::from_ref(&path), &encoder, &options).unwrap();
         times.push(t0.elapsed().as_secs_f64());
         tokens = p.report.train.tokens;
         assert_eq!(p.train.len(), n);

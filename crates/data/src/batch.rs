@@ -207,9 +207,11 @@ fn round_up(n: usize, m: usize) -> usize {
 /// Picks a padding id that is not an end-of-turn/EOS id: `preferred` when allowed, else the first
 /// of the usual padding tokens the vocabulary has (`<|finetune_right_pad_id|>`,
 /// `<|reserved_special_token_2|>` (the same id, 128004, in Llama-3.0 vocabularies), `<pad>`,
-/// `<|pad|>`, `[PAD]`, `<|endoftext|>`, `<unk>`).
+/// `<|pad|>`, `[PAD]`, `<|endoftext|>`, `<unk>`), else the special token with the highest id that is
+/// neither an end-of-turn id nor a start token. The batches carry explicit masks, so the pad id
+/// only has to be a valid id that is not EOS.
 pub fn choose_pad_id(
-    token_to_id: impl Fn(&str) -> Option<u32>,
+    tokenizer: &tokenizers::Tokenizer,
     preferred: Option<u32>,
     eos_ids: &[u32],
 ) -> Result<u32> {
@@ -227,15 +229,30 @@ pub fn choose_pad_id(
         "<|endoftext|>",
         "<unk>",
     ] {
-        if let Some(id) = token_to_id(name) {
+        if let Some(id) = tokenizer.token_to_id(name) {
             if !eos_ids.contains(&id) {
                 return Ok(id);
             }
         }
     }
-    Err(DataError::Config(format!(
-        "no padding token distinct from the end-of-turn ids {eos_ids:?}: give one explicitly"
-    )))
+    let starts = [
+        "<|im_start|>",
+        "<|begin_of_text|>",
+        "<s>",
+        "<bos>",
+        "<|start_header_id|>",
+    ];
+    tokenizer
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(id, t)| t.special && !eos_ids.contains(id) && !starts.contains(&t.content.as_str()))
+        .map(|(id, _)| id)
+        .max()
+        .ok_or_else(|| {
+            DataError::Config(format!(
+                "no padding token distinct from the end-of-turn ids {eos_ids:?}: give one explicitly"
+            ))
+        })
 }
 
 /// Builds the batches of one epoch. Deterministic for a given seed and epoch.

@@ -9,7 +9,7 @@
 //! let template = ChatTemplate::builtin(BuiltinTemplate::Llama31, TemplateOptions::default())?;
 //! let encoder = Encoder::new(tokenizer, template, EncodeOptions { max_len: Some(4096), ..Default::default() })?;
 //! let prepared = prepare(&["episodes.jsonl".into()], &encoder, &PrepareOptions::default())?;
-//! let pad = choose_pad_id(|t| encoder.tokenizer().token_to_id(t), None, encoder.end_of_turn_ids())?;
+//! let pad = choose_pad_id(encoder.tokenizer(), None, encoder.end_of_turn_ids())?;
 //! let batches = make_batches(&prepared.train, &BatchOptions::new(8192, pad), encoder.end_of_turn_ids(), 0)?;
 //! # Ok(()) }
 //! ```

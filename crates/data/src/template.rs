@@ -311,7 +311,27 @@ impl ChatTemplate {
                 .build()
                 .map_err(template_error)?,
         );
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(|state, value, method, args| {
+            // Python's str.title() starts a word after any uncased character (minijinja's after
+            // whitespace and brackets, like Jinja2's |title filter, which stays as it is).
+            if method == "title" && args.is_empty() {
+                if let Some(s) = value.as_str() {
+                    return Ok(Value::from(py_title(s)));
+                }
+            }
+            minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+        });
+        // Floats print as Python prints them (1e+20, 1e-07).
+        env.set_formatter(|out, state, value| {
+            if value.is_number() && !value.is_integer() {
+                if let Ok(f) = f64::try_from(value.clone()) {
+                    return out
+                        .write_str(&py_float_repr(f))
+                        .map_err(|_| Error::new(ErrorKind::WriteFailure, "write failed"));
+                }
+            }
+            minijinja::escape_formatter(out, state, value)
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<Value, Error> {
@@ -726,6 +746,27 @@ fn py_json_string(s: &str, ensure_ascii: bool, out: &mut String) {
         }
     }
     out.push('"');
+}
+
+/// Python's `str.title()`: a cased character after an uncased one is upper-cased, the others
+/// lower-cased.
+fn py_title(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut prev_cased = false;
+    for c in s.chars() {
+        let cased = c.is_lowercase() || c.is_uppercase();
+        if cased {
+            if prev_cased {
+                out.extend(c.to_lowercase());
+            } else {
+                out.extend(c.to_uppercase());
+            }
+        } else {
+            out.push(c);
+        }
+        prev_cased = cased;
+    }
+    out
 }
 
 /// Python's `repr(float)`: shortest round-trip digits, exponent form outside 1e-4..1e16.

@@ -101,7 +101,8 @@ fn each_bad_line_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     for (i, (line, field, words)) in BAD.iter().enumerate() {
         let p = temp_jsonl(dir.path(), &format!("one{i}.jsonl"), &[GOOD, line]);
-        let err = read_conversations(&[p.clone()], &ReadOptions::default()).unwrap_err();
+        let err =
+            read_conversations(std::slice::from_ref(&p), &ReadOptions::default()).unwrap_err();
         let DataError::Invalid(rec) = &err else {
             panic!("{line}: expected an invalid-record error, got {err}")
         };
@@ -121,7 +122,7 @@ fn each_bad_line_is_a_clear_error() {
 fn skip_invalid_counts_and_reports_every_bad_line() {
     let dir = tempfile::tempdir().unwrap();
     let p = bad_file(dir.path());
-    let err = read_conversations(&[p.clone()], &ReadOptions::default()).unwrap_err();
+    let err = read_conversations(std::slice::from_ref(&p), &ReadOptions::default()).unwrap_err();
     assert!(err.to_string().contains("bad.jsonl:2"), "{err}");
 
     let (convs, report) = read_conversations(&[p], &ReadOptions { skip_invalid: true }).unwrap();

@@ -486,7 +486,8 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     let loaded = load(&args.tokenizer)?;
     let options = encode_options(&args.train_on, None, "drop", loaded.eos_ids.clone())?;
     let encoder = Encoder::new(loaded.tokenizer, loaded.template, options)?;
-    let reader = ConversationReader::open(&[args.file.clone()], ReadOptions::default())?;
+    let reader =
+        ConversationReader::open(std::slice::from_ref(&args.file), ReadOptions::default())?;
     let mut found = None;
     for (i, c) in reader.enumerate() {
         let c = c?;
