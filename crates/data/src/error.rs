@@ -34,14 +34,13 @@ impl std::error::Error for InvalidRecord {}
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// Reading a file failed (missing, unreadable, corrupt gzip stream).
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A record is not a valid conversation (only when invalid records are not skipped).
-    #[error("invalid record at {0}")]
+    #[error(transparent)]
     Invalid(#[from] InvalidRecord),
     /// A folder holds no conversation files.
     #[error("{}: no conversation files here (looked for *.jsonl and *.jsonl.gz)", .0.display())]

@@ -63,7 +63,7 @@ fn is_conversation_file(p: &Path) -> bool {
 fn io_err(path: &Path, source: std::io::Error) -> DataError {
     DataError::Io {
         path: path.to_path_buf(),
-        source,
+        error: source,
     }
 }
 
