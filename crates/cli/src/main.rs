@@ -26,6 +26,8 @@ enum Command {
     Play(commands::play::Args),
     /// Re-run recorded grid-world episodes and check that the scores come out the same.
     Replay(commands::replay::Args),
+    /// Play many episodes (all tasks by default) and write their records and training lines.
+    Collect(commands::collect::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Command::Data(args) => commands::data::run(args),
         Command::Play(args) => commands::play::run(args),
         Command::Replay(args) => commands::replay::run(args),
+        Command::Collect(args) => commands::collect::run(args),
     }
 }

@@ -1,3 +1,4 @@
+pub mod collect;
 pub mod data;
 pub mod generate;
 pub mod model_args;
