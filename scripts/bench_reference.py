@@ -100,6 +100,7 @@ def main():
     log(f"loaded {name} in {time.perf_counter() - t0:.1f}s")
 
     P, N = args.prefill, args.decode
+    load_before = os.getloadavg()
     ids = build_prompt(tok, P)
     x = torch.tensor([ids], dtype=torch.long)
 
@@ -161,6 +162,9 @@ def main():
             result.update(prefill_batch4_s=round(t_b4, 4), prefill_batch4_tok_s=round(4 * P / t_b4, 2))
             log(f"prefill 4x{P} tokens: {t_b4:.3f}s = {4 * P / t_b4:.1f} tok/s")
 
+    # Other processes on a 2-core box distort these numbers badly (decode steps are short and
+    # OpenMP threads that get descheduled stall every op): record the load to judge a run by.
+    result["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(result))
 
 
