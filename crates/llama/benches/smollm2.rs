@@ -2,7 +2,8 @@
 //! the same prompt length and token counts as scripts/bench_reference.py measures for
 //! transformers. Prints one JSON object; docs/BENCHMARKS.md holds the figures.
 //!
-//! cargo bench -p teamtune-llama --bench smollm2  (threads: RAYON_NUM_THREADS, default all cores)
+//! cargo bench -p teamtune-llama --bench smollm2  (threads: RAYON_NUM_THREADS, default all cores;
+//! TEAMTUNE_BENCH_DTYPE=bf16 for half-width weights)
 
 use std::time::Instant;
 
@@ -15,7 +16,9 @@ const DECODE_TOKENS: usize = 128;
 fn main() -> anyhow::Result<()> {
     let path = std::env::var("TEAMTUNE_BENCH_MODEL")
         .unwrap_or_else(|_| default_model_path().display().to_string());
-    let m = LoadedModel::load(&path, DType::F32, &Device::Cpu)?;
+    let dtype_name = std::env::var("TEAMTUNE_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
+    let dtype = teamtune_llama::parse_dtype(&dtype_name, &Device::Cpu)?;
+    let m = LoadedModel::load(&path, dtype, &Device::Cpu)?;
     // The prompt of scripts/bench_reference.py: repeated text cut to exactly PREFILL_TOKENS ids.
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ".repeat(64);
     let ids: Vec<u32> = m.assets.encode(&text, false)?[..PREFILL_TOKENS].to_vec();
@@ -55,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     let json = serde_json::json!({
         "impl": "teamtune",
         "threads": candle_core::utils::get_num_threads(),
-        "dtype": "f32",
+        "dtype": dtype_name,
         "prefill_tokens": PREFILL_TOKENS,
         "prefill_tok_s": PREFILL_TOKENS as f64 / best_prefill,
         "decode_tokens": DECODE_TOKENS,
