@@ -45,7 +45,8 @@ fn collect_all_tasks_then_replay_and_read_as_training_data() {
     assert!(replayed.contains("matches"), "{replayed}");
 
     let (convs, report) =
-        teamtune_data::read_conversations(&[lines.clone()], &Default::default()).unwrap();
+        teamtune_data::read_conversations(std::slice::from_ref(&lines), &Default::default())
+            .unwrap();
     assert_eq!(report.invalid, 0);
     let agents: usize = recs.iter().map(|r| r.agents.len()).sum();
     assert_eq!(

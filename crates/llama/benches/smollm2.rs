@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use teamtune_llama::{default_model_path, LoadedModel, TokenLayout};
 
 const PREFILL_TOKENS: usize = 512;

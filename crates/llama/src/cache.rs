@@ -72,9 +72,9 @@ impl KvCache {
             let last_real = new
                 .iter()
                 .zip(pos)
-                .filter(|(v, _)| **v)
-                .map(|(_, p)| *p)
-                .last();
+                .rev()
+                .find(|(v, _)| **v)
+                .map(|(_, p)| *p);
             if let Some(last) = last_real {
                 self.next_position[row] = last + 1;
             }

@@ -296,7 +296,7 @@ impl Llama {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.flatten_all()?;
-        if let Some(max) = ids.max(0)?.to_scalar::<u32>().ok() {
+        if let Ok(max) = ids.max(0)?.to_scalar::<u32>() {
             if max as usize >= self.config.vocab_size {
                 return Err(LlamaError::Shape(format!(
                     "token id {max} is outside the vocabulary of {}",
