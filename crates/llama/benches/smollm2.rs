@@ -3,7 +3,8 @@
 //! transformers. Prints one JSON object; docs/BENCHMARKS.md holds the figures.
 //!
 //! cargo bench -p teamtune-llama --bench smollm2  (threads: RAYON_NUM_THREADS, default all cores;
-//! TEAMTUNE_BENCH_DTYPE=bf16 for half-width weights)
+//! TEAMTUNE_BENCH_DTYPE=bf16 for half-width weights, TEAMTUNE_BENCH_QUANTIZE=q8_0 for the
+//! quantised inference path)
 
 use std::time::Instant;
 
@@ -18,7 +19,12 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| default_model_path().display().to_string());
     let dtype_name = std::env::var("TEAMTUNE_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
     let dtype = teamtune_llama::parse_dtype(&dtype_name, &Device::Cpu)?;
-    let m = LoadedModel::load(&path, dtype, &Device::Cpu)?;
+    let mut m = LoadedModel::load(&path, dtype, &Device::Cpu)?;
+    let quantize = std::env::var("TEAMTUNE_BENCH_QUANTIZE").ok();
+    if let Some(q) = &quantize {
+        m.model
+            .quantize_for_inference(teamtune_llama::parse_quantization(q)?)?;
+    }
     // The prompt of scripts/bench_reference.py: repeated text cut to exactly PREFILL_TOKENS ids.
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ".repeat(64);
     let ids: Vec<u32> = m.assets.encode(&text, false)?[..PREFILL_TOKENS].to_vec();
@@ -59,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         "impl": "teamtune",
         "threads": candle_core::utils::get_num_threads(),
         "dtype": dtype_name,
+        "quantize": quantize,
         "prefill_tokens": PREFILL_TOKENS,
         "prefill_tok_s": PREFILL_TOKENS as f64 / best_prefill,
         "decode_tokens": DECODE_TOKENS,

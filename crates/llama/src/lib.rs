@@ -20,7 +20,7 @@ pub mod weights;
 pub use assets::{load_chat_assets, ChatAssets};
 pub use cache::KvCache;
 pub use config::{LlamaConfig, RopeScaling};
-pub use device::{parse_device, parse_dtype};
+pub use device::{parse_device, parse_dtype, parse_quantization};
 pub use error::{LlamaError, Result};
 pub use generate::{generate, Generated, StopReason};
 pub use layout::TokenLayout;

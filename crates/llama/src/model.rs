@@ -2,6 +2,7 @@
 //! RMSNorm, SwiGLU MLP), a final RMSNorm and the LM head. Reads like the transformers
 //! implementation on purpose, so that logits match it position by position.
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::ops;
 
@@ -20,27 +21,54 @@ pub enum Mode {
     Training,
 }
 
-/// A frozen projection `y = x W^T` (no bias in Llama-3.x).
+/// Up to this many input rows a quantised projection uses its quantised weight.
+const QUANTIZED_MAX_ROWS: usize = 16;
+
+/// A frozen projection `y = x W^T` (no bias in Llama-3.x): dense, or (inference only) with
+/// the weight kept quantised so that decoding reads a quarter of the bytes.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
+    quantized: Option<QMatMul>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
-        Linear { weight }
+        Linear {
+            weight,
+            quantized: None,
+        }
     }
 
+    /// The dense weight `[out, in]` (kept for training and for exports).
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        let w = self.weight.to_dtype(DType::F32)?;
+        self.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?);
+        Ok(())
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // Flatten leading dims so one GEMM runs against the transposed weight view (no copy).
         let dims = x.dims();
         let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+        // Few rows (decoding) are bound by weight bytes: the quantised weight wins. Many rows
+        // (prefill) are bound by arithmetic, where the dense GEMM is faster.
+        if let Some(q) = self
+            .quantized
+            .as_ref()
+            .filter(|_| rows <= QUANTIZED_MAX_ROWS)
+        {
+            let dtype = x.dtype();
+            return q
+                .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                .to_dtype(dtype);
+        }
+        // Flatten leading dims so one GEMM runs against the transposed weight view (no copy).
         let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
         let mut out = dims.to_vec();
         *out.last_mut().unwrap() = self.weight.dim(0)?;
@@ -212,6 +240,7 @@ pub struct Llama {
     inv_freq: Tensor,
     dtype: DType,
     device: Device,
+    quantized: Option<GgmlDType>,
 }
 
 impl Llama {
@@ -273,11 +302,42 @@ impl Llama {
             inv_freq,
             dtype,
             device: device.clone(),
+            quantized: None,
         })
     }
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Keeps every decoder projection quantised (e.g. Q8_0) for inference: decoding
+    /// on a CPU is bound by the bytes of weights read per token. Activations are quantised
+    /// too, so logits move slightly; training needs the dense weights and refuses a quantised
+    /// model.
+    pub fn quantize_for_inference(&mut self, dtype: GgmlDType) -> Result<()> {
+        for b in &mut self.blocks {
+            let a = &mut b.self_attn;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                l.quantize(dtype)?;
+            }
+            for l in [
+                &mut b.mlp.gate_proj,
+                &mut b.mlp.up_proj,
+                &mut b.mlp.down_proj,
+            ] {
+                l.quantize(dtype)?;
+            }
+        }
+        // The LM head stays dense: quantising the final hidden state flips near ties between
+        // top tokens (SmolLM2's first answer token on "What is the capital of France?" has a
+        // 0.08 margin and flips under Q8_0), and the head's bytes are a minority of a layer stack.
+        self.quantized = Some(dtype);
+        Ok(())
+    }
+
+    /// The quantisation of the inference path, if any.
+    pub fn quantized(&self) -> Option<GgmlDType> {
+        self.quantized
     }
 
     pub fn dtype(&self) -> DType {
@@ -333,6 +393,11 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         layout.check(b, t)?;
+        if mode == Mode::Training && self.quantized.is_some() {
+            return Err(LlamaError::Shape(
+                "a model quantised for inference cannot run a training forward".into(),
+            ));
+        }
         if let Some(c) = cache.as_deref() {
             if c.batch() != b {
                 return Err(LlamaError::Shape(format!(

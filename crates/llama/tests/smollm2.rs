@@ -136,3 +136,94 @@ fn answers_the_capital_of_france() {
         "a chat answer ends with its end-of-turn token"
     );
 }
+
+/// The quantised inference path (weights and activations in Q8_0 for decoding) stays close to
+/// the dense model, still answers, and refuses to train.
+#[test]
+fn q8_0_inference_tracks_the_dense_model() {
+    let dense = load();
+    let mut q = load();
+    q.model
+        .quantize_for_inference(candle_core::quantized::GgmlDType::Q8_0)
+        .unwrap();
+    let f = fixture();
+    let case = &f.json["cases"][0];
+    let prompt = ids(&case["prompt_ids"]);
+    // Decode one step after the prompt (one row: the quantised weights are used).
+    let step = |m: &LoadedModel| -> Vec<f32> {
+        let mut cache = m.model.new_cache(1);
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        m.model
+            .forward_last(
+                &input,
+                &TokenLayout::contiguous(1, prompt.len(), 0),
+                Some(&mut cache),
+            )
+            .unwrap();
+        let next = Tensor::new(&[ids(&case["greedy_ids"])[0]], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let layout = TokenLayout::contiguous(1, 1, prompt.len() as u32);
+        m.model
+            .forward_last(&next, &layout, Some(&mut cache))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    let (a, b) = (step(&q), step(&dense));
+    let mean_err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>()
+        / b.iter().map(|y| y.abs()).sum::<f32>();
+    assert!(
+        mean_err > 0.0 && mean_err < 0.05,
+        "mean relative error {mean_err:e}"
+    );
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    assert_eq!(argmax(&a), argmax(&b));
+
+    let out = generate(
+        &q.model,
+        &prompt,
+        &SamplingParams::default(),
+        24,
+        &q.assets.eos_token_ids,
+        |_| true,
+    )
+    .unwrap();
+    let text = q.assets.decode(&out.tokens, true).unwrap();
+    assert!(text.contains("Paris"), "{text}");
+
+    let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let err = q
+        .model
+        .forward(
+            &input,
+            &TokenLayout::contiguous(1, prompt.len(), 0),
+            None,
+            teamtune_llama::Mode::Training,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("quantised"), "{err}");
+}
