@@ -53,15 +53,7 @@ impl ChatAssets {
     pub fn load(files: &ModelFiles, config_eos: &[u32]) -> Result<Self> {
         let (tokenizer, chat_template, bos_token, eos_token, mut eos_ids) = match files {
             ModelFiles::Gguf { path } => {
-                let g = GgufWeights::open(path)?;
-                let eos: Vec<u32> = g.config()?.eos_token_ids;
-                (
-                    g.tokenizer()?,
-                    g.chat_template(),
-                    g.special_token("tokenizer.ggml.bos_token_id"),
-                    g.special_token("tokenizer.ggml.eos_token_id"),
-                    eos,
-                )
+                return Self::from_gguf(&GgufWeights::open(path)?, config_eos)
             }
             ModelFiles::HfFolder { dir, .. } => {
                 let tok_path = dir.join("tokenizer.json");
@@ -95,6 +87,36 @@ impl ChatAssets {
             }
         };
         eos_ids.extend_from_slice(config_eos);
+        Ok(Self::assemble(
+            tokenizer,
+            chat_template,
+            bos_token,
+            eos_token,
+            eos_ids,
+        ))
+    }
+
+    /// The assets of an already opened GGUF file (tokenizer and template from its metadata).
+    pub fn from_gguf(g: &GgufWeights, config_eos: &[u32]) -> Result<Self> {
+        let mut eos_ids = g.eos_token_ids();
+        eos_ids.extend_from_slice(config_eos);
+        Ok(Self::assemble(
+            g.tokenizer()?,
+            g.chat_template(),
+            g.special_token("tokenizer.ggml.bos_token_id"),
+            g.special_token("tokenizer.ggml.eos_token_id"),
+            eos_ids,
+        ))
+    }
+
+    /// Completes the stop set with the EOS token and the turn-end tokens the vocabulary has.
+    fn assemble(
+        tokenizer: Tokenizer,
+        chat_template: Option<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        mut eos_ids: Vec<u32>,
+    ) -> Self {
         if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
             eos_ids.push(id);
         }
@@ -105,13 +127,13 @@ impl ChatAssets {
         );
         eos_ids.sort_unstable();
         eos_ids.dedup();
-        Ok(ChatAssets {
+        ChatAssets {
             tokenizer,
             chat_template,
             bos_token,
             eos_token,
             eos_token_ids: eos_ids,
-        })
+        }
     }
 
     /// Errors when the tokenizer can produce ids the model has no embedding for.

@@ -80,14 +80,6 @@ impl GgufWeights {
                 }
             }
         };
-        let eos = self
-            .meta_u64("tokenizer.ggml.eos_token_id")
-            .map(|x| x as u32);
-        let eot = self
-            .meta_u64("tokenizer.ggml.eot_token_id")
-            .map(|x| x as u32);
-        let mut eos_token_ids: Vec<u32> = eos.into_iter().chain(eot).collect();
-        eos_token_ids.dedup();
         Ok(LlamaConfig {
             vocab_size,
             hidden_size,
@@ -106,11 +98,20 @@ impl GgufWeights {
             bos_token_id: self
                 .meta_u64("tokenizer.ggml.bos_token_id")
                 .map(|x| x as u32),
-            eos_token_ids,
+            eos_token_ids: self.eos_token_ids(),
             pad_token_id: self
                 .meta_u64("tokenizer.ggml.padding_token_id")
                 .map(|x| x as u32),
         })
+    }
+
+    /// The EOS and end-of-turn ids the metadata names.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let eos = self.meta_u64("tokenizer.ggml.eos_token_id");
+        let eot = self.meta_u64("tokenizer.ggml.eot_token_id");
+        let mut ids: Vec<u32> = eos.into_iter().chain(eot).map(|x| x as u32).collect();
+        ids.dedup();
+        ids
     }
 
     pub fn chat_template(&self) -> Option<String> {

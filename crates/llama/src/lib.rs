@@ -47,9 +47,9 @@ pub fn load_config(files: &ModelFiles) -> Result<LlamaConfig> {
     }
 }
 
-/// Loads the weights of `files` as a model (no tokenizer needed).
-pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Llama> {
-    let (config, weights) = match files {
+/// The config and the opened (not yet read) weights of `files`.
+fn open(files: &ModelFiles) -> Result<(LlamaConfig, WeightSource)> {
+    Ok(match files {
         ModelFiles::HfFolder { dir, weights } => (
             LlamaConfig::from_file(&dir.join("config.json"))?,
             WeightSource::safetensors(weights.clone())?,
@@ -58,20 +58,39 @@ pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<L
             let g = GgufWeights::open(path)?;
             (g.config()?, WeightSource::Gguf(g))
         }
-    };
+    })
+}
+
+fn read_weights(
+    files: &ModelFiles,
+    config: &LlamaConfig,
+    weights: &WeightSource,
+    dtype: DType,
+    device: &Device,
+) -> Result<Llama> {
     tracing::info!(model = %files.describe(), layers = config.num_hidden_layers, hidden = config.hidden_size, ?dtype, "loading model");
-    Llama::load(&config, &weights, dtype, device)
+    Llama::load(config, weights, dtype, device)
+}
+
+/// Loads the weights of `files` as a model (no tokenizer needed).
+pub fn load_model(files: &ModelFiles, dtype: DType, device: &Device) -> Result<Llama> {
+    let (config, weights) = open(files)?;
+    read_weights(files, &config, &weights, dtype, device)
 }
 
 impl LoadedModel {
     /// Loads `spec` ("" = default model, folder, .gguf, hub id) in `dtype` on `device`, with
-    /// its tokenizer and chat template; errors if the tokenizer does not fit the model.
+    /// its tokenizer and chat template; errors if the tokenizer does not fit the model. A
+    /// GGUF file is opened once for all three.
     pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Self> {
         let files = ModelFiles::resolve(spec)?;
-        let config = load_config(&files)?;
-        let assets = ChatAssets::load(&files, &config.eos_token_ids)?;
+        let (config, weights) = open(&files)?;
+        let assets = match &weights {
+            WeightSource::Gguf(g) => ChatAssets::from_gguf(g, &config.eos_token_ids)?,
+            WeightSource::Safetensors { .. } => ChatAssets::load(&files, &config.eos_token_ids)?,
+        };
         assets.check_fits(config.vocab_size)?;
-        let model = load_model(&files, dtype, device)?;
+        let model = read_weights(&files, &config, &weights, dtype, device)?;
         Ok(LoadedModel {
             model,
             assets,

@@ -176,13 +176,6 @@ fn q8_0_inference_tracks_the_dense_model() {
             .to_vec1()
             .unwrap()
     };
-    let argmax = |v: &[f32]| {
-        v.iter()
-            .enumerate()
-            .max_by(|x, y| x.1.total_cmp(y.1))
-            .unwrap()
-            .0
-    };
     let (a, b) = (step(&q), step(&dense));
     let mean_err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>()
         / b.iter().map(|y| y.abs()).sum::<f32>();
