@@ -98,3 +98,29 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/model"));
 }
+
+#[test]
+fn quantized_inference_still_answers() {
+    let out = teamtune()
+        .args([
+            "generate",
+            "--quantize",
+            "q8_0",
+            "--prompt",
+            "What is the capital of France?",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    let out = teamtune()
+        .args(["generate", "--quantize", "q4_1", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`q4_1` is not supported"));
+}

@@ -26,16 +26,19 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let device = parse_device(&self.device)?;
         let dtype = parse_dtype(&self.dtype, &device)?;
-        LoadedModel::load(&self.model, dtype, &device).with_context(|| {
-            format!(
-                "loading model {}",
-                if self.model.is_empty() {
-                    "(default)"
-                } else {
-                    &self.model
-                }
-            )
-        })
+        let name = if self.model.is_empty() {
+            "(default)"
+        } else {
+            &self.model
+        };
+        let mut loaded = LoadedModel::load(&self.model, dtype, &device)
+            .with_context(|| format!("loading model {name}"))?;
+        if let Some(q) = &self.quantize {
+            loaded
+                .model
+                .quantize_for_inference(parse_quantization(q)?)?;
+        }
+        Ok(loaded)
     }
 }
 
