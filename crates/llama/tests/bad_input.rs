@@ -117,10 +117,7 @@ fn tokenizer_that_does_not_fit_the_vocab() {
     // The tiny model (320 tokens) with the real Llama-3 tokenizer (128256 tokens).
     let dir = tempfile::tempdir().unwrap();
     copy_tiny(dir.path());
-    let llama3 = common::default_model()
-        .parent()
-        .unwrap()
-        .join("../../tokenizers/llama3/tokenizer.json");
+    let llama3 = common::llama3_tokenizer();
     std::fs::copy(llama3, dir.path().join("tokenizer.json")).unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("128256") && err.contains("320"), "{err}");

@@ -3,29 +3,16 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
-use teamtune_llama::{
-    load_model, ChatAssets, GgufWeights, Mode, ModelFiles, TokenLayout, WeightSource,
-};
+use candle_core::{DType, Device};
+use teamtune_llama::{load_model, ChatAssets, GgufWeights, Mode, ModelFiles, WeightSource};
 
 fn logits(files: &ModelFiles, ids: &[u32]) -> Vec<f32> {
     let m = load_model(files, DType::F32, &Device::Cpu).unwrap();
-    let input = Tensor::new(ids, &Device::Cpu)
+    common::logits(&m, ids, Mode::Inference)
+        .flatten_all()
         .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.forward(
-        &input,
-        &TokenLayout::contiguous(1, ids.len(), 0),
-        None,
-        Mode::Inference,
-    )
-    .unwrap()
-    .flatten_all()
-    .unwrap()
-    .to_vec1()
-    .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn reference_ids() -> Vec<u32> {
@@ -127,19 +114,10 @@ fn tiny_gguf_tokenizer_matches_transformers() {
         path: common::fixtures().join("tiny-llama31.gguf"),
     };
     let assets = ChatAssets::load(&files, &[]).unwrap();
-    let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixtures().join("tiny-llama31/tokenizer_cases.json"))
-            .unwrap(),
-    )
-    .unwrap();
+    let cases = common::json("tiny-llama31/tokenizer_cases.json");
     for case in cases["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want = common::ids(&case["ids"]);
         let got = assets.encode(text, false).unwrap();
         if text == "<|begin_of_text|>the test<|eot_id|>" {
             // The fixture's vocabulary has " test" (318) but no merges that build it. Llama-3
@@ -160,31 +138,13 @@ fn tiny_gguf_tokenizer_matches_transformers() {
 
 #[test]
 fn llama3_tokenizer_matches_transformers() {
-    let out = std::process::Command::new("bash")
-        .arg(common::repo_root().join("scripts/fetch-default-model.sh"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let tok_path = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .nth(1)
-        .unwrap()
-        .to_string();
+    let tok_path = common::llama3_tokenizer();
     let tok = tokenizers::Tokenizer::from_file(&tok_path).unwrap();
-    let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixtures().join("llama3_tokenizer_cases.json")).unwrap(),
-    )
-    .unwrap();
+    let cases = common::json("llama3_tokenizer_cases.json");
     assert_eq!(tok.get_vocab_size(true), 128256);
     for case in cases["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
+        let want = common::ids(&case["ids"]);
         assert_eq!(
             tok.encode(text, false).unwrap().get_ids(),
             &want[..],

@@ -17,20 +17,13 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = common::fixtures().join("smollm2");
     Fixture {
-        json: serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap(),
+        json: common::json("smollm2/reference.json"),
         logits: candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
             .unwrap(),
     }
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
+use common::ids;
 
 fn load() -> LoadedModel {
     let path = common::default_model();

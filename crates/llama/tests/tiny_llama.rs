@@ -44,19 +44,7 @@ impl Reference {
 }
 
 fn full_logits(m: &Llama, ids: &[u32], mode: Mode) -> Tensor {
-    let input = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.forward(
-        &input,
-        &TokenLayout::contiguous(1, ids.len(), 0),
-        None,
-        mode,
-    )
-    .unwrap()
-    .squeeze(0)
-    .unwrap()
+    common::logits(m, ids, mode)
 }
 
 /// Elementwise |a-b| <= tol * max(|b|, 1).
