@@ -403,6 +403,28 @@ impl ChatTemplate {
         Self::new(which.source(), options)
     }
 
+    /// The template a model should be prompted with: its own `source` when it ships one,
+    /// otherwise the built-in one its special tokens point to (`has_token`), which then writes
+    /// its own special-token strings whatever `options` says. Errors when there is neither.
+    pub fn for_model(
+        source: Option<&str>,
+        mut options: TemplateOptions,
+        has_token: impl Fn(&str) -> bool,
+    ) -> Result<(Self, Option<BuiltinTemplate>)> {
+        if let Some(src) = source {
+            return Ok((Self::new(src, options)?, None));
+        }
+        let which = BuiltinTemplate::guess(has_token).ok_or_else(|| {
+            DataError::Template(
+                "the model has no chat template and its special tokens match no built-in one"
+                    .into(),
+            )
+        })?;
+        options.bos_token = None;
+        options.eos_token = None;
+        Ok((Self::builtin(which, options)?, Some(which)))
+    }
+
     /// The source as given (before the `{% generation %}` rewrite).
     pub fn source(&self) -> &str {
         &self.source

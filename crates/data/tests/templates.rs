@@ -120,3 +120,31 @@ fn generation_blocks_on_their_own_lines_match_transformers() {
     assert_eq!(e.input_ids, as_u32s(&g["input_ids"]));
     assert_eq!(e.loss_mask, as_u8s(&g["assistant_mask"]));
 }
+
+#[test]
+fn for_model_prefers_the_model_template_then_a_matching_builtin() {
+    let msgs = [Message::user("hi")];
+    let opts = || TemplateOptions {
+        bos_token: Some("<s>".into()),
+        eos_token: Some("</s>".into()),
+        ..Default::default()
+    };
+    let own = "{% for m in messages %}[{{ m.content }}]{% endfor %}";
+    let (t, which) = ChatTemplate::for_model(Some(own), opts(), |_| false).unwrap();
+    assert_eq!(which, None);
+    assert_eq!(t.render(&msgs, false).unwrap(), "[hi]");
+
+    let llama3 = ["<|start_header_id|>", "<|eot_id|>"];
+    let (t, which) = ChatTemplate::for_model(None, opts(), |tok| llama3.contains(&tok)).unwrap();
+    assert_eq!(which, Some(BuiltinTemplate::Llama31));
+    // The built-in writes its own BOS, not the model's name for some other token.
+    assert!(t
+        .render(&msgs, true)
+        .unwrap()
+        .starts_with("<|begin_of_text|>"));
+
+    let err = ChatTemplate::for_model(None, opts(), |_| false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no chat template"), "{err}");
+}

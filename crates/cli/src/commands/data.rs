@@ -214,23 +214,24 @@ fn load(args: &TokenizerArgs) -> anyhow::Result<Loaded> {
     } else if template_src.is_some() {
         what.push_str(", its own chat template");
     }
-    let template = match (template_src, builtin) {
-        (Some(src), None) => ChatTemplate::new(&src, options)?,
-        (_, builtin) => {
-            let b = match builtin {
-                Some(b) => b,
-                None => BuiltinTemplate::guess(|t| tokenizer.token_to_id(t).is_some()).context(
-                    "no chat template: the model has none and its tokens match no built-in one; \
-                     give --chat-template or --template",
-                )?,
-            };
+    let template = match builtin {
+        Some(b) => {
             what.push_str(&format!(", built-in {b:?} template"));
-            // A built-in template uses its own special tokens (the text it writes), whatever
-            // the model calls them.
-            let (bos, eos) = b.default_special_tokens();
-            options.bos_token = bos.map(str::to_string);
-            options.eos_token = eos.map(str::to_string);
+            // A built-in template writes its own special tokens, whatever the model calls them.
+            options.bos_token = None;
+            options.eos_token = None;
             ChatTemplate::builtin(b, options)?
+        }
+        None => {
+            let (template, guessed) =
+                ChatTemplate::for_model(template_src.as_deref(), options, |t| {
+                    tokenizer.token_to_id(t).is_some()
+                })
+                .context("give --chat-template or --template")?;
+            if let Some(b) = guessed {
+                what.push_str(&format!(", built-in {b:?} template"));
+            }
+            template
         }
     };
     Ok(Loaded {

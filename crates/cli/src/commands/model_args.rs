@@ -1,7 +1,7 @@
 //! Flags every model-running command shares, and turning them into a loaded model.
 
 use anyhow::Context;
-use teamtune_data::{BuiltinTemplate, ChatTemplate, TemplateOptions};
+use teamtune_data::{ChatTemplate, TemplateOptions};
 use teamtune_llama::{parse_device, parse_dtype, parse_quantization, ChatAssets, LoadedModel};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -49,11 +49,9 @@ pub fn chat_template(assets: &ChatAssets) -> anyhow::Result<ChatTemplate> {
         eos_token: assets.eos_token.clone(),
         ..Default::default()
     };
-    if let Some(source) = &assets.chat_template {
-        return Ok(ChatTemplate::new(source, options)?);
-    }
-    let builtin = BuiltinTemplate::guess(|t| assets.tokenizer.token_to_id(t).is_some()).context(
-        "the model has no chat template and its tokens match no built-in one; use --raw",
-    )?;
-    Ok(ChatTemplate::builtin(builtin, options)?)
+    let (template, _) = ChatTemplate::for_model(assets.chat_template.as_deref(), options, |t| {
+        assets.tokenizer.token_to_id(t).is_some()
+    })
+    .context("choosing a chat template (or use --raw)")?;
+    Ok(template)
 }
