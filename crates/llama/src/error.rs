@@ -24,6 +24,8 @@ pub enum LlamaError {
     Hub(String),
     #[error("model not found: {0}")]
     NotFound(String),
+    #[error("adapter: {0}")]
+    Adapter(String),
     #[error("shape mismatch: {0}")]
     Shape(String),
     #[error(transparent)]

@@ -10,7 +10,10 @@ use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
 use crate::layout::TokenLayout;
+use crate::lora::{ActiveLora, FrozenMatmul, LoraAdapter, LoraConfig, LoraTarget};
 use crate::weights::WeightSource;
+use std::collections::BTreeMap;
+use std::path::Path;
 
 /// Which kernels a forward uses. candle's fused RMSNorm, RoPE and last-dim softmax have no
 /// backward and silently cut gradients, so training must use the composed, differentiable
@@ -69,10 +72,55 @@ impl Module for Linear {
                 .to_dtype(dtype);
         }
         // Flatten leading dims so one GEMM runs against the transposed weight view (no copy).
-        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        // The frozen op runs that same GEMM but gives no gradient to the weight.
+        let x2 = x.reshape((rows, inner))?;
+        let y = if rows == 0 {
+            x2.matmul(&self.weight.t()?)?
+        } else {
+            x2.apply_op2(&self.weight, FrozenMatmul)?
+        };
         let mut out = dims.to_vec();
         *out.last_mut().unwrap() = self.weight.dim(0)?;
         y.reshape(out)
+    }
+}
+
+impl Linear {
+    /// `W x` plus, with an adapter, `scale * B(A(dropout(x)))` computed in f32 (dropout only
+    /// in training) and cast back to the dtype of `x`.
+    fn forward_lora(&self, x: &Tensor, lora: Option<ActiveLora<'_>>, mode: Mode) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        let Some(lora) = lora else {
+            return Ok(y);
+        };
+        let xf = x.to_dtype(DType::F32)?;
+        let xf = if mode == Mode::Training && lora.dropout > 0.0 {
+            ops::dropout(&xf, lora.dropout)?
+        } else {
+            xf
+        };
+        let dims = xf.dims().to_vec();
+        let inner = dims[dims.len() - 1];
+        let x2 = xf.reshape((xf.elem_count() / inner.max(1), inner))?;
+        let h = x2
+            .matmul(&lora.pair.a.as_tensor().t()?)?
+            .matmul(&lora.pair.b.as_tensor().t()?)?;
+        let h = (h * lora.scale)?.to_dtype(y.dtype())?;
+        let h = h.reshape(y.shape())?;
+        Ok((y + h)?)
+    }
+}
+
+/// The adapter of one layer, if any.
+#[derive(Clone, Copy)]
+struct LayerLora<'a> {
+    adapter: Option<&'a LoraAdapter>,
+    layer: usize,
+}
+
+impl<'a> LayerLora<'a> {
+    fn get(&self, t: LoraTarget) -> Option<ActiveLora<'a>> {
+        self.adapter.and_then(|a| a.active(self.layer, t))
     }
 }
 
@@ -157,15 +205,17 @@ impl Attention {
         rot: &Rotation,
         bias: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
+        lora: LayerLora<'_>,
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?)
         };
-        let q = heads(self.q_proj.forward(x)?, self.n_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?;
-        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?.contiguous()?;
+        let proj = |p: &Linear, t: LoraTarget| p.forward_lora(x, lora.get(t), mode);
+        let q = heads(proj(&self.q_proj, LoraTarget::Q)?, self.n_heads)?;
+        let k = heads(proj(&self.k_proj, LoraTarget::K)?, self.n_kv_heads)?;
+        let v = heads(proj(&self.v_proj, LoraTarget::V)?, self.n_kv_heads)?.contiguous()?;
         let q = rot.apply(&q, mode)?;
         let k = rot.apply(&k, mode)?;
         let (k, v) = match cache {
@@ -203,7 +253,8 @@ impl Attention {
             .reshape((b, self.n_heads, t, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj
+            .forward_lora(&out, lora.get(LoraTarget::O), mode)
     }
 }
 
@@ -215,9 +266,16 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&gated)?)
+    fn forward(&self, x: &Tensor, lora: LayerLora<'_>, mode: Mode) -> Result<Tensor> {
+        let gate = self
+            .gate_proj
+            .forward_lora(x, lora.get(LoraTarget::Gate), mode)?;
+        let up = self
+            .up_proj
+            .forward_lora(x, lora.get(LoraTarget::Up), mode)?;
+        let gated = (ops::silu(&gate)? * up)?;
+        self.down_proj
+            .forward_lora(&gated, lora.get(LoraTarget::Down), mode)
     }
 }
 
@@ -241,6 +299,8 @@ pub struct Llama {
     dtype: DType,
     device: Device,
     quantized: Option<GgmlDType>,
+    adapters: BTreeMap<String, LoraAdapter>,
+    active_adapter: Option<String>,
 }
 
 impl Llama {
@@ -303,6 +363,8 @@ impl Llama {
             dtype,
             device: device.clone(),
             quantized: None,
+            adapters: BTreeMap::new(),
+            active_adapter: None,
         })
     }
 
@@ -346,6 +408,100 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Adds a fresh LoRA adapter named `name` (PEFT init: B = 0, so the model's output does
+    /// not change until it trains), replacing one of the same name. It is not activated.
+    pub fn add_adapter(&mut self, name: &str, config: &LoraConfig) -> Result<&LoraAdapter> {
+        let adapter = LoraAdapter::new(&self.config, config, &self.device)?;
+        Ok(self.insert_adapter(name, adapter))
+    }
+
+    /// Loads a PEFT LoRA adapter folder (`adapter_config.json`, `adapter_model.safetensors`)
+    /// as `name`; errors name the file and tensor that do not fit this model.
+    pub fn load_adapter(&mut self, name: &str, dir: &Path) -> Result<&LoraAdapter> {
+        let adapter = LoraAdapter::load(&self.config, dir, &self.device)?;
+        Ok(self.insert_adapter(name, adapter))
+    }
+
+    fn insert_adapter(&mut self, name: &str, adapter: LoraAdapter) -> &LoraAdapter {
+        self.adapters.insert(name.to_owned(), adapter);
+        &self.adapters[name]
+    }
+
+    /// Writes adapter `name` in PEFT layout into `dir` (atomically, file by file).
+    pub fn save_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        self.adapter_or_err(name)?.save(dir)
+    }
+
+    pub fn adapter(&self, name: &str) -> Option<&LoraAdapter> {
+        self.adapters.get(name)
+    }
+
+    fn adapter_or_err(&self, name: &str) -> Result<&LoraAdapter> {
+        self.adapters.get(name).ok_or_else(|| {
+            LlamaError::Adapter(format!(
+                "no adapter named `{name}` (loaded: {:?})",
+                self.adapters.keys().collect::<Vec<_>>()
+            ))
+        })
+    }
+
+    /// The names of the loaded adapters, sorted.
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.keys().map(String::as_str).collect()
+    }
+
+    /// Drops adapter `name` (deactivating it if it was active).
+    pub fn remove_adapter(&mut self, name: &str) -> Option<LoraAdapter> {
+        if self.active_adapter.as_deref() == Some(name) {
+            self.active_adapter = None;
+        }
+        self.adapters.remove(name)
+    }
+
+    /// Chooses the adapter that the following forwards apply; `None` gives the base model's
+    /// logits without unloading anything.
+    pub fn set_active_adapter(&mut self, name: Option<&str>) -> Result<()> {
+        if let Some(n) = name {
+            self.adapter_or_err(n)?;
+        }
+        self.active_adapter = name.map(str::to_owned);
+        Ok(())
+    }
+
+    pub fn active_adapter(&self) -> Option<&str> {
+        self.active_adapter.as_deref()
+    }
+
+    /// Folds adapter `name` into the base weights, `W += scale * B @ A` computed in f32, and
+    /// drops the adapter: the model then gives the adapted logits with no adapter active.
+    pub fn merge_adapter(&mut self, name: &str) -> Result<()> {
+        let adapter = self.adapter_or_err(name)?.clone();
+        for (l, block) in self.blocks.iter_mut().enumerate() {
+            for t in LoraTarget::ALL {
+                let Some(delta) = adapter.delta(l, t)? else {
+                    continue;
+                };
+                let lin = match t {
+                    LoraTarget::Q => &mut block.self_attn.q_proj,
+                    LoraTarget::K => &mut block.self_attn.k_proj,
+                    LoraTarget::V => &mut block.self_attn.v_proj,
+                    LoraTarget::O => &mut block.self_attn.o_proj,
+                    LoraTarget::Gate => &mut block.mlp.gate_proj,
+                    LoraTarget::Up => &mut block.mlp.up_proj,
+                    LoraTarget::Down => &mut block.mlp.down_proj,
+                };
+                let merged = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.dtype)?;
+                lin.weight = merged;
+                lin.quantized = None;
+                if let Some(q) = self.quantized {
+                    lin.quantize(q)?;
+                }
+            }
+        }
+        self.remove_adapter(name);
+        Ok(())
     }
 
     pub fn new_cache(&self, batch: usize) -> KvCache {
@@ -415,8 +571,10 @@ impl Llama {
         let cached_valid = cache.as_deref().map_or(&no_cache[..], |c| c.valid());
         let bias = layout.attention_bias(cached_valid, &self.device)?;
         let rot = Rotation::new(&self.inv_freq, layout, self.dtype)?;
+        let adapter = self.active_adapter.as_ref().map(|n| &self.adapters[n]);
         let mut x = x.clone();
         for (l, block) in self.blocks.iter().enumerate() {
+            let lora = LayerLora { adapter, layer: l };
             let residual = &x;
             let h = block.input_layernorm.forward(&x, mode)?;
             let h = block.self_attn.forward(
@@ -424,11 +582,12 @@ impl Llama {
                 &rot,
                 bias.as_ref(),
                 cache.as_deref_mut().map(|c| (c, l)),
+                lora,
                 mode,
             )?;
             let x1 = (residual + h)?;
             let h = block.post_attention_layernorm.forward(&x1, mode)?;
-            x = (&x1 + block.mlp.forward(&h)?)?;
+            x = (&x1 + block.mlp.forward(&h, lora, mode)?)?;
         }
         if let Some(c) = cache {
             c.commit(&layout.valid, &layout.positions);

@@ -1,0 +1,594 @@
+//! LoRA adapters on the tiny Llama-3.1-shaped fixture: gradients reach every adapter factor and
+//! no frozen weight, PEFT init leaves the model unchanged, adapters switch off, merge, and the
+//! PEFT file layout both ways (a PEFT-made adapter gives PEFT's logits).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use teamtune_llama::lora::{peft_tensor_name, read_peft_config};
+use teamtune_llama::{Llama, LlamaConfig, LoraConfig, LoraTarget, Mode, WeightSource};
+
+fn load(dtype: DType) -> Llama {
+    let dir = common::fixtures().join("tiny-llama31");
+    let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights = WeightSource::safetensors(vec![dir.join("model.safetensors")]).unwrap();
+    Llama::load(&cfg, &weights, dtype, &Device::Cpu).unwrap()
+}
+
+fn peft_dir() -> std::path::PathBuf {
+    common::fixtures().join("tiny-lora")
+}
+
+/// input_ids_0 and PEFT's logits for it with the tiny-lora adapter.
+fn peft_reference() -> (Vec<u32>, Tensor) {
+    let t = candle_core::safetensors::load(peft_dir().join("reference.safetensors"), &Device::Cpu)
+        .unwrap();
+    let ids = t["input_ids_0"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    (ids, t["logits_0"].clone())
+}
+
+fn ids(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 37 + 11) % 320).collect()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// Max |a-b| / max(|b|, 1).
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    common::max_rel_err(&flat(a), &flat(b), 1.0)
+}
+
+/// Sets every B of adapter `name` to small deterministic non-zero values.
+fn randomize_b(m: &Llama, name: &str, seed: u32) {
+    for (k, (n, v)) in m
+        .adapter(name)
+        .unwrap()
+        .named_vars()
+        .into_iter()
+        .enumerate()
+    {
+        if n.contains("lora_B") {
+            let (out, r) = v.as_tensor().dims2().unwrap();
+            let data: Vec<f32> = (0..out * r)
+                .map(|i| {
+                    let x = (i as u32)
+                        .wrapping_mul(2_654_435_761)
+                        .wrapping_add(seed.wrapping_mul(97) + k as u32 * 7919);
+                    ((x % 2001) as f32 / 1000.0 - 1.0) * 0.05
+                })
+                .collect();
+            v.set(&Tensor::from_vec(data, (out, r), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+}
+
+fn with_adapter(config: &LoraConfig, random_b: bool) -> Llama {
+    let mut m = load(DType::F32);
+    m.add_adapter("a", config).unwrap();
+    if random_b {
+        randomize_b(&m, "a", 1);
+    }
+    m.set_active_adapter(Some("a")).unwrap();
+    m
+}
+
+/// The 2-D shapes of the frozen weights (and their transposes) of the tiny model.
+fn frozen_weight_shapes(c: &LlamaConfig) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    for t in LoraTarget::ALL {
+        let (o, i) = t.shape(c);
+        out.push(vec![o, i]);
+        out.push(vec![i, o]);
+    }
+    out.push(vec![c.vocab_size, c.hidden_size]);
+    out.push(vec![c.hidden_size, c.vocab_size]);
+    out
+}
+
+/// Every gradient tensor in `grads` that has the shape of a frozen weight.
+fn weight_sized_grads(grads: &candle_core::backprop::GradStore, c: &LlamaConfig) -> usize {
+    let shapes = frozen_weight_shapes(c);
+    grads
+        .get_ids()
+        .filter(|id| {
+            let g = grads.get_id(**id).unwrap();
+            shapes.iter().any(|s| s.as_slice() == g.dims())
+        })
+        .count()
+}
+
+#[test]
+fn every_lora_factor_gets_a_gradient_and_no_frozen_weight_does() {
+    let config = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        ..LoraConfig::default()
+    };
+    let m = with_adapter(&config, true);
+    let c = m.config().clone();
+    // 20 tokens: no activation gradient has a weight's shape, so any weight-sized entry in
+    // the gradient store is a frozen weight's gradient.
+    let logits = common::logits(&m, &ids(20), Mode::Training);
+    let loss = logits.sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let adapter = m.adapter("a").unwrap();
+    let named = adapter.named_vars();
+    assert_eq!(named.len(), c.num_hidden_layers * 7 * 2);
+    for (name, v) in &named {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let max = g
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            max > 0.0 && max.is_finite(),
+            "{name}: gradient max |g| = {max}"
+        );
+    }
+    assert_eq!(
+        weight_sized_grads(&grads, &c),
+        0,
+        "a frozen weight got a gradient"
+    );
+
+    // The detector works: a plain matmul against a weight does leave a weight-sized gradient.
+    let x = Var::from_tensor(&Tensor::ones((20, 64), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let w = Tensor::ones((160, 64), DType::F32, &Device::Cpu).unwrap();
+    let g = x
+        .as_tensor()
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert!(weight_sized_grads(&g.backward().unwrap(), &c) > 0);
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    // f64 base and f32 factors: perturb a few A and B entries and compare the loss change.
+    let mut m = load(DType::F64);
+    m.add_adapter(
+        "a",
+        &LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            ..LoraConfig::default()
+        },
+    )
+    .unwrap();
+    randomize_b(&m, "a", 3);
+    m.set_active_adapter(Some("a")).unwrap();
+    let input = ids(12);
+    let loss = |m: &Llama| -> Tensor {
+        common::logits(m, &input, Mode::Training)
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    };
+    let grads = loss(&m).backward().unwrap();
+    let named = m.adapter("a").unwrap().named_vars();
+    let mut checked = 0;
+    for (name, v) in named.iter().step_by(5) {
+        let g = flat(grads.get(v.as_tensor()).unwrap());
+        let base = flat(v.as_tensor());
+        let i = (0..g.len())
+            .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+            .unwrap();
+        let eps = 1e-2f32;
+        let eval = |delta: f32| -> f64 {
+            let mut p = base.clone();
+            p[i] += delta;
+            v.set(&Tensor::from_vec(p, v.as_tensor().shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss(&m).to_scalar::<f64>().unwrap()
+        };
+        let fd = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+        v.set(&Tensor::from_vec(base.clone(), v.as_tensor().shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        let an = g[i] as f64;
+        let err = (fd - an).abs() / an.abs().max(1e-6);
+        eprintln!("{name}[{i}]: analytic {an:e}, finite difference {fd:e}, rel err {err:e}");
+        assert!(
+            err < 1e-3,
+            "{name}[{i}]: analytic {an:e} vs finite difference {fd:e}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5);
+}
+
+#[test]
+fn peft_init_and_rslora_scale() {
+    let m = with_adapter(&LoraConfig::default(), false);
+    let a = m.adapter("a").unwrap();
+    assert_eq!(a.config().scale(), 2.0);
+    let rs = LoraConfig {
+        use_rslora: true,
+        ..LoraConfig::default()
+    };
+    assert!((rs.scale() - 16.0 / 8f64.sqrt()).abs() < 1e-12);
+    let c = m.config();
+    for l in 0..c.num_hidden_layers {
+        for t in LoraTarget::ALL {
+            let p = a.pair(l, t).unwrap();
+            let (out, inp) = t.shape(c);
+            assert_eq!(p.a.as_tensor().dims(), [8, inp]);
+            assert_eq!(p.b.as_tensor().dims(), [out, 8]);
+            assert_eq!(p.a.as_tensor().dtype(), DType::F32);
+            let av = flat(p.a.as_tensor());
+            let bound = 1.0 / (inp as f32).sqrt();
+            assert!(av.iter().all(|x| x.abs() <= bound));
+            assert!(av.iter().map(|x| x.abs()).fold(0.0, f32::max) > 0.5 * bound);
+            assert!(flat(p.b.as_tensor()).iter().all(|&x| x == 0.0));
+        }
+    }
+    // Targets are honoured.
+    let mut m = load(DType::F32);
+    let only = LoraConfig {
+        targets: vec![LoraTarget::V, LoraTarget::Q],
+        ..LoraConfig::default()
+    };
+    let a = m.add_adapter("qv", &only).unwrap();
+    assert_eq!(a.vars().len(), 2 * 2 * 2);
+    assert!(a.pair(0, LoraTarget::Down).is_none());
+}
+
+#[test]
+fn a_fresh_adapter_equals_the_base_exactly() {
+    let base = load(DType::F32);
+    let m = with_adapter(
+        &LoraConfig {
+            dropout: 0.2,
+            ..LoraConfig::default()
+        },
+        false,
+    );
+    for mode in [Mode::Inference, Mode::Training] {
+        let want = flat(&common::logits(&base, &ids(30), mode));
+        let got = flat(&common::logits(&m, &ids(30), mode));
+        assert_eq!(got, want, "{mode:?}");
+    }
+}
+
+#[test]
+fn a_disabled_adapter_gives_base_logits_and_dropout_is_training_only() {
+    let base = load(DType::F32);
+    let mut m = with_adapter(
+        &LoraConfig {
+            dropout: 0.3,
+            ..LoraConfig::default()
+        },
+        true,
+    );
+    let want = flat(&common::logits(&base, &ids(30), Mode::Inference));
+    let adapted = flat(&common::logits(&m, &ids(30), Mode::Inference));
+    assert_ne!(adapted, want, "a random-B adapter must change the logits");
+    assert_eq!(
+        flat(&common::logits(&m, &ids(30), Mode::Inference)),
+        adapted,
+        "no dropout at inference"
+    );
+    assert_ne!(
+        flat(&common::logits(&m, &ids(30), Mode::Training)),
+        flat(&common::logits(&m, &ids(30), Mode::Training)),
+        "dropout in training"
+    );
+    m.set_active_adapter(None).unwrap();
+    assert_eq!(flat(&common::logits(&m, &ids(30), Mode::Inference)), want);
+    // A second adapter, chosen per forward; the first is untouched.
+    m.add_adapter("b", &LoraConfig::default()).unwrap();
+    randomize_b(&m, "b", 2);
+    m.set_active_adapter(Some("b")).unwrap();
+    let b = flat(&common::logits(&m, &ids(30), Mode::Inference));
+    assert_ne!(b, adapted);
+    m.set_active_adapter(Some("a")).unwrap();
+    assert_eq!(
+        flat(&common::logits(&m, &ids(30), Mode::Inference)),
+        adapted
+    );
+    let err = m.set_active_adapter(Some("nope")).unwrap_err().to_string();
+    assert!(err.contains("nope"), "{err}");
+}
+
+#[test]
+fn merging_gives_the_unmerged_adapter_logits() {
+    for rslora in [false, true] {
+        let mut m = with_adapter(
+            &LoraConfig {
+                use_rslora: rslora,
+                ..LoraConfig::default()
+            },
+            true,
+        );
+        let want = common::logits(&m, &ids(40), Mode::Inference);
+        m.merge_adapter("a").unwrap();
+        assert!(m.adapter("a").is_none() && m.active_adapter().is_none());
+        let got = common::logits(&m, &ids(40), Mode::Inference);
+        let err = rel_err(&got, &want);
+        assert!(err <= 1e-5, "rslora {rslora}: merged vs adapter {err:e}");
+        let base = common::logits(&load(DType::F32), &ids(40), Mode::Inference);
+        assert!(rel_err(&got, &base) > 1e-3);
+    }
+}
+
+#[test]
+fn save_then_load_is_exact() {
+    let config = LoraConfig {
+        rank: 4,
+        alpha: 12.0,
+        dropout: 0.05,
+        use_rslora: true,
+        targets: vec![LoraTarget::Q, LoraTarget::Down, LoraTarget::O],
+        base_model_name_or_path: Some("tiny-llama31".into()),
+        seed: 7,
+    };
+    let m = with_adapter(&config, true);
+    let dir = tempfile::tempdir().unwrap();
+    m.save_adapter("a", dir.path()).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["adapter_config.json", "adapter_model.safetensors"],
+        "no temporary files left"
+    );
+    let mut fresh = load(DType::F32);
+    let loaded = fresh.load_adapter("b", dir.path()).unwrap();
+    // Targets come back in the canonical order, the seed is not part of the file.
+    let want_config = LoraConfig {
+        seed: 0,
+        ..m.adapter("a").unwrap().config().clone()
+    };
+    assert_eq!(
+        want_config.targets,
+        [LoraTarget::Q, LoraTarget::O, LoraTarget::Down]
+    );
+    assert_eq!(config.rank, want_config.rank);
+    assert_eq!(loaded.config(), &want_config);
+    let a = m.adapter("a").unwrap().named_vars();
+    let b = loaded.named_vars();
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert_eq!(flat(va.as_tensor()), flat(vb.as_tensor()), "{na}");
+    }
+    fresh.set_active_adapter(Some("b")).unwrap();
+    assert_eq!(
+        flat(&common::logits(&fresh, &ids(25), Mode::Inference)),
+        flat(&common::logits(&m, &ids(25), Mode::Inference))
+    );
+}
+
+#[test]
+fn a_peft_made_adapter_gives_peft_logits() {
+    let mut m = load(DType::F32);
+    let a = m.load_adapter("peft", &peft_dir()).unwrap();
+    assert_eq!(a.config().rank, 4);
+    assert_eq!(a.config().targets, LoraTarget::ALL.to_vec());
+    m.set_active_adapter(Some("peft")).unwrap();
+    let (input, want) = peft_reference();
+    let got = common::logits(&m, &input, Mode::Inference);
+    let err = rel_err(&got, &want);
+    eprintln!(
+        "PEFT adapter logits, {} positions: max rel err {err:e}",
+        input.len()
+    );
+    assert!(err <= 1e-4, "max relative error {err:e}");
+    // The adapter matters: the base logits are far from PEFT's.
+    m.set_active_adapter(None).unwrap();
+    let base = common::logits(&m, &input, Mode::Inference);
+    assert!(rel_err(&base, &want) > 1e-2);
+    // Merged, too.
+    m.merge_adapter("peft").unwrap();
+    let merged = common::logits(&m, &input, Mode::Inference);
+    assert!(rel_err(&merged, &want) <= 1e-4);
+}
+
+/// name -> shape of every tensor in a safetensors file.
+fn tensor_list(path: &Path) -> BTreeMap<String, Vec<usize>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.dims().to_vec()))
+        .collect()
+}
+
+#[test]
+fn a_saved_adapter_has_peft_names_shapes_and_config() {
+    let m = with_adapter(
+        &LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            base_model_name_or_path: Some("tiny-llama31".into()),
+            ..LoraConfig::default()
+        },
+        false,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    m.save_adapter("a", dir.path()).unwrap();
+    let ours = tensor_list(&dir.path().join("adapter_model.safetensors"));
+    let peft = tensor_list(&peft_dir().join("adapter_model.safetensors"));
+    assert_eq!(ours, peft);
+    assert!(ours.contains_key(&peft_tensor_name(1, LoraTarget::Down, 'B')));
+    let dtypes: HashMap<_, _> =
+        candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.dtype()))
+            .collect();
+    assert!(dtypes.values().all(|&d| d == DType::F32));
+
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    let (ours, peft) = (read(dir.path()), read(&peft_dir()));
+    for key in [
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_dropout",
+        "base_model_name_or_path",
+        "bias",
+        "use_rslora",
+        "fan_in_fan_out",
+        "use_dora",
+        "modules_to_save",
+        "init_lora_weights",
+        "inference_mode",
+    ] {
+        assert_eq!(ours[key], peft[key], "adapter_config.json `{key}`");
+    }
+    assert_eq!(ours["lora_alpha"].as_f64(), peft["lora_alpha"].as_f64());
+    let set = |v: &serde_json::Value| -> Vec<String> {
+        let mut s: Vec<String> = v["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_owned())
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(set(&ours), set(&peft));
+    // Our own config reader agrees with PEFT's file.
+    assert_eq!(
+        read_peft_config(&dir.path().join("adapter_config.json")).unwrap(),
+        read_peft_config(&peft_dir().join("adapter_config.json")).unwrap()
+    );
+}
+
+/// A copy of the PEFT fixture with its config edited by `edit` and its tensors by `tensors`.
+fn broken_copy(
+    edit: impl FnOnce(&mut serde_json::Value),
+    tensors: impl FnOnce(&mut HashMap<String, Tensor>),
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(peft_dir().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    edit(&mut config);
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let mut t =
+        candle_core::safetensors::load(peft_dir().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    tensors(&mut t);
+    candle_core::safetensors::save(&t, dir.path().join("adapter_model.safetensors")).unwrap();
+    dir
+}
+
+fn load_err(dir: &Path) -> String {
+    let mut m = load(DType::F32);
+    m.load_adapter("x", dir).unwrap_err().to_string()
+}
+
+#[test]
+fn adapters_that_do_not_fit_are_refused_with_the_file_and_tensor() {
+    let name = peft_tensor_name(1, LoraTarget::Up, 'A');
+    let cases: Vec<(tempfile::TempDir, Vec<String>)> = vec![
+        (
+            broken_copy(|c| c["peft_type"] = "IA3".into(), |_| {}),
+            vec!["adapter_config.json".into(), "IA3".into(), "LORA".into()],
+        ),
+        (
+            broken_copy(
+                |_| {},
+                |t| {
+                    t.insert(
+                        name.clone(),
+                        Tensor::zeros((4, 96), DType::F32, &Device::Cpu).unwrap(),
+                    );
+                },
+            ),
+            vec![
+                "adapter_model.safetensors".into(),
+                name.clone(),
+                "[4, 96]".into(),
+                "[4, 64]".into(),
+            ],
+        ),
+        (
+            broken_copy(
+                |_| {},
+                |t| {
+                    t.remove(&name);
+                },
+            ),
+            vec![
+                "adapter_model.safetensors".into(),
+                name.clone(),
+                "missing".into(),
+            ],
+        ),
+        (
+            broken_copy(
+                |_| {},
+                |t| {
+                    t.insert(
+                        peft_tensor_name(5, LoraTarget::Q, 'A'),
+                        Tensor::zeros((4, 64), DType::F32, &Device::Cpu).unwrap(),
+                    );
+                },
+            ),
+            vec!["layers.5.self_attn.q_proj.lora_A".into(), "2 layers".into()],
+        ),
+        (
+            broken_copy(|c| c["r"] = 8.into(), |_| {}),
+            vec!["adapter_model.safetensors".into(), "r = 8".into()],
+        ),
+        (
+            broken_copy(
+                |c| c["target_modules"] = serde_json::json!(["q_proj", "lm_head"]),
+                |_| {},
+            ),
+            vec!["adapter_config.json".into(), "lm_head".into()],
+        ),
+        (
+            broken_copy(
+                |c| c["target_modules"] = serde_json::json!(["q_proj"]),
+                |_| {},
+            ),
+            vec!["does not belong".into(), "layers.0.mlp.down_proj".into()],
+        ),
+        (
+            broken_copy(|c| c["use_dora"] = true.into(), |_| {}),
+            vec!["adapter_config.json".into(), "use_dora".into()],
+        ),
+    ];
+    for (dir, wants) in cases {
+        let err = load_err(dir.path());
+        for w in wants {
+            assert!(err.contains(&w), "error {err:?} should mention {w:?}");
+        }
+    }
+}
