@@ -11,6 +11,11 @@ crates/llama/tests/fixtures/tiny-lora/:
   reference.safetensors   input_ids_0 (copied) and logits_0 (f32 [T, vocab]) of the base model
       with the adapter applied
 
+and, the other direction, crates/llama/tests/fixtures/tiny-lora-ours/peft_logits.safetensors:
+  PEFT loads the adapter that teamtune saved there (rsLoRA, rank 4; rewritten by
+  `TEAMTUNE_WRITE_FIXTURES=1 cargo test -p teamtune-llama --test lora an_adapter_saved_here`)
+  and computes input_ids_0's logits with it.
+
 Deterministic: fixed seed, 2 threads, eager attention, f32.
 """
 
@@ -73,5 +78,25 @@ def main() -> None:
     print("wrote", OUT, "logits", tuple(logits.shape), "mean |logit|", logits.abs().mean().item())
 
 
+def peft_reads_ours() -> None:
+    from peft import PeftModel
+
+    ours = FIX / "tiny-lora-ours"
+    if not (ours / "adapter_model.safetensors").exists():
+        print("skipping", ours, "(write it with the Rust test first)")
+        return
+    base = AutoModelForCausalLM.from_pretrained(
+        BASE, torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    model = PeftModel.from_pretrained(base, ours)
+    model.eval()
+    ids = load_file(BASE / "reference.safetensors")["input_ids_0"]
+    with torch.no_grad():
+        logits = model(input_ids=ids.unsqueeze(0)).logits[0].float().contiguous()
+    save_file({"input_ids_0": ids, "logits_0": logits}, ours / "peft_logits.safetensors")
+    print("wrote", ours / "peft_logits.safetensors", "use_rslora", model.peft_config["default"].use_rslora)
+
+
 if __name__ == "__main__":
     main()
+    peft_reads_ours()

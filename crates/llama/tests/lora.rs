@@ -639,3 +639,59 @@ fn a_bf16_model_trains_f32_factors_and_merges() {
     eprintln!("bf16 vs f32 adapter, mean relative error: unmerged {unmerged:e}, merged {merged:e}");
     assert!(unmerged < 0.03 && merged < 0.03);
 }
+
+/// The direction users need most: an adapter written here, loaded by PEFT on the same base,
+/// gives PEFT the logits we compute. `tiny-lora-ours/` holds the adapter this test builds
+/// (rsLoRA, rank 4, seeded A and B; `TEAMTUNE_WRITE_FIXTURES=1` rewrites it) and
+/// `peft_logits.safetensors`, what PEFT computed from that folder
+/// (`$(scripts/ref-env.sh) scripts/make_lora_reference.py`).
+#[test]
+fn an_adapter_saved_here_gives_peft_the_same_logits() {
+    let dir = common::fixtures().join("tiny-lora-ours");
+    let config = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        use_rslora: true,
+        base_model_name_or_path: Some("tiny-llama31".into()),
+        seed: 11,
+        ..Default::default()
+    };
+    let mut m = load(DType::F32);
+    m.add_adapter("ours", &config).unwrap();
+    randomize_b(&m, "ours", 5);
+    m.set_active_adapter(Some("ours")).unwrap();
+    if std::env::var("TEAMTUNE_WRITE_FIXTURES").is_ok_and(|v| v == "1") {
+        m.save_adapter("ours", &dir).unwrap();
+    }
+    // What we save now is what PEFT read.
+    let tmp = tempfile::tempdir().unwrap();
+    m.save_adapter("ours", tmp.path()).unwrap();
+    let now =
+        candle_core::safetensors::load(tmp.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let committed =
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(now.len(), committed.len());
+    for (name, t) in &now {
+        assert_eq!(flat(t), flat(&committed[name]), "{name}");
+    }
+    let peft =
+        candle_core::safetensors::load(dir.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    let ids = peft["input_ids_0"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let ours = common::logits(&m, &ids, Mode::Inference);
+    let err = rel_err(&ours, &peft["logits_0"]);
+    assert!(err < 1e-4, "max relative error {err:e} against PEFT");
+    // And the adapter matters: PEFT's logits are not the base model's.
+    m.set_active_adapter(None).unwrap();
+    assert!(
+        rel_err(
+            &common::logits(&m, &ids, Mode::Inference),
+            &peft["logits_0"]
+        ) > 1e-2
+    );
+}
