@@ -1,0 +1,314 @@
+//! Trainer tests on the tiny LLaMA-3.1 fixture with synthetic token batches.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use teamtune_data::Batch;
+use teamtune_llama::{load_model, Llama, LoraConfig, Mode, ModelFiles};
+use teamtune_train::{
+    accumulate, batch_inputs, evaluate, masked_nll_sum, TrainConfig, TrainError, Trainer,
+};
+
+const PAD: u32 = 0;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures/tiny-llama31")
+}
+
+fn model(lora_seed: u64) -> Llama {
+    let files = ModelFiles::resolve(fixture().to_str().unwrap()).unwrap();
+    let mut m = load_model(&files, DType::F32, &Device::Cpu).unwrap();
+    let cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        seed: lora_seed,
+        ..LoraConfig::default()
+    };
+    m.add_adapter("train", &cfg).unwrap();
+    m.set_active_adapter(Some("train")).unwrap();
+    m
+}
+
+/// A right-padded batch of `rows`; tokens from `trained_from` on (per row) carry loss.
+fn batch(rows: &[Vec<u32>], trained_from: usize, seq_len: usize) -> Batch {
+    let n = rows.len() * seq_len;
+    let mut b = Batch {
+        rows: rows.len(),
+        seq_len,
+        input_ids: vec![PAD; n],
+        loss_mask: vec![0; n],
+        attention_mask: vec![0; n],
+        position_ids: vec![0; n],
+        segment_ids: vec![0; n],
+        packed: false,
+        examples: (0..rows.len()).map(|i| vec![i]).collect(),
+    };
+    for (r, row) in rows.iter().enumerate() {
+        for (t, &id) in row.iter().enumerate() {
+            let i = r * seq_len + t;
+            b.input_ids[i] = id;
+            b.loss_mask[i] = (t >= trained_from) as u8;
+            b.attention_mask[i] = 1;
+            b.position_ids[i] = t as u32;
+            b.segment_ids[i] = 1;
+        }
+    }
+    b
+}
+
+fn seq(start: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 4 + (start * 7 + i * 13) % 300)
+        .collect()
+}
+
+fn data() -> Vec<Batch> {
+    vec![
+        batch(&[seq(1, 9), seq(2, 6)], 2, 10),
+        batch(&[seq(3, 10)], 4, 10),
+        batch(&[seq(4, 7), seq(5, 10), seq(6, 3)], 1, 10),
+    ]
+}
+
+fn config(lr: f64) -> TrainConfig {
+    TrainConfig {
+        epochs: 2,
+        lr,
+        progress: false,
+        ..TrainConfig::study("train", PAD)
+    }
+}
+
+fn weights(m: &Llama) -> Vec<Vec<f32>> {
+    m.adapter("train")
+        .unwrap()
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect()
+}
+
+#[test]
+fn chunked_masked_loss_equals_full_cross_entropy() {
+    let m = model(1);
+    let b = batch(&[seq(1, 9), seq(2, 6)], 2, 10);
+    let (ids, layout) = batch_inputs(&b, &Device::Cpu).unwrap();
+    let hidden = m
+        .forward_hidden(&ids, &layout, None, Mode::Inference)
+        .unwrap();
+    let (targets, w) = b.next_token_targets(PAD);
+    let logits = m.forward(&ids, &layout, None, Mode::Inference).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits.reshape((20, ())).unwrap(), D::Minus1).unwrap();
+    let logp: Vec<Vec<f32>> = logp.to_vec2().unwrap();
+    let want: f64 = (0..20)
+        .map(|i| -(logp[i][targets[i] as usize] as f64) * w[i] as f64)
+        .sum();
+    for chunk in [1, 3, 64] {
+        let got = masked_nll_sum(&m, &hidden, &targets, &w, chunk)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(
+            (got - want).abs() < 1e-4 * want.abs(),
+            "chunk {chunk}: {got} vs {want}"
+        );
+    }
+    assert_eq!(w.iter().sum::<f32>() as usize, b.trained_tokens());
+}
+
+#[test]
+fn accumulated_gradients_equal_one_big_batch() {
+    let m = model(1);
+    // Give B non-zero values so that A gets gradients too.
+    for v in m.adapter("train").unwrap().vars() {
+        let t = Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap();
+        v.set(&t).unwrap();
+    }
+    let vars = m.adapter("train").unwrap().named_vars();
+    let cfg = config(1e-3);
+    let rows = [seq(1, 9), seq(2, 6), seq(3, 10)];
+    let small = vec![batch(&rows[..2], 2, 10), batch(&rows[2..], 5, 10)];
+    let mut big = batch(&rows, 2, 10);
+    // Row 3 trains from position 5 in both.
+    for t in 0..5 {
+        big.loss_mask[20 + t] = 0;
+    }
+    assert_eq!(
+        big.trained_tokens(),
+        small.iter().map(Batch::trained_tokens).sum::<usize>()
+    );
+    let (l_acc, g_acc) = accumulate(&m, &small, &vars, &cfg).unwrap();
+    let (l_big, g_big) = accumulate(&m, std::slice::from_ref(&big), &vars, &cfg).unwrap();
+    assert!((l_acc - l_big).abs() < 1e-5 * l_big, "{l_acc} vs {l_big}");
+    let mut nonzero = 0;
+    for (name, v) in &vars {
+        let a: Vec<f32> = g_acc
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = g_big
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let scale = b.iter().fold(0f32, |s, x| s.max(x.abs()));
+        nonzero += (scale > 0.0) as usize;
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-4 * scale + 1e-9, "{name}: {x} vs {y}");
+        }
+    }
+    assert_eq!(nonzero, vars.len());
+}
+
+#[test]
+fn high_lr_reduces_training_loss_on_a_repeated_batch() {
+    let mut m = model(1);
+    let b = batch(&[seq(1, 10), seq(2, 10)], 1, 10);
+    let before = evaluate(&m, std::slice::from_ref(&b), PAD, 16).unwrap();
+    let cfg = TrainConfig {
+        epochs: 8,
+        warmup_ratio: 0.0,
+        min_lr_ratio: 1.0,
+        max_grad_norm: None,
+        ..config(1e-2)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let trainer = Trainer::new(cfg, dir.path()).unwrap();
+    let eval = vec![b.clone()];
+    let summary = trainer
+        .run(&mut m, &mut |_| Ok(vec![b.clone()]), &eval, None)
+        .unwrap();
+    assert_eq!(summary.steps, 8);
+    let after = evaluate(&m, &eval, PAD, 16).unwrap();
+    assert_eq!(summary.eval_losses[0].1, before);
+    assert!(after < 0.7 * before, "{before} -> {after}");
+    assert!(dir
+        .path()
+        .join("adapter/adapter_model.safetensors")
+        .is_file());
+}
+
+fn metric_lines(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let cfg = TrainConfig {
+        checkpoint_every: Some(2),
+        eval_every: Some(2),
+        ..config(5e-3)
+    };
+    let eval = vec![batch(&[seq(9, 8)], 1, 8)];
+    // Straight: 2 epochs x 3 batches = 6 steps.
+    let straight = tempfile::tempdir().unwrap();
+    let mut a = model(1);
+    Trainer::new(cfg.clone(), straight.path())
+        .unwrap()
+        .run(&mut a, &mut |_| Ok(data()), &eval, None)
+        .unwrap();
+    // Interrupted: the data source fails when epoch 1 is requested for training (after step 3),
+    // so the last checkpoint is step 2, in the middle of epoch 0.
+    let crashed = tempfile::tempdir().unwrap();
+    let mut calls = 0;
+    let mut b = model(1);
+    let err = Trainer::new(cfg.clone(), crashed.path())
+        .unwrap()
+        .run(
+            &mut b,
+            &mut |e| {
+                calls += 1;
+                if calls > 2 && e == 1 {
+                    Err(TrainError::Config("crash".into()))
+                } else {
+                    Ok(data())
+                }
+            },
+            &eval,
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("crash"));
+    let latest = std::fs::read_to_string(crashed.path().join("checkpoints/latest")).unwrap();
+    assert_eq!(latest, "step-000002");
+    // Resume on a fresh model whose adapter starts elsewhere: everything comes from the checkpoint.
+    let mut c = model(77);
+    let summary = Trainer::new(cfg, crashed.path())
+        .unwrap()
+        .run(&mut c, &mut |_| Ok(data()), &eval, Some(crashed.path()))
+        .unwrap();
+    assert_eq!(summary.steps, 6);
+    assert_eq!(weights(&a), weights(&c));
+    // The metrics of steps 3..6 continue exactly.
+    let ma = metric_lines(straight.path());
+    let mc = metric_lines(crashed.path());
+    assert_eq!(ma[0]["step"], 0);
+    assert!(ma[0]["eval_loss"].as_f64().unwrap() > 0.0);
+    let losses = |m: &[serde_json::Value], from: u64| -> Vec<(u64, f64, f64)> {
+        m.iter()
+            .filter(|r| r.get("loss").is_some() && r["step"].as_u64().unwrap() >= from)
+            .map(|r| {
+                for k in ["epoch", "lr", "grad_norm", "tokens_per_s"] {
+                    assert!(r.get(k).is_some(), "{k} missing in {r}");
+                }
+                (
+                    r["step"].as_u64().unwrap(),
+                    r["loss"].as_f64().unwrap(),
+                    r["lr"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let tail_a = losses(&ma, 3);
+    let all_c = losses(&mc, 0);
+    assert_eq!(tail_a.len(), 4);
+    assert_eq!(&all_c[all_c.len() - 4..], &tail_a[..]);
+    assert!(straight
+        .path()
+        .join("checkpoints/step-000006/optimizer.safetensors")
+        .is_file());
+    assert!(straight
+        .path()
+        .join("checkpoints/step-000006/adapter/adapter_config.json")
+        .is_file());
+}
+
+#[test]
+fn non_finite_loss_stops_naming_step_and_checkpoint() {
+    let cfg = TrainConfig {
+        checkpoint_every: Some(1),
+        max_grad_norm: None,
+        warmup_ratio: 0.0,
+        min_lr_ratio: 1.0,
+        epochs: 20,
+        ..config(1e30)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = model(1);
+    let err = Trainer::new(cfg, dir.path())
+        .unwrap()
+        .run(&mut m, &mut |_| Ok(data()), &[], None)
+        .unwrap_err();
+    match &err {
+        TrainError::NonFinite {
+            step,
+            last_checkpoint: Some(ck),
+            ..
+        } => {
+            assert!(*step >= 2);
+            assert!(ck.ends_with(format!("step-{:06}", step - 1)));
+            assert!(err.to_string().contains(&format!("step {step}")));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
