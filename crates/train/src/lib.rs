@@ -203,8 +203,12 @@ impl Trainer {
         bar.set_position(state.step as u64);
         let mut eval_losses = Vec::new();
         if state.step == 0 && !eval.is_empty() {
-            let l = evaluate(model, eval, cfg.pad_id, cfg.loss_chunk)?;
-            tracing::info!(eval_loss = l, "step 0 evaluation");
+            // The base model's loss (adapter disabled), the reference of the comparison plot.
+            model.set_active_adapter(None)?;
+            let l = evaluate(model, eval, cfg.pad_id, cfg.loss_chunk);
+            model.set_active_adapter(Some(&cfg.adapter))?;
+            let l = l?;
+            tracing::info!(eval_loss = l, "step 0 evaluation (base model)");
             log(serde_json::json!({"step": 0, "epoch": 0.0, "eval_loss": l}))?;
             eval_losses.push((0, l));
         }
@@ -215,6 +219,12 @@ impl Trainer {
                 let end = (state.batch_in_epoch + cfg.accumulation).min(n);
                 let window = &batches[state.batch_in_epoch..end];
                 let started = Instant::now();
+                // Dropout masks come from the device RNG: seeded per step where the device
+                // allows it (CUDA), so that a resumed run draws the same masks. The CPU RNG cannot
+                // be seeded; exact resume on CPU needs dropout 0.
+                let _ = model
+                    .device()
+                    .set_seed(cfg.seed.wrapping_add(state.step as u64));
                 let (loss, mut grads) = accumulate(model, window, &vars, cfg)?;
                 let step_no = state.step + 1;
                 if !loss.is_finite() {

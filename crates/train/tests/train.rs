@@ -312,3 +312,50 @@ fn non_finite_loss_stops_naming_step_and_checkpoint() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[test]
+fn step_zero_eval_is_the_base_models_loss() {
+    let mut m = model(1);
+    for v in m.adapter("train").unwrap().vars() {
+        v.set(&Tensor::randn(0f32, 0.2, v.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let eval = vec![batch(&[seq(9, 8)], 1, 8)];
+    let with_adapter = evaluate(&m, &eval, PAD, 16).unwrap();
+    m.set_active_adapter(None).unwrap();
+    let base = evaluate(&m, &eval, PAD, 16).unwrap();
+    assert_ne!(base, with_adapter);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        max_steps: Some(1),
+        ..config(1e-3)
+    };
+    let summary = Trainer::new(cfg, dir.path())
+        .unwrap()
+        .run(&mut m, &mut |_| Ok(data()), &eval, None)
+        .unwrap();
+    assert_eq!(summary.eval_losses[0], (0, base));
+    assert_eq!(summary.steps, 1);
+    assert_eq!(m.active_adapter(), Some("train"));
+}
+
+#[test]
+fn packed_rows_give_the_loss_of_separate_rows() {
+    let m = model(1);
+    let (x, y) = (seq(1, 5), seq(2, 4));
+    let separate = batch(&[x.clone(), y.clone()], 1, 5);
+    let mut packed = batch(&[[x.clone(), y.clone()].concat()], 1, 10);
+    packed.packed = true;
+    for t in 5..9 {
+        packed.position_ids[t] = (t - 5) as u32;
+        packed.segment_ids[t] = 2;
+    }
+    packed.loss_mask[5] = 0;
+    packed.attention_mask[9] = 0;
+    packed.segment_ids[9] = 0;
+    packed.loss_mask[9] = 0;
+    assert_eq!(packed.trained_tokens(), separate.trained_tokens());
+    let a = evaluate(&m, &[separate], PAD, 4).unwrap();
+    let b = evaluate(&m, &[packed], PAD, 4).unwrap();
+    assert!((a - b).abs() < 1e-5 * a, "{a} vs {b}");
+}
