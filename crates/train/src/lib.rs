@@ -184,6 +184,9 @@ impl Trainer {
             last_checkpoint = Some(dir);
         }
         let metrics_path = self.out_dir.join("metrics.jsonl");
+        if resume.is_some() {
+            truncate_metrics(&metrics_path, state.step)?;
+        }
         let mut metrics = OpenOptions::new()
             .create(true)
             .append(true)
@@ -346,6 +349,28 @@ impl Trainer {
         opt.load(dir, model.device())?;
         Ok(state)
     }
+}
+
+/// Drops the records after `step` (written after the checkpoint a run resumes from), so that the
+/// log reads as one uninterrupted run. Atomic (temporary file and rename).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let mut kept = String::new();
+    for line in text.lines() {
+        let keep = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|r| r.get("step").and_then(serde_json::Value::as_u64))
+            .is_some_and(|s| s as usize <= step);
+        if keep {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 /// Whether `step` is a multiple of a positive `k`.
