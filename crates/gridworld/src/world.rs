@@ -91,6 +91,33 @@ fn distinct(rng: &mut ChaCha8Rng, n: usize, k: usize) -> Vec<usize> {
 }
 
 impl World {
+    /// A world holding only the given agents at the given cells (no items, targets or
+    /// randomness): for tests and tools that set up a position by hand.
+    pub fn with_agents(
+        kind: TaskKind,
+        width: i32,
+        height: i32,
+        agents: &[(&str, (i32, i32))],
+    ) -> World {
+        World {
+            kind,
+            width,
+            height,
+            agents: agents
+                .iter()
+                .map(|(n, p)| AgentState {
+                    name: n.to_string(),
+                    pos: Pos::from(*p),
+                    holding: None,
+                })
+                .collect(),
+            items: vec![],
+            targets: vec![],
+            hidden: vec![],
+            permissions: false,
+        }
+    }
+
     /// Draws an episode's world from the task and seed. Draw order: width, height, agent count,
     /// item count, names, start cells, then the task's cells (target / hidden targets / items
     /// and targets and owners).
@@ -370,23 +397,7 @@ mod tests {
 
     /// A hand-built world: no randomness.
     pub(crate) fn world(kind: TaskKind, w: i32, h: i32, agents: &[(&str, (i32, i32))]) -> World {
-        World {
-            kind,
-            width: w,
-            height: h,
-            agents: agents
-                .iter()
-                .map(|(n, p)| AgentState {
-                    name: n.to_string(),
-                    pos: Pos::from(*p),
-                    holding: None,
-                })
-                .collect(),
-            items: vec![],
-            targets: vec![],
-            hidden: vec![],
-            permissions: false,
-        }
+        World::with_agents(kind, w, h, agents)
     }
 
     fn item(id: char, p: (i32, i32), owner: Option<usize>) -> Item {

@@ -1,28 +1,12 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use teamtune_gridworld::world::{AgentState, Item};
+use teamtune_gridworld::world::Item;
 use teamtune_gridworld::{Pos, TaskKind, TaskSpec, World};
 
 /// A hand-built world (no randomness).
 pub fn world(kind: TaskKind, w: i32, h: i32, agents: &[(&str, (i32, i32))]) -> World {
-    World {
-        kind,
-        width: w,
-        height: h,
-        agents: agents
-            .iter()
-            .map(|(n, p)| AgentState {
-                name: n.to_string(),
-                pos: Pos::from(*p),
-                holding: None,
-            })
-            .collect(),
-        items: vec![],
-        targets: vec![],
-        hidden: vec![],
-        permissions: false,
-    }
+    World::with_agents(kind, w, h, agents)
 }
 
 pub fn item(id: char, p: (i32, i32), owner: Option<usize>) -> Item {
