@@ -122,11 +122,7 @@ impl Batch {
 
     /// Labels in the transformers convention (-100 where not trained), row-major.
     pub fn labels(&self) -> Vec<i64> {
-        self.input_ids
-            .iter()
-            .zip(&self.loss_mask)
-            .map(|(&id, &m)| if m != 0 { id as i64 } else { -100 })
-            .collect()
+        crate::encode::transformers_labels(&self.input_ids, &self.loss_mask)
     }
 
     /// Next-token targets, already shifted: for position `t` the target is the token at `t + 1`

@@ -148,12 +148,16 @@ impl Example {
     /// Labels in the transformers convention: the token id where trained, -100 elsewhere (the
     /// model shifts them).
     pub fn labels(&self) -> Vec<i64> {
-        self.input_ids
-            .iter()
-            .zip(&self.loss_mask)
-            .map(|(&id, &m)| if m != 0 { id as i64 } else { -100 })
-            .collect()
+        transformers_labels(&self.input_ids, &self.loss_mask)
     }
+}
+
+/// The token id where `mask` is set, -100 elsewhere (transformers' `labels`).
+pub(crate) fn transformers_labels(ids: &[u32], mask: &[u8]) -> Vec<i64> {
+    ids.iter()
+        .zip(mask)
+        .map(|(&id, &m)| if m != 0 { id as i64 } else { -100 })
+        .collect()
 }
 
 /// The result of encoding one conversation.
