@@ -28,6 +28,8 @@ enum Command {
     Replay(commands::replay::Args),
     /// Play many episodes (all tasks by default) and write their records and training lines.
     Collect(commands::collect::Args),
+    /// Train a LoRA adapter on conversation files (the study's recipe by default).
+    Train(commands::train::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Command::Play(args) => commands::play::run(args),
         Command::Replay(args) => commands::replay::run(args),
         Command::Collect(args) => commands::collect::run(args),
+        Command::Train(args) => commands::train::run(args),
     }
 }

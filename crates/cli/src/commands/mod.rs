@@ -4,3 +4,4 @@ pub mod generate;
 pub mod model_args;
 pub mod play;
 pub mod replay;
+pub mod train;

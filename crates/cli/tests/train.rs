@@ -1,0 +1,110 @@
+//! `teamtune train` end to end on the default model: expert conversations in, a PEFT adapter,
+//! metrics with the base model's step-0 evaluation and a checkpoint out.
+
+use std::process::Command;
+
+fn teamtune(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_teamtune"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn trains_an_adapter_on_collected_conversations() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let fetch = Command::new("bash")
+        .arg(root.join("scripts/fetch-default-model.sh"))
+        .output()
+        .unwrap();
+    assert!(fetch.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    teamtune(&[
+        "collect",
+        "--task",
+        "single_nav",
+        "--episodes",
+        "2",
+        "--out",
+        &p("ep.jsonl"),
+        "--training-out",
+        &p("train.jsonl"),
+    ]);
+    let said = teamtune(&[
+        "train",
+        "--data",
+        &p("train.jsonl"),
+        "--out",
+        &p("run"),
+        "--max-steps",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "1",
+        "--micro-batch",
+        "1",
+        "--lr",
+        "1e-3",
+        "--validation-fraction",
+        "0.5",
+    ]);
+    assert!(said.contains("1 steps"), "{said}");
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["step"], 0);
+    assert!(
+        lines[0]["eval_loss"].as_f64().unwrap() > 0.0,
+        "step-0 evaluation of the base model"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l["step"] == 1 && l["loss"].as_f64().is_some_and(f64::is_finite)));
+    let adapter = dir.path().join("run/adapter");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+    assert_eq!(config["lora_alpha"].as_f64(), Some(16.0));
+    // The adapter loads back onto the base model.
+    let mut m =
+        teamtune_llama::LoadedModel::load("", candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    m.model.load_adapter("trained", &adapter).unwrap();
+    assert!(
+        dir.path()
+            .join("run/checkpoints")
+            .read_dir()
+            .unwrap()
+            .count()
+            >= 1
+    );
+
+    // Training a quantised model is refused with a reason.
+    let out = Command::new(env!("CARGO_BIN_EXE_teamtune"))
+        .args([
+            "train",
+            "--data",
+            &p("train.jsonl"),
+            "--out",
+            &p("run2"),
+            "--quantize",
+            "q8_0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dense weights"));
+}
