@@ -1,20 +1,9 @@
 //! `teamtune collect` writes replayable records for every task and training lines that the
 //! data loader reads.
 
-use std::process::Command;
+mod common;
 
-fn teamtune(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_teamtune"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::run_ok as teamtune;
 
 #[test]
 fn collect_all_tasks_then_replay_and_read_as_training_data() {

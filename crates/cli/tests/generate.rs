@@ -1,19 +1,12 @@
 //! `teamtune generate` end to end on the default model: only the answer on stdout.
 
+mod common;
+
 use std::process::Command;
 
 fn teamtune() -> Command {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let fetch = Command::new("bash")
-        .arg(root.join("scripts/fetch-default-model.sh"))
-        .output()
-        .unwrap();
-    assert!(
-        fetch.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fetch.stderr)
-    );
-    Command::new(env!("CARGO_BIN_EXE_teamtune"))
+    common::fetch_default_model();
+    common::teamtune()
 }
 
 #[test]

@@ -1,29 +1,13 @@
 //! `teamtune train` end to end on the default model: expert conversations in, a PEFT adapter,
 //! metrics with the base model's step-0 evaluation and a checkpoint out.
 
-use std::process::Command;
+mod common;
 
-fn teamtune(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_teamtune"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{fetch_default_model, run_ok as teamtune};
 
 #[test]
 fn trains_an_adapter_on_collected_conversations() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let fetch = Command::new("bash")
-        .arg(root.join("scripts/fetch-default-model.sh"))
-        .output()
-        .unwrap();
-    assert!(fetch.status.success());
+    fetch_default_model();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     teamtune(&[
@@ -93,7 +77,7 @@ fn trains_an_adapter_on_collected_conversations() {
     );
 
     // Training a quantised model is refused with a reason.
-    let out = Command::new(env!("CARGO_BIN_EXE_teamtune"))
+    let out = common::teamtune()
         .args([
             "train",
             "--data",
