@@ -180,6 +180,8 @@ pub(crate) struct ActiveLora<'a> {
     pub pair: &'a LoraPair,
     pub scale: f64,
     pub dropout: f32,
+    /// Seed of this projection's dropout mask; `None`: the device's own generator.
+    pub dropout_seed: Option<u64>,
 }
 
 /// PEFT's name of a factor: `base_model.model.model.layers.{i}.{path}.lora_{A|B}.weight`.
@@ -254,6 +256,7 @@ impl LoraAdapter {
             pair,
             scale: self.config.scale(),
             dropout: self.config.dropout,
+            dropout_seed: None,
         })
     }
 

@@ -8,6 +8,7 @@ use candle_nn::ops;
 
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
+use crate::dropout::{mix_seed, seeded_dropout};
 use crate::error::{LlamaError, Result};
 use crate::layout::TokenLayout;
 use crate::lora::{ActiveLora, FrozenMatmul, LoraAdapter, LoraConfig, LoraTarget};
@@ -94,10 +95,11 @@ impl Linear {
             return Ok(y);
         };
         let xf = x.to_dtype(DType::F32)?;
-        let xf = if mode == Mode::Training && lora.dropout > 0.0 {
-            ops::dropout(&xf, lora.dropout)?
-        } else {
-            xf
+        let xf = match (mode, lora.dropout_seed) {
+            (Mode::Training, _) if lora.dropout == 0.0 => xf,
+            (Mode::Training, Some(seed)) => seeded_dropout(&xf, lora.dropout, seed)?,
+            (Mode::Training, None) => ops::dropout(&xf, lora.dropout)?,
+            (Mode::Inference, _) => xf,
         };
         let dims = xf.dims().to_vec();
         let inner = dims[dims.len() - 1];
@@ -111,16 +113,21 @@ impl Linear {
     }
 }
 
-/// The adapter of one layer, if any.
+/// The adapter of one layer, if any, and the seed its dropout masks derive from.
 #[derive(Clone, Copy)]
 struct LayerLora<'a> {
     adapter: Option<&'a LoraAdapter>,
     layer: usize,
+    dropout_seed: Option<u64>,
 }
 
 impl<'a> LayerLora<'a> {
     fn get(&self, t: LoraTarget) -> Option<ActiveLora<'a>> {
-        self.adapter.and_then(|a| a.active(self.layer, t))
+        let mut active = self.adapter.and_then(|a| a.active(self.layer, t))?;
+        active.dropout_seed = self
+            .dropout_seed
+            .map(|s| mix_seed(&[s, self.layer as u64, t as u64]));
+        Some(active)
     }
 }
 
@@ -301,6 +308,13 @@ pub struct Llama {
     quantized: Option<GgmlDType>,
     adapters: BTreeMap<String, LoraAdapter>,
     active_adapter: Option<String>,
+    dropout_seed: Option<u64>,
+}
+
+/// What every decoder layer of one forward shares: the attention bias and the rotations.
+pub struct LayerContext {
+    bias: Option<Tensor>,
+    rot: Rotation,
 }
 
 impl Llama {
@@ -365,6 +379,7 @@ impl Llama {
             quantized: None,
             adapters: BTreeMap::new(),
             active_adapter: None,
+            dropout_seed: None,
         })
     }
 
@@ -569,30 +584,96 @@ impl Llama {
         }
         let no_cache: Vec<Vec<bool>> = vec![vec![]; b];
         let cached_valid = cache.as_deref().map_or(&no_cache[..], |c| c.valid());
-        let bias = layout.attention_bias(cached_valid, &self.device)?;
-        let rot = Rotation::new(&self.inv_freq, layout, self.dtype)?;
-        let adapter = self.active_adapter.as_ref().map(|n| &self.adapters[n]);
+        let ctx = LayerContext {
+            bias: layout.attention_bias(cached_valid, &self.device)?,
+            rot: Rotation::new(&self.inv_freq, layout, self.dtype)?,
+        };
         let mut x = x.clone();
-        for (l, block) in self.blocks.iter().enumerate() {
-            let lora = LayerLora { adapter, layer: l };
-            let residual = &x;
-            let h = block.input_layernorm.forward(&x, mode)?;
-            let h = block.self_attn.forward(
-                &h,
-                &rot,
-                bias.as_ref(),
-                cache.as_deref_mut().map(|c| (c, l)),
-                lora,
-                mode,
-            )?;
-            let x1 = (residual + h)?;
-            let h = block.post_attention_layernorm.forward(&x1, mode)?;
-            x = (&x1 + block.mlp.forward(&h, lora, mode)?)?;
+        for l in 0..self.blocks.len() {
+            x = self.block_forward(l, &x, &ctx, cache.as_deref_mut(), mode)?;
         }
         if let Some(c) = cache {
             c.commit(&layout.valid, &layout.positions);
         }
         self.norm.forward(&x, mode)
+    }
+
+    fn block_forward(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let block = &self.blocks[l];
+        let lora = LayerLora {
+            adapter: self.active_adapter.as_ref().map(|n| &self.adapters[n]),
+            layer: l,
+            dropout_seed: self.dropout_seed,
+        };
+        let h = block.input_layernorm.forward(x, mode)?;
+        let h = block.self_attn.forward(
+            &h,
+            &ctx.rot,
+            ctx.bias.as_ref(),
+            cache.map(|c| (c, l)),
+            lora,
+            mode,
+        )?;
+        let x1 = (x + h)?;
+        let h = block.post_attention_layernorm.forward(&x1, mode)?;
+        Ok((&x1 + block.mlp.forward(&h, lora, mode)?)?)
+    }
+
+    /// The shared inputs of [`Self::forward_layer`] for a forward over `layout` without a
+    /// cache: with these, a caller can run the decoder one layer at a time (gradient
+    /// checkpointing keeps only each layer's input and recomputes the layer in the backward).
+    pub fn layer_context(&self, layout: &TokenLayout) -> Result<LayerContext> {
+        let no_cache: Vec<Vec<bool>> = vec![vec![]; layout.valid.len()];
+        Ok(LayerContext {
+            bias: layout.attention_bias(&no_cache, &self.device)?,
+            rot: Rotation::new(&self.inv_freq, layout, self.dtype)?,
+        })
+    }
+
+    /// Decoder layer `layer` on hidden states `[batch, time, hidden]`. Running every layer in
+    /// turn on [`Self::embed`]'s output and then [`Self::final_norm`] is `forward_hidden`.
+    pub fn forward_layer(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        if layer >= self.blocks.len() {
+            return Err(LlamaError::Shape(format!(
+                "layer {layer} of a {}-layer model",
+                self.blocks.len()
+            )));
+        }
+        if mode == Mode::Training && self.quantized.is_some() {
+            return Err(LlamaError::Shape(
+                "a model quantised for inference cannot run a training forward".into(),
+            ));
+        }
+        self.block_forward(layer, x, ctx, None, mode)
+    }
+
+    /// The final RMSNorm, whose output goes to the LM head.
+    pub fn final_norm(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.norm.forward(x, mode)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Makes the dropout masks of the following training forwards a function of `seed` (and
+    /// of layer and projection), so that a forward can be repeated exactly: by gradient
+    /// checkpointing's recomputation, or by a resumed run. `None`: the device's generator.
+    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        self.dropout_seed = seed;
     }
 
     /// Logits `[.., vocab]` for hidden states `[.., hidden]`, in f32 (f64 for an f64 model).

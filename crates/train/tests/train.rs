@@ -16,12 +16,16 @@ fn fixture() -> PathBuf {
 }
 
 fn model(lora_seed: u64) -> Llama {
+    model_with_dropout(lora_seed, 0.0)
+}
+
+fn model_with_dropout(lora_seed: u64, dropout: f32) -> Llama {
     let files = ModelFiles::resolve(fixture().to_str().unwrap()).unwrap();
     let mut m = load_model(&files, DType::F32, &Device::Cpu).unwrap();
     let cfg = LoraConfig {
         rank: 4,
         alpha: 8.0,
-        dropout: 0.0,
+        dropout,
         seed: lora_seed,
         ..LoraConfig::default()
     };
@@ -119,7 +123,7 @@ fn chunked_masked_loss_equals_full_cross_entropy() {
 
 #[test]
 fn accumulated_gradients_equal_one_big_batch() {
-    let m = model(1);
+    let mut m = model(1);
     // Give B non-zero values so that A gets gradients too.
     for v in m.adapter("train").unwrap().vars() {
         let t = Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap();
@@ -138,8 +142,8 @@ fn accumulated_gradients_equal_one_big_batch() {
         big.trained_tokens(),
         small.iter().map(Batch::trained_tokens).sum::<usize>()
     );
-    let (l_acc, g_acc) = accumulate(&m, &small, &vars, &cfg).unwrap();
-    let (l_big, g_big) = accumulate(&m, std::slice::from_ref(&big), &vars, &cfg).unwrap();
+    let (l_acc, g_acc) = accumulate(&mut m, &small, &vars, &cfg, 0).unwrap();
+    let (l_big, g_big) = accumulate(&mut m, std::slice::from_ref(&big), &vars, &cfg, 0).unwrap();
     assert!((l_acc - l_big).abs() < 1e-5 * l_big, "{l_acc} vs {l_big}");
     let mut nonzero = 0;
     for (name, v) in &vars {
@@ -211,8 +215,10 @@ fn resume_continues_exactly() {
     };
     let eval = vec![batch(&[seq(9, 8)], 1, 8)];
     // Straight: 2 epochs x 3 batches = 6 steps.
+    // With LoRA dropout: its masks are a function of (seed, step, micro-batch), so a resumed
+    // run draws the masks the interrupted one would have drawn.
     let straight = tempfile::tempdir().unwrap();
-    let mut a = model(1);
+    let mut a = model_with_dropout(1, 0.2);
     Trainer::new(cfg.clone(), straight.path())
         .unwrap()
         .run(&mut a, &mut |_| Ok(data()), &eval, None)
@@ -221,7 +227,7 @@ fn resume_continues_exactly() {
     // so the last checkpoint is step 2, in the middle of epoch 0.
     let crashed = tempfile::tempdir().unwrap();
     let mut calls = 0;
-    let mut b = model(1);
+    let mut b = model_with_dropout(1, 0.2);
     let err = Trainer::new(cfg.clone(), crashed.path())
         .unwrap()
         .run(
@@ -242,7 +248,7 @@ fn resume_continues_exactly() {
     let latest = std::fs::read_to_string(crashed.path().join("checkpoints/latest")).unwrap();
     assert_eq!(latest, "step-000002");
     // Resume on a fresh model whose adapter starts elsewhere: everything comes from the checkpoint.
-    let mut c = model(77);
+    let mut c = model_with_dropout(77, 0.2);
     let summary = Trainer::new(cfg, crashed.path())
         .unwrap()
         .run(&mut c, &mut |_| Ok(data()), &eval, Some(crashed.path()))
@@ -258,7 +264,7 @@ fn resume_continues_exactly() {
         m.iter()
             .filter(|r| r.get("loss").is_some() && r["step"].as_u64().unwrap() >= from)
             .map(|r| {
-                for k in ["epoch", "lr", "grad_norm", "tokens_per_s"] {
+                for k in ["epoch", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"] {
                     assert!(r.get(k).is_some(), "{k} missing in {r}");
                 }
                 (
@@ -365,4 +371,73 @@ fn packed_rows_give_the_loss_of_separate_rows() {
     let a = evaluate(&m, &[separate], PAD, 4).unwrap();
     let b = evaluate(&m, &[packed], PAD, 4).unwrap();
     assert!((a - b).abs() < 1e-5 * a, "{a} vs {b}");
+}
+
+fn grads_of(
+    m: &mut Llama,
+    window: &[Batch],
+    cfg: &TrainConfig,
+    step: usize,
+) -> (f64, Vec<Vec<f32>>) {
+    let vars = m.adapter("train").unwrap().named_vars();
+    let (loss, grads) = accumulate(m, window, &vars, cfg, step).unwrap();
+    let g = vars
+        .iter()
+        .map(|(name, v)| {
+            grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    (loss, g)
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+    let mut diff = 0f32;
+    let mut scale = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        for (p, q) in x.iter().zip(y) {
+            diff = diff.max((p - q).abs());
+            scale = scale.max(q.abs());
+        }
+    }
+    (diff, scale)
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_loss_and_gradients_with_dropout() {
+    let mut m = model_with_dropout(1, 0.2);
+    for v in m.adapter("train").unwrap().vars() {
+        v.set(&Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let window = data();
+    let plain_cfg = config(1e-3);
+    let ckpt_cfg = TrainConfig {
+        gradient_checkpointing: true,
+        ..plain_cfg.clone()
+    };
+    let (l_plain, g_plain) = grads_of(&mut m, &window, &plain_cfg, 3);
+    let (l_ckpt, g_ckpt) = grads_of(&mut m, &window, &ckpt_cfg, 3);
+    assert!(
+        (l_plain - l_ckpt).abs() <= 1e-6 * l_plain,
+        "{l_plain} vs {l_ckpt}"
+    );
+    let (diff, scale) = max_abs_diff(&g_ckpt, &g_plain);
+    assert!(scale > 0.0);
+    assert!(diff <= 1e-5 * scale, "max diff {diff} at scale {scale}");
+    // Every factor of every layer gets a gradient through the recomputation.
+    assert!(g_ckpt.iter().all(|g| g.iter().any(|&x| x != 0.0)));
+
+    // The masks are a function of the step: the same step repeats exactly, another step draws
+    // other masks, and dropout 0 differs from both (so dropout is really applied).
+    let (l_again, g_again) = grads_of(&mut m, &window, &plain_cfg, 3);
+    assert_eq!(l_again, l_plain);
+    assert_eq!(g_again, g_plain);
+    let (l_other, _) = grads_of(&mut m, &window, &plain_cfg, 4);
+    assert_ne!(l_other, l_plain);
 }

@@ -7,10 +7,11 @@ use teamtune_data::{
     choose_pad_id, make_batches, prepare, BatchOptions, EncodeOptions, Encoder, PrepareOptions,
     PruneOptions, SplitOptions,
 };
-use teamtune_llama::{LoraConfig, LoraTarget};
+use teamtune_llama::LoraConfig;
 use teamtune_train::{TrainConfig, Trainer};
 
 use super::model_args::{chat_template, ModelArgs};
+use super::recipe::{Recipe, RecipeFlags};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -19,91 +20,67 @@ pub struct Args {
     /// Conversation files or folders (JSON Lines, `{"messages": [...], "task", "score"}`).
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
-    /// Run folder: metrics.jsonl, checkpoints/, adapter/.
+    /// Run folder: train.toml, metrics.jsonl, checkpoints/, adapter/.
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f64,
-    #[arg(long, default_value_t = 0.2)]
-    pub dropout: f32,
+    /// A TOML file with any of the settings below (flags override it); see configs/study.toml.
     #[arg(long)]
-    pub rslora: bool,
-    #[arg(long, default_value_t = 5e-5)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 6)]
-    pub epochs: usize,
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Sequences per optimizer step (reached by gradient accumulation).
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Sequences per micro-batch (one forward/backward).
-    #[arg(long, default_value_t = 4)]
-    pub micro_batch: usize,
-    /// Token budget per micro-batch, padding included.
-    #[arg(long, default_value_t = 8192)]
-    pub max_tokens: usize,
-    /// Longest conversation kept, in tokens (longer ones are cut at a turn boundary).
-    #[arg(long, default_value_t = 4096)]
-    pub max_len: usize,
-    #[arg(long, default_value_t = 0.15)]
-    pub warmup: f64,
-    #[arg(long, default_value_t = 0.05)]
-    pub min_lr_ratio: f64,
-    #[arg(long, default_value_t = 0.03)]
-    pub weight_decay: f64,
-    /// Global gradient-norm clip; 0 disables it.
-    #[arg(long, default_value_t = 0.3)]
-    pub clip: f64,
-    /// Conversations scoring below this are pruned.
-    #[arg(long, default_value_t = 50.0)]
-    pub min_score: f64,
-    /// Fraction of conversations held out for the evaluation loss.
-    #[arg(long, default_value_t = 0.1)]
-    pub validation_fraction: f64,
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    #[arg(long)]
-    pub checkpoint_every: Option<usize>,
-    /// Continue from a checkpoint (or a run folder's latest one).
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub recipe: RecipeFlags,
+    /// Continue from a checkpoint (or a run folder's latest one), with that run's train.toml
+    /// unless --config is given.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+}
+
+/// The recipe a run uses: defaults, then the config file (or the resumed run's), then flags.
+fn effective_recipe(args: &Args) -> anyhow::Result<Recipe> {
+    let base = match (&args.config, &args.resume) {
+        (Some(path), _) => Recipe::from_file(path)?,
+        (None, Some(resume)) => {
+            // A run folder, or a checkpoint folder inside one (RUN/checkpoints/step-N).
+            let candidates = [resume.join("train.toml"), resume.join("../../train.toml")];
+            match candidates.iter().find(|p| p.is_file()) {
+                Some(p) => Recipe::from_file(p)?,
+                None => Recipe::default(),
+            }
+        }
+        (None, None) => Recipe::default(),
+    };
+    let recipe = base.with_flags(&args.recipe);
+    recipe.validate()?;
+    Ok(recipe)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.micro_batch == 0 || args.batch_size < args.micro_batch {
-        bail!(
-            "--batch-size ({}) must be at least --micro-batch ({}) > 0",
-            args.batch_size,
-            args.micro_batch
-        );
-    }
+    let recipe = effective_recipe(&args)?;
     if args.model.quantize.is_some() {
         bail!("--quantize is an inference path; training needs the dense weights");
     }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating the run folder {}", args.out.display()))?;
+    recipe.save(&args.out.join("train.toml"))?;
+    let r = &recipe;
     let mut loaded = args.model.load()?;
     let template = chat_template(&loaded.assets)?;
     let encoder = Encoder::new(
         loaded.assets.tokenizer.clone(),
         template,
         EncodeOptions {
-            max_len: Some(args.max_len),
+            max_len: Some(r.max_len),
             overlong: teamtune_data::Overlong::CutAtTurn,
             ..Default::default()
         },
     )?;
     let options = PrepareOptions {
         prune: PruneOptions {
-            min_score: Some(args.min_score),
+            min_score: Some(r.min_score),
             ..Default::default()
         },
         split: SplitOptions {
-            validation_fraction: args.validation_fraction,
-            seed: args.seed,
+            validation_fraction: r.validation_fraction,
+            seed: r.seed,
             ..Default::default()
         },
         ..Default::default()
@@ -113,7 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if prepared.train.is_empty() {
         bail!(
             "no training conversations left after pruning below {}",
-            args.min_score
+            r.min_score
         );
     }
     let eos = encoder.end_of_turn_ids().to_vec();
@@ -123,9 +100,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &eos,
     )?;
     let batch_options = BatchOptions {
-        max_rows: Some(args.micro_batch),
-        seed: args.seed,
-        ..BatchOptions::new(args.max_tokens, pad)
+        max_rows: Some(r.micro_batch),
+        seed: r.seed,
+        ..BatchOptions::new(r.max_tokens, pad)
     };
     tracing::info!(
         train = prepared.train.len(),
@@ -143,27 +120,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
 
     let lora = LoraConfig {
-        rank: args.rank,
-        alpha: args.alpha,
-        dropout: args.dropout,
-        use_rslora: args.rslora,
-        targets: LoraTarget::ALL.to_vec(),
+        rank: r.rank,
+        alpha: r.alpha,
+        dropout: r.dropout,
+        use_rslora: r.rslora,
+        targets: r.lora_targets(),
         base_model_name_or_path: Some(loaded.files.describe()),
-        seed: args.seed,
+        seed: r.seed,
     };
     loaded.model.add_adapter("train", &lora)?;
     let mut config = TrainConfig::study("train", pad);
-    config.epochs = args.epochs;
-    config.max_steps = args.max_steps;
-    config.accumulation = args.batch_size.div_ceil(args.micro_batch);
-    config.lr = args.lr;
-    config.warmup_ratio = args.warmup;
-    config.min_lr_ratio = args.min_lr_ratio;
-    config.optimizer.weight_decay = args.weight_decay;
-    config.max_grad_norm = (args.clip > 0.0).then_some(args.clip);
-    config.eval_every = args.eval_every;
-    config.checkpoint_every = args.checkpoint_every;
-    config.seed = args.seed;
+    config.epochs = r.epochs;
+    config.max_steps = r.max_steps;
+    config.accumulation = r.batch_size.div_ceil(r.micro_batch);
+    config.lr = r.lr;
+    config.warmup_ratio = r.warmup;
+    config.min_lr_ratio = r.min_lr_ratio;
+    config.optimizer.weight_decay = r.weight_decay;
+    config.max_grad_norm = (r.clip > 0.0).then_some(r.clip);
+    config.eval_every = r.eval_every;
+    config.checkpoint_every = r.checkpoint_every;
+    config.seed = r.seed;
+    config.gradient_checkpointing = r.gradient_checkpointing;
     config.progress = true;
     let trainer = Trainer::new(config, &args.out)?;
     let train = &prepared.train;

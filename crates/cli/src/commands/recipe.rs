@@ -1,0 +1,323 @@
+//! The settings of a training run: the study's recipe by default, a TOML file (`--config`)
+//! over that, and command-line flags over both. The effective recipe is written into the run
+//! folder as `train.toml`, so a run can be repeated or resumed with exactly its settings.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// Every setting of `teamtune train` that is not an input or output path. Field names are
+/// the flags' names with `_` for `-`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Recipe {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub rslora: bool,
+    /// Projections to adapt: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    pub targets: Vec<String>,
+    pub lr: f64,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    /// Sequences per optimizer step (reached by gradient accumulation).
+    pub batch_size: usize,
+    /// Sequences per micro-batch (one forward/backward).
+    pub micro_batch: usize,
+    /// Token budget per micro-batch, padding included.
+    pub max_tokens: usize,
+    /// Longest conversation kept, in tokens (longer ones are cut at a turn boundary).
+    pub max_len: usize,
+    pub warmup: f64,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    pub clip: f64,
+    /// Conversations scoring below this are pruned.
+    pub min_score: f64,
+    /// Fraction of conversations held out for the evaluation loss.
+    pub validation_fraction: f64,
+    pub eval_every: Option<usize>,
+    pub checkpoint_every: Option<usize>,
+    pub gradient_checkpointing: bool,
+    pub seed: u64,
+}
+
+impl Default for Recipe {
+    /// The study's recipe: r 8, alpha 16, dropout 0.2 on all seven projections, lr 5e-5,
+    /// 6 epochs, 32 sequences per step, warm-up 0.15, min-LR ratio 0.05, weight decay 0.03,
+    /// clip 0.3.
+    fn default() -> Self {
+        Recipe {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.2,
+            rslora: false,
+            targets: teamtune_llama::LoraTarget::ALL
+                .iter()
+                .map(|t| t.module_name().to_owned())
+                .collect(),
+            lr: 5e-5,
+            epochs: 6,
+            max_steps: None,
+            batch_size: 32,
+            micro_batch: 4,
+            max_tokens: 8192,
+            max_len: 4096,
+            warmup: 0.15,
+            min_lr_ratio: 0.05,
+            weight_decay: 0.03,
+            clip: 0.3,
+            min_score: 50.0,
+            validation_fraction: 0.1,
+            eval_every: None,
+            checkpoint_every: None,
+            gradient_checkpointing: false,
+            seed: 0,
+        }
+    }
+}
+
+/// The flags that override a recipe field; `None` keeps the file's (or default) value.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct RecipeFlags {
+    /// LoRA rank [default: 8].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha [default: 16].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapter input [default: 0.2].
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// Scale by alpha/sqrt(r) instead of alpha/r.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub rslora: Option<bool>,
+    /// Projections to adapt, comma-separated (q_proj,...,down_proj) [default: all seven].
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    /// Peak learning rate [default: 5e-5].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// [default: 6]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps (the schedule spans them).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Sequences per optimizer step, reached by gradient accumulation [default: 32].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Sequences per micro-batch (one forward/backward) [default: 4].
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Token budget per micro-batch, padding included [default: 8192].
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Longest conversation kept in tokens; longer ones are cut at a turn [default: 4096].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Warm-up fraction of the steps [default: 0.15].
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// Final LR as a fraction of the peak [default: 0.05].
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
+    /// Decoupled weight decay [default: 0.03].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Global gradient-norm clip; 0 disables it [default: 0.3].
+    #[arg(long)]
+    pub clip: Option<f64>,
+    /// Conversations scoring below this are pruned [default: 50].
+    #[arg(long)]
+    pub min_score: Option<f64>,
+    /// Fraction of conversations held out for the evaluation loss [default: 0.1].
+    #[arg(long)]
+    pub validation_fraction: Option<f64>,
+    /// Evaluate every N steps (always at step 0 and at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N steps (always at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Recompute each decoder layer in the backward instead of keeping its activations.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub gradient_checkpointing: Option<bool>,
+    /// Seed of the split, data order, adapter init and dropout masks [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl Recipe {
+    /// Reads a recipe file; fields it leaves out keep the study's values.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the training config {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Writes this recipe as TOML (temporary file and rename).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = toml::to_string(self)?;
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// This recipe with every given flag applied.
+    pub fn with_flags(mut self, f: &RecipeFlags) -> Self {
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &f.$field { self.$field = v.clone(); }
+            )*};
+        }
+        set!(
+            rank,
+            alpha,
+            dropout,
+            rslora,
+            targets,
+            lr,
+            epochs,
+            batch_size,
+            micro_batch,
+            max_tokens,
+            max_len,
+            warmup,
+            min_lr_ratio,
+            weight_decay,
+            clip,
+            min_score,
+            validation_fraction,
+            gradient_checkpointing,
+            seed
+        );
+        for (field, flag) in [
+            (&mut self.max_steps, f.max_steps),
+            (&mut self.eval_every, f.eval_every),
+            (&mut self.checkpoint_every, f.checkpoint_every),
+        ] {
+            if flag.is_some() {
+                *field = flag;
+            }
+        }
+        self
+    }
+
+    /// Refuses settings that cannot train, naming the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let checks: [(bool, &str); 10] = [
+            (self.rank > 0, "rank must be positive"),
+            (self.alpha > 0.0, "alpha must be positive"),
+            (
+                (0.0..1.0).contains(&self.dropout),
+                "dropout must be in [0, 1)",
+            ),
+            (self.lr > 0.0 && self.lr.is_finite(), "lr must be positive"),
+            (self.epochs > 0, "epochs must be positive"),
+            (self.micro_batch > 0, "micro_batch must be positive"),
+            (
+                self.batch_size >= self.micro_batch,
+                "batch_size must be at least micro_batch",
+            ),
+            (
+                (0.0..1.0).contains(&self.warmup),
+                "warmup must be in [0, 1)",
+            ),
+            (
+                (0.0..=1.0).contains(&self.min_lr_ratio),
+                "min_lr_ratio must be in [0, 1]",
+            ),
+            (
+                (0.0..1.0).contains(&self.validation_fraction),
+                "validation_fraction must be in [0, 1)",
+            ),
+        ];
+        for (ok, message) in checks {
+            if !ok {
+                bail!("invalid training setting: {message} (got {self:?})");
+            }
+        }
+        if self.targets.is_empty() {
+            bail!("invalid training setting: targets is empty");
+        }
+        for t in &self.targets {
+            if teamtune_llama::LoraTarget::parse(t).is_none() {
+                bail!(
+                    "invalid training setting: unknown target `{t}` (use q_proj, k_proj, v_proj, \
+                     o_proj, gate_proj, up_proj, down_proj)"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn lora_targets(&self) -> Vec<teamtune_llama::LoraTarget> {
+        self.targets
+            .iter()
+            .filter_map(|t| teamtune_llama::LoraTarget::parse(t))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_sets_what_it_names_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train.toml");
+        std::fs::write(
+            &path,
+            "lr = 1e-4\nrank = 16\ntargets = [\"q_proj\", \"v_proj\"]\n",
+        )
+        .unwrap();
+        let file = Recipe::from_file(&path).unwrap();
+        assert_eq!(file.lr, 1e-4);
+        assert_eq!(file.rank, 16);
+        assert_eq!(file.alpha, 16.0, "unnamed fields keep the study's value");
+        let flags = RecipeFlags {
+            rank: Some(4),
+            max_steps: Some(3),
+            ..Default::default()
+        };
+        let r = file.with_flags(&flags);
+        assert_eq!((r.rank, r.lr, r.max_steps), (4, 1e-4, Some(3)));
+        r.validate().unwrap();
+        assert_eq!(r.lora_targets().len(), 2);
+        // What a run saves reads back equal.
+        let saved = dir.path().join("saved.toml");
+        r.save(&saved).unwrap();
+        assert_eq!(Recipe::from_file(&saved).unwrap(), r);
+    }
+
+    #[test]
+    fn bad_files_and_values_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "lr = 1e-4\nlearning_rate = 3\n").unwrap();
+        let e = Recipe::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("learning_rate"), "{e}");
+        std::fs::write(&path, "rank = \"eight\"\n").unwrap();
+        let e = Recipe::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("rank"), "{e}");
+        let e = Recipe::from_file(&dir.path().join("missing.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        let bad = Recipe {
+            targets: vec!["qkv".into()],
+            ..Recipe::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("qkv"));
+        let bad = Recipe {
+            dropout: 1.5,
+            ..Recipe::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("dropout"));
+    }
+}

@@ -1,0 +1,90 @@
+//! Reproducible dropout masks for LoRA inputs.
+//!
+//! A mask is a pure function of a seed, so that the same training step draws the same masks
+//! when it is run again: a layer recomputed in the backward of gradient checkpointing must see
+//! the forward's masks, and a run resumed from a checkpoint must see the masks the interrupted
+//! run would have drawn. candle's CPU generator cannot be seeded, so on the CPU the masks come
+//! from our own counter-based generator; on an accelerator the device generator is re-seeded
+//! per mask (drawing there avoids moving a mask of activation size over the bus).
+
+use candle_core::{DType, Device, Shape, Tensor};
+
+use crate::error::Result;
+
+/// Mixes `parts` into one well-spread 64-bit seed (SplitMix64's finaliser per part).
+pub fn mix_seed(parts: &[u64]) -> u64 {
+    parts.iter().fold(0x243F_6A88_85A3_08D3, |acc, &p| {
+        finalize(acc ^ finalize(p.wrapping_add(0x9E37_79B9_7F4A_7C15)))
+    })
+}
+
+fn finalize(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The inverted-dropout multiplier for `shape`: each element is `0` with probability `p`,
+/// else `1 / (1 - p)` (PyTorch's convention), as f32 on `device`.
+pub fn dropout_mask(shape: &Shape, p: f32, seed: u64, device: &Device) -> Result<Tensor> {
+    let keep_scale = 1.0 / (1.0 - p);
+    if device.is_cpu() {
+        // Element i takes bits of finalize(seed + i): independent of the order in which
+        // elements are produced, so the mask could be filled in parallel chunks later.
+        let threshold = (p as f64 * 4_294_967_296.0) as u64;
+        let n = shape.elem_count();
+        let mut data = Vec::with_capacity(n);
+        for i in 0..n.div_ceil(2) as u64 {
+            let bits = finalize(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            for half in [bits & 0xFFFF_FFFF, bits >> 32] {
+                data.push(if half < threshold { 0.0 } else { keep_scale });
+            }
+        }
+        data.truncate(n);
+        return Ok(Tensor::from_vec(data, shape, device)?);
+    }
+    device.set_seed(seed)?;
+    let u = Tensor::rand(0f32, 1f32, shape, device)?;
+    Ok((u.ge(p as f64)?.to_dtype(DType::F32)? * keep_scale as f64)?)
+}
+
+/// `x * mask` with a mask drawn from `seed` (see [`dropout_mask`]); `x` must be f32.
+pub fn seeded_dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let mask = dropout_mask(x.shape(), p, seed, x.device())?;
+    Ok(x.mul(&mask)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_repeat_for_a_seed_and_differ_between_seeds() {
+        let shape = Shape::from((64, 128));
+        let a = dropout_mask(&shape, 0.2, 7, &Device::Cpu).unwrap();
+        let b = dropout_mask(&shape, 0.2, 7, &Device::Cpu).unwrap();
+        let c = dropout_mask(&shape, 0.2, 8, &Device::Cpu).unwrap();
+        let (a, b, c) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            c.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.2).abs() < 0.02, "dropped fraction {dropped}");
+        let kept = a.iter().find(|&&v| v != 0.0).unwrap();
+        assert!((kept - 1.25).abs() < 1e-6);
+        // Odd sizes are filled exactly.
+        let odd = dropout_mask(&Shape::from(7), 0.5, 1, &Device::Cpu).unwrap();
+        assert_eq!(odd.dims(), &[7]);
+    }
+
+    #[test]
+    fn mixed_seeds_depend_on_every_part() {
+        let s = mix_seed(&[1, 2, 3]);
+        assert_ne!(s, mix_seed(&[1, 2, 4]));
+        assert_ne!(s, mix_seed(&[2, 1, 3]));
+        assert_eq!(s, mix_seed(&[1, 2, 3]));
+    }
+}
