@@ -30,6 +30,8 @@ enum Command {
     Collect(commands::collect::Args),
     /// Train a LoRA adapter on conversation files (the study's recipe by default).
     Train(commands::train::Args),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face model folder.
+    Merge(commands::merge::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         Command::Replay(args) => commands::replay::run(args),
         Command::Collect(args) => commands::collect::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Merge(args) => commands::merge::run(args),
     }
 }

@@ -1,0 +1,138 @@
+//! `teamtune merge` on the tiny fixture: a PEFT adapter merged into a sharded HF folder that
+//! our own loader reads back, a refused non-empty output, and a clear error for a bad adapter.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{run_ok, teamtune};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures")
+}
+
+fn s(p: &std::path::Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn merges_a_peft_adapter_into_a_sharded_hf_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let model = s(&fixtures().join("tiny-llama31.gguf"));
+    let adapter = s(&fixtures().join("tiny-lora"));
+    let said = run_ok(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--out",
+        &s(&out),
+        "--dtype",
+        "bf16",
+        "--max-shard-size",
+        "100KB",
+    ]);
+    assert_eq!(said.trim(), s(&out));
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let mut shards: Vec<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    shards.sort();
+    shards.dedup();
+    assert!(shards.len() >= 2, "{shards:?}");
+    for f in &shards {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+
+    // The folder is a model the other commands take.
+    let text = run_ok(&[
+        "generate",
+        "--model",
+        &s(&out),
+        "--raw",
+        "--prompt",
+        "the cat",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ]);
+    assert!(!text.is_empty());
+
+    // A second run refuses the now non-empty folder, and --force replaces it.
+    let again = teamtune()
+        .args([
+            "merge",
+            "--model",
+            &model,
+            "--adapter",
+            &adapter,
+            "--out",
+            &s(&out),
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("--force"), "{err}");
+    run_ok(&[
+        "merge",
+        "--model",
+        &model,
+        "--no-adapter",
+        "--out",
+        &s(&out),
+        "--force",
+    ]);
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!out.join("model.safetensors.index.json").exists());
+}
+
+#[test]
+fn an_adapter_is_required_and_a_missing_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let model = s(&fixtures().join("tiny-llama31"));
+    let none = teamtune()
+        .args(["merge", "--model", &model, "--out", &s(&out)])
+        .output()
+        .unwrap();
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("--adapter"));
+    let missing = dir.path().join("no-such-adapter");
+    let bad = teamtune()
+        .args([
+            "merge",
+            "--model",
+            &model,
+            "--adapter",
+            &s(&missing),
+            "--out",
+            &s(&out),
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("no-such-adapter"), "{err}");
+    assert!(!out.exists());
+}
