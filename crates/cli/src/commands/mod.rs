@@ -1,6 +1,7 @@
 pub mod collect;
 pub mod data;
 pub mod generate;
+pub mod merge;
 pub mod model_args;
 pub mod play;
 pub mod recipe;
