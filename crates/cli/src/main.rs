@@ -30,6 +30,10 @@ enum Command {
     Collect(commands::collect::Args),
     /// Train a LoRA adapter on conversation files (the study's recipe by default).
     Train(commands::train::Args),
+    /// Draw a run's loss curves (train, eval, base model at step 0) as PNG and SVG.
+    Plot(commands::plot::Args),
+    /// Compare runs: a table of their losses and speed, and one figure with all their curves.
+    Compare(commands::compare::Args),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model folder.
     Merge(commands::merge::Args),
 }
@@ -50,6 +54,8 @@ fn main() -> anyhow::Result<()> {
         Command::Replay(args) => commands::replay::run(args),
         Command::Collect(args) => commands::collect::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Plot(args) => commands::plot::run(args),
+        Command::Compare(args) => commands::compare::run(args),
         Command::Merge(args) => commands::merge::run(args),
     }
 }

@@ -1,9 +1,11 @@
 pub mod collect;
+pub mod compare;
 pub mod data;
 pub mod generate;
 pub mod merge;
 pub mod model_args;
 pub mod play;
+pub mod plot;
 pub mod recipe;
 pub mod replay;
 pub mod train;

@@ -1,0 +1,178 @@
+//! `teamtune plot` and `teamtune compare` on two synthetic runs (no model involved).
+
+mod common;
+
+use common::{run_ok, teamtune};
+use std::path::{Path, PathBuf};
+
+/// A run folder whose metrics.jsonl has a step-0 eval (base), `steps` train steps and an eval
+/// every 5 steps; losses fall from `start`.
+fn write_run(dir: &Path, name: &str, steps: u64, start: f64) -> (PathBuf, Vec<f64>, Vec<f64>) {
+    let run = dir.join(name);
+    std::fs::create_dir_all(&run).unwrap();
+    let (mut train, mut eval) = (Vec::new(), vec![start + 0.5]);
+    let mut text = format!("{{\"step\":0,\"epoch\":0.0,\"eval_loss\":{}}}\n", eval[0]);
+    for s in 1..=steps {
+        let loss = start / (1.0 + s as f64 * 0.1);
+        train.push(loss);
+        text += &format!(
+            "{{\"step\":{s},\"epoch\":0.1,\"loss\":{loss},\"lr\":1e-4,\"grad_norm\":0.2,\"trained_tokens\":100,\"tokens_per_s\":{}}}\n",
+            200.0 + s as f64
+        );
+        if s % 5 == 0 {
+            let e = start / (1.0 + s as f64 * 0.05) + 0.3;
+            eval.push(e);
+            text += &format!("{{\"step\":{s},\"epoch\":0.1,\"eval_loss\":{e}}}\n");
+        }
+    }
+    std::fs::write(run.join("metrics.jsonl"), text).unwrap();
+    (run, train, eval)
+}
+
+fn assert_figure(png: &Path, svg: &Path, texts: &[&str]) {
+    let bytes = std::fs::read(png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", png.display());
+    assert!(bytes.len() > 5000, "a tiny PNG: {} bytes", bytes.len());
+    let svg = std::fs::read_to_string(svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    for t in texts {
+        assert!(svg.contains(t), "no `{t}` in the SVG");
+    }
+}
+
+#[test]
+fn plot_writes_loss_figures_into_the_run_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run, _, _) = write_run(dir.path(), "lora-r8", 20, 2.0);
+    let out = run_ok(&["plot", run.to_str().unwrap()]);
+    let (png, svg) = (run.join("loss.png"), run.join("loss.svg"));
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [png.to_str().unwrap(), svg.to_str().unwrap()]
+    );
+    assert_figure(
+        &png,
+        &svg,
+        &["lora-r8", "train loss", "eval loss", "base (step 0)"],
+    );
+
+    let prefix = dir.path().join("figs/custom");
+    let out = run_ok(&[
+        "plot",
+        run.join("metrics.jsonl").to_str().unwrap(),
+        "--out",
+        prefix.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("figs/custom.png") && out.contains("figs/custom.svg"),
+        "{out}"
+    );
+    assert_figure(
+        &dir.path().join("figs/custom.png"),
+        &dir.path().join("figs/custom.svg"),
+        &["lora-r8"],
+    );
+}
+
+#[test]
+fn compare_prints_the_table_and_writes_one_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, ta, ea) = write_run(dir.path(), "a", 30, 2.0);
+    let (b, tb, eb) = write_run(dir.path(), "b", 20, 3.0);
+    // default output: compare.png/.svg in the current folder
+    let out = teamtune()
+        .current_dir(dir.path())
+        .args(["compare", a.to_str().unwrap(), b.to_str().unwrap()])
+        .args(["--names", "small,big"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.starts_with("run "), "{stdout}");
+    assert!(stdout.contains("final train loss") && stdout.contains("last vs base"));
+    assert!(
+        !stdout.contains("peak memory"),
+        "no run logged memory: {stdout}"
+    );
+    for (name, steps, train, eval) in [("small", 30, &ta, &ea), ("big", 20, &tb, &eb)] {
+        let row: Vec<&str> = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row {name}: {stdout}"))
+            .split_whitespace()
+            .collect();
+        let k = train.len().div_ceil(10);
+        let fin = train[train.len() - k..].iter().sum::<f64>() / k as f64;
+        let (base, last) = (eval[0], *eval.last().unwrap());
+        let best = eval[1..].iter().cloned().fold(f64::INFINITY, f64::min);
+        let tps = (1..=steps).map(|s| 200.0 + s as f64).sum::<f64>() / steps as f64;
+        assert_eq!(row[1], steps.to_string());
+        assert_eq!(row[2], format!("{fin:.4}"));
+        assert_eq!(row[3], format!("{base:.4}"));
+        assert_eq!(row[4], format!("{last:.4}"));
+        assert_eq!(row[5], format!("{best:.4}"));
+        assert_eq!(row[6], format!("{:+.2}%", (last - base) / base * 100.0));
+        assert_eq!(row[7], format!("{tps:.1}"));
+    }
+    assert!(stdout.contains("compare.png") && stdout.contains("compare.svg"));
+    assert_figure(
+        &dir.path().join("compare.png"),
+        &dir.path().join("compare.svg"),
+        &[
+            "small vs big",
+            "small: train loss",
+            "big: eval loss",
+            "big: base (step 0)",
+        ],
+    );
+
+    // --out, and inputs given as metrics files
+    let prefix = dir.path().join("cmp/ab");
+    run_ok(&[
+        "compare",
+        a.join("metrics.jsonl").to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--out",
+        prefix.to_str().unwrap(),
+    ]);
+    assert_figure(
+        &dir.path().join("cmp/ab.png"),
+        &dir.path().join("cmp/ab.svg"),
+        &["a vs b"],
+    );
+}
+
+#[test]
+fn compare_refuses_what_it_cannot_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _, _) = write_run(dir.path(), "a", 10, 2.0);
+    let other = dir.path().join("results.json");
+    std::fs::write(&other, "{}").unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"step\":0,\"eval_loss\":1}\n{\"loss\":1}\n").unwrap();
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec![a.to_str().unwrap(), other.to_str().unwrap()],
+            "results.json",
+        ),
+        (
+            vec![a.to_str().unwrap(), bad.to_str().unwrap()],
+            "bad.jsonl:2: missing field `step`",
+        ),
+        (
+            vec![a.to_str().unwrap(), a.to_str().unwrap(), "--names", "x"],
+            "1 names given for 2 inputs",
+        ),
+        (vec![a.to_str().unwrap()], "required"),
+    ];
+    for (args, want) in cases {
+        let out = teamtune().arg("compare").args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
