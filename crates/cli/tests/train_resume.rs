@@ -118,6 +118,13 @@ fn kill_9_then_resume_continues_the_loss_curve_exactly() {
     let (train_b, eval_b) = curve(Path::new(&killed));
     assert_eq!(train_a.len(), 4);
     assert_eq!(eval_a.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 2, 4]);
+    // A short run lowers the validation loss below the base model's (step 0, adapter off).
+    assert!(
+        eval_a[2].1 < eval_a[0].1,
+        "validation loss {} -> {}",
+        eval_a[0].1,
+        eval_a[2].1
+    );
     assert_eq!(train_b, train_a);
     assert_eq!(eval_b, eval_a);
     let weights = |run: &str| {
