@@ -296,6 +296,12 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_study_config_is_the_default_recipe() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/study.toml");
+        assert_eq!(Recipe::from_file(&path).unwrap(), Recipe::default());
+    }
+
+    #[test]
     fn bad_files_and_values_name_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
