@@ -1,4 +1,5 @@
-//! `teamtune plot` and `teamtune compare` on two synthetic runs (no model involved).
+//! `teamtune plot` and `teamtune compare` on two synthetic runs and on two synthetic
+//! evaluations (no model involved).
 
 mod common;
 
@@ -168,6 +169,212 @@ fn compare_refuses_what_it_cannot_compare() {
             "1 names given for 2 inputs",
         ),
         (vec![a.to_str().unwrap()], "required"),
+    ];
+    for (args, want) in cases {
+        let out = teamtune().arg("compare").args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+const TASKS: [&str; 7] = [
+    "single_nav",
+    "corners",
+    "alphabetical",
+    "random_points",
+    "single_pick",
+    "multi_pick",
+    "permission_pick",
+];
+
+/// An eval folder as `teamtune eval --out` writes it: per task (name, mean, std, success,
+/// invalid).
+fn write_eval(dir: &Path, name: &str, tasks: &[(&str, f64, f64, f64, f64)]) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    let rows: Vec<String> = tasks
+        .iter()
+        .map(|(t, m, s, ok, inv)| {
+            format!(
+                "{{\"task\":\"{t}\",\"episodes\":5,\"mean_score\":{m},\"std_score\":{s},\"min_score\":0.0,\
+                 \"max_score\":100.0,\"success_rate\":{ok},\"invalid_reply_rate\":{inv},\"turns\":50,\
+                 \"avg_turns\":10.0,\"generated_tokens\":1610,\"seconds\":29.4}}"
+            )
+        })
+        .collect();
+    std::fs::write(
+        out.join("eval.json"),
+        format!(
+            "{{\"format\":\"teamtune-eval/1\",\"policy\":\"model:{name}\",\"settings\":{{\"seed\":0}},\
+             \"tasks\":[{}],\"mean_score\":0.0,\"invalid_reply_rate\":0.0,\"wall_seconds\":812.0}}",
+            rows.join(",")
+        ),
+    )
+    .unwrap();
+    std::fs::write(out.join("episodes.jsonl"), "").unwrap();
+    out
+}
+
+/// The stdout table's row `label` as column groups of whitespace tokens.
+fn eval_row(table: &str, label: &str) -> Vec<Vec<String>> {
+    let line = table
+        .lines()
+        .find(|l| l.contains('|') && l.split('|').next().unwrap().trim() == label)
+        .unwrap_or_else(|| panic!("no row {label} in\n{table}"));
+    line.split('|')
+        .skip(1)
+        .map(|g| g.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+#[test]
+fn compare_evals_with_the_study_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: Vec<_> = TASKS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (*t, 10.0 * i as f64, 5.0 + i as f64, 0.2, 0.05))
+        .collect();
+    // the tuned eval skipped multi_pick
+    let tuned: Vec<_> = TASKS
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t != "multi_pick")
+        .map(|(i, t)| (*t, 95.0 - 5.0 * i as f64, 2.0, 0.8, 0.0))
+        .collect();
+    let a = write_eval(dir.path(), "base-135m", &base);
+    let b = write_eval(dir.path(), "tuned-135m", &tuned);
+    let prefix = dir.path().join("figs/evals");
+    let out = run_ok(&[
+        "compare",
+        a.to_str().unwrap(),
+        b.join("eval.json").to_str().unwrap(),
+        "--reference",
+        "study",
+        "--out",
+        prefix.to_str().unwrap(),
+    ]);
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap()
+        .split('|')
+        .skip(1)
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "base-135m",
+            "tuned-135m",
+            "study: base 8B",
+            "study: base 70B",
+            "study: fine-tuned 8B"
+        ],
+        "{out}"
+    );
+    for (i, task) in TASKS.iter().enumerate() {
+        let r = eval_row(&out, task);
+        let (_, m, s, ok, inv) = base[i];
+        assert_eq!(
+            r[0],
+            [
+                format!("{m:.1}"),
+                "±".into(),
+                format!("{s:.1}"),
+                format!("{:.0}%", ok * 100.0),
+                format!("{:.1}%", inv * 100.0)
+            ],
+            "{out}"
+        );
+        if *task == "multi_pick" {
+            assert_eq!(r[1], ["-", "-", "-"], "{out}");
+        } else {
+            assert_eq!(r[1][0], format!("{:.1}", 95.0 - 5.0 * i as f64), "{out}");
+        }
+    }
+    // the study's numbers (GRIDWORLD.md, "Results to reproduce")
+    assert_eq!(
+        eval_row(&out, "single_nav")[2..],
+        [["80.0"], ["90.0"], ["100.0"]]
+    );
+    assert_eq!(
+        eval_row(&out, "multi_pick")[2..],
+        [["2.5"], ["81.7"], ["55.6"]]
+    );
+    assert_eq!(
+        eval_row(&out, "permission_pick")[2..],
+        [["3.3"], ["75.0"], ["10.0"]]
+    );
+    // mean row: the mean of the task means
+    let mean = eval_row(&out, "mean");
+    assert_eq!(mean[0][0], "30.0", "{out}");
+    let tuned_mean = tuned.iter().map(|t| t.1).sum::<f64>() / 6.0;
+    assert_eq!(mean[1][0], format!("{tuned_mean:.1}*"), "{out}");
+    assert!(
+        out.contains("evals.png") && out.contains("evals.svg"),
+        "{out}"
+    );
+    assert_figure(
+        &dir.path().join("figs/evals.png"),
+        &dir.path().join("figs/evals.svg"),
+        &[
+            "base-135m",
+            "tuned-135m",
+            "study: fine-tuned 8B",
+            "permission_pick",
+            "mean",
+        ],
+    );
+
+    // one evaluation against the study, named by --names
+    let out = teamtune()
+        .current_dir(dir.path())
+        .args(["compare", a.to_str().unwrap(), "--reference", "study"])
+        .args(["--names", "smol"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.lines().next().unwrap().contains("smol"), "{stdout}");
+    assert!(dir.path().join("compare.png").is_file());
+}
+
+#[test]
+fn compare_refuses_mixed_inputs_and_misplaced_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run, _, _) = write_run(dir.path(), "run", 10, 2.0);
+    let eval = write_eval(dir.path(), "eval", &[("corners", 50.0, 1.0, 0.5, 0.0)]);
+    let wrong = dir.path().join("old.json");
+    std::fs::write(&wrong, "{\"format\":\"teamtune-eval/0\",\"tasks\":[]}").unwrap();
+    let cases: [(Vec<&str>, &str); 5] = [
+        (
+            vec![run.to_str().unwrap(), eval.to_str().unwrap()],
+            "cannot compare training runs with evaluation results",
+        ),
+        (
+            vec![
+                run.to_str().unwrap(),
+                run.to_str().unwrap(),
+                "--reference",
+                "study",
+            ],
+            "training runs",
+        ),
+        (
+            vec![eval.to_str().unwrap(), "--reference", "paper"],
+            "study",
+        ),
+        (
+            vec![eval.to_str().unwrap(), wrong.to_str().unwrap()],
+            "old.json: format `teamtune-eval/0` is not supported",
+        ),
+        (vec![eval.to_str().unwrap()], "required"),
     ];
     for (args, want) in cases {
         let out = teamtune().arg("compare").args(&args).output().unwrap();

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use thiserror::Error;
 
-/// Reading a run's metrics, recognising a comparison input, or writing a figure.
+/// Reading a run's metrics or evaluation results, recognising a comparison input, or writing a
+/// figure.
 #[derive(Debug, Error)]
 pub enum ReportError {
     #[error("reading {}: {source}", path.display())]
@@ -39,6 +40,17 @@ pub enum ReportError {
     Empty { path: PathBuf },
     #[error("{}: {why}", path.display())]
     NotComparable { path: PathBuf, why: String },
+    #[error("{}: {why}", path.display())]
+    BadEval { path: PathBuf, why: String },
+    #[error(
+        "cannot compare training runs with evaluation results in one call: {} is a training run, \
+         {} is evaluation results (compare runs with runs, evaluations with evaluations)",
+        run.display(),
+        eval.display()
+    )]
+    Mixed { run: PathBuf, eval: PathBuf },
+    #[error("{why}")]
+    Usage { why: String },
     #[error("{names} names given for {inputs} inputs")]
     NameCount { names: usize, inputs: usize },
     #[error("writing {}: {why}", path.display())]

@@ -257,9 +257,13 @@ fn same_named_runs_are_told_apart_by_path() {
 fn detect_knows_what_it_was_given() {
     let dir = tempfile::tempdir().unwrap();
     let run = write_run(dir.path(), "myrun", &synth(10, 1.0, 10.0, false));
-    let Comparable::Run(r) = detect(&run).unwrap();
+    let Comparable::Run(r) = detect(&run).unwrap() else {
+        panic!("not a run")
+    };
     assert_eq!(r.name, "myrun");
-    let Comparable::Run(r) = detect(&run.join("metrics.jsonl")).unwrap();
+    let Comparable::Run(r) = detect(&run.join("metrics.jsonl")).unwrap() else {
+        panic!("not a run")
+    };
     assert_eq!((r.name.as_str(), r.train.len()), ("myrun", 10));
 
     let not = |p: &Path, why: &str| {
