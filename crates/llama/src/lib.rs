@@ -15,6 +15,7 @@ mod hub;
 pub mod layout;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod sampling;
 pub mod source;
 pub mod stream;

@@ -12,13 +12,15 @@ use crate::dropout::{mix_seed, seeded_dropout};
 use crate::error::{LlamaError, Result};
 use crate::layout::TokenLayout;
 use crate::lora::{ActiveLora, FrozenMatmul, LoraAdapter, LoraConfig, LoraTarget};
+use crate::ops as train_ops;
 use crate::weights::WeightSource;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Which kernels a forward uses. candle's fused RMSNorm, RoPE and last-dim softmax have no
-/// backward and silently cut gradients, so training must use the composed, differentiable
-/// forms; inference keeps the fused ones because they are faster.
+/// backward and silently cut gradients, so training uses our own ops with a backward
+/// ([`crate::ops`]: they also keep far fewer activations alive than the composed forms);
+/// inference keeps candle's fused ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Inference,
@@ -139,8 +141,12 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        if mode == Mode::Inference && x.is_contiguous() {
-            return Ok(ops::rms_norm(x, &self.weight, self.eps as f32)?);
+        match mode {
+            Mode::Inference if x.is_contiguous() => {
+                return Ok(ops::rms_norm(x, &self.weight, self.eps as f32)?)
+            }
+            Mode::Training => return Ok(train_ops::rms_norm(x, &self.weight, self.eps)?),
+            Mode::Inference => {}
         }
         // As transformers: normalise in (at least) f32, cast back, then scale.
         let dtype = x.dtype();
@@ -184,13 +190,7 @@ impl Rotation {
                 &self.sin,
             )?);
         }
-        let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
-        let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+        Ok(train_ops::rope(x, &self.cos, &self.sin)?)
     }
 }
 
@@ -237,22 +237,25 @@ impl Attention {
             .contiguous()?
             .reshape((b, self.n_kv_heads, n_rep * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        // Softmax in f32 at least, as transformers does for half-precision models.
-        let scores = match scores.dtype() {
-            DType::F16 | DType::BF16 => scores.to_dtype(DType::F32)?,
-            _ => scores,
-        };
-        let scores = match bias {
-            Some(bias) => scores
-                .reshape((b, self.n_kv_heads, n_rep, t, s))?
-                .broadcast_add(&bias.to_dtype(scores.dtype())?.unsqueeze(2)?)?
-                .reshape((b, self.n_kv_heads, n_rep * t, s))?,
-            None => scores,
-        };
         let probs = match mode {
-            Mode::Inference => ops::softmax_last_dim(&scores)?,
-            Mode::Training => ops::softmax(&scores, D::Minus1)?,
+            // One op from q, k to probabilities: the scores are never stored for the backward.
+            Mode::Training => train_ops::attention_probs(&q, &k, bias, scale)?,
+            Mode::Inference => {
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                // Softmax in f32 at least, as transformers does for half-precision models.
+                let scores = match scores.dtype() {
+                    DType::F16 | DType::BF16 => scores.to_dtype(DType::F32)?,
+                    _ => scores,
+                };
+                let scores = match bias {
+                    Some(bias) => scores
+                        .reshape((b, self.n_kv_heads, n_rep, t, s))?
+                        .broadcast_add(&bias.to_dtype(scores.dtype())?.unsqueeze(2)?)?
+                        .reshape((b, self.n_kv_heads, n_rep * t, s))?,
+                    None => scores,
+                };
+                ops::softmax_last_dim(&scores)?
+            }
         }
         .to_dtype(v.dtype())?;
         let out = probs
@@ -280,7 +283,10 @@ impl Mlp {
         let up = self
             .up_proj
             .forward_lora(x, lora.get(LoraTarget::Up), mode)?;
-        let gated = (ops::silu(&gate)? * up)?;
+        let gated = match mode {
+            Mode::Training => train_ops::silu_mul(&gate, &up)?,
+            Mode::Inference => (ops::silu(&gate)? * up)?,
+        };
         self.down_proj
             .forward_lora(&gated, lora.get(LoraTarget::Down), mode)
     }
