@@ -44,6 +44,208 @@ impl KvCache {
         &self.valid
     }
 
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Stacks the rows of `caches` (each of any batch, all of the same model) into one cache:
+    /// every row is left-padded with zero keys and values marked invalid up to the longest,
+    /// and keeps its own next position. The result continues each row exactly as its own cache
+    /// would (padding is masked out of attention).
+    pub fn merge(caches: &[&KvCache]) -> Result<KvCache> {
+        let first = caches
+            .first()
+            .ok_or_else(|| LlamaError::Shape("merging no KV caches".into()))?;
+        let num_layers = first.layers.len();
+        if let Some(c) = caches.iter().find(|c| c.layers.len() != num_layers) {
+            return Err(LlamaError::Shape(format!(
+                "merging KV caches of {num_layers} and {} layers",
+                c.layers.len()
+            )));
+        }
+        if caches.len() == 1 {
+            return Ok((*first).clone());
+        }
+        let slots = caches.iter().map(|c| c.len()).max().unwrap_or(0);
+        let mut merged = KvCache {
+            layers: vec![None; num_layers],
+            valid: Vec::new(),
+            next_position: Vec::new(),
+        };
+        for c in caches {
+            let pad = slots - c.len();
+            for row in &c.valid {
+                let mut v = vec![false; pad];
+                v.extend_from_slice(row);
+                merged.valid.push(v);
+            }
+            merged.next_position.extend_from_slice(&c.next_position);
+        }
+        if slots == 0 {
+            return Ok(merged);
+        }
+        for layer in 0..num_layers {
+            // Shape, dtype and device of this layer's keys, from any cache that has them.
+            let Some((proto, _)) = caches.iter().find_map(|c| c.layers[layer].as_ref()) else {
+                return Err(LlamaError::Shape(format!(
+                    "KV cache layer {layer} is empty in every cache"
+                )));
+            };
+            let (_, heads, _, head_dim) = proto.dims4()?;
+            let pad_to = |t: &Tensor, batch: usize, have: usize| -> Result<Tensor> {
+                if have == slots {
+                    return Ok(t.clone());
+                }
+                let zeros = Tensor::zeros(
+                    (batch, heads, slots - have, head_dim),
+                    proto.dtype(),
+                    proto.device(),
+                )?;
+                Ok(Tensor::cat(&[&zeros, t], D::Minus2)?)
+            };
+            let mut ks = Vec::with_capacity(caches.len());
+            let mut vs = Vec::with_capacity(caches.len());
+            for c in caches {
+                match (&c.layers[layer], c.len()) {
+                    (Some((k, v)), have) => {
+                        ks.push(pad_to(k, c.batch(), have)?);
+                        vs.push(pad_to(v, c.batch(), have)?);
+                    }
+                    (None, 0) => {
+                        let z = Tensor::zeros(
+                            (c.batch(), heads, slots, head_dim),
+                            proto.dtype(),
+                            proto.device(),
+                        )?;
+                        ks.push(z.clone());
+                        vs.push(z);
+                    }
+                    (None, n) => {
+                        return Err(LlamaError::Shape(format!(
+                            "KV cache has {n} slots but no layer {layer}"
+                        )))
+                    }
+                }
+            }
+            merged.layers[layer] = Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+        }
+        Ok(merged)
+    }
+
+    /// Row `row` alone (batch 1) without its invalid slots: the cache that row would have had
+    /// if it had been run by itself.
+    pub fn row(&self, row: usize) -> Result<KvCache> {
+        let valid = self.valid.get(row).ok_or_else(|| {
+            LlamaError::Shape(format!("KV cache row {row} of batch {}", self.batch()))
+        })?;
+        let keep: Vec<u32> = (0..valid.len() as u32)
+            .filter(|&i| valid[i as usize])
+            .collect();
+        let mut out = KvCache::new(self.layers.len(), 1);
+        out.next_position[0] = self.next_position[row];
+        out.valid[0] = vec![true; keep.len()];
+        if keep.is_empty() {
+            return Ok(out);
+        }
+        for (slot, layer) in out.layers.iter_mut().zip(&self.layers) {
+            let Some((k, v)) = layer else {
+                return Err(LlamaError::Shape("KV cache with slots but no layer".into()));
+            };
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                let t = t.narrow(0, row, 1)?;
+                if keep.len() == valid.len() {
+                    return Ok(t);
+                }
+                let idx = Tensor::new(keep.as_slice(), t.device())?;
+                Ok(t.index_select(&idx, 2)?)
+            };
+            *slot = Some((pick(k)?, pick(v)?));
+        }
+        Ok(out)
+    }
+
+    /// Every row alone, as [`Self::row`] gives it.
+    pub fn split(&self) -> Result<Vec<KvCache>> {
+        (0..self.batch()).map(|r| self.row(r)).collect()
+    }
+
+    /// The cache of `rows` only (in that order), without the leading slots that none of them
+    /// uses: dropping finished rows from a batch.
+    pub fn select_rows(&self, rows: &[usize]) -> Result<KvCache> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch()) {
+            return Err(LlamaError::Shape(format!(
+                "KV cache row {bad} of batch {}",
+                self.batch()
+            )));
+        }
+        let identity = rows.len() == self.batch() && rows.iter().enumerate().all(|(i, &r)| i == r);
+        let skip = rows
+            .iter()
+            .map(|&r| {
+                self.valid[r]
+                    .iter()
+                    .position(|&v| v)
+                    .unwrap_or(self.valid[r].len())
+            })
+            .min()
+            .unwrap_or(0);
+        if identity && skip == 0 {
+            return Ok(self.clone());
+        }
+        let slots = self.len() - skip;
+        let mut out = KvCache {
+            layers: vec![None; self.layers.len()],
+            valid: rows
+                .iter()
+                .map(|&r| self.valid[r][skip..].to_vec())
+                .collect(),
+            next_position: rows.iter().map(|&r| self.next_position[r]).collect(),
+        };
+        if slots == 0 || rows.is_empty() {
+            return Ok(out);
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        for (slot, layer) in out.layers.iter_mut().zip(&self.layers) {
+            let Some((k, v)) = layer else {
+                return Err(LlamaError::Shape("KV cache with slots but no layer".into()));
+            };
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                let t = t.narrow(2, skip, slots)?;
+                if identity {
+                    return Ok(t.contiguous()?);
+                }
+                let idx = Tensor::new(idx.as_slice(), t.device())?;
+                Ok(t.contiguous()?.index_select(&idx, 0)?)
+            };
+            *slot = Some((pick(k)?, pick(v)?));
+        }
+        Ok(out)
+    }
+
+    /// Keeps the first `len` slots. Each row's next position becomes the number of valid slots
+    /// it keeps: right for caches whose real tokens sit at positions 0, 1, 2, ... (a session's,
+    /// or a left-padded batch that started at 0).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len() {
+            return Ok(());
+        }
+        for row in 0..self.batch() {
+            self.valid[row].truncate(len);
+            self.next_position[row] = self.valid[row].iter().filter(|&&v| v).count() as u32;
+        }
+        for layer in self.layers.iter_mut() {
+            *layer = match layer.take() {
+                Some(_) if len == 0 => None,
+                Some((k, v)) => Some((
+                    k.narrow(D::Minus2, 0, len)?.contiguous()?,
+                    v.narrow(D::Minus2, 0, len)?.contiguous()?,
+                )),
+                None => None,
+            };
+        }
+        Ok(())
+    }
+
     pub(crate) fn append(
         &mut self,
         layer: usize,

@@ -1,0 +1,506 @@
+//! Conversations that keep their KV cache from turn to turn, and decoding many of them as one
+//! batch.
+//!
+//! A [`Session`] is one conversation: the tokens it holds and the keys and values of those
+//! already run through the model (its own batch-1 [`KvCache`]). A new turn is appended with
+//! [`Session::push`] (run later, together with other sessions) or [`Session::prefill`] (run
+//! now); only the new tokens go through the model. [`Session::fork`] copies a session cheaply
+//! (candle tensors are reference-counted and a cache only ever grows by new tensors), so a
+//! shared prefix such as a system prompt is run once and forked per agent.
+//!
+//! [`decode_batch`] answers several sessions at once: their caches are merged into one batched
+//! cache (each row left-padded with invalid slots to the longest, positions kept per row),
+//! their pending turns are run together, and each step samples one token per row under that
+//! row's [`TokenFilter`] and sampling parameters. A row that finishes leaves the batch at once:
+//! its cache row is split off (without padding) into its session, so the next turn continues
+//! from there.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::cache::KvCache;
+use crate::error::{LlamaError, Result};
+use crate::generate::StopReason;
+use crate::layout::TokenLayout;
+use crate::model::Llama;
+use crate::sampling::{Sampler, SamplingParams};
+
+/// Constrained decoding: which tokens a reply may continue with. Implemented e.g. over a
+/// grammar engine; [`NoFilter`] allows everything.
+pub trait TokenFilter {
+    /// Tokens that must come next whatever the model says (grammar fast-forward); empty if
+    /// none. They are fed to the model without sampling and each is passed to
+    /// [`commit`](Self::commit) like a sampled token (an implementation whose fast-forward
+    /// already advanced its state should ignore those commits).
+    fn forced(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
+    /// Set disallowed entries of `logits` (one row, vocab-sized, f32) to -inf before sampling.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<()>;
+    /// The sampled (or forced) token was appended.
+    fn commit(&mut self, token: u32) -> Result<()>;
+    /// The reply is complete (e.g. the grammar accepted and the end-of-turn token was
+    /// committed).
+    fn is_done(&self) -> bool;
+}
+
+/// The filter that allows every token and never ends a reply.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFilter;
+
+impl TokenFilter for NoFilter {
+    fn mask(&mut self, _logits: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn commit(&mut self, _token: u32) -> Result<()> {
+        Ok(())
+    }
+    fn is_done(&self) -> bool {
+        false
+    }
+}
+
+/// One conversation's state: the tokens it holds, the KV cache of those already run, and the
+/// logits after the last of them.
+///
+/// `tokens()[..cached_len()]` are in the cache; the rest (`pending()`) were appended but not
+/// run yet (a new turn pushed for a batched prefill, or the last token a decode produced,
+/// which the next forward feeds). Positions run 0, 1, 2, ... over `tokens()`. A cache belongs
+/// to the model (and active adapter) that filled it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    cache: KvCache,
+    tokens: Vec<u32>,
+    fed: usize,
+    /// `[vocab]` f32 after `tokens[fed - 1]`; `None` while tokens are pending.
+    last_logits: Option<Tensor>,
+}
+
+impl Session {
+    /// An empty conversation for `model`.
+    pub fn new(model: &Llama) -> Self {
+        Session {
+            cache: model.new_cache(1),
+            tokens: Vec::new(),
+            fed: 0,
+            last_logits: None,
+        }
+    }
+
+    /// Every token of the conversation, pending ones included.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// How many tokens the KV cache holds.
+    pub fn cached_len(&self) -> usize {
+        self.fed
+    }
+
+    /// Appended tokens not yet run through the model.
+    pub fn pending(&self) -> &[u32] {
+        &self.tokens[self.fed..]
+    }
+
+    /// The position id the next token to run gets.
+    pub fn next_position(&self) -> u32 {
+        self.fed as u32
+    }
+
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// The logits `[vocab]` (f32) after the last token, if every token has been run.
+    pub fn last_logits(&self) -> Option<&Tensor> {
+        self.last_logits.as_ref().filter(|_| self.fed == self.len())
+    }
+
+    /// Appends `tokens` (e.g. a user turn and the assistant header) without running them: the
+    /// next [`prefill`](Self::prefill), [`flush`](Self::flush) or [`decode_batch`] does.
+    pub fn push(&mut self, tokens: &[u32]) {
+        if !tokens.is_empty() {
+            self.tokens.extend_from_slice(tokens);
+            self.last_logits = None;
+        }
+    }
+
+    /// Appends `tokens` and runs everything pending through the model now (one forward over
+    /// the new tokens only); returns the logits `[vocab]` after the last token.
+    pub fn prefill(&mut self, model: &Llama, tokens: &[u32]) -> Result<Tensor> {
+        self.push(tokens);
+        self.flush(model)
+    }
+
+    /// Runs the pending tokens (if any); returns the logits `[vocab]` after the last token.
+    pub fn flush(&mut self, model: &Llama) -> Result<Tensor> {
+        if self.fed == self.len() {
+            return self.last_logits.clone().ok_or_else(|| {
+                LlamaError::Shape("the session holds no tokens: nothing to predict from".into())
+            });
+        }
+        let new = &self.tokens[self.fed..];
+        let ids = Tensor::new(new, model.device())?.unsqueeze(0)?;
+        let layout = TokenLayout::contiguous(1, new.len(), self.cache.next_positions()[0]);
+        let logits = model
+            .forward_last(&ids, &layout, Some(&mut self.cache))?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?;
+        self.fed = self.len();
+        self.last_logits = Some(logits.clone());
+        Ok(logits)
+    }
+
+    /// An independent copy that shares the tensors of the cache so far (no copy of them).
+    pub fn fork(&self) -> Session {
+        self.clone()
+    }
+
+    /// Keeps the first `len` tokens (a history window: keep the system prompt, then push the
+    /// messages to keep again). Cached tokens beyond `len` leave the cache.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len() {
+            return Ok(());
+        }
+        self.tokens.truncate(len);
+        if len < self.fed {
+            self.cache.truncate(len)?;
+            self.fed = len;
+            self.last_logits = None;
+        }
+        Ok(())
+    }
+
+    /// Decodes this session alone: [`decode_batch`] with one row.
+    pub fn decode(
+        &mut self,
+        model: &Llama,
+        filter: &mut dyn TokenFilter,
+        params: &SamplingParams,
+        max_new_tokens: usize,
+        stop_ids: &[u32],
+    ) -> Result<Decoded> {
+        let mut out = decode_batch(
+            model,
+            &mut [self],
+            &mut [filter],
+            std::slice::from_ref(params),
+            &[max_new_tokens],
+            stop_ids,
+        )?;
+        Ok(out.remove(0))
+    }
+}
+
+/// What one session's decode produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// New tokens, forced ones included, the stop token excluded (it is in the session,
+    /// pending, so the next turn's forward runs it).
+    pub tokens: Vec<u32>,
+    /// `Eos(id)`: a stop id came (sampled or forced); `MaxTokens`: the row's limit;
+    /// `Callback`: the row's [`TokenFilter::is_done`] said the reply is complete.
+    pub stop: StopReason,
+    /// Tokens of the session that were pending when the call began (the new turn), run as
+    /// the prompt of this reply.
+    pub prompt_tokens: usize,
+    /// Tokens that were already in the session's KV cache (not recomputed).
+    pub cached_tokens: usize,
+    /// How many of `tokens` the filter forced rather than the sampler chose.
+    pub forced_tokens: usize,
+}
+
+/// A step (or the batched prefill) may be this wide only while at most half of the fed
+/// slots are padding; a row with more pending tokens feeds them over several steps (decode)
+/// or runs them alone first (prefill).
+const MIN_FILL: f64 = 0.5;
+
+/// The widest step `t` (tokens fed per row) with `sum(min(len, t)) >= MIN_FILL * rows * t`.
+fn plan_width(lens: &[usize]) -> usize {
+    let max = lens.iter().copied().max().unwrap_or(0);
+    (1..=max)
+        .rev()
+        .find(|&t| {
+            let real: usize = lens.iter().map(|&l| l.min(t)).sum();
+            real as f64 >= MIN_FILL * (lens.len() * t) as f64
+        })
+        .unwrap_or(1)
+}
+
+struct Row {
+    sampler: Sampler,
+    max_new: usize,
+    /// Tokens of the session that are in the batched cache.
+    fed: usize,
+    /// Logits after `fed` tokens, when that is all of the session's tokens.
+    logits: Option<Vec<f32>>,
+    out: Decoded,
+    finished: bool,
+}
+
+impl Row {
+    /// Chooses what follows the session's last token: the filter's forced tokens or one
+    /// sampled token; records them in the session and decides whether the row is finished.
+    fn step(
+        &mut self,
+        session: &mut Session,
+        filter: &mut dyn TokenFilter,
+        stop_ids: &[u32],
+    ) -> Result<()> {
+        if self.out.tokens.len() >= self.max_new {
+            return self.finish(StopReason::MaxTokens);
+        }
+        if filter.is_done() {
+            return self.finish(StopReason::Callback);
+        }
+        let forced = filter.forced();
+        if !forced.is_empty() {
+            for t in forced {
+                if self.accept(session, filter, t, stop_ids)? {
+                    return Ok(());
+                }
+                self.out.forced_tokens += 1;
+            }
+            // A fast-forward may complete the reply as a whole: ask once it is all in.
+            if filter.is_done() {
+                self.finish(StopReason::Callback)?;
+            }
+            return Ok(());
+        }
+        let mut logits = self
+            .logits
+            .take()
+            .ok_or_else(|| LlamaError::Shape("decode row without logits".into()))?;
+        filter.mask(&mut logits)?;
+        if logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+            return Err(LlamaError::Shape(
+                "the token filter allowed no token at all".into(),
+            ));
+        }
+        let n = logits.len();
+        let logits = Tensor::from_vec(logits, n, &Device::Cpu)?;
+        let t = self.sampler.sample(&logits, &session.tokens)?;
+        if !self.accept(session, filter, t, stop_ids)? && filter.is_done() {
+            self.finish(StopReason::Callback)?;
+        }
+        Ok(())
+    }
+
+    /// Appends `t`; true when that finished the row (stop id or token limit).
+    fn accept(
+        &mut self,
+        session: &mut Session,
+        filter: &mut dyn TokenFilter,
+        t: u32,
+        stop_ids: &[u32],
+    ) -> Result<bool> {
+        filter.commit(t)?;
+        session.tokens.push(t);
+        if stop_ids.contains(&t) {
+            self.finish(StopReason::Eos(t))?;
+            return Ok(true);
+        }
+        self.out.tokens.push(t);
+        if self.out.tokens.len() >= self.max_new {
+            self.finish(StopReason::MaxTokens)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn finish(&mut self, stop: StopReason) -> Result<()> {
+        self.out.stop = stop;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+/// One argument per row, or one shared by all rows.
+fn per_row<'a, T>(items: &'a [T], rows: usize, what: &str) -> Result<impl Fn(usize) -> &'a T> {
+    if items.len() != 1 && items.len() != rows {
+        return Err(LlamaError::Shape(format!(
+            "{} {what} for {rows} sessions (give one, or one per session)",
+            items.len()
+        )));
+    }
+    Ok(move |i: usize| &items[if items.len() == 1 { 0 } else { i }])
+}
+
+/// Decodes a reply for each of `sessions` together, one batch row per session, and leaves
+/// each session holding its reply (so the next turn continues from its cache).
+///
+/// - `filters`: one per session, or empty for [`NoFilter`] everywhere.
+/// - `params`, `max_new_tokens`: one per session, or one for all. Each row samples with its
+///   own [`Sampler`] (seeded from its params) and the repetition-penalty history of its own
+///   session's tokens, exactly as it would alone.
+/// - `stop_ids`: tokens that end a reply (e.g. the end-of-turn ids).
+///
+/// Each session's pending tokens (its new turn) are run first, left-padded into one batched
+/// forward when that wastes at most half of the work on padding; a session whose turn is much
+/// longer than the others' runs it alone first. Forced tokens of a row go in together, up to
+/// the same padding rule per step. Finished rows leave the batch at once (see the comment in
+/// the body). With greedy params and no filter, every row gets the tokens it gets alone (the
+/// arithmetic per row is the same up to float summation order).
+///
+/// On error, each session keeps its cache from before the call, with any tokens decoded so far
+/// pending; filters may have advanced.
+pub fn decode_batch(
+    model: &Llama,
+    sessions: &mut [&mut Session],
+    filters: &mut [&mut dyn TokenFilter],
+    params: &[SamplingParams],
+    max_new_tokens: &[usize],
+    stop_ids: &[u32],
+) -> Result<Vec<Decoded>> {
+    let n = sessions.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if !filters.is_empty() && filters.len() != n {
+        return Err(LlamaError::Shape(format!(
+            "{} token filters for {n} sessions (give none, or one per session)",
+            filters.len()
+        )));
+    }
+    let params_of = per_row(params, n, "sampling params")?;
+    let max_of = per_row(max_new_tokens, n, "token limits")?;
+    let mut no_filter = NoFilter;
+    macro_rules! filter {
+        ($i:expr) => {
+            if filters.is_empty() {
+                &mut no_filter as &mut dyn TokenFilter
+            } else {
+                &mut *filters[$i]
+            }
+        };
+    }
+
+    // The prefill: rows whose pending turn is far longer than the rest run it alone (padding
+    // them all to it would waste more than it saves); the others go into the first batched
+    // step. A row with nothing pending samples from its stored logits (one token to feed).
+    let before: Vec<(usize, usize)> = sessions.iter().map(|s| (s.fed, s.len())).collect();
+    let pending: Vec<usize> = sessions.iter().map(|s| s.pending().len().max(1)).collect();
+    let width = plan_width(&pending);
+    for s in sessions.iter_mut() {
+        if s.pending().len() > width {
+            s.flush(model)?;
+        }
+    }
+
+    let mut rows = Vec::with_capacity(n);
+    for (i, s) in sessions.iter().enumerate() {
+        let logits = match s.last_logits() {
+            Some(l) => Some(l.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None if s.pending().is_empty() => {
+                return Err(LlamaError::Shape(format!(
+                    "session {i} holds no tokens: nothing to decode from"
+                )))
+            }
+            None => None,
+        };
+        rows.push(Row {
+            sampler: Sampler::new(params_of(i).clone()),
+            max_new: *max_of(i),
+            fed: s.fed,
+            logits,
+            out: Decoded {
+                tokens: Vec::new(),
+                stop: StopReason::MaxTokens,
+                prompt_tokens: before[i].1 - before[i].0,
+                cached_tokens: before[i].0,
+                forced_tokens: 0,
+            },
+            finished: false,
+        });
+    }
+
+    let caches: Vec<&KvCache> = sessions.iter().map(|s| &s.cache).collect();
+    let mut batch = KvCache::merge(&caches)?;
+    // Batch row -> session index.
+    let mut members: Vec<usize> = (0..n).collect();
+    loop {
+        // Every row that has run all its tokens picks what comes next.
+        for &i in &members {
+            let (row, s) = (&mut rows[i], &mut *sessions[i]);
+            if row.fed == s.len() && !row.finished {
+                row.step(s, filter!(i), stop_ids)?;
+            }
+        }
+        // Finished rows leave the batch now rather than being fed padding to the end: their
+        // cache rows are split off once (one copy of the batch's cache, like one step's
+        // append), after which every step computes and caches only live rows. Feeding padding
+        // instead would cost each later step the finished rows' projections, attention and
+        // cache growth, and replies differ widely in length.
+        if members.iter().any(|&i| rows[i].finished) {
+            let mut keep = Vec::new();
+            for (b, &i) in members.iter().enumerate() {
+                if rows[i].finished {
+                    let (row, s) = (&mut rows[i], &mut *sessions[i]);
+                    s.cache = batch.row(b)?;
+                    s.fed = row.fed;
+                    s.last_logits = match (&row.logits, row.fed == s.len()) {
+                        (Some(l), true) => Some(Tensor::new(l.as_slice(), model.device())?),
+                        _ => None,
+                    };
+                } else {
+                    keep.push(b);
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            batch = batch.select_rows(&keep)?;
+            members = keep.iter().map(|&b| members[b]).collect();
+        }
+
+        // One forward: each row feeds its next tokens (normally the one just sampled; a
+        // forced run or the new turn may be longer), left-padded to the widest.
+        let queued: Vec<usize> = members
+            .iter()
+            .map(|&i| sessions[i].len() - rows[i].fed)
+            .collect();
+        let width = plan_width(&queued);
+        let lens: Vec<usize> = queued.iter().map(|&q| q.min(width)).collect();
+        let mut ids = Vec::with_capacity(members.len() * width);
+        for (&i, &len) in members.iter().zip(&lens) {
+            ids.extend(std::iter::repeat_n(0u32, width - len));
+            let fed = rows[i].fed;
+            ids.extend_from_slice(&sessions[i].tokens[fed..fed + len]);
+        }
+        let ids = Tensor::from_vec(ids, (members.len(), width), model.device())?;
+        let layout = TokenLayout::left_padded(&lens, batch.next_positions());
+        let logits = model
+            .forward_last(&ids, &layout, Some(&mut batch))?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        for ((&i, &len), l) in members.iter().zip(&lens).zip(logits) {
+            let row = &mut rows[i];
+            row.fed += len;
+            row.logits = (row.fed == sessions[i].len()).then_some(l);
+        }
+    }
+    Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn width_keeps_padding_at_most_half() {
+        assert_eq!(plan_width(&[1, 1, 1]), 1);
+        assert_eq!(plan_width(&[5]), 5);
+        assert_eq!(plan_width(&[300, 280, 290, 1]), 300);
+        // One long turn among short ones: the short ones set the width.
+        assert_eq!(plan_width(&[300, 50, 50, 50]), 150);
+        assert_eq!(plan_width(&[6, 1, 1, 1, 1, 1, 1, 1]), 2);
+        assert_eq!(plan_width(&[6, 6, 6, 6, 1, 1, 1, 1]), 6);
+    }
+}
