@@ -10,7 +10,19 @@
 //! [`ReplyConstraint::is_done`].
 
 pub mod constraint;
+pub mod error;
+pub mod eval;
+pub mod model_policy;
+pub mod openai;
+pub mod policy;
+pub mod runner;
 pub mod schema;
 
 pub use constraint::{ConstraintError, ReplyConstraint, ReplyGrammar, TokenMask, TokenVocab};
+pub use error::{AgentError, Result};
+pub use eval::{EvalReport, TaskResult, EVAL_FORMAT};
+pub use model_policy::{ModelPolicy, ModelPolicyOptions};
+pub use openai::{OpenAiConfig, OpenAiPolicy};
+pub use policy::{ExpertPolicy, Policy, PolicyReply, TurnRequest};
+pub use runner::{plan, run_episodes, EpisodePlan, PlayedEpisode, RunOptions};
 pub use schema::{reply_schema, schema_actions, SchemaError, SchemaOptions, FIELDS};

@@ -28,14 +28,17 @@ enum Command {
     Replay(commands::replay::Args),
     /// Play many episodes (all tasks by default) and write their records and training lines.
     Collect(commands::collect::Args),
+    /// Play every task N times with a policy (the model, an adapter, the experts or an
+    /// OpenAI-compatible endpoint) and report scores, success and invalid replies per task.
+    Eval(commands::eval::Args),
     /// Train a LoRA adapter on conversation files (the study's recipe by default).
     Train(commands::train::Args),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face model folder.
+    Merge(commands::merge::Args),
     /// Draw a run's loss curves (train, eval, base model at step 0) as PNG and SVG.
     Plot(commands::plot::Args),
     /// Compare runs: a table of their losses and speed, and one figure with all their curves.
     Compare(commands::compare::Args),
-    /// Merge a LoRA adapter into its base model and write a Hugging Face model folder.
-    Merge(commands::merge::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,8 +57,9 @@ fn main() -> anyhow::Result<()> {
         Command::Replay(args) => commands::replay::run(args),
         Command::Collect(args) => commands::collect::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Merge(args) => commands::merge::run(args),
         Command::Plot(args) => commands::plot::run(args),
         Command::Compare(args) => commands::compare::run(args),
-        Command::Merge(args) => commands::merge::run(args),
     }
 }

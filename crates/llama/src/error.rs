@@ -28,6 +28,9 @@ pub enum LlamaError {
     Adapter(String),
     #[error("shape mismatch: {0}")]
     Shape(String),
+    /// A decoding constraint refused or failed (see `session::TokenFilter`).
+    #[error("token filter: {0}")]
+    Filter(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

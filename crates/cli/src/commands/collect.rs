@@ -2,16 +2,21 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use teamtune_gridworld::{append_records, play_expert, training_lines, write_jsonl_atomic};
+use anyhow::Context;
+use teamtune_agents::{plan, run_episodes, RunOptions};
+use teamtune_gridworld::{append_records, training_lines, write_jsonl_atomic};
 
 use super::play::registry;
+use super::policy_args::PolicyArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Who plays. `expert` (scripted); model-driven policies come with the agent runtime.
+    /// Who plays: expert (scripted), model (in-process, with --adapter) or openai (any
+    /// OpenAI-compatible endpoint, e.g. a 70B served by vLLM).
     #[arg(long, default_value = "expert")]
     pub policy: String,
+    #[command(flatten)]
+    pub agents: PolicyArgs,
     /// `all` or a comma-separated list of task ids.
     #[arg(long, default_value = "all")]
     pub task: String,
@@ -37,30 +42,30 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.policy != "expert" {
-        bail!(
-            "unknown policy `{}` (this build collects with: expert)",
-            args.policy
-        );
-    }
     let specs = registry(args.tasks.as_ref())?.select(&args.task)?;
+    let (mut policy, _) = args.agents.build(&args.policy, args.seed)?;
+    let plans = plan(&specs, args.episodes, args.seed);
+    let played = run_episodes(
+        policy.as_mut(),
+        &plans,
+        &RunOptions {
+            parallel: args.agents.parallel,
+            progress: true,
+        },
+    )?;
     let mut records = Vec::new();
     let mut pruned = 0usize;
     for spec in &specs {
-        let mut total = 0.0;
-        for k in 0..args.episodes {
-            let ep = play_expert(spec, args.seed + k)
-                .with_context(|| format!("task {} seed {}", spec.id, args.seed + k))?;
-            let mut record = ep.record();
-            record.policy = Some(args.policy.clone());
-            total += record.final_score;
-            if args.min_score.is_some_and(|m| record.final_score < m) {
+        let mine: Vec<_> = played.iter().filter(|p| p.record.task == spec.id).collect();
+        let total: f64 = mine.iter().map(|p| p.record.final_score).sum();
+        for p in mine.iter() {
+            if args.min_score.is_some_and(|m| p.record.final_score < m) {
                 pruned += 1;
             } else {
-                records.push(record);
+                records.push(p.record.clone());
             }
         }
-        tracing::info!(task = %spec.id, mean_score = total / args.episodes.max(1) as f64, "collected");
+        tracing::info!(task = %spec.id, mean_score = total / mine.len().max(1) as f64, "collected");
     }
     append_records(&args.out, &records)
         .with_context(|| format!("writing {}", args.out.display()))?;

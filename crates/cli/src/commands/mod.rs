@@ -1,11 +1,13 @@
 pub mod collect;
 pub mod compare;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod merge;
 pub mod model_args;
 pub mod play;
 pub mod plot;
+pub mod policy_args;
 pub mod recipe;
 pub mod replay;
 pub mod train;

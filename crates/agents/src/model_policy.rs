@@ -1,0 +1,287 @@
+//! The in-process model as the agents: each agent's conversation is a [`Session`] whose KV
+//! cache lives from turn to turn, the waiting agents of several episodes decode as one batch,
+//! and (by default) every reply is decoded under its task's JSON schema.
+//!
+//! A turn's prompt is the conversation rendered by the chat template, as the training data
+//! is. The session keeps the longest common prefix of what it holds and the new prompt and runs
+//! only the rest: normally the new user turn, but also whatever changed, e.g. when a generated
+//! reply re-tokenises differently as text, or a history window drops old messages. So the
+//! model always sees exactly the tokens a from-scratch render would give it. The first agent
+//! of an episode leaves its prompt as the episode's prefix; the others start from a fork of
+//! it and keep what they share (the common start of the system prompts).
+
+use std::collections::HashMap;
+
+use teamtune_data::{ChatTemplate, EncodeOptions, Encoder, Message, Role};
+use teamtune_gridworld::{window, ChatMessage};
+use teamtune_llama::dropout::mix_seed;
+use teamtune_llama::session::{decode_batch, NoFilter, Session, TokenFilter};
+use teamtune_llama::{ChatAssets, Llama, LlamaError, SamplingParams, StopReason};
+
+use crate::constraint::{ReplyConstraint, ReplyGrammar, TokenVocab};
+use crate::error::{AgentError, Result};
+use crate::policy::{Policy, PolicyReply, TurnRequest};
+use crate::schema::SchemaOptions;
+
+#[derive(Debug, Clone)]
+pub struct ModelPolicyOptions {
+    /// Decode under the task's reply schema (off: measure how often the model fails alone).
+    pub constrained: bool,
+    pub schema: SchemaOptions,
+    /// Greedy by default; a non-zero temperature samples with a seed derived per turn from
+    /// (this seed, episode seed, agent, round), so runs repeat.
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    /// Keep the system message and the last N messages (the study's window); `None`: all.
+    pub history: Option<usize>,
+    /// Name in records and tables.
+    pub name: String,
+}
+
+impl Default for ModelPolicyOptions {
+    fn default() -> Self {
+        ModelPolicyOptions {
+            constrained: true,
+            schema: SchemaOptions::default(),
+            sampling: SamplingParams::default(),
+            max_new_tokens: 512,
+            history: None,
+            name: "model".into(),
+        }
+    }
+}
+
+pub struct ModelPolicy {
+    model: Llama,
+    encoder: Encoder,
+    vocab: Option<TokenVocab>,
+    grammars: HashMap<String, ReplyGrammar>,
+    sessions: HashMap<(usize, usize), Session>,
+    prefixes: HashMap<usize, Session>,
+    stop_ids: Vec<u32>,
+    options: ModelPolicyOptions,
+}
+
+/// [`ReplyConstraint`] as the decoder's filter.
+struct Constrained {
+    constraint: ReplyConstraint,
+    /// Forced tokens the constraint already committed in `fast_forward`; the decoder commits
+    /// them again, which must be skipped.
+    already_committed: usize,
+}
+
+fn filter_err(e: impl std::fmt::Display) -> LlamaError {
+    LlamaError::Filter(e.to_string())
+}
+
+impl TokenFilter for Constrained {
+    fn forced(&mut self) -> Vec<u32> {
+        match self.constraint.fast_forward() {
+            Ok(tokens) => {
+                self.already_committed += tokens.len();
+                tokens
+            }
+            // The mask reports the same state as an error on the next call.
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn mask(&mut self, logits: &mut [f32]) -> teamtune_llama::Result<()> {
+        self.constraint.mask_logits(logits).map_err(filter_err)
+    }
+
+    fn commit(&mut self, token: u32) -> teamtune_llama::Result<()> {
+        if self.already_committed > 0 {
+            self.already_committed -= 1;
+            return Ok(());
+        }
+        self.constraint.commit(token).map_err(filter_err)
+    }
+
+    fn is_done(&self) -> bool {
+        self.constraint.is_done()
+    }
+}
+
+impl ModelPolicy {
+    /// `model` with its adapter (if any) already active; `assets` and `template` of the model.
+    pub fn new(
+        model: Llama,
+        assets: &ChatAssets,
+        template: ChatTemplate,
+        options: ModelPolicyOptions,
+    ) -> Result<Self> {
+        let encoder = Encoder::new(assets.tokenizer.clone(), template, EncodeOptions::default())?;
+        // The template's own turn end goes first: the constraint appends the first id when
+        // the JSON is complete.
+        let mut stop_ids = encoder.end_of_turn_ids().to_vec();
+        for &id in &assets.eos_token_ids {
+            if !stop_ids.contains(&id) {
+                stop_ids.push(id);
+            }
+        }
+        if stop_ids.is_empty() {
+            return Err(AgentError::Config(
+                "the model's chat template has no end-of-turn token".into(),
+            ));
+        }
+        let vocab = if options.constrained {
+            Some(TokenVocab::new(&assets.tokenizer, &stop_ids)?)
+        } else {
+            None
+        };
+        Ok(ModelPolicy {
+            model,
+            encoder,
+            vocab,
+            grammars: HashMap::new(),
+            sessions: HashMap::new(),
+            prefixes: HashMap::new(),
+            stop_ids,
+            options,
+        })
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// The prompt tokens of a turn: the (windowed) conversation rendered with the generation
+    /// prompt, tokenised as the training data is.
+    pub fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let kept = match self.options.history {
+            Some(n) => window(messages, n),
+            None => messages.to_vec(),
+        };
+        let msgs: Vec<Message> = kept
+            .iter()
+            .map(|m| {
+                let role = match m.role {
+                    teamtune_gridworld::Role::System => Role::System,
+                    teamtune_gridworld::Role::User => Role::User,
+                    teamtune_gridworld::Role::Assistant => Role::Assistant,
+                };
+                Message::new(role, m.content.clone())
+            })
+            .collect();
+        let text = self.encoder.template().render(&msgs, true)?;
+        let enc = self
+            .encoder
+            .tokenizer()
+            .encode(text, false)
+            .map_err(|e| AgentError::Config(format!("tokenizing a prompt: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The session of `(slot, agent)` made to hold exactly `prompt`, with what it does not
+    /// share with the prompt pending.
+    fn session_for(&mut self, slot: usize, agent: usize, prompt: &[u32]) -> Result<Session> {
+        let mut session = match self.sessions.remove(&(slot, agent)) {
+            Some(s) => s,
+            None => match self.prefixes.get(&slot) {
+                Some(p) => p.fork(),
+                None => Session::new(&self.model),
+            },
+        };
+        let mut keep = common_prefix(session.tokens(), prompt);
+        // Something must run to give the next logits.
+        if keep == prompt.len() {
+            keep = keep.saturating_sub(1);
+        }
+        session.truncate(keep)?;
+        session.push(&prompt[keep..]);
+        Ok(session)
+    }
+
+    fn grammar(&mut self, task: &teamtune_gridworld::TaskSpec) -> Result<ReplyGrammar> {
+        let vocab = self
+            .vocab
+            .as_ref()
+            .expect("constrained policies have a vocab");
+        if !self.grammars.contains_key(&task.id) {
+            let g = ReplyGrammar::new(vocab, task, &self.options.schema)?;
+            self.grammars.insert(task.id.clone(), g);
+        }
+        Ok(self.grammars[&task.id].clone())
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl Policy for ModelPolicy {
+    fn name(&self) -> String {
+        self.options.name.clone()
+    }
+
+    fn reply(&mut self, requests: &[TurnRequest<'_>]) -> Result<Vec<PolicyReply>> {
+        let mut sessions = Vec::with_capacity(requests.len());
+        let mut params = Vec::with_capacity(requests.len());
+        let mut constraints = Vec::new();
+        for r in requests {
+            let prompt = self.prompt_tokens(r.messages)?;
+            sessions.push(self.session_for(r.slot, r.agent, &prompt)?);
+            let mut p = self.options.sampling.clone();
+            let round = r.messages.len() as u64;
+            p.seed = mix_seed(&[p.seed, r.seed, r.agent as u64, round]);
+            params.push(p);
+            if self.options.constrained {
+                constraints.push(Constrained {
+                    constraint: self.grammar(r.task)?.constraint(),
+                    already_committed: 0,
+                });
+            }
+        }
+        let mut no_filters: Vec<NoFilter> = Vec::new();
+        let mut filters: Vec<&mut dyn TokenFilter> = if self.options.constrained {
+            constraints
+                .iter_mut()
+                .map(|c| c as &mut dyn TokenFilter)
+                .collect()
+        } else {
+            no_filters.resize(requests.len(), NoFilter);
+            no_filters
+                .iter_mut()
+                .map(|f| f as &mut dyn TokenFilter)
+                .collect()
+        };
+        let decoded = {
+            let mut rows: Vec<&mut Session> = sessions.iter_mut().collect();
+            decode_batch(
+                &self.model,
+                &mut rows,
+                &mut filters,
+                &params,
+                &[self.options.max_new_tokens],
+                &self.stop_ids,
+            )?
+        };
+        let mut replies = Vec::with_capacity(requests.len());
+        for ((r, session), d) in requests.iter().zip(sessions).zip(decoded) {
+            let text = self
+                .encoder
+                .tokenizer()
+                .decode(&d.tokens, true)
+                .map_err(|e| AgentError::Config(format!("decoding a reply: {e}")))?;
+            if matches!(d.stop, StopReason::MaxTokens) {
+                tracing::debug!(task = %r.task.id, "reply cut at the token limit");
+            }
+            replies.push(PolicyReply {
+                text,
+                prompt_tokens: d.prompt_tokens,
+                generated_tokens: d.tokens.len(),
+            });
+            self.prefixes
+                .entry(r.slot)
+                .or_insert_with(|| session.fork());
+            self.sessions.insert((r.slot, r.agent), session);
+        }
+        Ok(replies)
+    }
+
+    fn end_episode(&mut self, slot: usize) {
+        self.sessions.retain(|(s, _), _| *s != slot);
+        self.prefixes.remove(&slot);
+    }
+}

@@ -1,0 +1,123 @@
+//! Flags that choose who plays the grid-world (`eval`, `collect`) and build that policy.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use teamtune_agents::{
+    ExpertPolicy, ModelPolicy, ModelPolicyOptions, OpenAiConfig, OpenAiPolicy, Policy,
+};
+use teamtune_llama::SamplingParams;
+
+use super::model_args::{chat_template, ModelArgs};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PolicyArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter folder (PEFT layout) applied on the model (`--policy model`).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Decode replies freely instead of under the task's JSON schema (to measure how often
+    /// the model fails on its own).
+    #[arg(long)]
+    pub unconstrained: bool,
+    /// Sampling temperature; 0 is greedy. Sampling is seeded per turn from --seed.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Longest reply in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Keep the system message and the last N messages of each conversation (the study kept
+    /// 8); default: the whole conversation.
+    #[arg(long)]
+    pub history: Option<usize>,
+    /// Episodes in play at once: their waiting agents decode as one batch.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// OpenAI-compatible endpoint, up to the version (`--policy openai`).
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "http://127.0.0.1:8000/v1"
+    )]
+    pub openai_url: String,
+    /// Model name sent to the endpoint.
+    #[arg(long, env = "OPENAI_MODEL")]
+    pub openai_model: Option<String>,
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_key: Option<String>,
+    /// Do not send the reply schema as `response_format` (for servers without structured
+    /// outputs).
+    #[arg(long)]
+    pub openai_no_schema: bool,
+}
+
+impl PolicyArgs {
+    /// The policy named `which` (`model`, `expert`, `openai`), and settings for the record.
+    pub fn build(
+        &self,
+        which: &str,
+        seed: u64,
+    ) -> anyhow::Result<(Box<dyn Policy>, serde_json::Value)> {
+        match which {
+            "expert" => Ok((Box::new(ExpertPolicy::default()), serde_json::json!({}))),
+            "openai" => {
+                let Some(model) = &self.openai_model else {
+                    bail!("--policy openai needs --openai-model (or OPENAI_MODEL)");
+                };
+                let mut config = OpenAiConfig::new(&self.openai_url, model);
+                config.api_key = self.openai_key.clone();
+                config.temperature = self.temperature;
+                config.max_tokens = self.max_new_tokens;
+                config.json_schema = !self.openai_no_schema;
+                let settings = serde_json::json!({
+                    "url": self.openai_url, "model": model, "temperature": self.temperature,
+                    "json_schema": config.json_schema,
+                });
+                Ok((Box::new(OpenAiPolicy::new(config)), settings))
+            }
+            "model" => {
+                let mut loaded = self.model.load()?;
+                let template = chat_template(&loaded.assets)?;
+                let mut name = if self.model.model.is_empty() {
+                    "model:default".to_owned()
+                } else {
+                    format!("model:{}", self.model.model)
+                };
+                if let Some(dir) = &self.adapter {
+                    loaded
+                        .model
+                        .load_adapter("agent", dir)
+                        .with_context(|| format!("loading the adapter {}", dir.display()))?;
+                    loaded.model.set_active_adapter(Some("agent"))?;
+                    name += &format!("+{}", dir.display());
+                }
+                let options = ModelPolicyOptions {
+                    constrained: !self.unconstrained,
+                    sampling: SamplingParams {
+                        temperature: self.temperature,
+                        top_p: self.top_p,
+                        seed,
+                        ..SamplingParams::default()
+                    },
+                    max_new_tokens: self.max_new_tokens,
+                    history: self.history,
+                    name: name.clone(),
+                    ..ModelPolicyOptions::default()
+                };
+                let settings = serde_json::json!({
+                    "model": loaded.files.describe(), "adapter": self.adapter,
+                    "constrained": options.constrained, "temperature": self.temperature,
+                    "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+                    "history": self.history, "parallel": self.parallel,
+                    "quantize": self.model.quantize, "dtype": self.model.dtype,
+                });
+                let policy = ModelPolicy::new(loaded.model, &loaded.assets, template, options)?;
+                Ok((Box::new(policy), settings))
+            }
+            other => bail!("unknown policy `{other}` (use model, expert or openai)"),
+        }
+    }
+}
