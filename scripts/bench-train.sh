@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The LoRA training benchmark of docs/BENCHMARKS.md: teamtune and PEFT in the same run, one
+# after the other, on SmolLM2-135M-Instruct (f32, CPU, 2 threads), one sequence per step, with
+# and without gradient checkpointing. Each line is one process: tokens/s and its peak RSS.
+#   scripts/bench-train.sh [SEQ...]      (default: 512 2048)
+# Env: STEPS (timed steps per process, default 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-default-model.sh >/dev/null
+export RAYON_NUM_THREADS=2
+steps="${STEPS:-3}"
+cargo bench -p teamtune-train --bench lora_step --no-run 2>/dev/null
+bench=$(cargo bench -p teamtune-train --bench lora_step --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and "lora_step" in m["executable"]: print(m["executable"])' | tail -1)
+py="$(scripts/ref-env.sh)"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+seqs=("$@"); [ ${#seqs[@]} -eq 0 ] && seqs=(512 2048)
+for seq in "${seqs[@]}"; do
+  for ckpt in 0 1; do
+    TEAMTUNE_BENCH_SEQ=$seq TEAMTUNE_BENCH_STEPS=$steps TEAMTUNE_BENCH_CHECKPOINTING=$ckpt "$bench" | tail -1
+    flag=""; [ "$ckpt" = 1 ] && flag="--checkpointing"
+    "$py" scripts/bench_lora_reference.py --seq "$seq" --steps "$steps" $flag 2>/dev/null | tail -1
+  done
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
