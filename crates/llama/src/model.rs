@@ -92,6 +92,12 @@ impl Linear {
     /// `W x` plus, with an adapter, `scale * B(A(dropout(x)))` computed in f32 (dropout only
     /// in training) and cast back to the dtype of `x`.
     fn forward_lora(&self, x: &Tensor, lora: Option<ActiveLora<'_>>, mode: Mode) -> Result<Tensor> {
+        let lora = match lora {
+            Some(l) if mode == Mode::Training && x.device().is_cpu() && x.elem_count() > 0 => {
+                return self.forward_lora_training(x, l)
+            }
+            other => other,
+        };
         let y = self.forward(x)?;
         let Some(lora) = lora else {
             return Ok(y);
@@ -112,6 +118,26 @@ impl Linear {
         let h = (h * lora.scale)?.to_dtype(y.dtype())?;
         let h = h.reshape(y.shape())?;
         Ok((y + h)?)
+    }
+
+    /// The training forward of `forward_lora` with an adapter: the same values, from two ops
+    /// that keep only their inputs and outputs (no dropout mask, dropped input, base output or
+    /// unscaled adapter output is stored for the backward).
+    fn forward_lora_training(&self, x: &Tensor, lora: ActiveLora<'_>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = dims[dims.len() - 1];
+        let x2 = x.reshape((x.elem_count() / inner, inner))?;
+        let xf = x2.to_dtype(DType::F32)?;
+        let a = lora.pair.a.as_tensor();
+        let h = match lora.dropout_seed {
+            _ if lora.dropout == 0.0 => xf.matmul(&a.t()?)?,
+            Some(seed) => train_ops::dropout_matmul(&xf, a, lora.dropout, seed)?,
+            None => ops::dropout(&xf, lora.dropout)?.matmul(&a.t()?)?,
+        };
+        let y = train_ops::lora_linear(&x2, &self.weight, &h, lora.pair.b.as_tensor(), lora.scale)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
     }
 }
 

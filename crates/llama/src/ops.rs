@@ -15,8 +15,15 @@
 //! - [`rope`]: rotate-half RoPE; keeps nothing but the shared cos/sin tables. Backward: the
 //!   gradient rotated back.
 //! - [`silu_mul`]: `silu(gate) * up`, keeping only its inputs. Backward to both.
+//! - [`dropout_matmul`]: LoRA's `dropout(x) A^T` with a seeded mask that the backward draws
+//!   again, so neither the mask nor the dropped input is stored.
+//! - [`lora_linear`]: the frozen projection plus LoRA's up projection, `x W^T + scale h B^T`,
+//!   without storing the base output or the adapter's unscaled and scaled outputs.
 //!
-//! The forwards are hand-written loops over f32, f64, bf16 and f16 on the CPU that round
+//! Backwards return detached gradients: candle stores a `Var`'s gradient as returned, and one
+//! that carried its graph would keep that graph's tensors alive with it.
+//!
+//! The forwards are hand-written loops (f32, f64, bf16 and f16) on the CPU that round
 //! exactly as the composed candle ops they replace (same operations in the same order and
 //! precision, f32 for half types where the composed code upcasts), so the logits of a training
 //! forward do not move. Backwards are tensor ops, so they run wherever those run. On other
@@ -28,6 +35,15 @@ use candle_core::op::{Exp, Silu, Sqrt, UnaryOpT};
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D,
 };
+
+/// A gradient as a backward returns it: detached. The tensor ops of a backward record a graph
+/// whenever an operand is tracked (`q`, `k`, a `Var`...), and candle stores the gradient of a
+/// `Var` as returned: without this, the gradient of a LoRA factor would keep its whole
+/// computation (the scores' gradient, the dropout mask, the scaled output gradient) alive
+/// until the gradients are dropped.
+fn grad_of(t: Tensor) -> Option<Tensor> {
+    Some(t.detach())
+}
 
 /// The precision a half-precision tensor is upcast to for softmax and normalisation.
 fn upcast(dtype: DType) -> DType {
@@ -417,7 +433,7 @@ impl CustomOp2 for AttentionProbs {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dq, dk) = self.backward(q, k, y, grad)?;
-        Ok((Some(dq), Some(dk)))
+        Ok((grad_of(dq), grad_of(dk)))
     }
 }
 
@@ -447,7 +463,7 @@ impl CustomOp3 for AttentionProbs {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dq, dk) = self.backward(q, k, y, grad)?;
-        Ok((Some(dq), Some(dk), None))
+        Ok((grad_of(dq), grad_of(dk), None))
     }
 }
 
@@ -578,7 +594,7 @@ impl CustomOp2 for RmsNorm {
         let dn = grad.broadcast_mul(w)?.to_dtype(work)?;
         let dot = (&dn * &n)?.mean_keepdim(D::Minus1)?;
         let dx = (dn - n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
-        Ok((Some(dx.to_dtype(dtype)?), None))
+        Ok((grad_of(dx.to_dtype(dtype)?), None))
     }
 }
 
@@ -677,7 +693,7 @@ impl CustomOp3 for Rope {
         let g2 = grad.narrow(D::Minus1, half, half)?;
         let d1 = (g1.broadcast_mul(&c)? + g2.broadcast_mul(&s)?)?;
         let d2 = (g2.broadcast_mul(&c)? - g1.broadcast_mul(&s)?)?;
-        Ok((Some(Tensor::cat(&[&d1, &d2], D::Minus1)?), None, None))
+        Ok((grad_of(Tensor::cat(&[&d1, &d2], D::Minus1)?), None, None))
     }
 }
 
@@ -744,6 +760,203 @@ impl CustomOp2 for SiluMul {
         let dsilu = ((sigmoid * silu.affine(-1., 1.)?)? + &silu)?;
         let dgate = ((grad * up)? * dsilu)?;
         let dup = (grad * silu)?;
-        Ok((Some(dgate), Some(dup)))
+        Ok((grad_of(dgate), grad_of(dup)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA: dropout and the down projection, the frozen base and the up projection.
+
+/// `(x * mask) A^T` for `x` `[n, in]` (f32 or f64) and `a` `[r, in]` of the same dtype, with
+/// the inverted-dropout mask [`crate::dropout::dropout_mask`] draws from `seed`: the same
+/// values as `seeded_dropout(x, p, seed)?.matmul(&a.t()?)`, but neither the mask nor the
+/// dropped input is kept for the backward: it draws the mask again from the seed. Gradients
+/// flow to `x` and `a`.
+pub fn dropout_matmul(x: &Tensor, a: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let op = DropoutMatmul { p, seed };
+    if !x.device().is_cpu() {
+        return x.mul(&op.mask(x)?)?.matmul(&a.t()?);
+    }
+    x.apply_op2(a, op)
+}
+
+/// `x W^T + (scale * (h B^T))` cast to the dtype of `x`: a frozen projection (`w` `[out, in]`,
+/// no gradient) plus a LoRA up projection (`h` `[n, r]` and `b` `[out, r]` in f32, or f64 for
+/// an f64 model) of `x` `[n, in]`, as one op that keeps only its inputs and output (the base
+/// output, `h B^T` and its scaled copy are not stored). Gradients flow to `x`, `h` and `b`.
+pub fn lora_linear(x: &Tensor, w: &Tensor, h: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = LoraLinear {
+        w: w.clone(),
+        scale,
+    };
+    if !x.device().is_cpu() {
+        let y = x.matmul(&w.t()?)?;
+        let u = (h.matmul(&b.t()?)? * scale)?.to_dtype(y.dtype())?;
+        return y + u;
+    }
+    x.apply_op3(h, b, op)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DropoutMatmul {
+    p: f32,
+    seed: u64,
+}
+
+impl DropoutMatmul {
+    /// The mask of `x`'s shape in the dtype of `x` (drawn in f32).
+    fn mask(&self, x: &Tensor) -> Result<Tensor> {
+        crate::dropout::dropout_mask(x.shape(), self.p, self.seed, x.device())
+            .map_err(candle_core::Error::wrap)?
+            .to_dtype(x.dtype())
+    }
+}
+
+impl CustomOp2 for DropoutMatmul {
+    fn name(&self) -> &'static str {
+        "dropout-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        a: &CpuStorage,
+        la: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = lx.shape().dims2()?;
+        let (r, ka) = la.shape().dims2()?;
+        if ka != k || a.dtype() != x.dtype() {
+            bail!(
+                "dropout-matmul: x {:?} {:?} does not fit a {:?} {:?}",
+                lx.shape(),
+                x.dtype(),
+                la.shape(),
+                a.dtype()
+            )
+        }
+        let mask =
+            crate::dropout::dropout_mask(lx.shape(), self.p, self.seed, &candle_core::Device::Cpu)
+                .map_err(candle_core::Error::wrap)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+        let dropped = match copy_as(x, lx, x.dtype())? {
+            CpuStorage::F32(mut v) => {
+                mul_in_place(&mut v, &mask);
+                CpuStorage::F32(v)
+            }
+            CpuStorage::F64(mut v) => {
+                let mask: Vec<f64> = mask.iter().map(|&m| m as f64).collect();
+                mul_in_place(&mut v, &mask);
+                CpuStorage::F64(v)
+            }
+            other => bail!("dropout-matmul: unsupported dtype {:?}", other.dtype()),
+        };
+        let out = dropped.matmul(
+            a,
+            (1, n, r, k),
+            &Layout::contiguous((n, k)),
+            &la.transpose(0, 1)?,
+        )?;
+        Ok((out, Shape::from((n, r))))
+    }
+
+    /// `dA = g^T (x * mask)`, `dx = (g A) * mask`, with the mask drawn again.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mask = self.mask(x)?;
+        let da = grad.t()?.matmul(&x.mul(&mask)?)?;
+        let dx = grad.matmul(a)?.mul(&mask)?;
+        Ok((grad_of(dx), grad_of(da)))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+}
+
+fn add_in_place<T: WithDType>(v: &mut [T], u: &[T]) {
+    for (x, &u) in v.iter_mut().zip(u) {
+        *x += u;
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        h: &CpuStorage,
+        lh: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = lx.shape().dims2()?;
+        let (nh, r) = lh.shape().dims2()?;
+        let (out, rb) = lb.shape().dims2()?;
+        let (w_storage, lw) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w_storage else {
+            bail!("lora-linear: the frozen weight is not on the CPU")
+        };
+        if lw.dims() != [out, k] || nh != n || rb != r || h.dtype() != b.dtype() {
+            bail!(
+                "lora-linear: x {:?}, weight {:?}, h {:?}, b {:?} do not fit",
+                lx.shape(),
+                lw.shape(),
+                lh.shape(),
+                lb.shape()
+            )
+        }
+        let y = x.matmul(w, (1, n, out, k), lx, &lw.transpose(0, 1)?)?;
+        let u = match h.matmul(b, (1, n, out, r), lh, &lb.transpose(0, 1)?)? {
+            CpuStorage::F32(mut v) => {
+                scale_in_place(&mut v, self.scale);
+                CpuStorage::F32(v)
+            }
+            CpuStorage::F64(mut v) => {
+                scale_in_place(&mut v, self.scale);
+                CpuStorage::F64(v)
+            }
+            other => bail!("lora-linear: unsupported adapter dtype {:?}", other.dtype()),
+        };
+        let contiguous = Layout::contiguous((n, out));
+        let u = if u.dtype() == y.dtype() {
+            u
+        } else {
+            copy_as(&u, &contiguous, y.dtype())?
+        };
+        let y = each_float!(y, "lora-linear", |v| add_in_place(
+            &mut v,
+            contiguous_slice(&u, &contiguous, "lora output")?
+        ));
+        Ok((y, Shape::from((n, out))))
+    }
+
+    /// `dx = g W`, `dh = (g * scale) B`, `dB = (g * scale)^T h` (the adapter part in the dtype
+    /// of `h`).
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        h: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.matmul(&self.w)?;
+        let gs = (grad.to_dtype(h.dtype())? * self.scale)?;
+        let dh = gs.matmul(b)?;
+        let db = gs.t()?.matmul(h)?;
+        Ok((grad_of(dx), grad_of(dh), grad_of(db)))
     }
 }

@@ -561,3 +561,165 @@ fn attention_probs_split_over_threads_equal_the_composed_softmax() -> Result<()>
         "large",
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// LoRA: dropout with the down projection, frozen base with the up projection.
+
+fn ref_dropout_matmul(x: &Tensor, a: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    Ok(teamtune_llama::dropout::seeded_dropout(x, p, seed)?.matmul(&a.t()?)?)
+}
+
+/// The training forward's LoRA projection before the fused op: frozen base, `h B^T * scale`
+/// cast to the base's dtype, sum.
+fn ref_lora_linear(x: &Tensor, w: &Tensor, h: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let y = x.apply_op2(w, teamtune_llama::lora::FrozenMatmul)?;
+    let u = (h.matmul(&b.t()?)? * scale)?.to_dtype(y.dtype())?;
+    Ok((y + u)?)
+}
+
+#[test]
+fn dropout_matmul_equals_seeded_dropout_then_matmul() -> Result<()> {
+    let x = uniform(&[37, 24], 2.0, 151, DType::F32)?;
+    let a = uniform(&[8, 24], 0.3, 152, DType::F32)?;
+    for (p, seed) in [(0.2f32, 7u64), (0.5, 8)] {
+        let got = ops::dropout_matmul(&x, &a, p, seed)?;
+        let want = ref_dropout_matmul(&x, &a, p, seed)?;
+        assert_identical(&got, &want, &format!("p {p} seed {seed}"))?;
+    }
+    assert!(
+        max_abs_diff(
+            &ops::dropout_matmul(&x, &a, 0.2, 7)?,
+            &ops::dropout_matmul(&x, &a, 0.2, 9)?
+        )? > 0.0,
+        "the mask must depend on the seed"
+    );
+    // Gradients (the mask drawn again in the backward) equal the composed ones.
+    let r = uniform(&[37, 8], 1.0, 153, DType::F32)?;
+    let got = grads_of(&[x.clone(), a.clone()], &r, &|v| {
+        Ok(ops::dropout_matmul(&v[0], &v[1], 0.2, 7)?)
+    })?;
+    let want = grads_of(&[x.clone(), a.clone()], &r, &|v| {
+        ref_dropout_matmul(&v[0], &v[1], 0.2, 7)
+    })?;
+    for (i, name) in ["dx", "da"].iter().enumerate() {
+        assert_close(&got[i], &want[i], 1e-6, name)?;
+    }
+    // The dropped inputs get exactly no gradient.
+    let mask = teamtune_llama::dropout::dropout_mask(x.shape(), 0.2, 7, &Device::Cpu)?;
+    let dropped_grad = (got[0].abs()? * mask.eq(0.0)?.to_dtype(DType::F32)?)?;
+    assert_eq!(max_abs(&dropped_grad)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn dropout_matmul_gradients_match_finite_differences() -> Result<()> {
+    let x = uniform(&[9, 12], 2.0, 161, DType::F64)?;
+    let a = uniform(&[4, 12], 0.5, 162, DType::F64)?;
+    let r = uniform(&[9, 4], 1.0, 163, DType::F64)?;
+    let f = |v: &[Tensor]| Ok(ops::dropout_matmul(&v[0], &v[1], 0.3, 11)?);
+    for which in 0..2 {
+        check_finite_differences(&[x.clone(), a.clone()], which, &r, &f, "dropout_matmul")?;
+    }
+    Ok(())
+}
+
+#[test]
+fn lora_linear_equals_the_composed_projection() -> Result<()> {
+    // Base in the model's dtype, adapter in f32 (as the model keeps its factors).
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        let x = uniform(&[13, 24], 2.0, 171, dtype)?;
+        let w = uniform(&[40, 24], 0.3, 172, dtype)?;
+        let h = uniform(&[13, 8], 1.0, 173, DType::F32)?;
+        let b = uniform(&[40, 8], 0.3, 174, DType::F32)?;
+        let got = ops::lora_linear(&x, &w, &h, &b, 2.0)?;
+        assert_eq!(got.dtype(), dtype);
+        let want = ref_lora_linear(&x, &w, &h, &b, 2.0)?;
+        assert_identical(&got, &want, &format!("{dtype:?}"))?;
+        let (rel, r_dtype) = match dtype {
+            DType::BF16 => (3e-2, DType::F32),
+            DType::F64 => (1e-6, DType::F64),
+            _ => (1e-6, DType::F32),
+        };
+        let r = uniform(&[13, 40], 1.0, 175, r_dtype)?;
+        let got = grads_of(&[x.clone(), h.clone(), b.clone()], &r, &|v| {
+            Ok(ops::lora_linear(&v[0], &w, &v[1], &v[2], 2.0)?)
+        })?;
+        let want = grads_of(&[x.clone(), h.clone(), b.clone()], &r, &|v| {
+            ref_lora_linear(&v[0], &w, &v[1], &v[2], 2.0)
+        })?;
+        for (i, name) in ["dx", "dh", "db"].iter().enumerate() {
+            assert_close(&got[i], &want[i], rel, &format!("{dtype:?} {name}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn lora_linear_gradients_match_finite_differences() -> Result<()> {
+    let x = uniform(&[7, 10], 2.0, 181, DType::F64)?;
+    let w = uniform(&[12, 10], 0.5, 182, DType::F64)?;
+    let h = uniform(&[7, 3], 1.0, 183, DType::F64)?;
+    let b = uniform(&[12, 3], 0.5, 184, DType::F64)?;
+    let r = uniform(&[7, 12], 1.0, 185, DType::F64)?;
+    let f = |v: &[Tensor]| Ok(ops::lora_linear(&v[0], &w, &v[1], &v[2], 1.5)?);
+    for which in 0..3 {
+        check_finite_differences(
+            &[x.clone(), h.clone(), b.clone()],
+            which,
+            &r,
+            &f,
+            "lora_linear",
+        )?;
+    }
+    Ok(())
+}
+
+/// candle stores a `Var`'s gradient as the backward returns it: a gradient that still carried
+/// its graph would keep that graph's tensors (dropout masks, output gradients) alive as long as
+/// the gradients. Every op's gradients come back detached.
+#[test]
+fn gradients_reaching_vars_carry_no_graph() -> Result<()> {
+    let check = |inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>, what: &str| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts).unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        for (i, t) in ts.iter().enumerate() {
+            let g = grads.get(t).unwrap();
+            assert!(!g.track_op(), "{what}: gradient {i} carries a graph");
+        }
+    };
+    let x = uniform(&[6, 8], 1.0, 191, DType::F32)?;
+    let a = uniform(&[2, 8], 1.0, 192, DType::F32)?;
+    check(
+        &[x.clone(), a],
+        &|v| Ok(ops::dropout_matmul(&v[0], &v[1], 0.2, 1)?),
+        "dropout_matmul",
+    );
+    let w = uniform(&[5, 8], 1.0, 193, DType::F32)?;
+    let h = uniform(&[6, 2], 1.0, 194, DType::F32)?;
+    let b = uniform(&[5, 2], 1.0, 195, DType::F32)?;
+    check(
+        &[x.clone(), h, b],
+        &|v| Ok(ops::lora_linear(&v[0], &w, &v[1], &v[2], 2.0)?),
+        "lora_linear",
+    );
+    let c = attn_case(DType::F32, true, 196)?;
+    let bias = c.bias.clone();
+    check(
+        &[c.q.clone(), c.k.clone()],
+        &|v| Ok(ops::attention_probs(&v[0], &v[1], bias.as_ref(), c.scale)?),
+        "attention_probs",
+    );
+    let (xn, wn) = rms_case(DType::F32, 197)?;
+    check(&[xn], &|v| Ok(ops::rms_norm(&v[0], &wn, 1e-5)?), "rms_norm");
+    let xr = rope_input(DType::F32, 198)?;
+    let (cos, sin) = rope_tables(2, 7, 4, DType::F32)?;
+    check(&[xr], &|v| Ok(ops::rope(&v[0], &cos, &sin)?), "rope");
+    let (g, u) = mlp_case(DType::F32, 199)?;
+    check(&[g, u], &|v| Ok(ops::silu_mul(&v[0], &v[1])?), "silu_mul");
+    Ok(())
+}
