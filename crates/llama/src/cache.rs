@@ -1,13 +1,61 @@
 //! Keys and values of earlier tokens, per layer, so that generation feeds only new tokens.
+//!
+//! Each layer's keys and values live in a buffer with room to grow: a new token is written in
+//! place instead of concatenating (which would copy the whole cache at every step). Clones of
+//! a cache share buffers; a buffer is written in place only while one cache owns it, and is
+//! copied first otherwise, so forks stay independent.
+
+use std::sync::Arc;
 
 use candle_core::{Tensor, D};
 
 use crate::error::{LlamaError, Result};
 
+/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` each (before GQA
+/// repetition); the first [`KvCache::len`] slots are in use.
+#[derive(Debug, Clone)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    /// Shared by the clones of the cache that share these buffers: in-place writes only while
+    /// this is the only reference.
+    owner: Arc<()>,
+}
+
+impl LayerKv {
+    fn new(k: Tensor, v: Tensor) -> Self {
+        LayerKv {
+            k,
+            v,
+            owner: Arc::new(()),
+        }
+    }
+
+    /// The first `len` slots.
+    fn view(&self, len: usize) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.narrow(D::Minus2, 0, len)?,
+            self.v.narrow(D::Minus2, 0, len)?,
+        ))
+    }
+}
+
+/// Free slots to leave after `needed` when a buffer is (re)allocated.
+fn headroom(needed: usize) -> usize {
+    (needed / 4).max(64)
+}
+
+/// `t` followed by `extra` zero slots along the slot dimension.
+fn with_room(t: &Tensor, extra: usize) -> Result<Tensor> {
+    let (b, h, _, d) = t.dims4()?;
+    let zeros = Tensor::zeros((b, h, extra, d), t.dtype(), t.device())?;
+    Ok(Tensor::cat(&[t, &zeros], D::Minus2)?)
+}
+
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Per layer `(k, v)`, each `[batch, kv_heads, cached, head_dim]`, before GQA repetition.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer keys and values.
+    layers: Vec<Option<LayerKv>>,
     /// Per row: which cached keys are real tokens (left padding leaves holes).
     valid: Vec<Vec<bool>>,
     /// Per row: the position id the next real token gets.
@@ -86,7 +134,10 @@ impl KvCache {
         }
         for layer in 0..num_layers {
             // Shape, dtype and device of this layer's keys, from any cache that has them.
-            let Some((proto, _)) = caches.iter().find_map(|c| c.layers[layer].as_ref()) else {
+            let Some(proto) = caches
+                .iter()
+                .find_map(|c| c.layers[layer].as_ref().map(|l| &l.k))
+            else {
                 return Err(LlamaError::Shape(format!(
                     "KV cache layer {layer} is empty in every cache"
                 )));
@@ -103,13 +154,15 @@ impl KvCache {
                 )?;
                 Ok(Tensor::cat(&[&zeros, t], D::Minus2)?)
             };
+            let room = headroom(slots);
             let mut ks = Vec::with_capacity(caches.len());
             let mut vs = Vec::with_capacity(caches.len());
             for c in caches {
                 match (&c.layers[layer], c.len()) {
-                    (Some((k, v)), have) => {
-                        ks.push(pad_to(k, c.batch(), have)?);
-                        vs.push(pad_to(v, c.batch(), have)?);
+                    (Some(l), have) => {
+                        let (k, v) = l.view(have)?;
+                        ks.push(pad_to(&k, c.batch(), have)?);
+                        vs.push(pad_to(&v, c.batch(), have)?);
                     }
                     (None, 0) => {
                         let z = Tensor::zeros(
@@ -127,7 +180,10 @@ impl KvCache {
                     }
                 }
             }
-            merged.layers[layer] = Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+            merged.layers[layer] = Some(LayerKv::new(
+                with_room(&Tensor::cat(&ks, 0)?, room)?,
+                with_room(&Tensor::cat(&vs, 0)?, room)?,
+            ));
         }
         Ok(merged)
     }
@@ -148,18 +204,27 @@ impl KvCache {
             return Ok(out);
         }
         for (slot, layer) in out.layers.iter_mut().zip(&self.layers) {
-            let Some((k, v)) = layer else {
+            let Some(l) = layer else {
                 return Err(LlamaError::Shape("KV cache with slots but no layer".into()));
             };
+            if keep.len() == valid.len() {
+                // No holes: the row's part of the buffers, shared (so the first write copies).
+                *slot = Some(LayerKv {
+                    k: l.k.narrow(0, row, 1)?,
+                    v: l.v.narrow(0, row, 1)?,
+                    owner: l.owner.clone(),
+                });
+                continue;
+            }
+            let idx = Tensor::new(keep.as_slice(), l.k.device())?;
             let pick = |t: &Tensor| -> Result<Tensor> {
-                let t = t.narrow(0, row, 1)?;
-                if keep.len() == valid.len() {
-                    return Ok(t);
-                }
-                let idx = Tensor::new(keep.as_slice(), t.device())?;
-                Ok(t.index_select(&idx, 2)?)
+                let t = t.narrow(0, row, 1)?.narrow(D::Minus2, 0, valid.len())?;
+                with_room(
+                    &t.contiguous()?.index_select(&idx, 2)?,
+                    headroom(keep.len()),
+                )
             };
-            *slot = Some((pick(k)?, pick(v)?));
+            *slot = Some(LayerKv::new(pick(&l.k)?, pick(&l.v)?));
         }
         Ok(out)
     }
@@ -206,18 +271,20 @@ impl KvCache {
         }
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         for (slot, layer) in out.layers.iter_mut().zip(&self.layers) {
-            let Some((k, v)) = layer else {
+            let Some(l) = layer else {
                 return Err(LlamaError::Shape("KV cache with slots but no layer".into()));
             };
             let pick = |t: &Tensor| -> Result<Tensor> {
                 let t = t.narrow(2, skip, slots)?;
-                if identity {
-                    return Ok(t.contiguous()?);
-                }
-                let idx = Tensor::new(idx.as_slice(), t.device())?;
-                Ok(t.contiguous()?.index_select(&idx, 0)?)
+                let t = if identity {
+                    t
+                } else {
+                    let idx = Tensor::new(idx.as_slice(), t.device())?;
+                    t.contiguous()?.index_select(&idx, 0)?
+                };
+                with_room(&t, headroom(slots))
             };
-            *slot = Some((pick(k)?, pick(v)?));
+            *slot = Some(LayerKv::new(pick(&l.k)?, pick(&l.v)?));
         }
         Ok(out)
     }
@@ -233,38 +300,51 @@ impl KvCache {
             self.valid[row].truncate(len);
             self.next_position[row] = self.valid[row].iter().filter(|&&v| v).count() as u32;
         }
-        for layer in self.layers.iter_mut() {
-            *layer = match layer.take() {
-                Some(_) if len == 0 => None,
-                Some((k, v)) => Some((
-                    k.narrow(D::Minus2, 0, len)?.contiguous()?,
-                    v.narrow(D::Minus2, 0, len)?.contiguous()?,
-                )),
-                None => None,
-            };
+        // The buffers stay; the slots past `len` are free room again (a clone sharing them
+        // still sees its own: writes copy first while the buffers are shared).
+        if len == 0 {
+            self.layers.iter_mut().for_each(|l| *l = None);
         }
         Ok(())
     }
 
+    /// Adds the keys and values `[batch, kv_heads, new, head_dim]` of the tokens of this
+    /// forward to `layer`; returns all of that layer's keys and values so far (views).
     pub(crate) fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        // Slots in use before this forward (`commit` counts the new ones after all layers).
+        let used = self.len();
         let slot = self
             .layers
             .get_mut(layer)
             .ok_or_else(|| LlamaError::Shape(format!("cache has no layer {layer}")))?;
-        let (k, v) = match slot.take() {
-            None => (k.clone(), v.clone()),
-            Some((pk, pv)) => (
-                Tensor::cat(&[&pk, k], D::Minus2)?,
-                Tensor::cat(&[&pv, v], D::Minus2)?,
-            ),
-        };
-        *slot = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let new = k.dim(D::Minus2)?;
+        let needed = used + new;
+        match slot {
+            Some(l) if l.k.dim(D::Minus2)? >= needed && Arc::strong_count(&l.owner) == 1 => {
+                l.k.slice_set(&k.contiguous()?, D::Minus2, used)?;
+                l.v.slice_set(&v.contiguous()?, D::Minus2, used)?;
+            }
+            _ => {
+                let (k, v) = match slot.take() {
+                    None => (k.clone(), v.clone()),
+                    Some(l) => {
+                        let (pk, pv) = l.view(used)?;
+                        (
+                            Tensor::cat(&[&pk, k], D::Minus2)?,
+                            Tensor::cat(&[&pv, v], D::Minus2)?,
+                        )
+                    }
+                };
+                let room = headroom(needed);
+                *slot = Some(LayerKv::new(with_room(&k, room)?, with_room(&v, room)?));
+            }
+        }
+        slot.as_ref().expect("just set").view(needed)
     }
 
     /// Records the new tokens' validity and positions once every layer has appended them.

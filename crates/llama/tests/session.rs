@@ -705,3 +705,38 @@ fn batched_decode_equals_alone_quantized_default_model() {
         .collect();
     alone_vs_batched(&m, &sessions, &[24], &lm.assets.eos_token_ids);
 }
+
+/// The cache writes new keys in place while it alone owns its buffers: forks, and a truncated
+/// session's fork, must never see each other's writes.
+#[test]
+fn forks_written_alternately_stay_independent() {
+    let m = tiny();
+    let mut base = Session::new(m);
+    base.prefill(m, &ids(60, 20, 320)).unwrap();
+    let mut a = base.fork();
+    let mut b = base.fork();
+    a.prefill(m, &ids(61, 5, 320)).unwrap();
+    b.prefill(m, &ids(62, 7, 320)).unwrap();
+    let la = a.prefill(m, &ids(63, 3, 320)).unwrap();
+    assert_logits_match(m, &la, a.tokens(), "a");
+    let lb = b.prefill(m, &ids(64, 2, 320)).unwrap();
+    assert_logits_match(m, &lb, b.tokens(), "b");
+    let l = base.prefill(m, &ids(65, 4, 320)).unwrap();
+    assert_logits_match(m, &l, base.tokens(), "base");
+    // Truncating a and writing over the freed slots leaves a's fork c alone.
+    let mut c = a.fork();
+    a.truncate(22).unwrap();
+    let la = a.prefill(m, &ids(66, 9, 320)).unwrap();
+    assert_logits_match(m, &la, a.tokens(), "a truncated");
+    let lc = c.prefill(m, &ids(67, 1, 320)).unwrap();
+    assert_logits_match(m, &lc, c.tokens(), "c");
+    // Sessions split from one batch, each continuing on its own.
+    let mut x = base.fork();
+    let mut y = base.fork();
+    x.push(&ids(68, 3, 320));
+    decode_batch(m, &mut [&mut x, &mut y], &mut [], &[greedy()], &[4], &[]).unwrap();
+    let lx = x.prefill(m, &ids(69, 2, 320)).unwrap();
+    let ly = y.prefill(m, &ids(70, 5, 320)).unwrap();
+    assert_logits_match(m, &lx, x.tokens(), "x");
+    assert_logits_match(m, &ly, y.tokens(), "y");
+}
