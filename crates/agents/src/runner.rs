@@ -142,6 +142,15 @@ pub fn run_episodes(
                 policy.end_episode(s);
                 let mut record = l.episode.record();
                 record.policy = Some(policy.name());
+                tracing::info!(
+                    task = %record.task,
+                    seed = record.seed,
+                    score = record.final_score,
+                    turns = record.turns.len(),
+                    invalid = record.invalid_replies(),
+                    generated_tokens = l.generated_tokens,
+                    "episode done"
+                );
                 done[l.plan_index] = Some(PlayedEpisode {
                     record,
                     prompt_tokens: l.prompt_tokens,
