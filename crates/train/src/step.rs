@@ -94,6 +94,12 @@ fn checkpointed_grads(
     let loss = scaled_loss(model, &hidden, batch, cfg, denom)?;
     let value = loss.to_scalar::<f32>()? as f64;
     let mut grad_out = take_grad(&mut loss.backward()?, &top)?;
+    // The trainable tensors whose per-layer gradients are summed (looked up once, not per layer).
+    let vars: Vec<Var> = model
+        .active_adapter()
+        .and_then(|a| model.adapter(a))
+        .map(|a| a.vars())
+        .unwrap_or_default();
     let mut total: Option<GradStore> = None;
     for l in (0..n).rev() {
         let input = inputs.pop().expect("one input per layer");
@@ -111,14 +117,7 @@ fn checkpointed_grads(
         }
         match &mut total {
             None => total = Some(grads),
-            Some(t) => {
-                let vars: Vec<Var> = model
-                    .active_adapter()
-                    .and_then(|a| model.adapter(a))
-                    .map(|a| a.vars())
-                    .unwrap_or_default();
-                add_grads(t, &grads, vars.iter())?;
-            }
+            Some(t) => add_grads(t, &grads, vars.iter())?,
         }
     }
     let grads = match total {
