@@ -39,6 +39,12 @@ enum Command {
     Plot(commands::plot::Args),
     /// Compare runs: a table of their losses and speed, and one figure with all their curves.
     Compare(commands::compare::Args),
+    /// Developer check for a GPU build: device vs reference parity (scripts/gpu/check.sh).
+    #[command(name = "gpu-check", hide = true)]
+    GpuCheck(commands::gpu::CheckArgs),
+    /// Developer benchmark: LLaMA-3.1-8B-shaped random weights (scripts/gpu/bench.sh).
+    #[command(name = "gpu-bench", hide = true)]
+    GpuBench(commands::gpu::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +67,7 @@ fn main() -> anyhow::Result<()> {
         Command::Merge(args) => commands::merge::run(args),
         Command::Plot(args) => commands::plot::run(args),
         Command::Compare(args) => commands::compare::run(args),
+        Command::GpuCheck(args) => commands::gpu::run_check(args),
+        Command::GpuBench(args) => commands::gpu::run_bench(args),
     }
 }

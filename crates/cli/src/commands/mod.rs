@@ -3,6 +3,7 @@ pub mod compare;
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod gpu;
 pub mod merge;
 pub mod model_args;
 pub mod play;
