@@ -137,23 +137,44 @@ impl ReplyGrammar {
         options: &SchemaOptions,
     ) -> Result<Self, ConstraintError> {
         let schema = reply_schema(task, options)?;
-        let mut with_options = schema.clone();
         // Compact JSON, as `Reply::to_json` writes it (the training data's form, and fewer
         // tokens); string escapes limited to the printable ones a reply needs.
         let guidance = serde_json::json!({
             "whitespace_flexible": false,
             "json_allowed_escapes": "nt\"\\",
         });
+        Self::compile(vocab, &task.id, schema, guidance)
+    }
+
+    /// Compiles any JSON schema (an object, e.g. an OpenAI `response_format`'s) for the
+    /// vocabulary; `name` stands for the task in errors. Compact JSON, llguidance's default
+    /// escapes. An invalid or unsupported schema is a [`ConstraintError::Grammar`].
+    pub fn from_schema(
+        vocab: &TokenVocab,
+        name: &str,
+        schema: &Value,
+    ) -> Result<Self, ConstraintError> {
+        let guidance = serde_json::json!({ "whitespace_flexible": false });
+        Self::compile(vocab, name, schema.clone(), guidance)
+    }
+
+    fn compile(
+        vocab: &TokenVocab,
+        name: &str,
+        schema: Value,
+        guidance: Value,
+    ) -> Result<Self, ConstraintError> {
+        let grammar_err = |reason: String| ConstraintError::Grammar {
+            task: name.to_string(),
+            reason,
+        };
+        let mut with_options = schema.clone();
         match &mut with_options {
             Value::Object(m) => {
                 m.insert("x-guidance".into(), guidance);
             }
-            _ => unreachable!("reply schemas are objects"),
+            _ => return Err(grammar_err("a JSON schema must be an object".into())),
         }
-        let grammar_err = |reason: String| ConstraintError::Grammar {
-            task: task.id.clone(),
-            reason,
-        };
         let parser = vocab
             .factory
             .create_parser(TopLevelGrammar::from_json_schema(with_options))
@@ -164,7 +185,7 @@ impl ReplyGrammar {
         }
         Ok(ReplyGrammar {
             shared: Arc::new(Shared {
-                task: task.id.clone(),
+                task: name.to_string(),
                 schema,
                 vocab: vocab.clone(),
             }),

@@ -39,6 +39,8 @@ enum Command {
     Plot(commands::plot::Args),
     /// Compare runs: a table of their losses and speed, and one figure with all their curves.
     Compare(commands::compare::Args),
+    /// Serve the model and its adapters behind an OpenAI-compatible chat-completions API.
+    Serve(commands::serve::Args),
     /// Developer check for a GPU build: device vs reference parity (scripts/gpu/check.sh).
     #[command(name = "gpu-check", hide = true)]
     GpuCheck(commands::gpu::CheckArgs),
@@ -67,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Command::Merge(args) => commands::merge::run(args),
         Command::Plot(args) => commands::plot::run(args),
         Command::Compare(args) => commands::compare::run(args),
+        Command::Serve(args) => commands::serve::run(args),
         Command::GpuCheck(args) => commands::gpu::run_check(args),
         Command::GpuBench(args) => commands::gpu::run_bench(args),
     }

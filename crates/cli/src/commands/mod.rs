@@ -11,4 +11,5 @@ pub mod plot;
 pub mod policy_args;
 pub mod recipe;
 pub mod replay;
+pub mod serve;
 pub mod train;

@@ -1,0 +1,151 @@
+//! `teamtune serve`: the model (and its adapters, by name) behind an OpenAI-compatible
+//! chat-completions API.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use teamtune_serve::{EngineConfig, ServeConfig, Server};
+
+use super::model_args::{chat_template, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter (PEFT folder) served as model NAME: `--adapter NAME=DIR`, repeatable.
+    #[arg(long, value_name = "NAME=DIR")]
+    pub adapter: Vec<String>,
+    /// The base model's name in /v1/models and requests (default: the model file or folder's
+    /// name, e.g. SmolLM2-135M-Instruct.Q4_1).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Address to bind; loopback by default (use 0.0.0.0 to serve other machines).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free one; the address is printed on stdout).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/* (or set TEAMTUNE_API_KEY).
+    #[arg(long, env = "TEAMTUNE_API_KEY")]
+    pub api_key: Option<String>,
+    /// Most requests decoded together (1: one at a time).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Most requests waiting to be decoded; more are refused with 429 and Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub queue_size: usize,
+    /// On SIGINT/SIGTERM, seconds the requests in flight may still run before they are
+    /// cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace: f64,
+}
+
+fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
+    match spec.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => bail!("--adapter {spec:?}: expected NAME=DIR"),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    if !(args.shutdown_grace >= 0.0 && args.shutdown_grace.is_finite()) {
+        bail!("--shutdown-grace must be a non-negative number of seconds");
+    }
+    let adapters = args
+        .adapter
+        .iter()
+        .map(|s| parse_adapter(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut loaded = args.model.load()?;
+    let template = chat_template(&loaded.assets)?;
+    for (name, dir) in &adapters {
+        if loaded.model.adapter(name).is_some() {
+            bail!("--adapter {name}: the name is given twice");
+        }
+        loaded
+            .model
+            .load_adapter(name, dir)
+            .with_context(|| format!("loading the adapter {name} from {}", dir.display()))?;
+    }
+    let model_name = match &args.served_model_name {
+        Some(n) => n.clone(),
+        None => {
+            let described = loaded.files.describe();
+            let path = std::path::Path::new(&described);
+            let stem = if path.extension().is_some_and(|e| e == "gguf") {
+                path.file_stem()
+            } else {
+                path.file_name()
+            };
+            stem.and_then(|s| s.to_str())
+                .filter(|s| !s.is_empty())
+                .unwrap_or("model")
+                .to_string()
+        }
+    };
+    let config = ServeConfig {
+        model_name,
+        engine: EngineConfig {
+            max_batch: args.max_batch,
+            queue_size: args.queue_size,
+        },
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
+    };
+    let server = Server::new(loaded.model, &loaded.assets, template, config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(
+            models = ?server.model_names(),
+            max_batch = args.max_batch,
+            queue_size = args.queue_size,
+            auth = args.api_key.is_some(),
+            "serving on http://{addr}/v1"
+        );
+        // The one line on stdout: where to send requests (useful with --port 0).
+        println!("http://{addr}/v1");
+        server.run(listener, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,489 @@
+//! The chat-completions request as OpenAI defines it, parsed and checked into what the engine
+//! runs; the response and stream-chunk bodies.
+//!
+//! Fields this server does not implement are refused when they ask for something (`n` > 1,
+//! `logprobs`, tools, penalties other than 0) and ignored when they do not (`user`,
+//! `metadata`, `store`, ...), as vLLM does.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use teamtune_data::{Message, Role};
+
+use crate::error::{Result, ServeError};
+
+/// The most stop sequences a request may give (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<MessageIn>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub response_format: Option<ResponseFormat>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<i64>,
+    pub tools: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaSpec },
+}
+
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaSpec {
+    pub name: String,
+    pub schema: Option<Value>,
+    pub strict: Option<bool>,
+    pub description: Option<String>,
+}
+
+/// What the reply must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Format {
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// A JSON value matching `schema` (an object).
+    JsonSchema {
+        name: String,
+        schema: Value,
+    },
+}
+
+impl Format {
+    /// The schema to compile, if any: `{"type": "object"}` for JSON mode.
+    pub fn schema(&self) -> Option<(String, Value)> {
+        match self {
+            Format::Text => None,
+            Format::JsonObject => Some(("json_object".into(), json!({"type": "object"}))),
+            Format::JsonSchema { name, schema } => Some((name.clone(), schema.clone())),
+        }
+    }
+}
+
+/// A request checked for everything that does not need the model or the tokenizer.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub model: String,
+    pub messages: Vec<Message>,
+    /// 0 is greedy.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    /// As asked (`max_completion_tokens`, else `max_tokens`); `None`: up to the context.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+    pub stream: bool,
+    pub format: Format,
+}
+
+/// Parses a body: invalid JSON or a field of the wrong type is a 400 naming the field.
+pub fn parse(body: &[u8]) -> Result<ChatRequest> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let param = (!matches!(path.as_str(), "." | "?" | "")).then_some(path);
+        let message = if inner.is_syntax() || inner.is_eof() {
+            format!("the body is not valid JSON: {inner}")
+        } else {
+            match &param {
+                Some(p) => format!("invalid `{p}`: {inner}"),
+                None => format!("invalid request: {inner}"),
+            }
+        };
+        ServeError::InvalidRequest {
+            message,
+            param,
+            code: None,
+        }
+    })
+}
+
+impl ChatRequest {
+    /// Checks the values; the first problem is the error.
+    pub fn check(self) -> Result<Checked> {
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(ServeError::invalid_value(
+                    format!("n = {n}: this server returns exactly one choice (n = 1)"),
+                    "n",
+                ));
+            }
+        }
+        if self.messages.is_empty() {
+            return Err(ServeError::invalid_value(
+                "`messages` is empty: give at least one message",
+                "messages",
+            ));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            messages.push(m.check(i)?);
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ServeError::invalid_value(
+                format!("temperature {temperature} is outside [0, 2]"),
+                "temperature",
+            ));
+        }
+        let top_p = match self.top_p {
+            Some(p) if !(p > 0.0 && p <= 1.0) => {
+                return Err(ServeError::invalid_value(
+                    format!("top_p {p} is outside (0, 1]"),
+                    "top_p",
+                ))
+            }
+            Some(p) if p < 1.0 => Some(p),
+            _ => None,
+        };
+        let (max_param, max) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        let max_tokens = match max {
+            Some(m) if m < 1 => {
+                return Err(ServeError::invalid_value(
+                    format!("{max_param} = {m}: it must be at least 1"),
+                    max_param,
+                ))
+            }
+            Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stop.len() > MAX_STOP {
+            return Err(ServeError::invalid_value(
+                format!(
+                    "{} stop sequences: at most {MAX_STOP} are allowed",
+                    stop.len()
+                ),
+                "stop",
+            ));
+        }
+        if stop.iter().any(String::is_empty) {
+            return Err(ServeError::invalid_value(
+                "a stop sequence is empty",
+                "stop",
+            ));
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if let Some(v) = v.filter(|&v| v != 0.0) {
+                return Err(ServeError::invalid_value(
+                    format!("{name} = {v} is not supported (only 0)"),
+                    name,
+                ));
+            }
+        }
+        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ServeError::invalid_value(
+                "logprobs are not supported",
+                "logprobs",
+            ));
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ServeError::invalid_value(
+                "tools are not supported; use response_format with a JSON schema",
+                "tools",
+            ));
+        }
+        let format = match self.response_format {
+            None | Some(ResponseFormat::Text) => Format::Text,
+            Some(ResponseFormat::JsonObject) => Format::JsonObject,
+            Some(ResponseFormat::JsonSchema { json_schema }) => {
+                let _ = (json_schema.strict, json_schema.description);
+                if json_schema.name.is_empty() {
+                    return Err(ServeError::invalid_value(
+                        "response_format.json_schema.name is empty",
+                        "response_format.json_schema.name",
+                    ));
+                }
+                match json_schema.schema {
+                    None => Format::JsonObject,
+                    Some(schema @ Value::Object(_)) => Format::JsonSchema {
+                        name: json_schema.name,
+                        schema,
+                    },
+                    Some(other) => {
+                        return Err(ServeError::invalid_value(
+                            format!("the JSON schema must be an object, not {other}"),
+                            "response_format.json_schema.schema",
+                        ))
+                    }
+                }
+            }
+        };
+        Ok(Checked {
+            model: self.model,
+            messages,
+            temperature,
+            top_p,
+            max_tokens,
+            stop,
+            seed: self.seed.map(|s| s as u64),
+            stream: self.stream.unwrap_or(false),
+            format,
+        })
+    }
+}
+
+impl MessageIn {
+    fn check(self, i: usize) -> Result<Message> {
+        let role = match self.role.as_str() {
+            // OpenAI's newer name for the system role.
+            "developer" => Role::System,
+            other => Role::parse(other).ok_or_else(|| {
+                ServeError::invalid_value(
+                    format!(
+                        "messages[{i}].role `{other}` is not one of system, developer, user, assistant"
+                    ),
+                    &format!("messages[{i}].role"),
+                )
+            })?,
+        };
+        let content = match self.content {
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.into_iter().enumerate() {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(ServeError::invalid_value(
+                                format!(
+                                    "messages[{i}].content[{j}]: only text parts are supported, not `{kind}`"
+                                ),
+                                &format!("messages[{i}].content[{j}]"),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+            None => {
+                return Err(ServeError::invalid_value(
+                    format!("messages[{i}] has no content"),
+                    &format!("messages[{i}].content"),
+                ))
+            }
+        };
+        Ok(Message::new(role, content))
+    }
+}
+
+/// Why a reply ended, as OpenAI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End of turn, a stop sequence, or the schema's JSON complete.
+    Stop,
+    /// The token limit.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+impl Usage {
+    pub fn to_json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
+}
+
+/// Identity of one response: its id, creation time and model name.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+/// The body of a non-streamed answer.
+pub fn completion(meta: &ResponseMeta, text: &str, finish: FinishReason, usage: Usage) -> Value {
+    json!({
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": null,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": null,
+            "finish_reason": finish.as_str(),
+        }],
+        "usage": usage.to_json(),
+    })
+}
+
+/// One stream chunk: a delta, and on the last one the finish reason and the usage.
+pub fn chunk(
+    meta: &ResponseMeta,
+    delta: Value,
+    finish: Option<FinishReason>,
+    usage: Option<Usage>,
+) -> Value {
+    let mut c = json!({
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": null,
+        "choices": [{
+            "index": 0,
+            "delta": delta,
+            "logprobs": null,
+            "finish_reason": finish.map(FinishReason::as_str),
+        }],
+    });
+    if let Some(u) = usage {
+        c["usage"] = u.to_json();
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: &str) -> Result<Checked> {
+        parse(body.as_bytes())?.check()
+    }
+
+    fn param(e: ServeError) -> Option<String> {
+        match e {
+            ServeError::InvalidRequest { param, .. } => param,
+            other => panic!("not a 400: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_a_full_request() {
+        let c = check(
+            r#"{"model":"m","messages":[{"role":"developer","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
+                "temperature":0,"top_p":1,"max_completion_tokens":7,"max_tokens":9,"stop":"\n",
+                "seed":-1,"n":1,"stream":true,"user":"ignored",
+                "response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"object"}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.messages[0].role, Role::System);
+        assert_eq!(c.messages[1].content, "hi there");
+        assert_eq!(c.temperature, 0.0);
+        assert_eq!(c.top_p, None);
+        assert_eq!(c.max_tokens, Some(7));
+        assert_eq!(c.stop, vec!["\n".to_string()]);
+        assert_eq!(c.seed, Some(u64::MAX));
+        assert!(c.stream);
+        assert!(matches!(c.format, Format::JsonSchema { .. }));
+    }
+
+    #[test]
+    fn names_the_offending_parameter() {
+        let base = |extra: &str| {
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#)
+        };
+        let cases = [
+            (base(r#","temperature":"hot""#), "temperature"),
+            (base(r#","temperature":3"#), "temperature"),
+            (base(r#","top_p":0"#), "top_p"),
+            (base(r#","n":2"#), "n"),
+            (base(r#","max_tokens":0"#), "max_tokens"),
+            (base(r#","stop":["a","b","c","d","e"]"#), "stop"),
+            (base(r#","logprobs":true"#), "logprobs"),
+            (base(r#","presence_penalty":0.5"#), "presence_penalty"),
+            (
+                base(
+                    r#","response_format":{"type":"json_schema","json_schema":{"name":"x","schema":3}}"#,
+                ),
+                "response_format.json_schema.schema",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#.to_string(),
+                "messages[0].role",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#
+                    .to_string(),
+                "messages[0].content[0]",
+            ),
+            (r#"{"model":"m","messages":[]}"#.to_string(), "messages"),
+        ];
+        for (body, want) in cases {
+            let got = param(check(&body).unwrap_err());
+            assert_eq!(got.as_deref(), Some(want), "{body}");
+        }
+        assert_eq!(param(check("{not json").unwrap_err()), None);
+        let e = check(&base(r#","response_format":{"type":"xml"}"#)).unwrap_err();
+        assert!(e.to_string().contains("xml"), "{e}");
+    }
+}

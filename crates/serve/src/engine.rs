@@ -1,0 +1,534 @@
+//! The model worker: one thread owns the model and answers the waiting requests in batches.
+//!
+//! Requests wait in a bounded queue (full: [`ServeError::QueueFull`], a 429). The worker takes
+//! the oldest waiting request whose adapter differs from the last batch's (so adapters take
+//! turns; the oldest overall when there is no other), and with it every waiting request of the
+//! same adapter, up to `max_batch`; activates that adapter (or none) and decodes them together
+//! with [`decode_batch`], each under its own sampling parameters, token limit, stop sequences
+//! and (for JSON replies) grammar. Text streams out as it is decoded: the row's
+//! [`TokenFilter`] sees every token the decoder appends, so it turns them into text, watches
+//! for stop sequences and for the client having gone away (its receiver dropped), and ends the
+//! row there. A batch runs to its end; requests arriving meanwhile wait for the next one.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use teamtune_agents::{ReplyConstraint, ReplyGrammar};
+use teamtune_llama::session::{decode_batch, Session, TokenFilter};
+use teamtune_llama::{Llama, LlamaError, SamplingParams, StopReason, TextStream};
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::api::{FinishReason, Usage};
+use crate::error::{Result, ServeError};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most requests decoded together (1: one at a time).
+    pub max_batch: usize,
+    /// Most requests waiting (not yet decoding); one more is refused with a 429.
+    pub queue_size: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch: 8,
+            queue_size: 64,
+        }
+    }
+}
+
+/// One request for the worker.
+pub struct Job {
+    /// The adapter to decode with; `None`: the base model.
+    pub adapter: Option<String>,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub grammar: Option<ReplyGrammar>,
+    /// Send text deltas as they come (streamed requests); otherwise only [`Event::Done`].
+    pub stream: bool,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What the worker tells a request's handler.
+#[derive(Debug)]
+pub enum Event {
+    /// New text of the reply (streamed requests only).
+    Text(String),
+    /// The reply is complete: all of its text, why it ended, the token counts.
+    Done {
+        text: String,
+        finish: FinishReason,
+        usage: Usage,
+    },
+    Failed(ServeError),
+}
+
+/// Counters for `/health` and the tests.
+#[derive(Debug, Default)]
+struct Counters {
+    running: AtomicUsize,
+    completed: AtomicUsize,
+    cancelled: AtomicUsize,
+    failed: AtomicUsize,
+    batches: AtomicUsize,
+    largest_batch: AtomicUsize,
+    generated_tokens: AtomicUsize,
+}
+
+/// A snapshot of the engine's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub queued: usize,
+    pub running: usize,
+    pub completed: usize,
+    pub cancelled: usize,
+    pub failed: usize,
+    pub batches: usize,
+    pub largest_batch: usize,
+    pub generated_tokens: usize,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    closing: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    counters: Counters,
+    /// Set on shutdown past its grace period: every running row ends at its next token.
+    cancel_all: AtomicBool,
+    config: EngineConfig,
+}
+
+/// The handle of the model worker.
+pub struct Engine {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the worker thread; it owns `model` (with its adapters loaded) from now on.
+    /// `stop_ids` end a reply (the first is the turn end the grammars append).
+    pub fn start(
+        model: Llama,
+        tokenizer: Tokenizer,
+        stop_ids: Vec<u32>,
+        config: EngineConfig,
+    ) -> Self {
+        let config = EngineConfig {
+            max_batch: config.max_batch.max(1),
+            queue_size: config.queue_size,
+        };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            counters: Counters::default(),
+            cancel_all: AtomicBool::new(false),
+            config,
+        });
+        let worker = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("model-worker".into())
+                .spawn(move || Worker::new(model, tokenizer, stop_ids, shared).run())
+                .expect("spawn the model worker thread")
+        };
+        Engine {
+            shared,
+            worker: Mutex::new(Some(worker)),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    /// Queues a request, or refuses it when the queue is full or the engine is closing.
+    pub fn submit(&self, job: Job) -> Result<()> {
+        let mut q = self.shared.queue.lock().expect("queue lock");
+        if q.closing {
+            return Err(ServeError::ShuttingDown);
+        }
+        if q.jobs.len() >= self.shared.config.queue_size {
+            return Err(ServeError::QueueFull {
+                waiting: q.jobs.len(),
+                retry_after_s: 1,
+            });
+        }
+        q.jobs.push_back(job);
+        drop(q);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        let queued = self.shared.queue.lock().expect("queue lock").jobs.len();
+        let c = &self.shared.counters;
+        let get = |a: &AtomicUsize| a.load(Ordering::SeqCst);
+        Stats {
+            queued,
+            running: get(&c.running),
+            completed: get(&c.completed),
+            cancelled: get(&c.cancelled),
+            failed: get(&c.failed),
+            batches: get(&c.batches),
+            largest_batch: get(&c.largest_batch),
+            generated_tokens: get(&c.generated_tokens),
+        }
+    }
+
+    /// Ends every running and waiting request at its next token (shutdown past its grace).
+    pub fn cancel_all(&self) {
+        self.shared.cancel_all.store(true, Ordering::SeqCst);
+    }
+
+    /// Refuses new requests, lets the worker finish what is queued and running, and joins it.
+    pub fn shutdown(&self) {
+        self.shared.queue.lock().expect("queue lock").closing = true;
+        self.shared.wake.notify_all();
+        if let Some(worker) = self.worker.lock().expect("worker lock").take() {
+            if worker.join().is_err() {
+                tracing::error!("the model worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Worker {
+    model: Llama,
+    tokenizer: Tokenizer,
+    stop_ids: Vec<u32>,
+    shared: Arc<Shared>,
+    last_adapter: Option<Option<String>>,
+}
+
+impl Worker {
+    fn new(model: Llama, tokenizer: Tokenizer, stop_ids: Vec<u32>, shared: Arc<Shared>) -> Self {
+        Worker {
+            model,
+            tokenizer,
+            stop_ids,
+            shared,
+            last_adapter: None,
+        }
+    }
+
+    fn run(mut self) {
+        while let Some(batch) = self.next_batch() {
+            let n = batch.len();
+            let shared = self.shared.clone();
+            let c = &shared.counters;
+            c.running.store(n, Ordering::SeqCst);
+            c.batches.fetch_add(1, Ordering::SeqCst);
+            c.largest_batch.fetch_max(n, Ordering::SeqCst);
+            let started = Instant::now();
+            let adapter = batch[0].adapter.clone();
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(&batch)));
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some(ServeError::Internal("the model worker panicked".into())),
+            };
+            if let Some(e) = failure {
+                tracing::error!(error = %e, rows = n, "a batch failed");
+                c.failed.fetch_add(n, Ordering::SeqCst);
+                for job in &batch {
+                    let _ = job.events.send(Event::Failed(e.clone()));
+                }
+            }
+            c.running.store(0, Ordering::SeqCst);
+            tracing::debug!(rows = n, adapter = ?adapter, seconds = started.elapsed().as_secs_f64(), "batch done");
+            self.last_adapter = Some(adapter);
+        }
+        tracing::debug!("model worker stopped");
+    }
+
+    /// Waits for work; `None` once closing with nothing left.
+    fn next_batch(&mut self) -> Option<Vec<Job>> {
+        let mut q = self.shared.queue.lock().expect("queue lock");
+        loop {
+            // Requests whose client left while waiting are dropped unanswered.
+            let before = q.jobs.len();
+            q.jobs.retain(|j| !j.events.is_closed());
+            let gone = before - q.jobs.len();
+            if gone > 0 {
+                self.shared
+                    .counters
+                    .cancelled
+                    .fetch_add(gone, Ordering::SeqCst);
+            }
+            if !q.jobs.is_empty() {
+                break;
+            }
+            if q.closing {
+                return None;
+            }
+            q = self.shared.wake.wait(q).expect("queue lock");
+        }
+        let first = q
+            .jobs
+            .iter()
+            .position(|j| Some(&j.adapter) != self.last_adapter.as_ref())
+            .unwrap_or(0);
+        let adapter = q.jobs[first].adapter.clone();
+        let mut batch = Vec::new();
+        let mut i = first;
+        while i < q.jobs.len() && batch.len() < self.shared.config.max_batch {
+            if q.jobs[i].adapter == adapter {
+                batch.push(q.jobs.remove(i).expect("index in range"));
+            } else {
+                i += 1;
+            }
+        }
+        Some(batch)
+    }
+
+    fn run_batch(&mut self, jobs: &[Job]) -> Result<()> {
+        self.model.set_active_adapter(jobs[0].adapter.as_deref())?;
+        let model = &self.model;
+        let mut sessions: Vec<Session> = jobs
+            .iter()
+            .map(|j| {
+                let mut s = Session::new(model);
+                s.push(&j.prompt);
+                s
+            })
+            .collect();
+        let mut filters: Vec<RowFilter<'_>> = jobs
+            .iter()
+            .map(|j| RowFilter::new(j, &self.tokenizer, &self.stop_ids, &self.shared.cancel_all))
+            .collect();
+        let params: Vec<SamplingParams> = jobs.iter().map(|j| j.params.clone()).collect();
+        let max: Vec<usize> = jobs.iter().map(|j| j.max_tokens).collect();
+        let decoded = {
+            let mut rows: Vec<&mut Session> = sessions.iter_mut().collect();
+            let mut dyn_filters: Vec<&mut dyn TokenFilter> = filters
+                .iter_mut()
+                .map(|f| f as &mut dyn TokenFilter)
+                .collect();
+            decode_batch(
+                model,
+                &mut rows,
+                &mut dyn_filters,
+                &params,
+                &max,
+                &self.stop_ids,
+            )?
+        };
+        let c = &self.shared.counters;
+        for ((job, filter), d) in jobs.iter().zip(filters).zip(decoded) {
+            c.generated_tokens
+                .fetch_add(d.tokens.len(), Ordering::SeqCst);
+            if filter.cancelled() {
+                c.cancelled.fetch_add(1, Ordering::SeqCst);
+                continue;
+            }
+            let finish = match d.stop {
+                StopReason::MaxTokens if !filter.stopped => FinishReason::Length,
+                _ => FinishReason::Stop,
+            };
+            let usage = Usage {
+                prompt_tokens: job.prompt.len(),
+                completion_tokens: d.tokens.len(),
+            };
+            let text = filter.finish()?;
+            c.completed.fetch_add(1, Ordering::SeqCst);
+            let _ = job.events.send(Event::Done {
+                text,
+                finish,
+                usage,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A grammar's constraint as the decoder's filter (as the agents' model policy drives it).
+struct Constrained {
+    constraint: ReplyConstraint,
+    /// Forced tokens the constraint already committed in `fast_forward`; the decoder commits
+    /// them again, which must be skipped.
+    already_committed: usize,
+}
+
+fn filter_err(e: impl std::fmt::Display) -> LlamaError {
+    LlamaError::Filter(e.to_string())
+}
+
+/// One row of a batch: the grammar (if any), text as it decodes, stop sequences,
+/// cancellation.
+struct RowFilter<'a> {
+    constrained: Option<Constrained>,
+    text_stream: TextStream<'a>,
+    stop_ids: &'a [u32],
+    stops: &'a [String],
+    /// Longest stop sequence in bytes: text that might be the start of one is held back.
+    hold: usize,
+    /// The reply's text so far (cut at a stop sequence once one is found).
+    text: String,
+    /// Bytes of `text` already sent.
+    sent: usize,
+    /// A stop sequence was found: the reply is complete.
+    stopped: bool,
+    stream: bool,
+    events: &'a UnboundedSender<Event>,
+    cancel_all: &'a AtomicBool,
+}
+
+impl<'a> RowFilter<'a> {
+    fn new(
+        job: &'a Job,
+        tokenizer: &'a Tokenizer,
+        stop_ids: &'a [u32],
+        cancel_all: &'a AtomicBool,
+    ) -> Self {
+        RowFilter {
+            constrained: job.grammar.as_ref().map(|g| Constrained {
+                constraint: g.constraint(),
+                already_committed: 0,
+            }),
+            text_stream: TextStream::new(tokenizer),
+            stop_ids,
+            stops: &job.stop,
+            hold: job.stop.iter().map(String::len).max().unwrap_or(0),
+            text: String::new(),
+            sent: 0,
+            stopped: false,
+            stream: job.stream,
+            events: &job.events,
+            cancel_all,
+        }
+    }
+
+    /// The client left (its receiver is gone) or the server is shutting down.
+    fn cancelled(&self) -> bool {
+        self.events.is_closed() || self.cancel_all.load(Ordering::Relaxed)
+    }
+
+    /// Appends decoded text: cuts it at the first stop sequence, and sends what can no longer
+    /// be the start of one.
+    fn add_text(&mut self, piece: &str) {
+        if self.stopped {
+            return;
+        }
+        self.text.push_str(piece);
+        let search_from = self.sent.saturating_sub(self.hold);
+        let search_from = floor_char_boundary(&self.text, search_from);
+        let found = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[search_from..].find(s.as_str()))
+            .min();
+        let safe = match found {
+            Some(pos) => {
+                self.text.truncate(search_from + pos);
+                self.stopped = true;
+                self.text.len()
+            }
+            None => floor_char_boundary(
+                &self.text,
+                self.text.len().saturating_sub(self.hold.saturating_sub(1)),
+            ),
+        };
+        self.send_upto(safe);
+    }
+
+    fn send_upto(&mut self, end: usize) {
+        if end > self.sent {
+            if self.stream {
+                let _ = self
+                    .events
+                    .send(Event::Text(self.text[self.sent..end].to_string()));
+            }
+            self.sent = end;
+        }
+    }
+
+    /// The decode ended: flushes the held-back text; returns the whole reply.
+    fn finish(mut self) -> Result<String> {
+        if !self.stopped {
+            if let Some(rest) = self.text_stream.finish()? {
+                self.add_text(&rest);
+            }
+        }
+        let end = self.text.len();
+        self.send_upto(end);
+        Ok(self.text)
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+impl TokenFilter for RowFilter<'_> {
+    fn forced(&mut self) -> Vec<u32> {
+        let Some(c) = &mut self.constrained else {
+            return Vec::new();
+        };
+        match c.constraint.fast_forward() {
+            Ok(tokens) => {
+                c.already_committed += tokens.len();
+                tokens
+            }
+            // The mask reports the same state as an error on the next call.
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn mask(&mut self, logits: &mut [f32]) -> teamtune_llama::Result<()> {
+        match &mut self.constrained {
+            Some(c) => c.constraint.mask_logits(logits).map_err(filter_err),
+            None => Ok(()),
+        }
+    }
+
+    fn commit(&mut self, token: u32) -> teamtune_llama::Result<()> {
+        if let Some(c) = &mut self.constrained {
+            if c.already_committed > 0 {
+                c.already_committed -= 1;
+            } else {
+                c.constraint.commit(token).map_err(filter_err)?;
+            }
+        }
+        if self.stop_ids.contains(&token) || self.stopped {
+            return Ok(());
+        }
+        if let Some(piece) = self.text_stream.push(token)? {
+            self.add_text(&piece);
+        }
+        Ok(())
+    }
+
+    fn is_done(&self) -> bool {
+        self.stopped
+            || self.cancelled()
+            || self
+                .constrained
+                .as_ref()
+                .is_some_and(|c| c.constraint.is_done())
+    }
+}

@@ -1,0 +1,190 @@
+//! `teamtune serve`: an OpenAI-compatible chat-completions server over a teamtune model.
+//!
+//! - [`api`]: the request as OpenAI defines it, checked; response and stream-chunk bodies.
+//! - [`error`]: every refusal with its status and OpenAI error body.
+//! - [`engine`]: the model worker thread, its bounded queue and batched decoding.
+//! - [`routes`]: the axum routes, bearer-token check and server-sent events.
+//!
+//! [`Server::new`] takes a loaded model (adapters loaded, none active), its tokenizer and chat
+//! template; [`Server::run`] serves on a bound listener until the shutdown future resolves,
+//! then lets the requests in flight finish (or cancels them after a grace period) and stops
+//! the worker.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use teamtune_agents::TokenVocab;
+use teamtune_data::{ChatTemplate, EncodeOptions, Encoder};
+use teamtune_llama::{ChatAssets, Llama};
+
+pub use engine::{Engine, EngineConfig, Stats};
+pub use error::{Result, ServeError};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The base model's name in `/v1/models` and requests.
+    pub model_name: String,
+    pub engine: EngineConfig,
+    /// Require `Authorization: Bearer <key>` on `/v1/*`.
+    pub api_key: Option<String>,
+    /// After a shutdown signal, how long requests in flight may run before they are cancelled.
+    pub shutdown_grace: Duration,
+}
+
+/// Errors setting the server up (not those of requests).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Data(#[from] teamtune_data::DataError),
+    #[error(transparent)]
+    Constraint(#[from] teamtune_agents::ConstraintError),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct Server {
+    state: Arc<routes::AppState>,
+    shutdown_grace: Duration,
+}
+
+impl Server {
+    /// `model` with its adapters loaded; each adapter is served under its own name.
+    pub fn new(
+        mut model: Llama,
+        assets: &ChatAssets,
+        template: ChatTemplate,
+        config: ServeConfig,
+    ) -> std::result::Result<Self, SetupError> {
+        let adapters: Vec<String> = model
+            .adapter_names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        if adapters.contains(&config.model_name) {
+            return Err(SetupError::Config(format!(
+                "an adapter is named like the base model `{}`",
+                config.model_name
+            )));
+        }
+        model
+            .set_active_adapter(None)
+            .map_err(|e| SetupError::Config(e.to_string()))?;
+        let encoder = Encoder::new(
+            assets.tokenizer.clone(),
+            template.clone(),
+            EncodeOptions::default(),
+        )?;
+        // As the agents do: the template's own turn end first (a grammar appends it when the
+        // JSON is complete), then the model's other stop tokens.
+        let mut stop_ids = encoder.end_of_turn_ids().to_vec();
+        for &id in &assets.eos_token_ids {
+            if !stop_ids.contains(&id) {
+                stop_ids.push(id);
+            }
+        }
+        if stop_ids.is_empty() {
+            return Err(SetupError::Config(
+                "the model's chat template has no end-of-turn token".into(),
+            ));
+        }
+        let vocab = TokenVocab::new(&assets.tokenizer, &stop_ids)?;
+        let context = model.config().max_position_embeddings;
+        let engine = Arc::new(Engine::start(
+            model,
+            assets.tokenizer.clone(),
+            stop_ids,
+            config.engine.clone(),
+        ));
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let state = routes::AppState {
+            engine,
+            template,
+            tokenizer: assets.tokenizer.clone(),
+            vocab,
+            base_name: config.model_name.clone(),
+            adapters,
+            context,
+            api_key: config.api_key.clone(),
+            grammars: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            started,
+        };
+        Ok(Server {
+            state: Arc::new(state),
+            shutdown_grace: config.shutdown_grace,
+        })
+    }
+
+    /// The served model names: the base first, then the adapters.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names = vec![self.state.base_name.clone()];
+        names.extend(self.state.adapters.iter().cloned());
+        names
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.state.engine
+    }
+
+    /// The routes, e.g. to serve them elsewhere.
+    pub fn router(&self) -> axum::Router {
+        routes::router(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves; then takes no new connections, lets
+    /// the requests in flight finish (cancelling them after the grace period) and stops the
+    /// model worker.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::result::Result<(), SetupError> {
+        let engine = self.state.engine.clone();
+        let grace = self.shutdown_grace;
+        let signalled = Arc::new(tokio::sync::Notify::new());
+        let on_signal = {
+            let signalled = signalled.clone();
+            async move {
+                shutdown.await;
+                tracing::info!(
+                    grace_s = grace.as_secs_f64(),
+                    "shutting down: finishing the requests in flight"
+                );
+                signalled.notify_one();
+            }
+        };
+        // Past the grace period, every running request ends at its next token.
+        let canceller = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                signalled.notified().await;
+                tokio::time::sleep(grace).await;
+                tracing::warn!("grace period over: cancelling the requests in flight");
+                engine.cancel_all();
+            })
+        };
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(on_signal)
+            .await?;
+        canceller.abort();
+        tokio::task::spawn_blocking(move || engine.shutdown())
+            .await
+            .map_err(|e| SetupError::Config(format!("stopping the model worker: {e}")))?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,360 @@
+//! The HTTP side: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, bearer-token
+//! checks, and OpenAI error bodies for everything else (unknown routes and methods, bodies
+//! too large).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use teamtune_agents::{ReplyGrammar, TokenVocab};
+use teamtune_data::{ChatTemplate, Message};
+use teamtune_llama::SamplingParams;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::api::{self, Checked, Format, ResponseMeta};
+use crate::engine::{Engine, Event, Job};
+use crate::error::{Result, ServeError};
+
+/// Largest request body accepted (a longer one is a 413).
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+/// Compiled grammars kept for reuse (by schema text); the cache is emptied when full.
+const GRAMMAR_CACHE: usize = 64;
+/// The sampling seed of requests that give none: `teamtune generate`'s default.
+const DEFAULT_SEED: u64 = 299792458;
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub template: ChatTemplate,
+    pub tokenizer: Tokenizer,
+    /// For JSON replies: the vocabulary the grammars are compiled for.
+    pub vocab: TokenVocab,
+    /// The base model's name; requests for it run without an adapter.
+    pub base_name: String,
+    pub adapters: Vec<String>,
+    /// The model's context in tokens: prompt + reply must fit.
+    pub context: usize,
+    pub api_key: Option<String>,
+    pub grammars: Mutex<HashMap<String, ReplyGrammar>>,
+    pub next_id: AtomicU64,
+    pub started: u64,
+}
+
+type Shared = Arc<AppState>;
+
+pub fn router(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(health))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn require_key(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let err = match given.and_then(|v| v.strip_prefix("Bearer ")) {
+            None => Some("missing bearer token: send `Authorization: Bearer <key>`"),
+            Some(t) if !constant_time_eq(t.trim().as_bytes(), key.as_bytes()) => {
+                Some("incorrect API key")
+            }
+            Some(_) => None,
+        };
+        if let Some(e) = err {
+            return ServeError::Unauthorized(e).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ServeError {
+    ServeError::UnknownRoute {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        status: StatusCode::NOT_FOUND,
+    }
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ServeError {
+    ServeError::UnknownRoute {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        status: StatusCode::METHOD_NOT_ALLOWED,
+    }
+}
+
+async fn health(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({"status": "ok", "engine": state.engine.stats()}))
+}
+
+async fn list_models(State(state): State<Shared>) -> Json<Value> {
+    let model = |id: &str, parent: Option<&str>| {
+        json!({"id": id, "object": "model", "created": state.started, "owned_by": "teamtune",
+               "root": state.base_name, "parent": parent})
+    };
+    let mut data = vec![model(&state.base_name, None)];
+    data.extend(
+        state
+            .adapters
+            .iter()
+            .map(|a| model(a, Some(&state.base_name))),
+    );
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn chat_completions(
+    State(state): State<Shared>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ServeError::InvalidRequest {
+                message: format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+                param: None,
+                code: Some("request_too_large"),
+            }
+        } else {
+            ServeError::invalid(format!("cannot read the body: {e}"), None)
+        }
+    })?;
+    let checked = api::parse(&body)?.check()?;
+    let adapter = state.adapter_of(&checked.model)?;
+    let prompt = state.prompt_tokens(&checked.messages)?;
+    let max_tokens = state.token_budget(prompt.len(), checked.max_tokens)?;
+    let grammar = state.grammar(&checked.format)?;
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let meta = ResponseMeta {
+        id: format!("chatcmpl-{:x}-{id}", state.started),
+        created: now_s(),
+        model: checked.model.clone(),
+    };
+    let (tx, rx) = unbounded_channel();
+    let params = sampling(&checked, id);
+    state.engine.submit(Job {
+        adapter,
+        prompt,
+        params,
+        max_tokens,
+        stop: checked.stop.clone(),
+        grammar,
+        stream: checked.stream,
+        events: tx,
+    })?;
+    if checked.stream {
+        let stream = SseStream {
+            rx,
+            meta,
+            state: SseState::Start,
+        };
+        let mut response = Body::from_stream(stream).into_response();
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(response);
+    }
+    // Dropping `rx` (the client left, so hyper dropped this future) ends the decode.
+    let mut rx = rx;
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(_)) => continue,
+            Some(Event::Done {
+                text,
+                finish,
+                usage,
+            }) => return Ok(Json(api::completion(&meta, &text, finish, usage)).into_response()),
+            Some(Event::Failed(e)) => return Err(e),
+            None => return Err(ServeError::ShuttingDown),
+        }
+    }
+}
+
+fn sampling(c: &Checked, id: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: c.temperature,
+        top_p: c.top_p,
+        // No seed: a different one per request (as OpenAI samples), unless greedy.
+        seed: c.seed.unwrap_or_else(|| {
+            if c.temperature == 0.0 {
+                DEFAULT_SEED
+            } else {
+                DEFAULT_SEED ^ (now_s() << 20) ^ id
+            }
+        }),
+        ..SamplingParams::default()
+    }
+}
+
+impl AppState {
+    /// `None` for the base model, the adapter's name for an adapter; 404 otherwise.
+    fn adapter_of(&self, model: &str) -> Result<Option<String>> {
+        if model == self.base_name {
+            Ok(None)
+        } else if self.adapters.iter().any(|a| a == model) {
+            Ok(Some(model.to_string()))
+        } else {
+            Err(ServeError::ModelNotFound(model.to_string()))
+        }
+    }
+
+    /// The conversation rendered with the generation prompt and tokenised (the template
+    /// writes the special tokens: none are added again), as `teamtune generate` does.
+    fn prompt_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true).map_err(|e| {
+            ServeError::invalid(
+                format!("the chat template refused the messages: {e}"),
+                Some("messages"),
+            )
+        })?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| ServeError::Internal(format!("tokenizing the prompt: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// How many tokens the reply may have: as asked when it fits in the context with the
+    /// prompt, else an error; all that is left when not asked.
+    fn token_budget(&self, prompt: usize, asked: Option<usize>) -> Result<usize> {
+        if prompt >= self.context {
+            return Err(ServeError::ContextLength {
+                context: self.context,
+                prompt,
+            });
+        }
+        let left = self.context - prompt;
+        match asked {
+            None => Ok(left),
+            Some(m) if m <= left => Ok(m),
+            Some(m) => Err(ServeError::InvalidRequest {
+                message: format!(
+                    "this model's maximum context length is {} tokens; the messages take {prompt} and {m} were asked for the reply (at most {left})",
+                    self.context
+                ),
+                param: Some("max_tokens".into()),
+                code: Some("invalid_value"),
+            }),
+        }
+    }
+
+    fn grammar(&self, format: &Format) -> Result<Option<ReplyGrammar>> {
+        let Some((name, schema)) = format.schema() else {
+            return Ok(None);
+        };
+        let key = schema.to_string();
+        if let Some(g) = self.grammars.lock().expect("grammar cache").get(&key) {
+            return Ok(Some(g.clone()));
+        }
+        let g = ReplyGrammar::from_schema(&self.vocab, &name, &schema).map_err(|e| {
+            ServeError::invalid_value(
+                format!("the response format's JSON schema cannot be used: {e}"),
+                "response_format.json_schema.schema",
+            )
+        })?;
+        let mut cache = self.grammars.lock().expect("grammar cache");
+        if cache.len() >= GRAMMAR_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, g.clone());
+        Ok(Some(g))
+    }
+}
+
+enum SseState {
+    Start,
+    Streaming,
+    Done,
+    Finished,
+}
+
+/// The server-sent events of one streamed reply: a first chunk with the role, one per text
+/// delta, a last one with the finish reason and the usage, then `data: [DONE]`. Dropped when
+/// the client goes away, which drops the receiver and so ends the row's decode.
+struct SseStream {
+    rx: UnboundedReceiver<Event>,
+    meta: ResponseMeta,
+    state: SseState,
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+impl futures_core::Stream for SseStream {
+    type Item = std::result::Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        match this.state {
+            SseState::Start => {
+                this.state = SseState::Streaming;
+                let first = api::chunk(
+                    &this.meta,
+                    json!({"role": "assistant", "content": ""}),
+                    None,
+                    None,
+                );
+                return Poll::Ready(Some(Ok(sse(&first))));
+            }
+            SseState::Done => {
+                this.state = SseState::Finished;
+                return Poll::Ready(Some(Ok(Bytes::from_static(b"data: [DONE]\n\n"))));
+            }
+            SseState::Finished => return Poll::Ready(None),
+            SseState::Streaming => {}
+        }
+        let out = match this.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Event::Text(t))) => {
+                api::chunk(&this.meta, json!({"content": t}), None, None)
+            }
+            Poll::Ready(Some(Event::Done { finish, usage, .. })) => {
+                this.state = SseState::Done;
+                api::chunk(&this.meta, json!({}), Some(finish), Some(usage))
+            }
+            Poll::Ready(Some(Event::Failed(e))) => {
+                this.state = SseState::Done;
+                e.body()
+            }
+            Poll::Ready(None) => {
+                this.state = SseState::Done;
+                ServeError::ShuttingDown.body()
+            }
+        };
+        Poll::Ready(Some(Ok(sse(&out))))
+    }
+}
