@@ -4,7 +4,7 @@
 #
 #   scripts/gpu/build-cuda.sh            # wheels -> toolkit layout -> build -> ldd -> tarball
 #   scripts/gpu/build-cuda.sh --no-pack  # stop after the build and the ldd check
-#   scripts/gpu/build-cuda.sh --with-libs  # also pack cuBLAS/cuRAND/NVRTC from the wheels (~800 MB)
+#   scripts/gpu/build-cuda.sh --with-libs  # also pack cuBLAS/cuBLASLt/cuRAND from the wheels (~730 MB)
 #   scripts/gpu/build-cuda.sh --rev HEAD   # build a commit (git archive into target/cuda-src),
 #                                          # not the working tree
 #
@@ -132,9 +132,10 @@ LD_LIBRARY_PATH=$CU/lib ldd "$BIN" | sed 's/^/  /' >&2 || true
 
 # 5. Pack ---------------------------------------------------------------------------------------
 # Default: binary, libcudart (small), scripts and the tiny fixture: small enough for a 64 MiB
-# carry; cuBLAS/cuRAND/NVRTC are found on the GPU machine (pip nvidia-* wheels of its torch, or
-# /usr/local/cuda) by env.sh. --with-libs also packs those from the wheels (about 800 MB:
-# for a machine that has only the driver).
+# carry; cuBLAS(+Lt) and cuRAND are found on the GPU machine (pip nvidia-* wheels of its torch,
+# or /usr/local/cuda) by env.sh. --with-libs also packs those from the wheels (about 730 MB:
+# for a machine that has only the driver). The linker drops libnvrtc (--as-needed: candle
+# loads its kernels as PTX through the driver), so NVRTC is not needed at run time.
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 P=$STAGE/teamtune-cuda
@@ -150,13 +151,13 @@ for so in $(objdump -p "$BIN" | awk '/NEEDED/ {print $2}'); do
 done
 if [[ $WITH_LIBS == 1 ]]; then
   # Loaded at run time by the libraries above, not named by the binary.
-  for so in libcublasLt.so.13 libnvrtc-builtins.so.13.0; do
+  for so in libcublasLt.so.13; do
     [[ -e $CU/lib/$so ]] && cp -L "$CU/lib/$so" "$P/lib/$so"
   done
 fi
 cp scripts/gpu/check.sh scripts/gpu/bench.sh scripts/gpu/env.sh "$P/"
 cp -r crates/llama/tests/fixtures/tiny-llama31 "$P/fixtures/"
-(cd "$P" && find . -type f | sort | xargs sha256sum > MANIFEST.sha256)
+(cd "$P" && find . -type f ! -name MANIFEST.sha256 | sort | xargs sha256sum > MANIFEST.sha256)
 tar -C "$STAGE" -czf "$OUT" teamtune-cuda
 log "packed $OUT ($(du -h "$OUT" | cut -f1)):"
 tar -tzvf "$OUT" | awk '{printf "  %10s  %s\n", $3, $6}' >&2

@@ -3,10 +3,11 @@
 #
 # Works from the unpacked tarball (bin/teamtune, lib/, fixtures/) and from a checkout
 # (target/cuda/release/teamtune, crates/llama/tests/fixtures). TEAMTUNE=path overrides the
-# binary. The binary needs, besides the driver's libcuda.so.1: libcublas.so.13,
-# libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 and libcudart.so.13. Searched in this
+# binary. The binary needs, besides the driver's libcuda.so.1: libcublas.so.13 (which loads
+# libcublasLt.so.13), libcurand.so.10 and libcudart.so.13 (packed). Searched in this
 # order: lib/ next to this script, CUDA_LIB_DIRS (colon-separated), pip's nvidia wheels of every
-# python3 on PATH (torch+cu130 brings them), /usr/local/cuda*/lib64, ldconfig.
+# python3 on PATH (torch+cu130 brings them), /usr/local/cuda*/lib64, ldconfig, then a find
+# under /opt /usr /root /home.
 GPU_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 if [[ -x $GPU_HERE/bin/teamtune ]]; then
   GPU_ROOT=$GPU_HERE                                   # unpacked tarball
@@ -24,7 +25,7 @@ fi
 [[ -n $TT && -x $TT ]] || { echo "env.sh: no teamtune binary (set TEAMTUNE=...)" >&2; return 1 2>/dev/null || exit 1; }
 
 DEVICE=${DEVICE:-cuda}
-_need=(libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13)
+_need=(libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13)
 _dirs=()
 [[ -d $GPU_ROOT/lib ]] && _dirs+=("$GPU_ROOT/lib")
 IFS=: read -r -a _extra <<< "${CUDA_LIB_DIRS:-}"
@@ -51,6 +52,9 @@ for so in "${_need[@]}"; do
   done
   if [[ -z $found ]]; then
     found=$(ldconfig -p 2>/dev/null | awk -v s="$so" '$1 == s {print $NF; exit}' | xargs -r dirname)
+  fi
+  if [[ -z $found && $DEVICE != cpu ]]; then  # last resort: a venv not on PATH (torch's wheels)
+    found=$(find /opt /usr /root /home -maxdepth 9 -name "$so" -not -path '*/stubs/*' 2>/dev/null | head -n1 | xargs -r dirname)
   fi
   if [[ -n $found ]]; then
     [[ " ${_ld[*]} " == *" $found "* ]] || _ld+=("$found")
