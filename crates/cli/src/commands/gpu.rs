@@ -819,13 +819,18 @@ fn train_bench(
         Ok(loss)
     };
     let peak = PeakMemory::start(device);
-    step(0)?;
-    let t0 = Instant::now();
-    for i in 0..steps {
-        step(i + 1)?;
-    }
-    let secs = t0.elapsed().as_secs_f64() / steps.max(1) as f64;
-    Ok((seq as f64 / secs, secs, peak.stop()))
+    let timed = (|| -> anyhow::Result<f64> {
+        step(0)?;
+        let t0 = Instant::now();
+        for i in 0..steps {
+            step(i + 1)?;
+        }
+        Ok(t0.elapsed().as_secs_f64() / steps.max(1) as f64)
+    })();
+    // Stopped whatever happened (an out-of-memory step must not leave the poller running).
+    let peak = peak.stop();
+    let secs = timed?;
+    Ok((seq as f64 / secs, secs, peak))
 }
 
 /// (prefill tokens/s, decode tokens/s, peak GiB) at batch `b`.
@@ -864,10 +869,12 @@ fn infer_bench(
     };
     run(prefill.min(64), 4)?; // warm-up: kernels loaded, allocator primed
     let peak = PeakMemory::start(device);
-    let (tp, td) = run(prefill, decode)?;
+    let timed = run(prefill, decode);
+    let peak = peak.stop();
+    let (tp, td) = timed?;
     Ok((
         (b * prefill) as f64 / tp,
         (b * decode) as f64 / td.max(1e-9),
-        peak.stop(),
+        peak,
     ))
 }
