@@ -197,6 +197,21 @@ impl Resp {
         }
     }
 
+    /// The response once `raw` holds all of it (by its Content-Length).
+    fn try_parse(raw: &[u8]) -> Option<Resp> {
+        let text = String::from_utf8_lossy(raw);
+        let (head, rest) = text.split_once("\r\n\r\n")?;
+        let len: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))?
+            .1
+            .trim()
+            .parse()
+            .ok()?;
+        (rest.len() >= len).then(|| Resp::parse(raw))
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -344,6 +359,42 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         // Still serving, and still the same answer.
         assert_eq!(server.chat(&good).content(), expected, "after {case}");
     }
+    // A body over the limit.
+    let mut s = server.connect();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        9 << 20
+    )
+    .unwrap();
+    let mut writer = s.try_clone().unwrap();
+    // The server may answer and close before all of it is sent: write errors are expected.
+    std::thread::spawn(move || {
+        let block = vec![b' '; 1 << 16];
+        for _ in 0..(9 << 4) {
+            if writer.write_all(&block).is_err() {
+                break;
+            }
+        }
+    });
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if Resp::try_parse(&raw).is_some() {
+            break;
+        }
+    }
+    Resp::try_parse(&raw).expect("a response").assert_error(
+        413,
+        None,
+        Some("request_too_large"),
+        "body too large",
+    );
+    assert_eq!(server.chat(&good).content(), expected, "after a huge body");
     server
         .request("GET", "/v1/chat/completions", "", b"")
         .assert_error(405, None, Some("unknown_url"), "wrong method");

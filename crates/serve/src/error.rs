@@ -19,6 +19,9 @@ pub enum ServeError {
     /// The prompt alone does not fit in the model's context (413).
     #[error("this model's maximum context length is {context} tokens, but the messages take {prompt} tokens")]
     ContextLength { context: usize, prompt: usize },
+    /// The request body is larger than the server takes (413).
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
     /// No such model (base or adapter) is served (404).
     #[error("the model `{0}` does not exist; GET /v1/models lists the served ones")]
     ModelNotFound(String),
@@ -63,7 +66,9 @@ impl ServeError {
     pub fn status(&self) -> StatusCode {
         match self {
             ServeError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            ServeError::ContextLength { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ServeError::ContextLength { .. } | ServeError::BodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ServeError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ServeError::UnknownRoute { status, .. } => *status,
             ServeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -78,6 +83,7 @@ impl ServeError {
         match self {
             ServeError::InvalidRequest { .. }
             | ServeError::ContextLength { .. }
+            | ServeError::BodyTooLarge { .. }
             | ServeError::ModelNotFound(_)
             | ServeError::UnknownRoute { .. }
             | ServeError::Unauthorized(_) => "invalid_request_error",
@@ -99,6 +105,7 @@ impl ServeError {
         match self {
             ServeError::InvalidRequest { code, .. } => *code,
             ServeError::ContextLength { .. } => Some("context_length_exceeded"),
+            ServeError::BodyTooLarge { .. } => Some("request_too_large"),
             ServeError::ModelNotFound(_) => Some("model_not_found"),
             ServeError::UnknownRoute { .. } => Some("unknown_url"),
             ServeError::Unauthorized(_) => Some("invalid_api_key"),

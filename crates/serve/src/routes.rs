@@ -140,10 +140,8 @@ async fn chat_completions(
 ) -> Result<Response> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ServeError::InvalidRequest {
-                message: format!("the body is larger than {MAX_BODY_BYTES} bytes"),
-                param: None,
-                code: Some("request_too_large"),
+            ServeError::BodyTooLarge {
+                limit: MAX_BODY_BYTES,
             }
         } else {
             ServeError::invalid(format!("cannot read the body: {e}"), None)
