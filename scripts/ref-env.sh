@@ -26,6 +26,7 @@ pins=(
   "safetensors==0.8.0"
   "numpy==2.4.6"
   "sentencepiece==0.2.3"
+  "openai==3.57.0"
 )
 
 vpy="$venv/bin/python"
