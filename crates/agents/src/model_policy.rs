@@ -246,6 +246,7 @@ impl Policy for ModelPolicy {
                 .map(|f| f as &mut dyn TokenFilter)
                 .collect()
         };
+        let started = std::time::Instant::now();
         let decoded = {
             let mut rows: Vec<&mut Session> = sessions.iter_mut().collect();
             decode_batch(
@@ -257,6 +258,15 @@ impl Policy for ModelPolicy {
                 &self.stop_ids,
             )?
         };
+        tracing::debug!(
+            rows = decoded.len(),
+            prompt_tokens = decoded.iter().map(|d| d.prompt_tokens).sum::<usize>(),
+            cached_tokens = decoded.iter().map(|d| d.cached_tokens).sum::<usize>(),
+            generated = decoded.iter().map(|d| d.tokens.len()).sum::<usize>(),
+            forced = decoded.iter().map(|d| d.forced_tokens).sum::<usize>(),
+            seconds = started.elapsed().as_secs_f64(),
+            "decoded a batch of replies"
+        );
         let mut replies = Vec::with_capacity(requests.len());
         for ((r, session), d) in requests.iter().zip(sessions).zip(decoded) {
             let text = self

@@ -26,7 +26,10 @@ pub const FIELDS: [&str; 6] = [
 ///
 /// They bound the length of a turn, and so its decoding time; they may not exceed the parser's
 /// limits, since a longer string would be generated only to be refused. The defaults leave
-/// room for the scripted experts' replies (a test holds them to that) with some slack.
+/// room for the scripted experts' replies (a test holds them to that) with about twice their
+/// longest (over 20 episodes of every task: reflection 40, rationale 115, message 44, memory
+/// 27 characters). A base model tends to fill a field up to its limit, so looser limits cost
+/// evaluation time without changing what a reply can say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchemaOptions {
     pub max_reflection_chars: usize,
@@ -38,10 +41,10 @@ pub struct SchemaOptions {
 impl Default for SchemaOptions {
     fn default() -> Self {
         SchemaOptions {
-            max_reflection_chars: 200,
-            max_rationale_chars: 200,
-            max_message_chars: 160,
-            max_memory_chars: 160,
+            max_reflection_chars: 80,
+            max_rationale_chars: 160,
+            max_message_chars: 80,
+            max_memory_chars: 60,
         }
     }
 }

@@ -331,7 +331,7 @@ fn expert_replies_are_accepted_to_the_end() {
 /// Invalid replies are refused at the token that holds the first invalid byte (marked `|`).
 #[test]
 fn invalid_replies_are_refused_at_the_right_token() {
-    let long = "a".repeat(160);
+    let long = "a".repeat(SchemaOptions::default().max_message_chars);
     let cases: Vec<(&str, String)> = vec![
         ("single_nav", r#"{"reflection":"a","rationale":"b","action_name":"|pick","#.into()),
         ("single_nav", r#"{| "reflection":"a""#.into()),

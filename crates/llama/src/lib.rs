@@ -5,6 +5,7 @@
 pub mod assets;
 pub mod cache;
 pub mod config;
+mod decode_attention;
 pub mod device;
 pub mod dropout;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod model;
 pub mod ops;
 pub mod sampling;
 pub mod session;
+mod skinny;
 pub mod source;
 pub mod stream;
 pub mod weights;

@@ -551,6 +551,29 @@ fn frozen_matmul_fwd<S: BackendStorage>(
     Ok((out, Shape::from((m, n))))
 }
 
+/// The CPU forward of [`FrozenMatmul`] (also the base projection of the LoRA training op, so
+/// both give the same bits): decode steps, a few rows against contiguous f32 weights, take the
+/// skinny kernel; the rest goes to gemm.
+pub(crate) fn frozen_matmul_cpu(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: &CpuStorage,
+    lw: &Layout,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    if let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) {
+        let ((m, k), (n, kw)) = (lx.shape().dims2()?, lw.shape().dims2()?);
+        if let (true, Some((x0, x1)), Some((w0, w1))) = (
+            m <= crate::skinny::MAX_ROWS && kw == k,
+            lx.contiguous_offsets(),
+            lw.contiguous_offsets(),
+        ) {
+            let out = crate::skinny::matmul_t(&xs[x0..x1], m, &ws[w0..w1], n, k);
+            return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+        }
+    }
+    frozen_matmul_fwd(x, lx, w, lw)
+}
+
 impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -563,7 +586,7 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        frozen_matmul_fwd(x, lx, w, lw)
+        frozen_matmul_cpu(x, lx, w, lw)
     }
 
     #[cfg(feature = "cuda")]

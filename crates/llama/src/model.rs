@@ -8,6 +8,7 @@ use candle_nn::ops;
 
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
+use crate::decode_attention;
 use crate::dropout::{mix_seed, seeded_dropout};
 use crate::error::{LlamaError, Result};
 use crate::layout::TokenLayout;
@@ -263,6 +264,19 @@ impl Attention {
             .contiguous()?
             .reshape((b, self.n_kv_heads, n_rep * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let decode_step = mode == Mode::Inference
+            && q.device().is_cpu()
+            && q.dtype() == DType::F32
+            && n_rep * t <= decode_attention::MAX_QUERY_ROWS;
+        if decode_step {
+            let out = decode_attention::attention(&q, &k, &v, bias, scale)?
+                .reshape((b, self.n_heads, t, self.head_dim))?
+                .transpose(1, 2)?
+                .reshape((b, t, self.n_heads * self.head_dim))?;
+            return self
+                .o_proj
+                .forward_lora(&out, lora.get(LoraTarget::O), mode);
+        }
         let probs = match mode {
             // One op from q, k to probabilities: the scores are never stored for the backward.
             Mode::Training => train_ops::attention_probs(&q, &k, bias, scale)?,

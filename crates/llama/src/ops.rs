@@ -918,7 +918,7 @@ impl CustomOp3 for LoraLinear {
                 lb.shape()
             )
         }
-        let y = x.matmul(w, (1, n, out, k), lx, &lw.transpose(0, 1)?)?;
+        let (y, _) = crate::lora::frozen_matmul_cpu(x, lx, w, lw)?;
         let u = match h.matmul(b, (1, n, out, r), lh, &lb.transpose(0, 1)?)? {
             CpuStorage::F32(mut v) => {
                 scale_in_place(&mut v, self.scale);

@@ -425,14 +425,17 @@ pub fn decode_batch(
     let mut batch = KvCache::merge(&caches)?;
     // Batch row -> session index.
     let mut members: Vec<usize> = (0..n).collect();
+    let mut stats = BatchStats::default();
     loop {
         // Every row that has run all its tokens picks what comes next.
+        let picking = std::time::Instant::now();
         for &i in &members {
             let (row, s) = (&mut rows[i], &mut *sessions[i]);
             if row.fed == s.len() && !row.finished {
                 row.step(s, filter!(i), stop_ids)?;
             }
         }
+        stats.pick_s += picking.elapsed().as_secs_f64();
         // Finished rows leave the batch now rather than being fed padding to the end: their
         // cache rows are split off once (one copy of the batch's cache, like one step's
         // append), after which every step computes and caches only live rows. Feeding padding
@@ -476,17 +479,48 @@ pub fn decode_batch(
         }
         let ids = Tensor::from_vec(ids, (members.len(), width), model.device())?;
         let layout = TokenLayout::left_padded(&lens, batch.next_positions());
+        let forward = std::time::Instant::now();
         let logits = model
             .forward_last(&ids, &layout, Some(&mut batch))?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
+        stats.forwards += 1;
+        stats.fed += lens.iter().sum::<usize>();
+        stats.padding += members.len() * width - lens.iter().sum::<usize>();
+        stats.forward_s += forward.elapsed().as_secs_f64();
+        stats.max_slots = stats.max_slots.max(batch.len());
         for ((&i, &len), l) in members.iter().zip(&lens).zip(logits) {
             let row = &mut rows[i];
             row.fed += len;
             row.logits = (row.fed == sessions[i].len()).then_some(l);
         }
     }
+    tracing::debug!(
+        rows = n,
+        forwards = stats.forwards,
+        fed = stats.fed,
+        padding = stats.padding,
+        max_slots = stats.max_slots,
+        forward_s = stats.forward_s,
+        pick_s = stats.pick_s,
+        "decode_batch"
+    );
     Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+/// Where a [`decode_batch`] call spent its work (logged at debug level).
+#[derive(Debug, Default)]
+struct BatchStats {
+    forwards: usize,
+    /// Real tokens fed through the batched forwards.
+    fed: usize,
+    /// Padding slots fed beside them.
+    padding: usize,
+    /// The batched cache's widest slot count (padding included).
+    max_slots: usize,
+    forward_s: f64,
+    /// Masks, fast-forwards and sampling.
+    pick_s: f64,
 }
 
 #[cfg(test)]
