@@ -6,7 +6,10 @@
 //!
 //! `cargo bench -p teamtune-serve --bench load -- --url http://127.0.0.1:8000/v1 [--model M]
 //!  [--clients 8] [--requests 32] [--max-tokens 64] [--duration-s 600] [--api-key K]
-//!  [--label NAME]`
+//!  [--label NAME] [--retry-429 N]`
+//!
+//! A refused request is sent again up to N times (default 0) after its Retry-After; the
+//! figures count requests, not attempts.
 //!
 //! Prints a table line and, last, one JSON line with the figures.
 
@@ -35,6 +38,8 @@ struct Args {
     duration: Duration,
     api_key: Option<String>,
     label: String,
+    /// Times a refused request is sent again after its Retry-After (as the openai client does).
+    retries: usize,
 }
 
 fn parse_args() -> Args {
@@ -47,6 +52,7 @@ fn parse_args() -> Args {
         duration: Duration::from_secs(600),
         api_key: None,
         label: "serve".into(),
+        retries: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -62,6 +68,7 @@ fn parse_args() -> Args {
             }
             "--api-key" => a.api_key = Some(value()),
             "--label" => a.label = value(),
+            "--retry-429" => a.retries = value().parse().expect("--retry-429 N"),
             // cargo bench passes --bench to harness=false targets.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -72,8 +79,12 @@ fn parse_args() -> Args {
 }
 
 enum Outcome {
-    Ok { latency: f64, tokens: u64 },
-    Refused,
+    Ok {
+        latency: f64,
+        tokens: u64,
+    },
+    /// 429, with the Retry-After it gave (seconds).
+    Refused(u64),
     Failed(String),
 }
 
@@ -115,7 +126,13 @@ fn call(agent: &ureq::Agent, args: &Args, model: &str, i: usize) -> Outcome {
                     },
                     Err(e) => Outcome::Failed(format!("not JSON ({e}): {text:.200}")),
                 },
-                429 => Outcome::Refused,
+                429 => Outcome::Refused(
+                    resp.headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(1),
+                ),
                 s => Outcome::Failed(format!("HTTP {s}: {text:.200}")),
             }
         }
@@ -156,7 +173,7 @@ fn main() {
     };
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
-    let outcomes: Vec<Outcome> = std::thread::scope(|s| {
+    let outcomes: Vec<(Outcome, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.clients)
             .map(|_| {
                 let (args, model, next) = (&args, &model, &next);
@@ -171,7 +188,17 @@ fn main() {
                         if i >= args.requests {
                             break;
                         }
-                        mine.push(call(&agent, args, model, i));
+                        let mut outcome = call(&agent, args, model, i);
+                        let mut retried = 0;
+                        while let Outcome::Refused(after) = outcome {
+                            if retried == args.retries {
+                                break;
+                            }
+                            retried += 1;
+                            std::thread::sleep(Duration::from_secs(after));
+                            outcome = call(&agent, args, model, i);
+                        }
+                        mine.push((outcome, retried));
                     }
                     mine
                 })
@@ -188,13 +215,14 @@ fn main() {
     let mut tokens = 0;
     let mut refused = 0;
     let mut failures = Vec::new();
-    for o in outcomes {
+    let retries: usize = outcomes.iter().map(|(_, r)| r).sum();
+    for (o, _) in outcomes {
         match o {
             Outcome::Ok { latency, tokens: t } => {
                 latencies.push(latency);
                 tokens += t;
             }
-            Outcome::Refused => refused += 1,
+            Outcome::Refused(_) => refused += 1,
             Outcome::Failed(e) => failures.push(e),
         }
     }
@@ -208,6 +236,7 @@ fn main() {
         "sent": sent,
         "ok": ok,
         "refused_429": refused,
+        "retried_429": retries,
         "failed": failures.len(),
         "wall_s": wall,
         "requests_per_s": ok as f64 / wall,
@@ -217,12 +246,13 @@ fn main() {
         "p99_s": percentile(&latencies, 99.0),
     });
     println!(
-        "{:<12} clients {:>3}  sent {:>4}  ok {:>4}  429 {:>3}  failed {:>3}  {:>6.1} s  {:>6.2} req/s  {:>7.1} tok/s  p50 {:>6.2} s  p99 {:>6.2} s",
+        "{:<12} clients {:>3}  sent {:>4}  ok {:>4}  429 {:>3} (retried {:>3})  failed {:>3}  {:>6.1} s  {:>6.2} req/s  {:>7.1} tok/s  p50 {:>6.2} s  p99 {:>6.2} s",
         args.label,
         args.clients,
         sent,
         ok,
         refused,
+        retries,
         failures.len(),
         wall,
         figures["requests_per_s"].as_f64().unwrap(),

@@ -32,7 +32,8 @@ pub struct Args {
     /// Most requests decoded together (1: one at a time).
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
-    /// Most requests waiting to be decoded; more are refused with 429 and Retry-After.
+    /// Most requests waiting to be decoded; more are refused with 429 and Retry-After. A batch
+    /// is made of waiting requests, so keep it at least --max-batch.
     #[arg(long, default_value_t = 64)]
     pub queue_size: usize,
     /// On SIGINT/SIGTERM, seconds the requests in flight may still run before they are
@@ -56,6 +57,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if !(args.shutdown_grace >= 0.0 && args.shutdown_grace.is_finite()) {
         bail!("--shutdown-grace must be a non-negative number of seconds");
+    }
+    if args.queue_size < args.max_batch {
+        tracing::warn!(
+            "--queue-size {} < --max-batch {}: a batch is made of waiting requests, so batches stay at most {} rows",
+            args.queue_size,
+            args.max_batch,
+            args.queue_size.max(1)
+        );
     }
     let adapters = args
         .adapter
