@@ -8,7 +8,8 @@
 //!   not, base or adapter, and what `teamtune generate` prints;
 //! - a full queue answers 429 with Retry-After;
 //! - a client leaving mid-stream cancels its decode;
-//! - SIGTERM lets the request in flight finish, then the server exits 0.
+//! - SIGTERM lets the request in flight finish, then the server exits 0; past
+//!   `--shutdown-grace` the request is cancelled instead (error event, `[DONE]`), exit 0.
 
 mod common;
 
@@ -79,6 +80,7 @@ impl Server {
             ])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .env_remove("TEAMTUNE_API_KEY")
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -681,4 +683,33 @@ fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     };
     assert!(status.success(), "{status:?}");
     assert!(TcpStream::connect(&server.addr).is_err());
+}
+
+#[test]
+fn sigterm_past_the_grace_period_cancels_the_stream_and_exits_0() {
+    let mut server = Server::start(&["--shutdown-grace", "0"]);
+    let mut stream = open_stream(&server, &long_stream(BASE, 500));
+    let before = server.health();
+    let pid = server.child.id().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // The stream is cut: an error event naming the shutdown, then [DONE], no finish reason.
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("\"code\":\"server_shutting_down\""), "{rest}");
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    assert!(!rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    assert!(before["running"] == 1, "{before}");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "still running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
 }
