@@ -713,3 +713,70 @@ fn sigterm_past_the_grace_period_cancels_the_stream_and_exits_0() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn the_prefix_cache_reuses_conversations_per_adapter_and_changes_no_reply() {
+    let server = Server::start(&["--prefix-cache-tokens", "4096"]);
+    let cached = |r: &Value| {
+        r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let first = ask(BASE, "the cat sat on the mat", 24);
+    let a = server.chat(&first).json();
+    assert_eq!(cached(&a), 0);
+    // The same request again: all but the last prompt token come from the cache.
+    let again = server.chat(&first).json();
+    assert_eq!(again["choices"], a["choices"]);
+    assert_eq!(
+        cached(&again),
+        a["usage"]["prompt_tokens"].as_u64().unwrap() - 1
+    );
+    // The same conversation for the adapter does not use the base model's cache.
+    let mut for_adapter = first.clone();
+    for_adapter["model"] = json!(ADAPTER);
+    let t = server.chat(&for_adapter).json();
+    assert_eq!(cached(&t), 0);
+    let t2 = server.chat(&for_adapter).json();
+    assert_eq!(t2["choices"], t["choices"]);
+    assert!(cached(&t2) > 0);
+
+    // The next turn of the conversation runs only what is new, and answers what `teamtune
+    // generate` answers for the whole conversation.
+    let reply = a["choices"][0]["message"]["content"].as_str().unwrap();
+    let mut next = first.clone();
+    let messages = next["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": reply}));
+    messages.push(json!({"role": "user", "content": "and you?"}));
+    let b = server.chat(&next).json();
+    assert!(cached(&b) > 0, "{b}");
+    let file = server._dir.path().join("conversation.json");
+    std::fs::write(&file, next["messages"].to_string()).unwrap();
+    let out = teamtune()
+        .args([
+            "generate",
+            "--model",
+            server.model.to_str().unwrap(),
+            "--messages",
+            file.to_str().unwrap(),
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        generated.strip_suffix('\n').unwrap(),
+        b["choices"][0]["message"]["content"]
+    );
+    let h = server.health();
+    assert!(h["cached_prompt_tokens"].as_u64().unwrap() >= cached(&b) + cached(&again));
+}

@@ -9,6 +9,10 @@
 //! [`TokenFilter`] sees every token the decoder appends, so it turns them into text, watches
 //! for stop sequences and for the client having gone away (its receiver dropped), and ends the
 //! row there. A batch runs to its end; requests arriving meanwhile wait for the next one.
+//!
+//! With a prefix-cache budget, finished conversations keep their sessions (KV caches), keyed
+//! by adapter: a request whose prompt starts like one of them (an agent's next turn, the same
+//! system prompt) starts from a fork of it and runs only what differs.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,6 +35,10 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Most requests waiting (not yet decoding); one more is refused with a 429.
     pub queue_size: usize,
+    /// Tokens of finished conversations whose KV caches are kept (per adapter) so that a
+    /// request continuing one (an agent's next turn, a shared system prompt) runs only what
+    /// is new; 0 keeps none.
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +46,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_batch: 8,
             queue_size: 64,
+            prefix_cache_tokens: 0,
         }
     }
 }
@@ -80,6 +89,7 @@ struct Counters {
     batches: AtomicUsize,
     largest_batch: AtomicUsize,
     generated_tokens: AtomicUsize,
+    cached_prompt_tokens: AtomicUsize,
 }
 
 /// A snapshot of the engine's counters.
@@ -93,6 +103,8 @@ pub struct Stats {
     pub batches: usize,
     pub largest_batch: usize,
     pub generated_tokens: usize,
+    /// Prompt tokens taken from the prefix cache instead of being run again.
+    pub cached_prompt_tokens: usize,
 }
 
 struct Queue {
@@ -126,7 +138,7 @@ impl Engine {
     ) -> Self {
         let config = EngineConfig {
             max_batch: config.max_batch.max(1),
-            queue_size: config.queue_size,
+            ..config
         };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -186,6 +198,7 @@ impl Engine {
             batches: get(&c.batches),
             largest_batch: get(&c.largest_batch),
             generated_tokens: get(&c.generated_tokens),
+            cached_prompt_tokens: get(&c.cached_prompt_tokens),
         }
     }
 
@@ -218,6 +231,9 @@ struct Worker {
     stop_ids: Vec<u32>,
     shared: Arc<Shared>,
     last_adapter: Option<Option<String>>,
+    /// Finished conversations by adapter (a cache belongs to the adapter that filled it),
+    /// oldest first.
+    prefixes: Vec<(Option<String>, Session)>,
 }
 
 impl Worker {
@@ -228,6 +244,7 @@ impl Worker {
             stop_ids,
             shared,
             last_adapter: None,
+            prefixes: Vec::new(),
         }
     }
 
@@ -304,15 +321,11 @@ impl Worker {
 
     fn run_batch(&mut self, jobs: &[Job]) -> Result<()> {
         self.model.set_active_adapter(jobs[0].adapter.as_deref())?;
+        let mut sessions = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            sessions.push(self.session_for(&j.adapter, &j.prompt)?);
+        }
         let model = &self.model;
-        let mut sessions: Vec<Session> = jobs
-            .iter()
-            .map(|j| {
-                let mut s = Session::new(model);
-                s.push(&j.prompt);
-                s
-            })
-            .collect();
         let mut filters: Vec<RowFilter<'_>> = jobs
             .iter()
             .map(|j| RowFilter::new(j, &self.tokenizer, &self.stop_ids, &self.shared.cancel_all))
@@ -335,9 +348,11 @@ impl Worker {
             )?
         };
         let c = &self.shared.counters;
-        for ((job, filter), d) in jobs.iter().zip(filters).zip(decoded) {
+        for ((job, filter), d) in jobs.iter().zip(filters).zip(&decoded) {
             c.generated_tokens
                 .fetch_add(d.tokens.len(), Ordering::SeqCst);
+            c.cached_prompt_tokens
+                .fetch_add(d.cached_tokens, Ordering::SeqCst);
             if filter.cancelled() {
                 c.cancelled.fetch_add(1, Ordering::SeqCst);
                 continue;
@@ -349,6 +364,7 @@ impl Worker {
             let usage = Usage {
                 prompt_tokens: job.prompt.len(),
                 completion_tokens: d.tokens.len(),
+                cached_tokens: d.cached_tokens,
             };
             let text = filter.finish()?;
             c.completed.fetch_add(1, Ordering::SeqCst);
@@ -358,8 +374,68 @@ impl Worker {
                 usage,
             });
         }
+        for (job, session) in jobs.iter().zip(sessions) {
+            self.keep_prefix(&job.adapter, session);
+        }
         Ok(())
     }
+
+    /// A session holding `prompt`: a fork of the kept conversation of the same adapter that
+    /// shares the longest start with it (only the rest pending), or a new one.
+    fn session_for(&mut self, adapter: &Option<String>, prompt: &[u32]) -> Result<Session> {
+        let best = self
+            .prefixes
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, _))| a == adapter)
+            .map(|(i, (_, s))| (i, common_prefix(&s.tokens()[..s.cached_len()], prompt)))
+            .max_by_key(|&(_, n)| n);
+        let mut session = match best {
+            Some((i, n)) if n > 0 => {
+                let s = self.prefixes[i].1.fork();
+                // Used again: it is evicted last.
+                let entry = self.prefixes.remove(i);
+                self.prefixes.push(entry);
+                s
+            }
+            _ => return Ok(Self::fresh(&self.model, prompt)),
+        };
+        let mut keep = common_prefix(session.tokens(), prompt);
+        // Something must run to give the next logits.
+        keep = keep.min(prompt.len().saturating_sub(1));
+        session.truncate(keep)?;
+        session.push(&prompt[keep..]);
+        Ok(session)
+    }
+
+    fn fresh(model: &Llama, prompt: &[u32]) -> Session {
+        let mut s = Session::new(model);
+        s.push(prompt);
+        s
+    }
+
+    /// Keeps a finished conversation for later requests, evicting the least recently used
+    /// past the token budget.
+    fn keep_prefix(&mut self, adapter: &Option<String>, session: Session) {
+        let budget = self.shared.config.prefix_cache_tokens;
+        if budget == 0 || session.cached_len() == 0 || session.cached_len() > budget {
+            return;
+        }
+        // A conversation that another kept one extends (or equals) is not worth keeping too.
+        self.prefixes.retain(|(a, s)| {
+            !(a == adapter && common_prefix(s.tokens(), session.tokens()) >= s.cached_len())
+        });
+        self.prefixes.push((adapter.clone(), session));
+        let mut total: usize = self.prefixes.iter().map(|(_, s)| s.cached_len()).sum();
+        while total > budget {
+            let (_, old) = self.prefixes.remove(0);
+            total -= old.cached_len();
+        }
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// A grammar's constraint as the decoder's filter (as the agents' model policy drives it).
