@@ -3,6 +3,7 @@
 reference venv (scripts/ref-env.sh installs `openai`):
 
     $(scripts/ref-env.sh) scripts/check_serve.py [--teamtune target/release/teamtune] [--model M]
+        [--serve-args '--prefix-cache-tokens 8192']
 
 Against the default model (SmolLM2-135M-Instruct from scripts/fetch-default-model.sh) and a
 small LoRA adapter written here in PEFT format (rank 8 on q_proj/v_proj, seeded random A and
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -113,6 +115,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teamtune", default=default_binary())
     ap.add_argument("--model", default="", help="model for teamtune (default: the default model)")
+    ap.add_argument("--serve-args", default="",
+                    help="more flags for teamtune serve, e.g. '--prefix-cache-tokens 8192' (then the streamed "
+                         "request, the same as the plain one, starts from its cached conversation)")
     args = ap.parse_args()
     subprocess.run(["bash", str(REPO / "scripts/fetch-default-model.sh")], check=True, capture_output=True)
 
@@ -123,6 +128,7 @@ def main() -> None:
            "--adapter", f"tuned={adapter}"]
     if args.model:
         cmd += ["--model", args.model]
+    cmd += shlex.split(args.serve_args)
     log(f"$ {' '.join(cmd)}")
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"})
     try:
