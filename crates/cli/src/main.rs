@@ -18,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole flow on the default model within a time budget: expert episodes, base-model
+    /// eval, LoRA training, tuned eval, and a report folder (report.md, figures, adapter).
+    Demo(commands::demo::Args),
     /// Answer a prompt with a model (chat template applied), streaming the text to stdout.
     Generate(commands::generate::Args),
     /// Inspect conversation files: token statistics, rendered conversations with trained spans.
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Demo(args) => commands::demo::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Data(args) => commands::data::run(args),
         Command::Play(args) => commands::play::run(args),

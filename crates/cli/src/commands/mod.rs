@@ -1,6 +1,7 @@
 pub mod collect;
 pub mod compare;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod gpu;

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use teamtune_data::{
     choose_pad_id, make_batches, prepare, BatchOptions, EncodeOptions, Encoder, PrepareOptions,
-    PruneOptions, SplitOptions,
+    Prepared, PruneOptions, SplitOptions,
 };
-use teamtune_llama::LoraConfig;
+use teamtune_llama::{ChatAssets, LoraConfig};
 use teamtune_train::{TrainConfig, Trainer};
 
 use super::model_args::{chat_template, ModelArgs};
@@ -35,7 +35,7 @@ pub struct Args {
 }
 
 /// The recipe a run uses: defaults, then the config file (or the resumed run's), then flags.
-fn effective_recipe(args: &Args) -> anyhow::Result<Recipe> {
+pub fn effective_recipe(args: &Args) -> anyhow::Result<Recipe> {
     let base = match (&args.config, &args.resume) {
         (Some(path), _) => Recipe::from_file(path)?,
         (None, Some(resume)) => {
@@ -53,19 +53,18 @@ fn effective_recipe(args: &Args) -> anyhow::Result<Recipe> {
     Ok(recipe)
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let recipe = effective_recipe(&args)?;
-    if args.model.quantize.is_some() {
-        bail!("--quantize is an inference path; training needs the dense weights");
-    }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating the run folder {}", args.out.display()))?;
-    recipe.save(&args.out.join("train.toml"))?;
-    let r = &recipe;
-    let mut loaded = args.model.load()?;
-    let template = chat_template(&loaded.assets)?;
+/// The conversations a run trains and validates on, encoded the way the trainer sees them:
+/// pruned below `recipe.min_score`, split by `recipe.validation_fraction` and `recipe.seed`,
+/// longer ones cut at a turn to `recipe.max_len`.
+pub fn prepare_data(
+    data: &[PathBuf],
+    assets: &ChatAssets,
+    recipe: &Recipe,
+) -> anyhow::Result<(Encoder, Prepared)> {
+    let r = recipe;
+    let template = chat_template(assets)?;
     let encoder = Encoder::new(
-        loaded.assets.tokenizer.clone(),
+        assets.tokenizer.clone(),
         template,
         EncodeOptions {
             max_len: Some(r.max_len),
@@ -85,8 +84,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         ..Default::default()
     };
-    let prepared =
-        prepare(&args.data, &encoder, &options).context("preparing the training data")?;
+    let prepared = prepare(data, &encoder, &options).context("preparing the training data")?;
+    Ok((encoder, prepared))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let recipe = effective_recipe(&args)?;
+    if args.model.quantize.is_some() {
+        bail!("--quantize is an inference path; training needs the dense weights");
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating the run folder {}", args.out.display()))?;
+    recipe.save(&args.out.join("train.toml"))?;
+    let r = &recipe;
+    let mut loaded = args.model.load()?;
+    let (encoder, prepared) = prepare_data(&args.data, &loaded.assets, r)?;
     if prepared.train.is_empty() {
         bail!(
             "no training conversations left after pruning below {}",
