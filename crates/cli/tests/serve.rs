@@ -347,7 +347,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ("zero max_completion_tokens", with(json!({"max_completion_tokens": 0})).to_string().into(), 400, Some("max_completion_tokens"), None),
         ("n = 2", with(json!({"n": 2})).to_string().into(), 400, Some("n"), None),
         ("unknown model", with(json!({"model": "gpt-17"})).to_string().into(), 404, Some("model"), Some("model_not_found")),
-        ("unknown response_format type", with(json!({"response_format": {"type": "xml"}})).to_string().into(), 400, None, None),
+        ("unknown response_format type", with(json!({"response_format": {"type": "xml"}})).to_string().into(), 400, Some("response_format.type"), None),
         ("schema that is not an object", with(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}})).to_string().into(), 400, Some("response_format.json_schema.schema"), None),
         ("schema llguidance refuses", with(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}})).to_string().into(), 400, Some("response_format.json_schema.schema"), None),
         ("too many stop sequences", with(json!({"stop": ["a", "b", "c", "d", "e"]})).to_string().into(), 400, Some("stop"), None),
