@@ -891,7 +891,16 @@ fn report_markdown(plan: &Plan, l: &Layout, episode: usize) -> anyhow::Result<St
     writeln!(
         w,
         "Wall times are reported, never used to decide what runs: the amounts above follow from \
-         the budget by fixed formulas (plan.json).\n"
+         the budget by fixed formulas (plan.json) that assume an idle 2-core CPU: {} training \
+         tokens/s ({}% of the budget, {} tokens), {} s per batched agent turn and {} turns per \
+         set of seven episodes ({}% of the budget per evaluation). On a busy or faster machine \
+         the same plan runs, in more or less time.\n",
+        ASSUMED_TRAIN_TOKENS_PER_S,
+        100.0 * TRAIN_SHARE,
+        plan.train_tokens,
+        ASSUMED_SECONDS_PER_TURN,
+        ASSUMED_TURNS_PER_EPISODE_SET,
+        100.0 * EVAL_SHARE
     )?;
 
     writeln!(w, "## One tuned episode\n")?;
