@@ -113,9 +113,20 @@ impl Linear {
         let dims = xf.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let x2 = xf.reshape((xf.elem_count() / inner.max(1), inner))?;
-        let h = x2
-            .matmul(&lora.pair.a.as_tensor().t()?)?
-            .matmul(&lora.pair.b.as_tensor().t()?)?;
+        // The factors are trainable Vars: at inference, outputs computed from them would carry
+        // the whole forward's op graph (every activation kept alive by the logits a session
+        // holds, gigabytes per agent in an eval). Detached copies share the storage only.
+        let (a, b) = match mode {
+            Mode::Training => (
+                lora.pair.a.as_tensor().clone(),
+                lora.pair.b.as_tensor().clone(),
+            ),
+            Mode::Inference => (
+                lora.pair.a.as_tensor().detach(),
+                lora.pair.b.as_tensor().detach(),
+            ),
+        };
+        let h = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
         let h = (h * lora.scale)?.to_dtype(y.dtype())?;
         let h = h.reshape(y.shape())?;
         Ok((y + h)?)

@@ -313,6 +313,33 @@ fn a_disabled_adapter_gives_base_logits_and_dropout_is_training_only() {
 }
 
 #[test]
+fn inference_with_an_adapter_keeps_no_graph() {
+    // The factors are Vars: an inference output that tracked ops would keep its whole forward
+    // alive, and a session's KV cache (built from such outputs) every forward before it (an
+    // eval of a tuned model was killed for memory that way). Training must still track.
+    let m = with_adapter(&LoraConfig::default(), true);
+    let input = Tensor::new(ids(12).as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ctx = m
+        .layer_context(&teamtune_llama::TokenLayout::contiguous(1, 12, 0))
+        .unwrap();
+    let x = m.embed(&input).unwrap();
+    for mode in [Mode::Inference, Mode::Training] {
+        let mut h = x.clone();
+        for layer in 0..m.num_layers() {
+            h = m.forward_layer(layer, &h, &ctx, mode).unwrap();
+            assert_eq!(
+                h.track_op(),
+                mode == Mode::Training,
+                "layer {layer}, {mode:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn merging_gives_the_unmerged_adapter_logits() {
     for rslora in [false, true] {
         let mut m = with_adapter(
