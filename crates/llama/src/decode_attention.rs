@@ -10,7 +10,7 @@
 //! the batch, and padding slots (bias -inf) add exact zeros, so a sequence gets the same bits
 //! alone and batched.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::skinny;
@@ -30,11 +30,11 @@ pub(crate) fn attention(
     bias: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    // The op reads the bias in place (the same bias serves every layer of a forward, so a
+    // copy per call would be repeated work); it must be contiguous f32 for that.
     let bias = match bias {
-        Some(b) => {
-            let (bb, _, t, s) = b.dims4()?;
-            Some((b.flatten_all()?.to_vec1::<f32>()?, bb, t, s))
-        }
+        Some(b) if b.dtype() != DType::F32 => Some(b.to_dtype(DType::F32)?.contiguous()?),
+        Some(b) => Some(b.contiguous()?),
         None => None,
     };
     // Cache views have row-major key rows already; a fresh projection is transposed.
@@ -52,8 +52,8 @@ pub(crate) fn attention(
 
 struct DecodeAttention {
     scale: f64,
-    /// The bias, flattened, with its batch, time and key dims.
-    bias: Option<(Vec<f32>, usize, usize, usize)>,
+    /// The additive mask `[b or 1, 1, t, s]`, contiguous f32 on the CPU.
+    bias: Option<Tensor>,
 }
 
 /// The offset of `[i, j, 0, 0]` in a 4-d layout whose last two dims are row-major.
@@ -95,11 +95,21 @@ impl CustomOp3 for DecodeAttention {
                 lv.dims()
             )
         }
-        if let Some((_, bb, t, bs)) = &self.bias {
-            if (*bb != b && *bb != 1) || bs != &s || r % t != 0 {
-                bail!("decode attention: bias [{bb}, 1, {t}, {bs}] for q rows {r}, keys {s}")
+        let bias_storage = self.bias.as_ref().map(Tensor::storage_and_layout);
+        let bias = match &bias_storage {
+            Some((storage, layout)) => {
+                let (bb, _, t, bs) = layout.shape().dims4()?;
+                if (bb != b && bb != 1) || bs != s || r % t != 0 {
+                    bail!("decode attention: bias [{bb}, 1, {t}, {bs}] for q rows {r}, keys {s}")
+                }
+                let Storage::Cpu(CpuStorage::F32(data)) = &**storage else {
+                    bail!("decode attention: the bias must be f32 on the CPU")
+                };
+                let start = layout.start_offset();
+                Some((&data[start..start + bb * t * s], bb, t))
             }
-        }
+            None => None,
+        };
         let mut offsets = Vec::with_capacity(b * g);
         for i in 0..b {
             for j in 0..g {
@@ -109,9 +119,9 @@ impl CustomOp3 for DecodeAttention {
         let mut out = vec![0f32; b * g * r * d];
         out.par_chunks_mut(r * d).zip(offsets).enumerate().for_each(
             |(head, (out, (oq, ok, ov)))| {
-                let bias = self.bias.as_ref().map(|(bias, bb, t, _)| {
-                    let row = if *bb == 1 { 0 } else { head / g };
-                    (&bias[row * t * s..(row + 1) * t * s], *t)
+                let bias = bias.map(|(bias, bb, t)| {
+                    let row = if bb == 1 { 0 } else { head / g };
+                    (&bias[row * t * s..(row + 1) * t * s], t)
                 });
                 one_head(
                     &q[oq..oq + r * d],

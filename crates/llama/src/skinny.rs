@@ -36,6 +36,10 @@ pub(crate) fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Ve
             let w_rows = &w[first * k..(first + rows) * k];
             dot_rows(x, m, w_rows, k, chunk);
         });
+    if m == 1 {
+        // [n, 1] and [1, n] are the same buffer.
+        return out_t;
+    }
     let mut out = vec![0f32; m * n];
     for (j, row) in out_t.chunks_exact(m).enumerate() {
         for (r, &v) in row.iter().enumerate() {
