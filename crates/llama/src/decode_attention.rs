@@ -123,11 +123,15 @@ impl CustomOp3 for DecodeAttention {
                     let row = if bb == 1 { 0 } else { head / g };
                     (&bias[row * t * s..(row + 1) * t * s], t)
                 });
+                // A sequence shorter than the batch's longest cache is left-padded: slots that
+                // every query row masks out add exact zeros, so their keys and values are not
+                // read at all (in a mixed batch they can be most of the cache).
+                let first = bias.map_or(0, |(bias, t)| masked_prefix(bias, t, s));
                 one_head(
                     &q[oq..oq + r * d],
-                    &k[ok..ok + s * d],
-                    &v[ov..ov + s * d],
-                    bias,
+                    &k[ok + first * d..ok + s * d],
+                    &v[ov + first * d..ov + s * d],
+                    bias.map(|(bias, t)| (bias, t, first)),
                     self.scale as f32,
                     d,
                     out,
@@ -138,12 +142,32 @@ impl CustomOp3 for DecodeAttention {
     }
 }
 
-/// One KV head: `q` `[r, d]`, `k` and `v` `[s, d]`, bias `[t, s]`; writes `out` `[r, d]`.
+/// The number of leading slots that all `t` rows of `bias` (`[t, s]`) mask out; none when
+/// every slot is masked (the softmax then behaves as it would over them all).
+fn masked_prefix(bias: &[f32], t: usize, s: usize) -> usize {
+    let first = (0..t)
+        .map(|i| {
+            bias[i * s..(i + 1) * s]
+                .iter()
+                .position(|&x| x != f32::NEG_INFINITY)
+                .unwrap_or(s)
+        })
+        .min()
+        .unwrap_or(0);
+    if first == s {
+        0
+    } else {
+        first
+    }
+}
+
+/// One KV head: `q` `[r, d]`, `k` and `v` `[s, d]` (the cache from slot `first` on), bias
+/// `[t, first + s]`; writes `out` `[r, d]`.
 fn one_head(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    bias: Option<(&[f32], usize)>,
+    bias: Option<(&[f32], usize, usize)>,
     scale: f32,
     d: usize,
     out: &mut [f32],
@@ -159,8 +183,10 @@ fn one_head(
         for (j, p) in row.iter_mut().enumerate() {
             *p = scores_t[j * r + i] * scale;
         }
-        if let Some((bias, t)) = bias {
-            for (p, b) in row.iter_mut().zip(&bias[(i % t) * s..(i % t + 1) * s]) {
+        if let Some((bias, t, first)) = bias {
+            let stride = first + s;
+            let bias_row = &bias[(i % t) * stride + first..(i % t + 1) * stride];
+            for (p, b) in row.iter_mut().zip(bias_row) {
                 *p += b;
             }
         }
@@ -260,6 +286,20 @@ mod tests {
             let want = composed(&q, &k, &v, bias, scale);
             assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
         }
+    }
+
+    #[test]
+    fn only_slots_every_row_masks_are_skipped() {
+        let n = f32::NEG_INFINITY;
+        // Two query rows over 5 slots: the second sees slot 1, so only slot 0 is skipped.
+        assert_eq!(masked_prefix(&[n, n, n, 0., 0., n, 0., n, 0., 0.], 2, 5), 1);
+        assert_eq!(masked_prefix(&[n, n, 0., n, 0.], 1, 5), 2);
+        assert_eq!(masked_prefix(&[0., n, n], 1, 3), 0);
+        assert_eq!(
+            masked_prefix(&[n, n, n], 1, 3),
+            0,
+            "all masked: nothing skipped"
+        );
     }
 
     /// A row alone and the same row in a batch beside a longer one (left-padded to it): the

@@ -385,9 +385,17 @@ pub fn decode_batch(
     // The prefill: rows whose pending turn is far longer than the rest run it alone (padding
     // them all to it would waste more than it saves); the others go into the first batched
     // step. A row with nothing pending samples from its stored logits (one token to feed).
+    // On the CPU every prefill-sized turn runs alone: tens of tokens already keep gemm
+    // arithmetic-bound, so a batched prefill saves little, while in one forward each row's
+    // new tokens attend over the whole merged cache, padding included (agents of different
+    // episodes differ in history several-fold).
     let before: Vec<(usize, usize)> = sessions.iter().map(|s| (s.fed, s.len())).collect();
     let pending: Vec<usize> = sessions.iter().map(|s| s.pending().len().max(1)).collect();
-    let width = plan_width(&pending);
+    let width = if model.device().is_cpu() {
+        plan_width(&pending).min(crate::skinny::MAX_ROWS)
+    } else {
+        plan_width(&pending)
+    };
     for s in sessions.iter_mut() {
         if s.pending().len() > width {
             s.flush(model)?;
@@ -488,6 +496,13 @@ pub fn decode_batch(
         stats.fed += lens.iter().sum::<usize>();
         stats.padding += members.len() * width - lens.iter().sum::<usize>();
         stats.forward_s += forward.elapsed().as_secs_f64();
+        tracing::trace!(
+            rows = members.len(),
+            width,
+            slots = batch.len(),
+            seconds = forward.elapsed().as_secs_f64(),
+            "forward"
+        );
         stats.max_slots = stats.max_slots.max(batch.len());
         for ((&i, &len), l) in members.iter().zip(&lens).zip(logits) {
             let row = &mut rows[i];
