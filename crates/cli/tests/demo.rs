@@ -5,38 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{run_ok as teamtune, teamtune as command};
-use serde_json::{json, Value};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures")
-}
-
-/// A HF folder: the tiny fixture's config and random weights, its GGUF's toy tokenizer as
-/// tokenizer.json, and a chat template (the fixture has none).
-fn tiny_model(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny-chat");
-    std::fs::create_dir_all(&out).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures().join("tiny-llama31").join(f), out.join(f)).unwrap();
-    }
-    let gguf = fixtures().join("tiny-llama31.gguf");
-    let assets = teamtune_llama::load_chat_assets(gguf.to_str().unwrap()).unwrap();
-    assets
-        .tokenizer
-        .save(out.join("tokenizer.json"), false)
-        .unwrap();
-    let template = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
-    let config = json!({
-        "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|end_of_text|>",
-        "chat_template": template,
-    });
-    std::fs::write(out.join("tokenizer_config.json"), config.to_string()).unwrap();
-    out
-}
+use common::{run_ok as teamtune, teamtune as command, tiny_model};
+use serde_json::Value;
 
 fn demo_args<'a>(model: &'a str, out: &'a str, seed: &'a str) -> Vec<&'a str> {
     vec![

@@ -4,6 +4,8 @@ mod common;
 
 use std::process::Command;
 
+use common::output_ok;
+
 fn teamtune() -> Command {
     common::fetch_default_model();
     common::teamtune()
@@ -11,15 +13,8 @@ fn teamtune() -> Command {
 
 #[test]
 fn answers_on_stdout_and_logs_on_stderr() {
-    let out = teamtune()
-        .args(["generate", "--prompt", "What is the capital of France?"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        output_ok(teamtune().args(["generate", "--prompt", "What is the capital of France?"]));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.trim(), "The capital of France is Paris.");
     assert!(String::from_utf8_lossy(&out.stderr).contains("loading model"));
@@ -36,35 +31,23 @@ fn multi_turn_messages_file_and_raw_mode() {
             {"role": "user", "content": "What is my name?"}]"#,
     )
     .unwrap();
-    let out = teamtune()
-        .args([
-            "generate",
-            "--messages",
-            path.to_str().unwrap(),
-            "--max-tokens",
-            "20",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = output_ok(teamtune().args([
+        "generate",
+        "--messages",
+        path.to_str().unwrap(),
+        "--max-tokens",
+        "20",
+    ]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Ada"));
 
-    let out = teamtune()
-        .args([
-            "generate",
-            "--raw",
-            "--prompt",
-            "Once upon a time",
-            "--max-tokens",
-            "8",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = output_ok(teamtune().args([
+        "generate",
+        "--raw",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "8",
+    ]));
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }
 
@@ -94,21 +77,13 @@ fn bad_arguments_fail_with_a_message() {
 
 #[test]
 fn quantized_inference_still_answers() {
-    let out = teamtune()
-        .args([
-            "generate",
-            "--quantize",
-            "q8_0",
-            "--prompt",
-            "What is the capital of France?",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = output_ok(teamtune().args([
+        "generate",
+        "--quantize",
+        "q8_0",
+        "--prompt",
+        "What is the capital of France?",
+    ]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
     let out = teamtune()
         .args(["generate", "--quantize", "q4_1", "--prompt", "hi"])

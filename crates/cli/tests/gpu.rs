@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::run_ok;
+use common::{fixtures, run_ok};
 
 fn tiny() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../llama/tests/fixtures/tiny-llama31")
+    fixtures()
+        .join("tiny-llama31")
         .to_string_lossy()
         .into_owned()
 }

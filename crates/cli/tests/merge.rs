@@ -3,16 +3,17 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{run_ok, teamtune};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures")
-}
+use common::{fixtures, run_ok, teamtune};
 
 fn s(p: &std::path::Path) -> String {
     p.to_str().unwrap().to_string()
+}
+
+/// Runs `teamtune merge ARGS`, asserts that it fails and returns its stderr.
+fn merge_fails(args: &[&str]) -> String {
+    let out = teamtune().arg("merge").args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -79,20 +80,7 @@ fn merges_a_peft_adapter_into_a_sharded_hf_folder() {
     assert!(!text.is_empty());
 
     // A second run refuses the now non-empty folder, and --force replaces it.
-    let again = teamtune()
-        .args([
-            "merge",
-            "--model",
-            &model,
-            "--adapter",
-            &adapter,
-            "--out",
-            &s(&out),
-        ])
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
-    let err = String::from_utf8_lossy(&again.stderr);
+    let err = merge_fails(&["--model", &model, "--adapter", &adapter, "--out", &s(&out)]);
     assert!(err.contains("--force"), "{err}");
     run_ok(&[
         "merge",
@@ -112,27 +100,16 @@ fn an_adapter_is_required_and_a_missing_one_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merged");
     let model = s(&fixtures().join("tiny-llama31"));
-    let none = teamtune()
-        .args(["merge", "--model", &model, "--out", &s(&out)])
-        .output()
-        .unwrap();
-    assert!(!none.status.success());
-    assert!(String::from_utf8_lossy(&none.stderr).contains("--adapter"));
+    assert!(merge_fails(&["--model", &model, "--out", &s(&out)]).contains("--adapter"));
     let missing = dir.path().join("no-such-adapter");
-    let bad = teamtune()
-        .args([
-            "merge",
-            "--model",
-            &model,
-            "--adapter",
-            &s(&missing),
-            "--out",
-            &s(&out),
-        ])
-        .output()
-        .unwrap();
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr);
+    let err = merge_fails(&[
+        "--model",
+        &model,
+        "--adapter",
+        &s(&missing),
+        "--out",
+        &s(&out),
+    ]);
     assert!(err.contains("no-such-adapter"), "{err}");
     assert!(!out.exists());
 }

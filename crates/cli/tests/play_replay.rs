@@ -1,11 +1,9 @@
 //! `teamtune play` and `teamtune replay` end to end: play writes records (appending, never
 //! losing what was there), replay re-runs them and checks the scores; a tampered record fails.
 
-use std::process::Command;
+mod common;
 
-fn teamtune() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_teamtune"))
-}
+use common::teamtune;
 
 fn ok(out: &std::process::Output) -> String {
     assert!(

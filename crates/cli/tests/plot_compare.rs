@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{run_ok, teamtune};
+use common::{output_ok, run_ok, teamtune};
 use std::path::{Path, PathBuf};
 
 /// A run folder whose metrics.jsonl has a step-0 eval (base), `steps` train steps and an eval
@@ -30,14 +30,26 @@ fn write_run(dir: &Path, name: &str, steps: u64, start: f64) -> (PathBuf, Vec<f6
     (run, train, eval)
 }
 
-fn assert_figure(png: &Path, svg: &Path, texts: &[&str]) {
-    let bytes = std::fs::read(png).unwrap();
+/// `prefix`.png is a PNG and `prefix`.svg an SVG with these texts.
+fn assert_figure(prefix: &Path, texts: &[&str]) {
+    let (png, svg) = (prefix.with_extension("png"), prefix.with_extension("svg"));
+    let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", png.display());
     assert!(bytes.len() > 5000, "a tiny PNG: {} bytes", bytes.len());
     let svg = std::fs::read_to_string(svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     for t in texts {
         assert!(svg.contains(t), "no `{t}` in the SVG");
+    }
+}
+
+/// `teamtune compare ARGS` fails, saying the text given, for each case.
+fn assert_compare_refuses(cases: &[(Vec<&str>, &str)]) {
+    for (args, want) in cases {
+        let out = teamtune().arg("compare").args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
     }
 }
 
@@ -52,8 +64,7 @@ fn plot_writes_loss_figures_into_the_run_by_default() {
         [png.to_str().unwrap(), svg.to_str().unwrap()]
     );
     assert_figure(
-        &png,
-        &svg,
+        &run.join("loss"),
         &["lora-r8", "train loss", "eval loss", "base (step 0)"],
     );
 
@@ -68,11 +79,7 @@ fn plot_writes_loss_figures_into_the_run_by_default() {
         out.contains("figs/custom.png") && out.contains("figs/custom.svg"),
         "{out}"
     );
-    assert_figure(
-        &dir.path().join("figs/custom.png"),
-        &dir.path().join("figs/custom.svg"),
-        &["lora-r8"],
-    );
+    assert_figure(&prefix, &["lora-r8"]);
 }
 
 #[test]
@@ -81,16 +88,11 @@ fn compare_prints_the_table_and_writes_one_figure() {
     let (a, ta, ea) = write_run(dir.path(), "a", 30, 2.0);
     let (b, tb, eb) = write_run(dir.path(), "b", 20, 3.0);
     // default output: compare.png/.svg in the current folder
-    let out = teamtune()
-        .current_dir(dir.path())
-        .args(["compare", a.to_str().unwrap(), b.to_str().unwrap()])
-        .args(["--names", "small,big"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        teamtune()
+            .current_dir(dir.path())
+            .args(["compare", a.to_str().unwrap(), b.to_str().unwrap()])
+            .args(["--names", "small,big"]),
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.starts_with("run "), "{stdout}");
@@ -121,8 +123,7 @@ fn compare_prints_the_table_and_writes_one_figure() {
     }
     assert!(stdout.contains("compare.png") && stdout.contains("compare.svg"));
     assert_figure(
-        &dir.path().join("compare.png"),
-        &dir.path().join("compare.svg"),
+        &dir.path().join("compare"),
         &[
             "small vs big",
             "small: train loss",
@@ -140,11 +141,7 @@ fn compare_prints_the_table_and_writes_one_figure() {
         "--out",
         prefix.to_str().unwrap(),
     ]);
-    assert_figure(
-        &dir.path().join("cmp/ab.png"),
-        &dir.path().join("cmp/ab.svg"),
-        &["a vs b"],
-    );
+    assert_figure(&prefix, &["a vs b"]);
 }
 
 #[test]
@@ -170,12 +167,7 @@ fn compare_refuses_what_it_cannot_compare() {
         ),
         (vec![a.to_str().unwrap()], "required"),
     ];
-    for (args, want) in cases {
-        let out = teamtune().arg("compare").args(&args).output().unwrap();
-        assert!(!out.status.success(), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(want), "{args:?}: {err}");
-    }
+    assert_compare_refuses(&cases);
 }
 
 const TASKS: [&str; 7] = [
@@ -317,8 +309,7 @@ fn compare_evals_with_the_study_reference() {
         "{out}"
     );
     assert_figure(
-        &dir.path().join("figs/evals.png"),
-        &dir.path().join("figs/evals.svg"),
+        &prefix,
         &[
             "base-135m",
             "tuned-135m",
@@ -329,16 +320,11 @@ fn compare_evals_with_the_study_reference() {
     );
 
     // one evaluation against the study, named by --names
-    let out = teamtune()
-        .current_dir(dir.path())
-        .args(["compare", a.to_str().unwrap(), "--reference", "study"])
-        .args(["--names", "smol"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        teamtune()
+            .current_dir(dir.path())
+            .args(["compare", a.to_str().unwrap(), "--reference", "study"])
+            .args(["--names", "smol"]),
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert!(stdout.lines().next().unwrap().contains("smol"), "{stdout}");
@@ -376,10 +362,5 @@ fn compare_refuses_mixed_inputs_and_misplaced_references() {
         ),
         (vec![eval.to_str().unwrap()], "required"),
     ];
-    for (args, want) in cases {
-        let out = teamtune().arg("compare").args(&args).output().unwrap();
-        assert!(!out.status.success(), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(want), "{args:?}: {err}");
-    }
+    assert_compare_refuses(&cases);
 }

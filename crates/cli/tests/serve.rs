@@ -15,44 +15,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::teamtune;
+use common::{fixtures, output_ok, teamtune, tiny_model};
 
 const ADAPTER: &str = "tuned";
 const BASE: &str = "tiny";
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures")
-}
-
-/// A HF folder: the tiny fixture's config and random weights, its GGUF's toy tokenizer as
-/// tokenizer.json, and a chat template (the fixture has none).
-fn tiny_model(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny-chat");
-    std::fs::create_dir_all(&out).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures().join("tiny-llama31").join(f), out.join(f)).unwrap();
-    }
-    let gguf = fixtures().join("tiny-llama31.gguf");
-    let assets = teamtune_llama::load_chat_assets(gguf.to_str().unwrap()).unwrap();
-    assets
-        .tokenizer
-        .save(out.join("tokenizer.json"), false)
-        .unwrap();
-    let template = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
-    let config = json!({
-        "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|end_of_text|>",
-        "chat_template": template,
-    });
-    std::fs::write(out.join("tokenizer_config.json"), config.to_string()).unwrap();
-    out
-}
 
 struct Server {
     child: Child,
@@ -135,6 +107,41 @@ impl Server {
 
     fn health(&self) -> Value {
         self.request("GET", "/health", "", b"").json()["engine"].clone()
+    }
+
+    /// What `teamtune generate` prints (its last newline removed) for the served model with
+    /// these flags, greedy.
+    fn generate(&self, args: &[&str]) -> String {
+        let out = output_ok(
+            teamtune()
+                .args(["generate", "--model", self.model.to_str().unwrap()])
+                .args(args)
+                .args(["--temperature", "0"])
+                .env("RUST_LOG", "warn"),
+        );
+        let generated = String::from_utf8(out.stdout).unwrap();
+        generated.strip_suffix('\n').unwrap().to_string()
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    }
+
+    /// The server's exit status (or panics after 60 s).
+    fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "still running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Polls /health until `done` holds (or panics after 60 s).
@@ -610,33 +617,15 @@ fn batched_replies_equal_replies_alone_and_teamtune_generate() {
     assert_eq!(streamed, want);
 
     // The greedy reply is what `teamtune generate` prints for the same conversation.
-    let out = teamtune()
-        .args([
-            "generate",
-            "--model",
-            server.model.to_str().unwrap(),
-            "--system",
-            "You are tiny.",
-            "--prompt",
-            prompts[1],
-            "--max-tokens",
-            "28",
-            "--temperature",
-            "0",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let generated = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(
-        generated.strip_suffix('\n').unwrap(),
-        alone[1]["choices"][0]["message"]["content"]
-    );
+    let generated = server.generate(&[
+        "--system",
+        "You are tiny.",
+        "--prompt",
+        prompts[1],
+        "--max-tokens",
+        "28",
+    ]);
+    assert_eq!(generated, alone[1]["choices"][0]["message"]["content"]);
 }
 
 #[test]
@@ -662,25 +651,13 @@ fn a_full_queue_is_refused_with_429_and_retry_after() {
 fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     let mut server = Server::start(&[]);
     let mut stream = open_stream(&server, &long_stream(BASE, 300));
-    let pid = server.child.id().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    server.sigterm();
     // The stream runs to its end and closes properly.
     let mut rest = String::new();
     stream.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
     assert!(rest.contains("data: [DONE]"), "{rest}");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "still running");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.wait_exit();
     assert!(status.success(), "{status:?}");
     assert!(TcpStream::connect(&server.addr).is_err());
 }
@@ -690,12 +667,7 @@ fn sigterm_past_the_grace_period_cancels_the_stream_and_exits_0() {
     let mut server = Server::start(&["--shutdown-grace", "0"]);
     let mut stream = open_stream(&server, &long_stream(BASE, 500));
     let before = server.health();
-    let pid = server.child.id().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    server.sigterm();
     // The stream is cut: an error event naming the shutdown, then [DONE], no finish reason.
     let mut rest = String::new();
     stream.read_to_string(&mut rest).unwrap();
@@ -703,14 +675,7 @@ fn sigterm_past_the_grace_period_cancels_the_stream_and_exits_0() {
     assert!(rest.contains("data: [DONE]"), "{rest}");
     assert!(!rest.contains("\"finish_reason\":\"length\""), "{rest}");
     assert!(before["running"] == 1, "{before}");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "still running");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.wait_exit();
     assert!(status.success(), "{status:?}");
 }
 
@@ -752,31 +717,8 @@ fn the_prefix_cache_reuses_conversations_per_adapter_and_changes_no_reply() {
     assert!(cached(&b) > 0, "{b}");
     let file = server._dir.path().join("conversation.json");
     std::fs::write(&file, next["messages"].to_string()).unwrap();
-    let out = teamtune()
-        .args([
-            "generate",
-            "--model",
-            server.model.to_str().unwrap(),
-            "--messages",
-            file.to_str().unwrap(),
-            "--max-tokens",
-            "24",
-            "--temperature",
-            "0",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let generated = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(
-        generated.strip_suffix('\n').unwrap(),
-        b["choices"][0]["message"]["content"]
-    );
+    let generated = server.generate(&["--messages", file.to_str().unwrap(), "--max-tokens", "24"]);
+    assert_eq!(generated, b["choices"][0]["message"]["content"]);
     let h = server.health();
     assert!(h["cached_prompt_tokens"].as_u64().unwrap() >= cached(&b) + cached(&again));
 }

@@ -3,28 +3,18 @@
 
 mod common;
 
-use common::{fetch_default_model, run_ok as teamtune};
+use common::{collect_conversations, fetch_default_model, run_ok as teamtune};
 
 #[test]
 fn trains_an_adapter_on_collected_conversations() {
     fetch_default_model();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    teamtune(&[
-        "collect",
-        "--task",
-        "single_nav",
-        "--episodes",
-        "2",
-        "--out",
-        &p("ep.jsonl"),
-        "--training-out",
-        &p("train.jsonl"),
-    ]);
+    let data = collect_conversations(dir.path());
     let said = teamtune(&[
         "train",
         "--data",
-        &p("train.jsonl"),
+        &data,
         "--out",
         &p("run"),
         "--max-steps",
@@ -81,7 +71,7 @@ fn trains_an_adapter_on_collected_conversations() {
         .args([
             "train",
             "--data",
-            &p("train.jsonl"),
+            &data,
             "--out",
             &p("run2"),
             "--quantize",

@@ -8,7 +8,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{fetch_default_model, run_ok, teamtune};
+use common::{collect_conversations, fetch_default_model, run_ok, teamtune};
 
 fn train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
@@ -71,18 +71,8 @@ fn kill_9_then_resume_continues_the_loss_curve_exactly() {
     fetch_default_model();
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    run_ok(&[
-        "collect",
-        "--task",
-        "single_nav",
-        "--episodes",
-        "2",
-        "--out",
-        &p("episodes.jsonl"),
-        "--training-out",
-        &p("train.jsonl"),
-    ]);
-    let (data, straight, killed) = (p("train.jsonl"), p("straight"), p("killed"));
+    let data = collect_conversations(dir.path());
+    let (straight, killed) = (p("straight"), p("killed"));
     run_ok(&train_args(&data, &straight));
 
     let mut child = teamtune()

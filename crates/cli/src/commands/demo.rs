@@ -127,7 +127,7 @@ pub struct Args {
     /// Training steps [default: the budget's training tokens over the tokens of a step].
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Conversations per optimizer step [default: 4].
+    /// Conversations per optimizer step [default: 2].
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate [default: 1e-3].
@@ -179,7 +179,11 @@ impl Plan {
         let train_tokens = (seconds * TRAIN_SHARE * ASSUMED_TRAIN_TOKENS_PER_S).round() as u64;
         let recipe = Recipe {
             lr: args.lr.unwrap_or(1e-3),
-            batch_size: args.batch_size.unwrap_or(4),
+            // A short run learns from the number of updates: at 4 conversations a step the
+            // 30-minute plan made 17 updates, after which the adapter had the reply format but
+            // greedy replies still copied the prompt ("You are at (4,1).") rather than the
+            // experts' facts; 2 a step doubles the updates for the same tokens.
+            batch_size: args.batch_size.unwrap_or(2),
             micro_batch: 1,
             max_len: args.max_len.unwrap_or(1024),
             max_tokens: args.max_len.unwrap_or(1024),
@@ -189,9 +193,9 @@ impl Plan {
             ..Recipe::default()
         };
         recipe.validate()?;
-        // About 1.5 passes over the data: one expert episode gives ~2.6 conversations of
-        // ~900 tokens (cut to max_len) per task on average.
-        let per_task = train_tokens as f64 / 1.5 / 900.0 / 2.6 / 7.0;
+        // About one pass over the data (new examples teach more than repeats): one expert
+        // episode gives ~2.6 conversations of ~900 tokens (cut to max_len) per task on average.
+        let per_task = train_tokens as f64 / 900.0 / 2.6 / 7.0;
         let collect_episodes = args
             .collect_episodes
             .unwrap_or((per_task.round() as u64).max(2));
@@ -256,32 +260,23 @@ impl Plan {
     }
 }
 
-/// The report folder's files.
+// The phases' files and folders inside the report folder (for `Layout::p`).
+const EPISODES: &str = "data/episodes.jsonl";
+const CONVERSATIONS: &str = "data/conversations.jsonl";
+const EVAL_BASE: &str = "eval-base";
+const EVAL_UNCONSTRAINED: &str = "eval-base-unconstrained";
+const RUN: &str = "run";
+const EVAL_TUNED: &str = "eval-tuned";
+
+/// The report folder.
 struct Layout {
     out: PathBuf,
 }
 
 impl Layout {
+    /// `name` inside the report folder.
     fn p(&self, name: &str) -> PathBuf {
         self.out.join(name)
-    }
-    fn episodes(&self) -> PathBuf {
-        self.p("data/episodes.jsonl")
-    }
-    fn conversations(&self) -> PathBuf {
-        self.p("data/conversations.jsonl")
-    }
-    fn eval_base(&self) -> PathBuf {
-        self.p("eval-base")
-    }
-    fn eval_unconstrained(&self) -> PathBuf {
-        self.p("eval-base-unconstrained")
-    }
-    fn run(&self) -> PathBuf {
-        self.p("run")
-    }
-    fn eval_tuned(&self) -> PathBuf {
-        self.p("eval-tuned")
     }
 }
 
@@ -358,9 +353,9 @@ fn phase_commands(
                 "--min-score".into(),
                 fmt_num(plan.recipe.min_score),
                 "--out".into(),
-                path_str(&l.episodes()),
+                path_str(&l.p(EPISODES)),
                 "--training-out".into(),
-                path_str(&l.conversations()),
+                path_str(&l.p(CONVERSATIONS)),
             ]);
             vec![c]
         }
@@ -396,13 +391,17 @@ fn phase_commands(
                 c
             };
             if phase == Phase::EvalBase {
-                let mut v = vec![eval(&l.eval_base(), None, false)];
+                let mut v = vec![eval(&l.p(EVAL_BASE), None, false)];
                 if plan.unconstrained_episodes > 0 {
-                    v.push(eval(&l.eval_unconstrained(), None, true));
+                    v.push(eval(&l.p(EVAL_UNCONSTRAINED), None, true));
                 }
                 v
             } else {
-                vec![eval(&l.eval_tuned(), Some(l.run().join("adapter")), false)]
+                vec![eval(
+                    &l.p(EVAL_TUNED),
+                    Some(l.p(RUN).join("adapter")),
+                    false,
+                )]
             }
         }
         Phase::Train => {
@@ -412,9 +411,9 @@ fn phase_commands(
             c.extend(plan.model_flags());
             c.extend([
                 "--data".into(),
-                path_str(&l.conversations()),
+                path_str(&l.p(CONVERSATIONS)),
                 "--out".into(),
-                path_str(&l.run()),
+                path_str(&l.p(RUN)),
                 "--rank".into(),
                 r.rank.to_string(),
                 "--alpha".into(),
@@ -459,14 +458,14 @@ fn phase_commands(
         Phase::Report => {
             let mut v = vec![words(&[
                 "plot",
-                &path_str(&l.run()),
+                &path_str(&l.p(RUN)),
                 "--out",
                 &path_str(&l.p("loss")),
             ])];
             v.push(words(&[
                 "compare",
-                &path_str(&l.eval_base()),
-                &path_str(&l.eval_tuned()),
+                &path_str(&l.p(EVAL_BASE)),
+                &path_str(&l.p(EVAL_TUNED)),
                 "--names",
                 "base,tuned",
                 "--reference",
@@ -523,7 +522,7 @@ pub fn train_steps(plan: &Plan, n_train: usize, mean_len: f64) -> usize {
 }
 
 fn phase_train(plan: &Plan, l: &Layout) -> anyhow::Result<Vec<Vec<String>>> {
-    let data = l.conversations();
+    let data = l.p(CONVERSATIONS);
     if !data.is_file() {
         bail!(
             "train: {} is missing; run `teamtune demo --out {} --only collect` first",
@@ -580,13 +579,13 @@ fn phase_train(plan: &Plan, l: &Layout) -> anyhow::Result<Vec<Vec<String>>> {
     );
     // A fresh run folder: the metrics and checkpoints of an earlier train phase would be
     // continued or mixed otherwise.
-    if l.run().exists() {
-        std::fs::remove_dir_all(l.run())
-            .with_context(|| format!("train: clearing {}", l.run().display()))?;
+    if l.p(RUN).exists() {
+        std::fs::remove_dir_all(l.p(RUN))
+            .with_context(|| format!("train: clearing {}", l.p(RUN).display()))?;
     }
-    std::fs::create_dir_all(l.run())?;
+    std::fs::create_dir_all(l.p(RUN))?;
     write_atomic(
-        &l.run().join(TRAIN_FACTS),
+        &l.p(RUN).join(TRAIN_FACTS),
         &serde_json::to_vec_pretty(&facts)?,
     )?;
     for c in &commands {
@@ -612,7 +611,7 @@ fn run_phase(plan: &Plan, l: &Layout, phase: Phase) -> anyhow::Result<()> {
     match phase {
         Phase::Collect => {
             // collect appends records: start from an empty file.
-            let _ = std::fs::remove_file(l.episodes());
+            let _ = std::fs::remove_file(l.p(EPISODES));
             std::fs::create_dir_all(l.p("data"))?;
             for c in phase_commands(plan, l, phase, None) {
                 run_plain(&c).with_context(|| format!("collect: `{}`", shell_line(&c)))?;
@@ -627,21 +626,21 @@ fn run_phase(plan: &Plan, l: &Layout, phase: Phase) -> anyhow::Result<()> {
             phase_train(plan, l)?;
         }
         Phase::EvalTuned => {
-            need(&l.run().join("adapter"), phase, Phase::Train, &l.out)?;
+            need(&l.p(RUN).join("adapter"), phase, Phase::Train, &l.out)?;
             for c in phase_commands(plan, l, phase, None) {
                 run_plain(&c).with_context(|| format!("eval-tuned: `{}`", shell_line(&c)))?;
             }
         }
         Phase::Report => {
             need(
-                &l.eval_base().join("eval.json"),
+                &l.p(EVAL_BASE).join("eval.json"),
                 phase,
                 Phase::EvalBase,
                 &l.out,
             )?;
-            need(&l.run().join("metrics.jsonl"), phase, Phase::Train, &l.out)?;
+            need(&l.p(RUN).join("metrics.jsonl"), phase, Phase::Train, &l.out)?;
             need(
-                &l.eval_tuned().join("eval.json"),
+                &l.p(EVAL_TUNED).join("eval.json"),
                 phase,
                 Phase::EvalTuned,
                 &l.out,
@@ -649,10 +648,10 @@ fn run_phase(plan: &Plan, l: &Layout, phase: Phase) -> anyhow::Result<()> {
             for c in phase_commands(plan, l, phase, None) {
                 run_plain(&c).with_context(|| format!("report: `{}`", shell_line(&c)))?;
             }
-            let episode = best_episode(&l.eval_tuned().join("episodes.jsonl"))?;
+            let episode = best_episode(&l.p(EVAL_TUNED).join("episodes.jsonl"))?;
             let replay = words(&[
                 "replay",
-                &path_str(&l.eval_tuned().join("episodes.jsonl")),
+                &path_str(&l.p(EVAL_TUNED).join("episodes.jsonl")),
                 "--index",
                 &episode.to_string(),
                 "--png",
@@ -698,22 +697,22 @@ fn mmss(s: f64) -> String {
 }
 
 fn report_markdown(plan: &Plan, l: &Layout, episode: usize) -> anyhow::Result<String> {
-    let base = EvalResults::read(&l.eval_base())?;
-    let tuned = EvalResults::read(&l.eval_tuned())?;
-    let unconstrained = if l.eval_unconstrained().join("eval.json").is_file() {
-        Some(EvalResults::read(&l.eval_unconstrained())?)
+    let base = EvalResults::read(&l.p(EVAL_BASE))?;
+    let tuned = EvalResults::read(&l.p(EVAL_TUNED))?;
+    let unconstrained = if l.p(EVAL_UNCONSTRAINED).join("eval.json").is_file() {
+        Some(EvalResults::read(&l.p(EVAL_UNCONSTRAINED))?)
     } else {
         None
     };
-    let metrics = RunMetrics::read(&l.run())?;
-    let facts_path = l.run().join(TRAIN_FACTS);
+    let metrics = RunMetrics::read(&l.p(RUN))?;
+    let facts_path = l.p(RUN).join(TRAIN_FACTS);
     let facts: TrainFacts = serde_json::from_str(
         &std::fs::read_to_string(&facts_path)
             .with_context(|| format!("report: reading {}", facts_path.display()))?,
     )
     .with_context(|| format!("report: parsing {}", facts_path.display()))?;
-    let records = read_records(&l.episodes())
-        .with_context(|| format!("report: reading {}", l.episodes().display()))?;
+    let records = read_records(&l.p(EPISODES))
+        .with_context(|| format!("report: reading {}", l.p(EPISODES).display()))?;
     let timings = read_timings(&l.p(TIMINGS_FILE));
     let model = if plan.model.is_empty() {
         "SmolLM2-135M-Instruct (the default model)".to_owned()
@@ -904,7 +903,7 @@ fn report_markdown(plan: &Plan, l: &Layout, episode: usize) -> anyhow::Result<St
     )?;
 
     writeln!(w, "## One tuned episode\n")?;
-    let tuned_records = read_records(&l.eval_tuned().join("episodes.jsonl"))?;
+    let tuned_records = read_records(&l.p(EVAL_TUNED).join("episodes.jsonl"))?;
     if let Some(rec) = tuned_records.get(episode) {
         writeln!(
             w,
@@ -949,7 +948,7 @@ fn report_markdown(plan: &Plan, l: &Layout, episode: usize) -> anyhow::Result<St
                 "{}",
                 shell_line(&words(&[
                     "replay",
-                    &path_str(&l.eval_tuned().join("episodes.jsonl")),
+                    &path_str(&l.p(EVAL_TUNED).join("episodes.jsonl")),
                     "--index",
                     &episode.to_string(),
                     "--png",
@@ -1013,7 +1012,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.only.is_none() || args.only == Some(Phase::Report) {
         // The report was written before the report phase's own time was known: write it again
         // so that its time table is complete.
-        let episode = best_episode(&l.eval_tuned().join("episodes.jsonl"))?;
+        let episode = best_episode(&l.p(EVAL_TUNED).join("episodes.jsonl"))?;
         let text = report_markdown(&plan, &l, episode)?;
         write_atomic(&l.p(REPORT_FILE), text.as_bytes())?;
     }
