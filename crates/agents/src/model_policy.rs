@@ -31,6 +31,9 @@ pub struct ModelPolicyOptions {
     /// Greedy by default; a non-zero temperature samples with a seed derived per turn from
     /// (this seed, episode seed, agent, round), so runs repeat.
     pub sampling: SamplingParams,
+    /// Longest reply in tokens. A constrained reply may run to its schema's bound
+    /// ([`SchemaOptions::max_reply_tokens`]) when that is longer: cutting it would make it
+    /// invalid, and a constrained reply is valid by construction.
     pub max_new_tokens: usize,
     /// Keep the system message and the last N messages (the study's window); `None`: all.
     pub history: Option<usize>,
@@ -140,6 +143,17 @@ impl ModelPolicy {
             stop_ids,
             options,
         })
+    }
+
+    /// The token limit of one reply (see [`ModelPolicyOptions::max_new_tokens`]).
+    pub fn reply_token_limit(&self) -> usize {
+        if self.options.constrained {
+            self.options
+                .max_new_tokens
+                .max(self.options.schema.max_reply_tokens())
+        } else {
+            self.options.max_new_tokens
+        }
     }
 
     pub fn model(&self) -> &Llama {
@@ -254,7 +268,7 @@ impl Policy for ModelPolicy {
                 &mut rows,
                 &mut filters,
                 &params,
-                &[self.options.max_new_tokens],
+                &[self.reply_token_limit()],
                 &self.stop_ids,
             )?
         };

@@ -60,6 +60,19 @@ impl SchemaOptions {
             max_memory_chars: max_chars.min(MAX_MEMORY_CHARS),
         }
     }
+
+    /// An upper bound on the tokens of any reply this schema admits, so that a constrained
+    /// reply is never cut off by a token limit (a cut reply is an invalid one). Every token is
+    /// at least one byte, and one character of a JSON string is at most twelve bytes (an
+    /// escaped surrogate pair, `\uD83D\uDE00`, for a character outside the BMP); the rest (keys, punctuation, the action and its parameters, the end-of-turn token) is
+    /// well under 256 bytes.
+    pub fn max_reply_tokens(&self) -> usize {
+        let chars = self.max_reflection_chars
+            + self.max_rationale_chars
+            + self.max_message_chars
+            + self.max_memory_chars;
+        12 * chars + 256
+    }
 }
 
 /// A reply schema that cannot be made for a task.

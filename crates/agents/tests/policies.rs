@@ -197,6 +197,10 @@ fn the_openai_policy_talks_to_a_compatible_server() {
 }
 
 fn model_policy(constrained: bool) -> ModelPolicy {
+    model_policy_with_limit(constrained, 160)
+}
+
+fn model_policy_with_limit(constrained: bool, max_new_tokens: usize) -> ModelPolicy {
     common::smollm2(); // fetches the default model
     let loaded = teamtune_llama::LoadedModel::load("", DType::F32, &Device::Cpu).unwrap();
     let template = teamtune_data::ChatTemplate::for_model(
@@ -212,7 +216,7 @@ fn model_policy(constrained: bool) -> ModelPolicy {
     .0;
     let options = ModelPolicyOptions {
         constrained,
-        max_new_tokens: 160,
+        max_new_tokens,
         ..ModelPolicyOptions::default()
     };
     ModelPolicy::new(loaded.model, &loaded.assets, template, options).unwrap()
@@ -253,5 +257,28 @@ fn the_unconstrained_model_policy_reports_what_it_wrote() {
     assert_eq!(
         report.invalid_reply_rate,
         record.invalid_replies() as f64 / record.turns.len() as f64
+    );
+}
+
+#[test]
+fn a_constrained_reply_is_never_cut_by_the_token_limit() {
+    // A JSON reply needs far more than 8 tokens: unconstrained, the limit cuts it (invalid);
+    // constrained, the limit rises to the schema's bound and every reply is complete.
+    let plans = plan(&[nav_task(2)], 1, 3);
+    let mut constrained = model_policy_with_limit(true, 8);
+    assert_eq!(
+        constrained.reply_token_limit(),
+        teamtune_agents::SchemaOptions::default().max_reply_tokens()
+    );
+    let played = run_episodes(&mut constrained, &plans, &quiet(1)).unwrap();
+    let record = &played[0].record;
+    assert_eq!(record.invalid_replies(), 0, "{:?}", record.turns);
+    assert!(played[0].generated_tokens > 8 * record.turns.len());
+    let mut unconstrained = model_policy_with_limit(false, 8);
+    assert_eq!(unconstrained.reply_token_limit(), 8);
+    let played = run_episodes(&mut unconstrained, &plans, &quiet(1)).unwrap();
+    assert_eq!(
+        played[0].record.invalid_replies(),
+        played[0].record.turns.len()
     );
 }
