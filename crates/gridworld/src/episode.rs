@@ -152,6 +152,30 @@ pub struct TrainingConversation {
     pub extra: Map<String, Value>,
 }
 
+impl TrainingConversation {
+    /// One conversation per assistant turn, holding what a policy with history window `keep`
+    /// ([`window`]) saw at that turn, then its reply: training data that matches inference
+    /// with `--history keep`. `keep` 1 gives `[system, user, assistant]` per turn.
+    pub fn windows(&self, keep: usize) -> Vec<TrainingConversation> {
+        self.messages
+            .iter()
+            .enumerate()
+            .filter(|(k, m)| *k > 0 && m.role == Role::Assistant)
+            .map(|(k, m)| {
+                let mut messages = window(&self.messages[..k], keep);
+                messages.push(m.clone());
+                let mut extra = self.extra.clone();
+                extra.insert("turn".into(), Value::from(k / 2));
+                TrainingConversation {
+                    messages,
+                    extra,
+                    ..self.clone()
+                }
+            })
+            .collect()
+    }
+}
+
 /// An episode: enough to replay and audit it; its conversations are training lines.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpisodeRecord {

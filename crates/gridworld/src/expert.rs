@@ -6,7 +6,8 @@
 //!
 //! Replies are the schema's JSON with short, true text. The rationale states the facts before
 //! the decision in a fixed order ("At (1,1), target (3,4): x 1<3, so east."), because a small
-//! model learns the rule from that (notes/feasibility.md); reflections and messages vary.
+//! model learns the rule from that (notes/feasibility.md). The reflection restates the previous
+//! action's outcome; only messages vary.
 
 use crate::episode::Episode;
 use crate::error::EpisodeError;
@@ -176,27 +177,12 @@ impl Expert {
         r
     }
 
-    fn steps_reflection(&mut self, obs: &Observation, steps: u32, what: &str) -> String {
-        let left = obs.rounds + 1 - obs.round;
-        if steps == 0 {
-            let t = self.vary(&["I am on {w}.", "Already on {w}.", "{w} reached."]);
-            return capitalize(&t.replace("{w}", what));
-        }
-        let t = self.vary(&[
-            "{n} to {w}, {l} rounds left.",
-            "{w} is {n} away.",
-            "Score {s}; {n} to {w}.",
-        ]);
-        let n = if steps == 1 {
-            "1 step".to_string()
-        } else {
-            format!("{steps} steps")
-        };
-        let t = capitalize(&t.replace("{w}", what));
-        t.replace("{n}", &n)
-            .replace("{w}", what)
-            .replace("{l}", &left.to_string())
-            .replace("{s}", &crate::observe::fmt_score(obs.score))
+    /// The reflection: the outcome of the previous action, as the observation's `Last:` line
+    /// gives it ("Moved west to (1,0)."). One fixed form that a small model copies correctly;
+    /// a distance or a varied phrasing here came before the rationale and taught the model to
+    /// state wrong numbers before it decided (notes/feasibility.md).
+    fn reflection(obs: &Observation) -> String {
+        capitalize(obs.last.trim())
     }
 
     fn navigate(&mut self, obs: &Observation) -> Reply {
@@ -208,7 +194,7 @@ impl Expert {
             );
         };
         let (a, rat) = nav_rationale(obs.pos, "target", target, ActionName::Skip);
-        let refl = self.steps_reflection(obs, obs.pos.dist(target), "the target");
+        let refl = Self::reflection(obs);
         Self::reply(a, rat, refl)
     }
 
@@ -257,7 +243,7 @@ impl Expert {
             }
         };
         let (a, rat) = nav_rationale(obs.pos, "my corner", corner, ActionName::Skip);
-        let refl = self.steps_reflection(obs, obs.pos.dist(corner), "my corner");
+        let refl = Self::reflection(obs);
         let mut r = Self::reply(a, format!("{claim}{rat}"), refl);
         r.message = message;
         r.add_memory = memory;
@@ -286,7 +272,7 @@ impl Expert {
             mem = format!("My cell {cell} ({} in A-Z).", ordinal(k + 1));
         }
         let (a, rat) = nav_rationale(obs.pos, "my cell", cell, ActionName::Skip);
-        let refl = self.steps_reflection(obs, obs.pos.dist(cell), "my cell");
+        let refl = Self::reflection(obs);
         let mut r = Self::reply(a, format!("{prefix}{rat}"), refl);
         r.message = r_msg;
         r.add_memory = mem;
@@ -348,13 +334,7 @@ impl Expert {
                 }
                 None => format!("At {here}, cell: hidden target, so skip."),
             };
-            let refl = self
-                .vary(&[
-                    "Found a target; I hold it.",
-                    "I stand on a target.",
-                    "Holding this target.",
-                ])
-                .to_string();
+            let refl = Self::reflection(obs);
             let mut r = Self::reply(ActionName::Skip, rationale, refl);
             r.message = match old {
                 Some(old) => format!("Target at {here}. I stay here. {old} is free."),
@@ -390,21 +370,14 @@ impl Expert {
             let Some(next) = next else {
                 let why = stay_reason.unwrap_or("no unchecked cell in reach");
                 let (a, rat) = nav_rationale(here, "my target", t, ActionName::Skip);
-                let refl = self
-                    .vary(&["I keep my target.", "Holding my target."])
-                    .to_string();
+                let refl = Self::reflection(obs);
                 return Self::reply(a, format!("{}. {rat}", capitalize(why)), refl);
             };
             let (a, facts) = nav_facts(here, next, ActionName::Skip);
             let rat = format!(
                 "At {here}, my target {t}, {turns_left} turns left; unchecked {next} in reach: {facts}."
             );
-            let refl = self
-                .vary(&[
-                    "Searching near my target.",
-                    "I can search and still get back.",
-                ])
-                .to_string();
+            let refl = Self::reflection(obs);
             let mut r = Self::reply(a, rat, refl);
             r.message = if here == t {
                 format!("Leaving {here} to search {next}; back in time.")
@@ -416,9 +389,7 @@ impl Expert {
         // 3. A free found target: go there.
         if let Some(&t) = free_found.iter().min_by_key(|p| (here.dist(**p), p.y, p.x)) {
             let (a, rat) = nav_rationale(here, "free target", t, ActionName::Skip);
-            let refl = self
-                .vary(&["Going to the free target.", "A found target needs me."])
-                .to_string();
+            let refl = Self::reflection(obs);
             let mut r = Self::reply(a, rat, refl);
             if self.b.names.len() > 1 && !on_target {
                 r.message = format!("No target at {here}. Next {t}.");
@@ -430,7 +401,7 @@ impl Expert {
             let mut r = Self::reply(
                 ActionName::Skip,
                 format!("At {here}, no target; no unchecked cell, so skip."),
-                "Every cell is checked.".to_string(),
+                Self::reflection(obs),
             );
             r.message = format!("No target at {here}.");
             return r;
@@ -442,13 +413,7 @@ impl Expert {
             "no target"
         };
         let rat = format!("At {here}, {what}; nearest unchecked {next}: {facts}.");
-        let refl = self
-            .vary(&[
-                "Searching for hidden targets.",
-                "Checking new cells.",
-                "Keep searching.",
-            ])
-            .to_string();
+        let refl = Self::reflection(obs);
         let mut r = Self::reply(a, rat, refl);
         if self.b.names.len() > 1 && !on_target {
             r.message = format!("No target at {here}. Next {next}.");
@@ -595,7 +560,7 @@ impl Expert {
             let (_, t) = self.mine.expect("set above");
             let (a, rat) =
                 nav_rationale(here, &format!("holding {h}, target"), t, ActionName::Drop);
-            let refl = self.steps_reflection(obs, here.dist(t), &format!("target {t}"));
+            let refl = Self::reflection(obs);
             let mut r = Self::reply(a, format!("{note}{rat}"), refl);
             if a == ActionName::Drop {
                 message = format!("Dropped item {h} on {t}.");
@@ -678,8 +643,7 @@ impl Expert {
                     let mut r = Self::reply(
                         ActionName::Skip,
                         format!("{note}At {here}: no free item for me, so skip."),
-                        self.vary(&["Nothing left for me.", "Others carry the rest."])
-                            .into(),
+                        Self::reflection(obs),
                     );
                     r.message = message;
                     r.add_memory = memory;
@@ -690,7 +654,7 @@ impl Expert {
         let (id, _) = self.mine.expect("set above");
         let p = on_ground(id).expect("claimed items are on the ground");
         let (a, rat) = nav_rationale(here, &format!("item {id}"), p, ActionName::Pick);
-        let refl = self.steps_reflection(obs, here.dist(p), &format!("item {id}"));
+        let refl = Self::reflection(obs);
         let mut r = Self::reply(a, format!("{note}{rat}"), refl);
         if a == ActionName::Pick {
             r.action_parameters

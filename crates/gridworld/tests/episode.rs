@@ -188,7 +188,7 @@ fn memory_is_appended_and_shown() {
         u.contains(r#"Memory: My corner (0,0). {"plan":"south next"}"#),
         "{u}"
     );
-    assert!(u.contains("Last: moved west to (0,1)."));
+    assert!(u.contains("Last: moved to (0,1)."));
 }
 
 #[test]
@@ -424,6 +424,35 @@ fn inference_window() {
     let w = window(&msgs, 4);
     assert_eq!(w[1].content, "u5");
     assert_eq!(window(&msgs, 100).len(), msgs.len());
+}
+
+/// Windowed training lines: one per assistant turn, each exactly what the policy with that
+/// window was prompted with at that turn, then its reply.
+#[test]
+fn training_windows_match_the_inference_window() {
+    let rec = play_expert(&spec("corners"), 5).unwrap().record();
+    for conv in rec.training_lines() {
+        let replies: Vec<usize> = (1..conv.messages.len())
+            .filter(|&k| conv.messages[k].role == Role::Assistant)
+            .collect();
+        for keep in [1, 2, 3, 8] {
+            let lines = conv.windows(keep);
+            assert_eq!(lines.len(), replies.len());
+            for (line, &k) in lines.iter().zip(&replies) {
+                let mut want = window(&conv.messages[..k], keep);
+                want.push(conv.messages[k].clone());
+                assert_eq!(line.messages, want);
+                assert_eq!((line.task.as_str(), line.score), ("corners", rec.final_score));
+                assert_eq!(line.agent, conv.agent);
+            }
+            if keep == 1 {
+                // system, the turn's user message, the reply
+                let turn: Vec<_> = lines.iter().map(|l| l.messages.len()).collect();
+                assert!(turn.iter().all(|&n| n == 3), "{turn:?}");
+                assert_eq!(lines[0].extra["turn"], 1);
+            }
+        }
+    }
 }
 
 #[test]

@@ -76,6 +76,35 @@ fn expert_replies_are_valid_and_rationales_name_the_action() {
     }
 }
 
+/// The reflection restates the previous action's outcome exactly as the user message's
+/// `Last:` line gives it (capitalised): one fixed, copyable form, no distances to compute.
+#[test]
+fn reflections_restate_the_last_outcome() {
+    for id in BUILTIN_IDS {
+        for seed in 0..20 {
+            let ep = play_expert(&spec(id), seed).unwrap();
+            for i in 0..ep.agent_count() {
+                let msgs = ep.messages(i);
+                for (k, m) in msgs.iter().enumerate() {
+                    if m.role != Role::Assistant {
+                        continue;
+                    }
+                    let user = &msgs[k - 1].content;
+                    let last = user
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Last: "))
+                        .unwrap_or_else(|| panic!("{id}: no Last line in {user:?}"));
+                    let v: serde_json::Value = serde_json::from_str(&m.content).unwrap();
+                    let refl = v["reflection"].as_str().unwrap();
+                    let mut want = last.to_string();
+                    want[..1].make_ascii_uppercase();
+                    assert_eq!(refl, want, "{id} seed {seed}");
+                }
+            }
+        }
+    }
+}
+
 /// A move's rationale compares the coordinates truthfully: "x a<b, so east" really has a<b.
 #[test]
 fn move_rationales_are_true() {
