@@ -23,6 +23,8 @@ fn demo_args<'a>(model: &'a str, out: &'a str, seed: &'a str) -> Vec<&'a str> {
         "1",
         "--collect-episodes",
         "4",
+        "--collect-episodes-single",
+        "5",
         "--eval-episodes",
         "1",
         "--unconstrained-episodes",
@@ -108,6 +110,7 @@ fn demo_writes_the_report_and_the_same_seed_gives_the_same_tables() {
         "timings.json",
         "data/episodes.jsonl",
         "data/conversations.jsonl",
+        "data/conversations-single.jsonl",
         "eval-base/eval.json",
         "eval-base/episodes.jsonl",
         "eval-base-unconstrained/eval.json",
@@ -168,6 +171,17 @@ fn demo_writes_the_report_and_the_same_seed_gives_the_same_tables() {
     assert!(collected
         .iter()
         .all(|r| r.seed >= 1_000_000 && r.final_score >= 50.0));
+    // Single-agent tasks are played --collect-episodes-single times (before pruning), the
+    // multi-agent ones --collect-episodes times.
+    let played = |task: &str| collected.iter().filter(|r| r.task == task).count();
+    assert_eq!(played("single_nav"), 5);
+    assert!(played("random_points") <= 4);
+    let plan: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["unconstrained_task"], "single_nav,single_pick");
+    let unconstrained = eval_scores(&a.join("eval-base-unconstrained"));
+    let tasks: Vec<&str> = unconstrained.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(tasks, ["single_nav", "single_pick"]);
 
     // The base model's validation loss is logged at step 0, before any update, and training
     // lowered it.
@@ -191,7 +205,8 @@ fn demo_writes_the_report_and_the_same_seed_gives_the_same_tables() {
     assert!(report.contains(&format!("{base_loss:.4}")), "{report}");
     // The report lists the plain commands of every phase.
     for c in [
-        "teamtune collect --policy expert",
+        "teamtune collect --policy expert --task random_points --episodes 4",
+        "teamtune collect --policy expert --task single_nav,single_pick --episodes 5",
         "teamtune eval --policy model",
         "--unconstrained",
         "teamtune train --model",

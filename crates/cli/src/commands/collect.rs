@@ -30,7 +30,9 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Also write one training conversation per agent (`{"messages", "task", "score", ...}`,
-    /// the data loader's input) to this JSON Lines file.
+    /// the data loader's input) to this JSON Lines file; with `--history N`, one per turn
+    /// instead, holding the system message, the last N messages and the reply (what a policy
+    /// with that window sees).
     #[arg(long)]
     pub training_out: Option<PathBuf>,
     /// Keep only episodes scoring at least this much (the study pruned below 50).
@@ -76,7 +78,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.min_score
     );
     if let Some(path) = &args.training_out {
-        let lines = training_lines(&records, None);
+        let mut lines = training_lines(&records, None);
+        // With a history window, train on what the windowed policy sees: one line per turn.
+        if let Some(keep) = args.agents.history {
+            lines = lines.iter().flat_map(|c| c.windows(keep)).collect();
+        }
         write_jsonl_atomic(path, &lines, false)
             .with_context(|| format!("writing {}", path.display()))?;
         println!(

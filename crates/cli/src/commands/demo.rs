@@ -26,7 +26,7 @@ use super::recipe::Recipe;
 
 /// The plan file in the report folder: what every phase runs.
 pub const PLAN_FILE: &str = "plan.json";
-pub const PLAN_FORMAT: &str = "teamtune-demo-plan/1";
+pub const PLAN_FORMAT: &str = "teamtune-demo-plan/2";
 /// Wall time per phase (seconds), for report.md only.
 pub const TIMINGS_FILE: &str = "timings.json";
 pub const REPORT_FILE: &str = "report.md";
@@ -41,6 +41,32 @@ pub const ASSUMED_SECONDS_PER_TURN: f64 = 1.0;
 /// Share of the budget for training and for each (base, tuned) constrained evaluation.
 pub const TRAIN_SHARE: f64 = 0.45;
 pub const EVAL_SHARE: f64 = 0.22;
+/// Expert data wanted, as a multiple of what the training budget consumes: a little more than
+/// one pass, so that every conversation a step sees is new (at 1.4 passes over 47
+/// conversations the adapter memorised them: train loss 0.14, validation 0.50, and greedy
+/// replies fell into loops).
+pub const COLLECT_OVER_TRAIN: f64 = 1.25;
+/// Tokens of training data one expert episode of every multi-agent task plus
+/// `SINGLE_AGENT_EPISODE_RATIO` episodes of every single-agent task give (about 3.3
+/// conversations of ~850 tokens, cut at 1024, per multi-agent episode; ~450 per single-agent
+/// one): 5 x 3.3 x 850 + 2 x 3 x 450.
+pub const ASSUMED_TOKENS_PER_COLLECT_UNIT: f64 = 16_700.0;
+/// The same with a history window of one turn (`--history 1`: one training conversation per
+/// turn, system + user + reply, ~300 tokens): ~18 turns per multi-agent episode, ~3 and ~7.5
+/// per single-agent one: (5 x 18 + 3 x 10.5) x 300.
+pub const ASSUMED_TOKENS_PER_COLLECT_UNIT_WINDOWED: f64 = 36_500.0;
+/// The demo's history window: the system message and the current user message. The user
+/// message carries the whole state (position, goal, memory, inbox). With the whole
+/// conversation as history a tuned SmolLM2 repeated its previous reply's direction (a shortcut
+/// right in most expert turns; its stated facts implied its direction 6% of the time), and the
+/// longest episode's turns cost about twice as much. The window removes that shortcut; it did
+/// not by itself make the rule learnable in the budget (2026-12-02: 8%, README).
+pub const DEFAULT_HISTORY: usize = 1;
+/// Single-agent tasks get this many episodes per multi-agent task's episode: one episode
+/// gives them one conversation (not 2-4), and theirs are the plainest navigation decisions
+/// (with 3 episodes each, single_nav was 9 of 324 training replies and the tuned model did not
+/// know its rationale form).
+pub const SINGLE_AGENT_EPISODE_RATIO: u64 = 3;
 /// Expert episodes are seeded from `seed + COLLECT_SEED_OFFSET`, evaluations from `seed`: the
 /// model is never evaluated on an episode it was trained on.
 pub const COLLECT_SEED_OFFSET: u64 = 1_000_000;
@@ -106,16 +132,25 @@ pub struct Args {
     /// `all` or a comma-separated list of task ids.
     #[arg(long, default_value = "all")]
     pub task: String,
-    /// Expert episodes per task [default: from the budget].
+    /// History window of the agents in collection (training data) and evaluation: the system
+    /// message and the last N messages; 0 keeps whole conversations.
+    #[arg(long, default_value_t = DEFAULT_HISTORY)]
+    pub history: usize,
+    /// Expert episodes per multi-agent task [default: from the budget].
     #[arg(long)]
     pub collect_episodes: Option<u64>,
+    /// Expert episodes per single-agent task [default: 3 x --collect-episodes].
+    #[arg(long)]
+    pub collect_episodes_single: Option<u64>,
     /// Constrained evaluation episodes per task, base and tuned [default: from the budget].
     #[arg(long)]
     pub eval_episodes: Option<u64>,
-    /// Unconstrained base-model episodes per task (invalid-reply rate) [default: 1].
+    /// Unconstrained base-model episodes per single-agent task (invalid-reply rate; all the
+    /// selected tasks when none is single-agent) [default: 1].
     #[arg(long)]
     pub unconstrained_episodes: Option<u64>,
-    /// Longest reply in tokens, constrained [default: 160: the schema's longest strings].
+    /// Longest reply in tokens, constrained [default: 160]; a constrained reply is never cut:
+    /// it may run to its schema's bound.
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// Longest reply in tokens, unconstrained [default: 80].
@@ -148,10 +183,19 @@ pub struct Plan {
     pub seed: u64,
     pub budget_minutes: f64,
     pub task: String,
+    /// History window (system + last N messages) of collection and evaluation; `None`: whole
+    /// conversations.
+    pub history: Option<usize>,
+    /// Episodes per multi-agent task.
     pub collect_episodes: u64,
+    /// Episodes per single-agent task.
+    pub collect_episodes_single: u64,
     pub collect_seed: u64,
     pub eval_episodes: u64,
     pub unconstrained_episodes: u64,
+    /// The tasks of the unconstrained run: the single-agent ones (short episodes; the invalid
+    /// rate is the JSON format's, whatever the task), else all.
+    pub unconstrained_task: String,
     pub max_new_tokens: usize,
     pub unconstrained_max_new_tokens: usize,
     pub parallel: usize,
@@ -193,12 +237,24 @@ impl Plan {
             ..Recipe::default()
         };
         recipe.validate()?;
-        // About one pass over the data (new examples teach more than repeats): one expert
-        // episode gives ~2.6 conversations of ~900 tokens (cut to max_len) per task on average.
-        let per_task = train_tokens as f64 / 900.0 / 2.6 / 7.0;
+        let history = (args.history > 0).then_some(args.history);
+        let unit_tokens = match history {
+            Some(_) => ASSUMED_TOKENS_PER_COLLECT_UNIT_WINDOWED,
+            None => ASSUMED_TOKENS_PER_COLLECT_UNIT,
+        };
+        let units = COLLECT_OVER_TRAIN * train_tokens as f64 / unit_tokens;
         let collect_episodes = args
             .collect_episodes
-            .unwrap_or((per_task.round() as u64).max(2));
+            .unwrap_or((units.round() as u64).max(2));
+        let collect_episodes_single = args
+            .collect_episodes_single
+            .unwrap_or(SINGLE_AGENT_EPISODE_RATIO * collect_episodes);
+        let (single, _) = split_by_agents(&args.task)?;
+        let unconstrained_task = if single.is_empty() {
+            args.task.clone()
+        } else {
+            single.join(",")
+        };
         let plan = Plan {
             format: PLAN_FORMAT.into(),
             model: args.model.clone(),
@@ -207,10 +263,13 @@ impl Plan {
             seed: args.seed,
             budget_minutes: b,
             task: args.task.clone(),
+            history,
             collect_episodes,
+            collect_episodes_single,
             collect_seed: args.seed + COLLECT_SEED_OFFSET,
             eval_episodes,
             unconstrained_episodes: args.unconstrained_episodes.unwrap_or(1),
+            unconstrained_task,
             max_new_tokens: args.max_new_tokens.unwrap_or(160),
             unconstrained_max_new_tokens: args.unconstrained_max_new_tokens.unwrap_or(80),
             // Every episode of an evaluation in play at once: its wall time is the longest
@@ -244,6 +303,14 @@ impl Plan {
         write_atomic(path, &serde_json::to_vec_pretty(self)?)
     }
 
+    /// `--history N` when the plan has a window.
+    fn history_flags(&self) -> Vec<String> {
+        match self.history {
+            Some(n) => vec!["--history".into(), n.to_string()],
+            None => Vec::new(),
+        }
+    }
+
     /// `--model M --device D --dtype T` as plain flags (the model left out when default).
     fn model_flags(&self) -> Vec<String> {
         let mut v = Vec::new();
@@ -263,6 +330,7 @@ impl Plan {
 // The phases' files and folders inside the report folder (for `Layout::p`).
 const EPISODES: &str = "data/episodes.jsonl";
 const CONVERSATIONS: &str = "data/conversations.jsonl";
+const CONVERSATIONS_SINGLE: &str = "data/conversations-single.jsonl";
 const EVAL_BASE: &str = "eval-base";
 const EVAL_UNCONSTRAINED: &str = "eval-base-unconstrained";
 const RUN: &str = "run";
@@ -340,24 +408,40 @@ fn phase_commands(
     phase: Phase,
     train_steps: Option<usize>,
 ) -> Vec<Vec<String>> {
-    let tasks = ["--task".to_owned(), plan.task.clone()];
     match phase {
         Phase::Collect => {
-            let mut c = words(&["collect", "--policy", "expert"]);
-            c.extend(tasks.iter().cloned());
-            c.extend([
-                "--episodes".into(),
-                plan.collect_episodes.to_string(),
-                "--seed".into(),
-                plan.collect_seed.to_string(),
-                "--min-score".into(),
-                fmt_num(plan.recipe.min_score),
-                "--out".into(),
-                path_str(&l.p(EPISODES)),
-                "--training-out".into(),
-                path_str(&l.p(CONVERSATIONS)),
-            ]);
-            vec![c]
+            let (single, multi) =
+                split_by_agents(&plan.task).expect("the plan's tasks were checked when planned");
+            let collect = |tasks: &[String], episodes: u64, conversations: &str| {
+                let mut c = words(&["collect", "--policy", "expert", "--task"]);
+                c.push(tasks.join(","));
+                c.extend([
+                    "--episodes".into(),
+                    episodes.to_string(),
+                    "--seed".into(),
+                    plan.collect_seed.to_string(),
+                    "--min-score".into(),
+                    fmt_num(plan.recipe.min_score),
+                    "--out".into(),
+                    path_str(&l.p(EPISODES)),
+                    "--training-out".into(),
+                    path_str(&l.p(conversations)),
+                ]);
+                c.extend(plan.history_flags());
+                c
+            };
+            let mut v = Vec::new();
+            if !multi.is_empty() {
+                v.push(collect(&multi, plan.collect_episodes, CONVERSATIONS));
+            }
+            if !single.is_empty() {
+                v.push(collect(
+                    &single,
+                    plan.collect_episodes_single,
+                    CONVERSATIONS_SINGLE,
+                ));
+            }
+            v
         }
         Phase::EvalBase | Phase::EvalTuned => {
             let eval = |out: &Path, adapter: Option<PathBuf>, unconstrained: bool| {
@@ -366,7 +450,13 @@ fn phase_commands(
                 if let Some(a) = adapter {
                     c.extend(["--adapter".into(), path_str(&a)]);
                 }
-                c.extend(tasks.iter().cloned());
+                let task = if unconstrained {
+                    &plan.unconstrained_task
+                } else {
+                    &plan.task
+                };
+                c.extend(["--task".into(), task.clone()]);
+                c.extend(plan.history_flags());
                 let (episodes, max_new) = if unconstrained {
                     c.push("--unconstrained".into());
                     (
@@ -409,9 +499,10 @@ fn phase_commands(
             let steps = train_steps.unwrap_or(1);
             let mut c = words(&["train"]);
             c.extend(plan.model_flags());
+            for data in training_files(l) {
+                c.extend(["--data".into(), path_str(&data)]);
+            }
             c.extend([
-                "--data".into(),
-                path_str(&l.p(CONVERSATIONS)),
                 "--out".into(),
                 path_str(&l.p(RUN)),
                 "--rank".into(),
@@ -521,29 +612,49 @@ pub fn train_steps(plan: &Plan, n_train: usize, mean_len: f64) -> usize {
     steps.clamp(1, per_epoch * plan.recipe.epochs)
 }
 
+/// Splits `all` or a comma-separated task list into (single-agent, multi-agent) task ids, in
+/// the registry's order.
+fn split_by_agents(task: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let specs = super::play::registry(None)?.select(task)?;
+    let (single, multi): (Vec<_>, Vec<_>) = specs
+        .iter()
+        .partition(|s| s.agents.iter().all(|&n| n == 1));
+    let ids = |v: Vec<&teamtune_gridworld::TaskSpec>| v.iter().map(|s| s.id.clone()).collect();
+    Ok((ids(single), ids(multi)))
+}
+
+/// The training conversation files the collect phase wrote (multi-agent tasks first).
+fn training_files(l: &Layout) -> Vec<PathBuf> {
+    [CONVERSATIONS, CONVERSATIONS_SINGLE]
+        .iter()
+        .map(|f| l.p(f))
+        .filter(|p| p.is_file())
+        .collect()
+}
+
 fn phase_train(plan: &Plan, l: &Layout) -> anyhow::Result<Vec<Vec<String>>> {
-    let data = l.p(CONVERSATIONS);
-    if !data.is_file() {
+    let data = training_files(l);
+    if data.is_empty() {
         bail!(
             "train: {} is missing; run `teamtune demo --out {} --only collect` first",
-            data.display(),
+            l.p(CONVERSATIONS).display(),
             l.out.display()
         );
     }
     let assets = teamtune_llama::load_chat_assets(&plan.model)
         .with_context(|| format!("train: loading the tokenizer of model {:?}", plan.model))?;
     let (_, prepared) =
-        super::train::prepare_data(std::slice::from_ref(&data), &assets, &plan.recipe)
-            .with_context(|| format!("train: reading {}", data.display()))?;
+        super::train::prepare_data(&data, &assets, &plan.recipe)
+            .with_context(|| format!("train: reading {}", data[0].display()))?;
     if prepared.train.is_empty() {
-        bail!("train: no training conversations in {}", data.display());
+        bail!("train: no training conversations in {}", data[0].display());
     }
     if prepared.validation.is_empty() {
         bail!(
             "train: no validation conversations among the {} in {} (fraction {}): the step-0 \
              evaluation needs some; collect more episodes (--collect-episodes)",
             prepared.train.len(),
-            data.display(),
+            data[0].display(),
             plan.recipe.validation_fraction
         );
     }
@@ -610,8 +721,10 @@ fn need(path: &Path, phase: Phase, before: Phase, out: &Path) -> anyhow::Result<
 fn run_phase(plan: &Plan, l: &Layout, phase: Phase) -> anyhow::Result<()> {
     match phase {
         Phase::Collect => {
-            // collect appends records: start from an empty file.
-            let _ = std::fs::remove_file(l.p(EPISODES));
+            // collect appends records: start from empty files.
+            for f in [EPISODES, CONVERSATIONS, CONVERSATIONS_SINGLE] {
+                let _ = std::fs::remove_file(l.p(f));
+            }
             std::fs::create_dir_all(l.p("data"))?;
             for c in phase_commands(plan, l, phase, None) {
                 run_plain(&c).with_context(|| format!("collect: `{}`", shell_line(&c)))?;
@@ -726,14 +839,19 @@ fn report_markdown(plan: &Plan, l: &Layout, episode: usize) -> anyhow::Result<St
     writeln!(
         w,
         "Model {model} on `{}` ({}), seed {}, budget {} minutes. Base and tuned are evaluated \
-         on the same episodes (seeds {}..{} of every task), schema-constrained and greedy; the \
-         expert training episodes use other seeds ({}..).\n",
+         on the same episodes (seeds {}..{} of every task), schema-constrained and greedy, \
+         with {}; the expert training episodes use other seeds ({}..) and the same window.\n",
         plan.device,
         plan.dtype,
         plan.seed,
         plan.budget_minutes,
         plan.seed,
         plan.seed + plan.eval_episodes - 1,
+        match plan.history {
+            Some(1) => "the system message and the current user message as the prompt".to_owned(),
+            Some(n) => format!("the system message and the last {n} messages as the prompt"),
+            None => "whole conversations as the prompt".to_owned(),
+        },
         plan.collect_seed
     )?;
 
@@ -787,10 +905,11 @@ fn report_markdown(plan: &Plan, l: &Layout, episode: usize) -> anyhow::Result<St
         writeln!(
             w,
             "Unconstrained, the base model's replies are unusable {:.1}% of the time ({} \
-             episode(s) per task, at most {} new tokens; mean score {:.1}): the constrained \
+             episode(s) of {}, at most {} new tokens; mean score {:.1}): the constrained \
              comparison above measures the policy, not the JSON format.\n",
             100.0 * inv,
             plan.unconstrained_episodes,
+            plan.unconstrained_task,
             plan.unconstrained_max_new_tokens,
             u.mean_over_tasks()
         )?;
@@ -844,13 +963,15 @@ fn report_markdown(plan: &Plan, l: &Layout, episode: usize) -> anyhow::Result<St
     }
     writeln!(
         w,
-        "{} expert episodes kept (score >= {}; {} per task played, seeds from {}), {} training \
+        "{} expert episodes kept (score >= {}; {} per multi-agent task and {} per single-agent \
+         task played, seeds from {}), {} training \
          conversations and {} validation conversations (split by conversation, {}), {} training \
          tokens ({} of them trained assistant tokens), {} validation tokens, mean training \
          conversation {:.0} tokens ({} cut at {}).\n",
         records.len(),
         r.min_score,
         plan.collect_episodes,
+        plan.collect_episodes_single,
         plan.collect_seed,
         facts.train_conversations,
         facts.validation_conversations,

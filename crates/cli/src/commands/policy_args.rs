@@ -30,7 +30,8 @@ pub struct PolicyArgs {
     #[arg(long, default_value_t = 512)]
     pub max_new_tokens: usize,
     /// Keep the system message and the last N messages of each conversation (the study kept
-    /// 8); default: the whole conversation.
+    /// 8; 1 is the current user message alone); default: the whole conversation. `collect`
+    /// writes its training conversations cut to the same window.
     #[arg(long)]
     pub history: Option<usize>,
     /// Episodes in play at once: their waiting agents decode as one batch.
