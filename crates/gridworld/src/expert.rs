@@ -161,24 +161,25 @@ impl Expert {
 
     /// The reply for this turn's observation.
     pub fn act(&mut self, obs: &Observation) -> Reply {
-        match self.b.kind {
+        let mut r = match self.b.kind {
             TaskKind::Navigate => self.navigate(obs),
             TaskKind::Corners => self.corners(obs),
             TaskKind::Alphabetical => self.alphabetical(obs),
             TaskKind::HiddenPoints => self.hidden_points(obs),
             TaskKind::Carry => self.carry(obs),
-        }
+        };
+        r.reflection = Self::reflection(obs);
+        r
     }
 
-    fn reply(action: ActionName, rationale: String, reflection: String) -> Reply {
+    fn reply(action: ActionName, rationale: String) -> Reply {
         let mut r = Reply::new(action);
         r.rationale = rationale;
-        r.reflection = reflection;
         r
     }
 
     /// The reflection: the outcome of the previous action, as the observation's `Last:` line
-    /// gives it ("Moved west to (1,0)."). One fixed form that a small model copies correctly;
+    /// gives it ("Moved to (1,0)."). One fixed form that a small model copies correctly;
     /// a distance or a varied phrasing here came before the rationale and taught the model to
     /// state wrong numbers before it decided (notes/feasibility.md).
     fn reflection(obs: &Observation) -> String {
@@ -187,15 +188,10 @@ impl Expert {
 
     fn navigate(&mut self, obs: &Observation) -> Reply {
         let GoalView::Reach { target } = obs.goal else {
-            return Self::reply(
-                ActionName::Skip,
-                "No target given, so skip.".into(),
-                String::new(),
-            );
+            return Self::reply(ActionName::Skip, "No target given, so skip.".into());
         };
         let (a, rat) = nav_rationale(obs.pos, "target", target, ActionName::Skip);
-        let refl = Self::reflection(obs);
-        Self::reply(a, rat, refl)
+        Self::reply(a, rat)
     }
 
     fn corners(&mut self, obs: &Observation) -> Reply {
@@ -243,8 +239,7 @@ impl Expert {
             }
         };
         let (a, rat) = nav_rationale(obs.pos, "my corner", corner, ActionName::Skip);
-        let refl = Self::reflection(obs);
-        let mut r = Self::reply(a, format!("{claim}{rat}"), refl);
+        let mut r = Self::reply(a, format!("{claim}{rat}"));
         r.message = message;
         r.add_memory = memory;
         r
@@ -272,8 +267,7 @@ impl Expert {
             mem = format!("My cell {cell} ({} in A-Z).", ordinal(k + 1));
         }
         let (a, rat) = nav_rationale(obs.pos, "my cell", cell, ActionName::Skip);
-        let refl = Self::reflection(obs);
-        let mut r = Self::reply(a, format!("{prefix}{rat}"), refl);
+        let mut r = Self::reply(a, format!("{prefix}{rat}"));
         r.message = r_msg;
         r.add_memory = mem;
         r
@@ -334,8 +328,7 @@ impl Expert {
                 }
                 None => format!("At {here}, cell: hidden target, so skip."),
             };
-            let refl = Self::reflection(obs);
-            let mut r = Self::reply(ActionName::Skip, rationale, refl);
+            let mut r = Self::reply(ActionName::Skip, rationale);
             r.message = match old {
                 Some(old) => format!("Target at {here}. I stay here. {old} is free."),
                 None => format!("Target at {here}. I stay here."),
@@ -370,15 +363,13 @@ impl Expert {
             let Some(next) = next else {
                 let why = stay_reason.unwrap_or("no unchecked cell in reach");
                 let (a, rat) = nav_rationale(here, "my target", t, ActionName::Skip);
-                let refl = Self::reflection(obs);
-                return Self::reply(a, format!("{}. {rat}", capitalize(why)), refl);
+                return Self::reply(a, format!("{}. {rat}", capitalize(why)));
             };
             let (a, facts) = nav_facts(here, next, ActionName::Skip);
             let rat = format!(
                 "At {here}, my target {t}, {turns_left} turns left; unchecked {next} in reach: {facts}."
             );
-            let refl = Self::reflection(obs);
-            let mut r = Self::reply(a, rat, refl);
+            let mut r = Self::reply(a, rat);
             r.message = if here == t {
                 format!("Leaving {here} to search {next}; back in time.")
             } else {
@@ -389,8 +380,7 @@ impl Expert {
         // 3. A free found target: go there.
         if let Some(&t) = free_found.iter().min_by_key(|p| (here.dist(**p), p.y, p.x)) {
             let (a, rat) = nav_rationale(here, "free target", t, ActionName::Skip);
-            let refl = Self::reflection(obs);
-            let mut r = Self::reply(a, rat, refl);
+            let mut r = Self::reply(a, rat);
             if self.b.names.len() > 1 && !on_target {
                 r.message = format!("No target at {here}. Next {t}.");
             }
@@ -401,7 +391,6 @@ impl Expert {
             let mut r = Self::reply(
                 ActionName::Skip,
                 format!("At {here}, no target; no unchecked cell, so skip."),
-                Self::reflection(obs),
             );
             r.message = format!("No target at {here}.");
             return r;
@@ -413,8 +402,7 @@ impl Expert {
             "no target"
         };
         let rat = format!("At {here}, {what}; nearest unchecked {next}: {facts}.");
-        let refl = Self::reflection(obs);
-        let mut r = Self::reply(a, rat, refl);
+        let mut r = Self::reply(a, rat);
         if self.b.names.len() > 1 && !on_target {
             r.message = format!("No target at {here}. Next {next}.");
         }
@@ -498,11 +486,7 @@ impl Expert {
             }
         }
         let GoalView::Carry { items, targets } = &obs.goal else {
-            return Self::reply(
-                ActionName::Skip,
-                "No items given, so skip.".into(),
-                String::new(),
-            );
+            return Self::reply(ActionName::Skip, "No items given, so skip.".into());
         };
         for it in items {
             if let Some(o) = &it.owner {
@@ -552,7 +536,6 @@ impl Expert {
                         return Self::reply(
                             ActionName::Skip,
                             format!("At {here}, holding {h}: no free target, so skip."),
-                            "All targets are taken.".into(),
                         )
                     }
                 }
@@ -560,8 +543,7 @@ impl Expert {
             let (_, t) = self.mine.expect("set above");
             let (a, rat) =
                 nav_rationale(here, &format!("holding {h}, target"), t, ActionName::Drop);
-            let refl = Self::reflection(obs);
-            let mut r = Self::reply(a, format!("{note}{rat}"), refl);
+            let mut r = Self::reply(a, format!("{note}{rat}"));
             if a == ActionName::Drop {
                 message = format!("Dropped item {h} on {t}.");
                 memory = format!("Delivered item {h}.");
@@ -643,7 +625,6 @@ impl Expert {
                     let mut r = Self::reply(
                         ActionName::Skip,
                         format!("{note}At {here}: no free item for me, so skip."),
-                        Self::reflection(obs),
                     );
                     r.message = message;
                     r.add_memory = memory;
@@ -654,8 +635,7 @@ impl Expert {
         let (id, _) = self.mine.expect("set above");
         let p = on_ground(id).expect("claimed items are on the ground");
         let (a, rat) = nav_rationale(here, &format!("item {id}"), p, ActionName::Pick);
-        let refl = Self::reflection(obs);
-        let mut r = Self::reply(a, format!("{note}{rat}"), refl);
+        let mut r = Self::reply(a, format!("{note}{rat}"));
         if a == ActionName::Pick {
             r.action_parameters
                 .insert("item".into(), Value::String(id.to_string()));

@@ -493,10 +493,7 @@ mod tests {
     #[test]
     fn moves_and_off_grid() {
         let mut w = world(TaskKind::Corners, 4, 5, &[("Alice", (0, 0))]);
-        assert_eq!(
-            w.apply(0, &Action::Move(Dir::North)),
-            "moved to (0,1)."
-        );
+        assert_eq!(w.apply(0, &Action::Move(Dir::North)), "moved to (0,1).");
         assert_eq!(w.agents[0].pos, Pos::new(0, 1));
         assert_eq!(
             w.apply(0, &Action::Move(Dir::West)),

@@ -442,7 +442,10 @@ fn training_windows_match_the_inference_window() {
                 let mut want = window(&conv.messages[..k], keep);
                 want.push(conv.messages[k].clone());
                 assert_eq!(line.messages, want);
-                assert_eq!((line.task.as_str(), line.score), ("corners", rec.final_score));
+                assert_eq!(
+                    (line.task.as_str(), line.score),
+                    ("corners", rec.final_score)
+                );
                 assert_eq!(line.agent, conv.agent);
             }
             if keep == 1 {

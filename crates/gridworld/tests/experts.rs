@@ -76,88 +76,86 @@ fn expert_replies_are_valid_and_rationales_name_the_action() {
     }
 }
 
-/// The reflection restates the previous action's outcome exactly as the user message's
-/// `Last:` line gives it (capitalised): one fixed, copyable form, no distances to compute.
-#[test]
-fn reflections_restate_the_last_outcome() {
+/// Every expert reply of every built-in task over seeds `0..seeds`: `f(task, seed, the user
+/// message it answered, the reply as JSON)`.
+fn each_expert_reply(seeds: u64, mut f: impl FnMut(&str, u64, &str, &serde_json::Value)) {
     for id in BUILTIN_IDS {
-        for seed in 0..20 {
+        for seed in 0..seeds {
             let ep = play_expert(&spec(id), seed).unwrap();
             for i in 0..ep.agent_count() {
                 let msgs = ep.messages(i);
-                for (k, m) in msgs.iter().enumerate() {
-                    if m.role != Role::Assistant {
-                        continue;
+                for (k, m) in msgs.iter().enumerate().skip(1) {
+                    if m.role == Role::Assistant {
+                        let v: serde_json::Value = serde_json::from_str(&m.content).unwrap();
+                        f(id, seed, &msgs[k - 1].content, &v);
                     }
-                    let user = &msgs[k - 1].content;
-                    let last = user
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Last: "))
-                        .unwrap_or_else(|| panic!("{id}: no Last line in {user:?}"));
-                    let v: serde_json::Value = serde_json::from_str(&m.content).unwrap();
-                    let refl = v["reflection"].as_str().unwrap();
-                    let mut want = last.to_string();
-                    want[..1].make_ascii_uppercase();
-                    assert_eq!(refl, want, "{id} seed {seed}");
                 }
             }
         }
     }
 }
 
+/// The reflection restates the previous action's outcome exactly as the user message's
+/// `Last:` line gives it (capitalised): one fixed, copyable form, no distances to compute.
+#[test]
+fn reflections_restate_the_last_outcome() {
+    each_expert_reply(20, |id, seed, user, v| {
+        let last = user
+            .lines()
+            .find_map(|l| l.strip_prefix("Last: "))
+            .unwrap_or_else(|| panic!("{id}: no Last line in {user:?}"));
+        let refl = v["reflection"].as_str().unwrap();
+        let mut want = last.to_string();
+        want[..1].make_ascii_uppercase();
+        assert_eq!(refl, want, "{id} seed {seed}");
+    });
+}
+
 /// A move's rationale compares the coordinates truthfully: "x a<b, so east" really has a<b.
 #[test]
 fn move_rationales_are_true() {
-    for id in BUILTIN_IDS {
-        for seed in 0..20 {
-            let ep = play_expert(&spec(id), seed).unwrap();
-            for i in 0..ep.agent_count() {
-                for m in ep.messages(i).iter().filter(|m| m.role == Role::Assistant) {
-                    let v: serde_json::Value = serde_json::from_str(&m.content).unwrap();
-                    let r = v["rationale"].as_str().unwrap();
-                    let a = v["action_name"].as_str().unwrap();
-                    let last = r.rsplit(": ").next().unwrap();
-                    let parse = |s: &str| -> (i32, char, i32) {
-                        let c = s.chars().find(|c| "<>=".contains(*c)).unwrap();
-                        let (l, rr) = s.split_once(c).unwrap();
-                        (l.trim().parse().unwrap(), c, rr.trim().parse().unwrap())
-                    };
-                    if let Some(x) = last.strip_prefix("x ") {
-                        let xs = x.split([',']).next().unwrap();
-                        let (l, c, rr) = parse(xs);
-                        assert_eq!(
-                            c,
-                            match l.cmp(&rr) {
-                                std::cmp::Ordering::Less => '<',
-                                std::cmp::Ordering::Greater => '>',
-                                std::cmp::Ordering::Equal => '=',
-                            }
-                        );
-                        let want = match c {
-                            '<' => "east",
-                            '>' => "west",
-                            _ => {
-                                let ys = x.split(", y ").nth(1).unwrap();
-                                let ys = ys.split(',').next().unwrap();
-                                let (l, c, rr) = parse(ys);
-                                assert!(match c {
-                                    '<' => l < rr,
-                                    '>' => l > rr,
-                                    _ => false,
-                                });
-                                if c == '<' {
-                                    "north"
-                                } else {
-                                    "south"
-                                }
-                            }
-                        };
-                        assert_eq!(a, want, "{r}");
+    each_expert_reply(20, |_, _, _, v| {
+        let r = v["rationale"].as_str().unwrap();
+        let a = v["action_name"].as_str().unwrap();
+        let last = r.rsplit(": ").next().unwrap();
+        let parse = |s: &str| -> (i32, char, i32) {
+            let c = s.chars().find(|c| "<>=".contains(*c)).unwrap();
+            let (l, rr) = s.split_once(c).unwrap();
+            (l.trim().parse().unwrap(), c, rr.trim().parse().unwrap())
+        };
+        if let Some(x) = last.strip_prefix("x ") {
+            let xs = x.split([',']).next().unwrap();
+            let (l, c, rr) = parse(xs);
+            assert_eq!(
+                c,
+                match l.cmp(&rr) {
+                    std::cmp::Ordering::Less => '<',
+                    std::cmp::Ordering::Greater => '>',
+                    std::cmp::Ordering::Equal => '=',
+                }
+            );
+            let want = match c {
+                '<' => "east",
+                '>' => "west",
+                _ => {
+                    let ys = x.split(", y ").nth(1).unwrap();
+                    let ys = ys.split(',').next().unwrap();
+                    let (l, c, rr) = parse(ys);
+                    assert!(match c {
+                        '<' => l < rr,
+                        '>' => l > rr,
+                        _ => false,
+                    });
+                    if c == '<' {
+                        "north"
+                    } else {
+                        "south"
                     }
                 }
-            }
+            };
+            assert_eq!(a, want, "{r}");
         }
-    }
+    });
 }
 
 /// Experts decide from what they are shown: two experts given the same briefing and the same

@@ -616,9 +616,8 @@ pub fn train_steps(plan: &Plan, n_train: usize, mean_len: f64) -> usize {
 /// the registry's order.
 fn split_by_agents(task: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let specs = super::play::registry(None)?.select(task)?;
-    let (single, multi): (Vec<_>, Vec<_>) = specs
-        .iter()
-        .partition(|s| s.agents.iter().all(|&n| n == 1));
+    let (single, multi): (Vec<_>, Vec<_>) =
+        specs.iter().partition(|s| s.agents.iter().all(|&n| n == 1));
     let ids = |v: Vec<&teamtune_gridworld::TaskSpec>| v.iter().map(|s| s.id.clone()).collect();
     Ok((ids(single), ids(multi)))
 }
@@ -643,9 +642,8 @@ fn phase_train(plan: &Plan, l: &Layout) -> anyhow::Result<Vec<Vec<String>>> {
     }
     let assets = teamtune_llama::load_chat_assets(&plan.model)
         .with_context(|| format!("train: loading the tokenizer of model {:?}", plan.model))?;
-    let (_, prepared) =
-        super::train::prepare_data(&data, &assets, &plan.recipe)
-            .with_context(|| format!("train: reading {}", data[0].display()))?;
+    let (_, prepared) = super::train::prepare_data(&data, &assets, &plan.recipe)
+        .with_context(|| format!("train: reading {}", data[0].display()))?;
     if prepared.train.is_empty() {
         bail!("train: no training conversations in {}", data[0].display());
     }
