@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Audit the navigation facts in agents' replies (episodes.jsonl of `teamtune eval`).
 
-For every assistant reply whose rationale has the experts' form "At (x,y), LABEL (tx,ty): x a?b
-[, y c?d], so DIR.", checks, against the user message it answered:
-  pos   - the stated position is the one the prompt gave;
-  facts - each comparison is true of the numbers written, and the numbers are the stated cells';
-  rule  - DIR is the step the facts imply (x first, then y; "there" when equal);
-  act   - action_name is DIR;
+For every assistant reply whose rationale has the experts' form "At (x,y), LABEL (tx,ty): WAY,
+so DIR." (WAY like "2 east, 1 north" or "here"), checks, against the user message it answered:
+  pos    - the stated position is the one the prompt gave;
+  facts  - WAY is the true way from the stated position to the stated cell;
+  copied - "(tx,ty): WAY" appears in the prompt (the observation prints the way beside goal cells);
+  rule   - DIR is WAY's first direction (any action when WAY is "here");
+  act    - action_name is DIR;
 and, for single_nav, whether the action is a shortest-path step toward the goal's target.
 Prints one line per task and a total. Usage: audit_rationales.py EVAL_DIR/episodes.jsonl ...
 """
@@ -18,11 +19,15 @@ from collections import defaultdict
 AT = re.compile(r"At \((\d+),(\d+)\)[^:]*?\((\d+),(\d+)\)(?: \([^)]*\))?: (.*?), so (\w+)")
 YOU = re.compile(r"You are at \((\d+),(\d+)\)")
 GOAL = re.compile(r"reach the target \((\d+),(\d+)\)")
-CMP = re.compile(r"([xy]) (\d+)([<>=])(\d+)")
 
 
-def sign(a, b):
-    return "<" if a < b else (">" if a > b else "=")
+def way(ax, ay, tx, ty):
+    parts = []
+    if tx != ax:
+        parts.append(f"{abs(tx - ax)} {'east' if tx > ax else 'west'}")
+    if ty != ay:
+        parts.append(f"{abs(ty - ay)} {'north' if ty > ay else 'south'}")
+    return ", ".join(parts) or "here"
 
 
 def step(ax, ay, tx, ty):
@@ -74,27 +79,23 @@ def main(paths):
                     facts, said = at.group(5), at.group(6)
                     if you and (ax, ay) == tuple(map(int, you.groups())):
                         s["pos_ok"] += 1
-                    ok = True
-                    for axis, a, c, b in CMP.findall(facts):
-                        a, b = int(a), int(b)
-                        want = (ax, tx) if axis == "x" else (ay, ty)
-                        ok &= (a, b) == want and c == sign(a, b)
-                    s["facts_ok"] += ok
-                    implied = step(ax, ay, tx, ty)
-                    s["rule_ok"] += said == implied or (implied is None and facts.startswith("there"))
+                    s["facts_ok"] += facts == way(ax, ay, tx, ty)
+                    s["copied"] += f"({tx},{ty}): {facts}" in user
+                    first = facts.split(", ")[0].split(" ")[-1]
+                    s["rule_ok"] += said == first or facts == "here"
                     s["act_ok"] += action == said
-    cols = ["replies", "nav_rationales", "pos_ok", "facts_ok", "rule_ok", "act_ok", "nav_turns", "nav_good"]
-    print(f"{'task':16}" + "".join(f"{c:>15}" for c in cols))
+    cols = ["replies", "nav_rationales", "pos_ok", "facts_ok", "copied", "rule_ok", "act_ok", "nav_turns", "nav_good"]
+    print(f"{'task':16}" + "".join(f"{c:>13}" for c in cols))
     total = defaultdict(int)
     for task in sorted(stats):
         s = stats[task]
         for c in cols:
             total[c] += s[c]
-        print(f"{task:16}" + "".join(f"{s[c]:>15}" for c in cols))
-    print(f"{'total':16}" + "".join(f"{total[c]:>15}" for c in cols))
+        print(f"{task:16}" + "".join(f"{s[c]:>13}" for c in cols))
+    print(f"{'total':16}" + "".join(f"{total[c]:>13}" for c in cols))
     n = max(total["nav_rationales"], 1)
     print(f"of nav rationales: position {total['pos_ok']/n:.0%}, facts {total['facts_ok']/n:.0%}, "
-          f"rule {total['rule_ok']/n:.0%}, action = rationale {total['act_ok']/n:.0%}; "
+          f"copied {total['copied']/n:.0%}, rule {total['rule_ok']/n:.0%}, action = rationale {total['act_ok']/n:.0%}; "
           f"single_nav good steps {total['nav_good']}/{total['nav_turns']}")
 
 

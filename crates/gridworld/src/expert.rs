@@ -5,8 +5,10 @@
 //! forget it also writes to its memory, which the prompt shows every turn.
 //!
 //! Replies are the schema's JSON with short, true text. The rationale states the facts before
-//! the decision in a fixed order ("At (1,1), target (3,4): x 1<3, so east."), because a small
-//! model learns the rule from that (notes/feasibility.md). The reflection restates the previous
+//! the decision in a fixed order ("At (1,1), target (3,4): 2 east, 3 north, so east."), and the
+//! fact is the way there exactly as the observation prints it beside the goal cell, so that a
+//! small model can copy its decision instead of comparing coordinates (notes/feasibility.md,
+//! README: the audit of the first demo). The reflection restates the previous
 //! action's outcome; only messages vary.
 
 use crate::episode::Episode;
@@ -29,14 +31,6 @@ fn dir_action(d: Dir) -> ActionName {
     }
 }
 
-fn cmp_char(a: i32, b: i32) -> char {
-    match a.cmp(&b) {
-        std::cmp::Ordering::Less => '<',
-        std::cmp::Ordering::Greater => '>',
-        std::cmp::Ordering::Equal => '=',
-    }
-}
-
 /// One step toward `to`, x first, then y; `None` when there.
 pub fn step_toward(at: Pos, to: Pos) -> Option<Dir> {
     if at.x < to.x {
@@ -52,31 +46,19 @@ pub fn step_toward(at: Pos, to: Pos) -> Option<Dir> {
     }
 }
 
-/// The move toward `to` and the facts it rests on: `x 1<3, so east`, `x 3=3, y 5>4, so south`,
-/// `there, so ARRIVED`.
+/// The move toward `to` and the fact it rests on, the way there as observations print it:
+/// `2 east, 3 north, so east`, `1 south, so south`, `here, so ARRIVED`. The first direction
+/// of the way is the move, so a model that copies the way from its prompt has the decision.
 pub fn nav_facts(at: Pos, to: Pos, arrived: ActionName) -> (ActionName, String) {
+    let way = at.way_to(to);
     match step_toward(at, to) {
-        None => (arrived, format!("there, so {arrived}")),
-        Some(d) if at.x != to.x => (
-            dir_action(d),
-            format!("x {}{}{}, so {d}", at.x, cmp_char(at.x, to.x), to.x),
-        ),
-        Some(d) => (
-            dir_action(d),
-            format!(
-                "x {}={}, y {}{}{}, so {d}",
-                at.x,
-                to.x,
-                at.y,
-                cmp_char(at.y, to.y),
-                to.y
-            ),
-        ),
+        None => (arrived, format!("{way}, so {arrived}")),
+        Some(d) => (dir_action(d), format!("{way}, so {d}")),
     }
 }
 
 /// The move toward `to` and its rationale in the fixed order `At P, LABEL T: FACTS.`
-/// (e.g. `At (1,1), target (3,4): x 1<3, so east.`).
+/// (e.g. `At (1,1), target (3,4): 2 east, 3 north, so east.`).
 pub fn nav_rationale(at: Pos, label: &str, to: Pos, arrived: ActionName) -> (ActionName, String) {
     let (a, facts) = nav_facts(at, to, arrived);
     (a, format!("At {at}, {label} {to}: {facts}."))
@@ -88,16 +70,6 @@ fn capitalize(s: &str) -> String {
         Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
         None => String::new(),
     }
-}
-
-fn ordinal(k: usize) -> String {
-    let suffix = match (k % 10, k % 100) {
-        (1, n) if n != 11 => "st",
-        (2, n) if n != 12 => "nd",
-        (3, n) if n != 13 => "rd",
-        _ => "th",
-    };
-    format!("{k}{suffix}")
 }
 
 fn list_or_none(v: &[String]) -> String {
@@ -245,31 +217,22 @@ impl Expert {
         r
     }
 
+    /// The goal names this agent's place (A-Z order of names on row 0): walk there, saying
+    /// once where it is going.
     fn alphabetical(&mut self, obs: &Observation) -> Reply {
-        let mut sorted = self.b.names.clone();
-        sorted.sort();
-        let me = self.b.my_name().to_string();
-        let k = sorted.iter().position(|n| *n == me).unwrap_or(0);
-        let cell = Pos::new(k as i32, 0);
-        let mut prefix = String::new();
+        let GoalView::Alphabetical { place } = obs.goal else {
+            return Self::reply(ActionName::Skip, "No place given, so skip.".into());
+        };
         let mut r_msg = String::new();
-        let mut mem = String::new();
         if self.goal_cell.is_none() {
-            self.goal_cell = Some(cell);
-            prefix = format!(
-                "A-Z: {}; I am {}, so my cell {cell}. ",
-                sorted.join(", "),
-                ordinal(k + 1)
-            );
+            self.goal_cell = Some(place);
             r_msg = self
-                .vary(&["I go to {c}.", "My cell is {c}.", "Heading to {c}."])
-                .replace("{c}", &cell.to_string());
-            mem = format!("My cell {cell} ({} in A-Z).", ordinal(k + 1));
+                .vary(&["I go to {c}.", "My place is {c}.", "Heading to {c}."])
+                .replace("{c}", &place.to_string());
         }
-        let (a, rat) = nav_rationale(obs.pos, "my cell", cell, ActionName::Skip);
-        let mut r = Self::reply(a, format!("{prefix}{rat}"));
+        let (a, rat) = nav_rationale(obs.pos, "my place", place, ActionName::Skip);
+        let mut r = Self::reply(a, rat);
         r.message = r_msg;
-        r.add_memory = mem;
         r
     }
 
@@ -690,21 +653,13 @@ mod tests {
     fn rationale_fixed_order() {
         let (a, r) = nav_rationale(Pos::new(1, 1), "target", Pos::new(3, 4), ActionName::Skip);
         assert_eq!(a, ActionName::East);
-        assert_eq!(r, "At (1,1), target (3,4): x 1<3, so east.");
+        assert_eq!(r, "At (1,1), target (3,4): 2 east, 3 north, so east.");
         let (a, r) = nav_rationale(Pos::new(3, 5), "target", Pos::new(3, 4), ActionName::Skip);
         assert_eq!(a, ActionName::South);
-        assert_eq!(r, "At (3,5), target (3,4): x 3=3, y 5>4, so south.");
+        assert_eq!(r, "At (3,5), target (3,4): 1 south, so south.");
         let (a, r) = nav_rationale(Pos::new(3, 4), "item a", Pos::new(3, 4), ActionName::Pick);
         assert_eq!(a, ActionName::Pick);
-        assert_eq!(r, "At (3,4), item a (3,4): there, so pick.");
+        assert_eq!(r, "At (3,4), item a (3,4): here, so pick.");
     }
 
-    #[test]
-    fn ordinals() {
-        assert_eq!(ordinal(1), "1st");
-        assert_eq!(ordinal(2), "2nd");
-        assert_eq!(ordinal(3), "3rd");
-        assert_eq!(ordinal(4), "4th");
-        assert_eq!(ordinal(11), "11th");
-    }
 }

@@ -26,6 +26,30 @@ impl Pos {
         Pos::new(self.x + dx, self.y + dy)
     }
 
+    /// The way from `self` to `to` in moves, east/west first (the order experts move in):
+    /// `2 east, 3 north`, `1 west`, `here`. Observations print it beside every goal cell so
+    /// that choosing a move is reading the first direction, not comparing numbers: a 135M
+    /// model copies reliably but compares coordinates right about a third of the time
+    /// (README, the audit of the 2026-12-02 demo).
+    pub fn way_to(self, to: Pos) -> String {
+        let mut parts = Vec::new();
+        match to.x - self.x {
+            0 => {}
+            dx if dx > 0 => parts.push(format!("{dx} east")),
+            dx => parts.push(format!("{} west", -dx)),
+        }
+        match to.y - self.y {
+            0 => {}
+            dy if dy > 0 => parts.push(format!("{dy} north")),
+            dy => parts.push(format!("{} south", -dy)),
+        }
+        if parts.is_empty() {
+            "here".to_string()
+        } else {
+            parts.join(", ")
+        }
+    }
+
     /// Parses every `(x,y)` (spaces allowed) in a text, in order.
     pub fn find_all(text: &str) -> Vec<Pos> {
         let mut out = Vec::new();
@@ -102,6 +126,31 @@ impl fmt::Display for Dir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn way_to_names_east_west_first_and_agrees_with_steps() {
+        assert_eq!(Pos::new(1, 1).way_to(Pos::new(3, 4)), "2 east, 3 north");
+        assert_eq!(Pos::new(3, 5).way_to(Pos::new(3, 4)), "1 south");
+        assert_eq!(Pos::new(4, 0).way_to(Pos::new(0, 2)), "4 west, 2 north");
+        assert_eq!(Pos::new(2, 2).way_to(Pos::new(2, 2)), "here");
+        // walking the stated ways one step at a time arrives
+        for (from, to) in [((0, 0), (4, 3)), ((5, 5), (0, 1)), ((2, 4), (2, 0))] {
+            let (mut at, to) = (Pos::from(from), Pos::from(to));
+            for _ in 0..at.dist(to) {
+                let way = at.way_to(to);
+                let first = way.split(", ").next().unwrap();
+                let dir = match first.rsplit(' ').next().unwrap() {
+                    "east" => Dir::East,
+                    "west" => Dir::West,
+                    "north" => Dir::North,
+                    "south" => Dir::South,
+                    other => panic!("{other}"),
+                };
+                at = at.step(dir);
+            }
+            assert_eq!(at.way_to(to), "here");
+        }
+    }
 
     #[test]
     fn find_all_positions() {

@@ -183,8 +183,14 @@ pub enum GoalView {
     Reach {
         target: Pos,
     },
-    Corners,
-    Alphabetical,
+    /// SW, SE, NW, NE.
+    Corners {
+        corners: [Pos; 4],
+    },
+    /// The cell of this agent's name in A-Z order.
+    Alphabetical {
+        place: Pos,
+    },
     HiddenPoints {
         count: usize,
     },
@@ -256,8 +262,12 @@ impl GoalView {
             TaskKind::Navigate => GoalView::Reach {
                 target: world.targets[0],
             },
-            TaskKind::Corners => GoalView::Corners,
-            TaskKind::Alphabetical => GoalView::Alphabetical,
+            TaskKind::Corners => GoalView::Corners {
+                corners: world.corners(),
+            },
+            TaskKind::Alphabetical => GoalView::Alphabetical {
+                place: world.alphabetical_cell(me),
+            },
             TaskKind::HiddenPoints => GoalView::HiddenPoints {
                 count: world.hidden.len(),
             },
@@ -293,11 +303,27 @@ impl GoalView {
         }
     }
 
-    pub fn text(&self) -> String {
+    /// The goal line as agent at `pos` reads it: every cell it names is followed by the way
+    /// there from `pos` (`(3,4): 2 east, 1 north`).
+    pub fn text(&self, pos: Pos) -> String {
+        let cell = |p: Pos| format!("{p}: {}", pos.way_to(p));
         match self {
-            GoalView::Reach { target } => format!("reach the target {target}."),
-            GoalView::Corners => "every agent on a different corner.".to_string(),
-            GoalView::Alphabetical => "line up on y=0 in A-Z order of names.".to_string(),
+            GoalView::Reach { target } => format!("reach the target {}.", cell(*target)),
+            GoalView::Corners { corners } => {
+                let named: Vec<String> = ["SW", "SE", "NW", "NE"]
+                    .iter()
+                    .zip(corners)
+                    .map(|(label, c)| format!("{label} {}", cell(*c)))
+                    .collect();
+                format!(
+                    "every agent on a different corner. Corners: {}.",
+                    named.join("; ")
+                )
+            }
+            GoalView::Alphabetical { place } => format!(
+                "line up on y=0 in A-Z order of names. Your place {}.",
+                cell(*place)
+            ),
             GoalView::HiddenPoints { count } => {
                 format!("find the {count} hidden targets and occupy them all at once.")
             }
@@ -305,25 +331,31 @@ impl GoalView {
                 let items: Vec<String> = items
                     .iter()
                     .map(|it| {
-                        let mut s = match &it.place {
-                            ItemPlace::Ground(p) => format!("{} at {p}", it.id),
-                            ItemPlace::HeldByYou => format!("{} held by you", it.id),
-                            ItemPlace::HeldBy(n) => format!("{} held by {n}", it.id),
-                        };
+                        // the owner before the place, so that the way ends the entry
+                        let mut s = it.id.to_string();
                         if let Some(o) = &it.owner {
                             let _ = write!(s, " ({o} only)");
                         }
+                        match &it.place {
+                            ItemPlace::Ground(p) => write!(s, " at {}", cell(*p)),
+                            ItemPlace::HeldByYou => write!(s, " held by you"),
+                            ItemPlace::HeldBy(n) => write!(s, " held by {n}"),
+                        }
+                        .expect("writing to a String");
                         s
                     })
                     .collect();
                 let targets: Vec<String> = targets
                     .iter()
-                    .map(|t| format!("{} {}", t.pos, if t.filled { "done" } else { "empty" }))
+                    .map(|t| {
+                        let state = if t.filled { "done" } else { "empty" };
+                        format!("{state} {}", cell(t.pos))
+                    })
                     .collect();
                 format!(
                     "put an item on every target. Items: {}. Targets: {}.",
-                    items.join(", "),
-                    targets.join(", ")
+                    items.join("; "),
+                    targets.join("; ")
                 )
             }
         }
@@ -388,7 +420,7 @@ impl Observation {
         } else {
             let _ = writeln!(s, "Memory: {}", self.memory.join(" "));
         }
-        let _ = writeln!(s, "Goal: {}", self.goal.text());
+        let _ = writeln!(s, "Goal: {}", self.goal.text(self.pos));
         let _ = writeln!(s, "Last: {}", self.last);
         let _ = write!(s, "You are at {}.", self.pos);
         if self.carry {

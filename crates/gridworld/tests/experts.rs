@@ -7,7 +7,7 @@
 mod common;
 
 use common::spec;
-use teamtune_gridworld::{play_expert, Expert, Role, BUILTIN_IDS};
+use teamtune_gridworld::{play_expert, Expert, Pos, Role, BUILTIN_IDS};
 
 fn mean_score(id: &str, seeds: u64) -> f64 {
     let s = spec(id);
@@ -111,51 +111,72 @@ fn reflections_restate_the_last_outcome() {
     });
 }
 
-/// A move's rationale compares the coordinates truthfully: "x a<b, so east" really has a<b.
+/// `2 east, 1 north`, `1 south`, `here`: the form of [`Pos::way_to`].
+fn is_way(s: &str) -> bool {
+    s == "here"
+        || s.split(", ").all(|part| {
+            part.split_once(' ').is_some_and(|(n, d)| {
+                n.parse::<u32>().is_ok() && ["east", "west", "north", "south"].contains(&d)
+            })
+        })
+}
+
+/// A move's rationale "At P, LABEL T: WAY, so DIR." states the true way from P to T and moves
+/// along its first direction (or does the arrival action when the way is "here").
 #[test]
 fn move_rationales_are_true() {
-    each_expert_reply(20, |_, _, _, v| {
+    let mut checked = 0;
+    each_expert_reply(20, |id, seed, _, v| {
         let r = v["rationale"].as_str().unwrap();
         let a = v["action_name"].as_str().unwrap();
-        let last = r.rsplit(": ").next().unwrap();
-        let parse = |s: &str| -> (i32, char, i32) {
-            let c = s.chars().find(|c| "<>=".contains(*c)).unwrap();
-            let (l, rr) = s.split_once(c).unwrap();
-            (l.trim().parse().unwrap(), c, rr.trim().parse().unwrap())
+        let Some(so) = r.rfind(", so ") else { return };
+        let Some(at) = r.rfind("At (").map(|i| Pos::find_all(&r[i..])[0]) else {
+            return;
         };
-        if let Some(x) = last.strip_prefix("x ") {
-            let xs = x.split([',']).next().unwrap();
-            let (l, c, rr) = parse(xs);
-            assert_eq!(
-                c,
-                match l.cmp(&rr) {
-                    std::cmp::Ordering::Less => '<',
-                    std::cmp::Ordering::Greater => '>',
-                    std::cmp::Ordering::Equal => '=',
-                }
-            );
-            let want = match c {
-                '<' => "east",
-                '>' => "west",
-                _ => {
-                    let ys = x.split(", y ").nth(1).unwrap();
-                    let ys = ys.split(',').next().unwrap();
-                    let (l, c, rr) = parse(ys);
-                    assert!(match c {
-                        '<' => l < rr,
-                        '>' => l > rr,
-                        _ => false,
-                    });
-                    if c == '<' {
-                        "north"
-                    } else {
-                        "south"
-                    }
-                }
-            };
-            assert_eq!(a, want, "{r}");
+        let facts = &r[..so];
+        let way = facts.rsplit(": ").next().unwrap();
+        if !is_way(way) {
+            return;
         }
+        let Some(&to) = Pos::find_all(facts).last() else { return };
+        let dir = r[so + 5..].trim_end_matches('.');
+        assert_eq!(way, at.way_to(to), "{id} seed {seed}: {r}");
+        assert_eq!(dir, a, "{id} seed {seed}: {r}");
+        if way != "here" {
+            let first = way.split(", ").next().unwrap();
+            assert!(first.ends_with(a), "{id} seed {seed}: {r}");
+        }
+        checked += 1;
     });
+    assert!(checked > 1000, "only {checked} move rationales");
+}
+
+/// Wherever the goal names the cell an expert heads for, the way in its rationale is a copy of
+/// the way the user message prints beside that cell: the decision can be read, not computed.
+/// (Hidden targets are not in the goal; searching cells is the exception.)
+#[test]
+fn the_way_in_a_rationale_is_copied_from_the_prompt() {
+    let mut copied = 0;
+    each_expert_reply(20, |id, seed, user, v| {
+        if id == "random_points" {
+            return;
+        }
+        let r = v["rationale"].as_str().unwrap();
+        let Some(so) = r.rfind(", so ") else { return };
+        let facts = &r[..so];
+        let Some((cell_and_label, way)) = facts.rsplit_once(": ") else { return };
+        if !is_way(way) {
+            return;
+        }
+        let cell = Pos::find_all(cell_and_label).last().copied().unwrap();
+        let shown = format!("{cell}: {way}");
+        assert!(
+            user.contains(&shown),
+            "{id} seed {seed}: {shown:?} of {r:?} is not in the prompt:\n{user}"
+        );
+        copied += 1;
+    });
+    assert!(copied > 1000, "only {copied} rationales");
 }
 
 /// Experts decide from what they are shown: two experts given the same briefing and the same

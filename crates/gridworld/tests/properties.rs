@@ -147,7 +147,7 @@ fn user_messages_do_not_show_other_positions() {
                 let text = own.user_message();
                 let shown: Vec<Pos> = Pos::find_all(&text);
                 let w = ep.world();
-                let goal_cells: Vec<Pos> = Pos::find_all(&own.goal.text());
+                let goal_cells: Vec<Pos> = Pos::find_all(&own.goal.text(own.pos));
                 for (i, a) in w.agents.iter().enumerate() {
                     if i == me || a.pos == w.agents[me].pos {
                         continue;
