@@ -198,9 +198,8 @@ impl Expert {
                     .expect("a grid has corners");
                 let taken: Vec<String> = self.taken.iter().map(|p| p.to_string()).collect();
                 claim = format!(
-                    "Taken: {}. Nearest free corner {best} ({} steps). ",
-                    list_or_none(&taken),
-                    obs.pos.dist(best)
+                    "Taken: {}. Nearest free corner {best}. ",
+                    list_or_none(&taken)
                 );
                 message = self
                     .vary(&["I take corner {c}.", "I take corner {c}; pick another."])
@@ -498,14 +497,14 @@ impl Expert {
                     None => {
                         return Self::reply(
                             ActionName::Skip,
-                            format!("At {here}, holding {h}: no free target, so skip."),
+                            format!("At {here}, holding {h}; no free target, so skip."),
                         )
                     }
                 }
             }
             let (_, t) = self.mine.expect("set above");
             let (a, rat) =
-                nav_rationale(here, &format!("holding {h}, target"), t, ActionName::Drop);
+                nav_rationale(here, &format!("holding {h}; target"), t, ActionName::Drop);
             let mut r = Self::reply(a, format!("{note}{rat}"));
             if a == ActionName::Drop {
                 message = format!("Dropped item {h} on {t}.");
@@ -587,7 +586,7 @@ impl Expert {
                 None => {
                     let mut r = Self::reply(
                         ActionName::Skip,
-                        format!("{note}At {here}: no free item for me, so skip."),
+                        format!("{note}At {here}, holding nothing; no free item for me, so skip."),
                     );
                     r.message = message;
                     r.add_memory = memory;
@@ -597,7 +596,14 @@ impl Expert {
         }
         let (id, _) = self.mine.expect("set above");
         let p = on_ground(id).expect("claimed items are on the ground");
-        let (a, rat) = nav_rationale(here, &format!("item {id}"), p, ActionName::Pick);
+        // "holding nothing" first, copied from the prompt's "You hold nothing.": the sub-goal
+        // (item or target) follows from it, as it does for the experts.
+        let (a, rat) = nav_rationale(
+            here,
+            &format!("holding nothing; item {id}"),
+            p,
+            ActionName::Pick,
+        );
         let mut r = Self::reply(a, format!("{note}{rat}"));
         if a == ActionName::Pick {
             r.action_parameters
@@ -661,5 +667,4 @@ mod tests {
         assert_eq!(a, ActionName::Pick);
         assert_eq!(r, "At (3,4), item a (3,4): here, so pick.");
     }
-
 }

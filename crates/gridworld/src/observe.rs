@@ -310,13 +310,17 @@ impl GoalView {
         match self {
             GoalView::Reach { target } => format!("reach the target {}.", cell(*target)),
             GoalView::Corners { corners } => {
-                let named: Vec<String> = ["SW", "SE", "NW", "NE"]
+                // nearest first (ties in SW, SE, NW, NE order): the nearest free corner is
+                // the first one not claimed, read rather than computed
+                let mut labelled: Vec<(&str, Pos)> =
+                    ["SW", "SE", "NW", "NE"].into_iter().zip(*corners).collect();
+                labelled.sort_by_key(|(_, c)| pos.dist(*c));
+                let named: Vec<String> = labelled
                     .iter()
-                    .zip(corners)
                     .map(|(label, c)| format!("{label} {}", cell(*c)))
                     .collect();
                 format!(
-                    "every agent on a different corner. Corners: {}.",
+                    "every agent on a different corner. Corners, nearest first: {}.",
                     named.join("; ")
                 )
             }

@@ -350,13 +350,16 @@ mod tests {
     #[test]
     fn plain_reply() {
         let r = parse_reply(
-            r#"{"reflection":"ok","rationale":"At (1,1), target (3,4): x 1<3, so east.","action_name":"east","action_parameters":{},"message":"","add_memory":""}"#,
+            r#"{"reflection":"ok","rationale":"At (1,1), target (3,4): 2 east, 3 north, so east.","action_name":"east","action_parameters":{},"message":"","add_memory":""}"#,
             &moves(),
         )
         .unwrap();
         assert_eq!(r.action_name, ActionName::East);
         assert_eq!(r.action(), Action::Move(Dir::East));
-        assert_eq!(r.rationale, "At (1,1), target (3,4): x 1<3, so east.");
+        assert_eq!(
+            r.rationale,
+            "At (1,1), target (3,4): 2 east, 3 north, so east."
+        );
     }
 
     #[test]

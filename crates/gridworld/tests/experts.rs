@@ -138,7 +138,9 @@ fn move_rationales_are_true() {
         if !is_way(way) {
             return;
         }
-        let Some(&to) = Pos::find_all(facts).last() else { return };
+        let Some(&to) = Pos::find_all(facts).last() else {
+            return;
+        };
         let dir = r[so + 5..].trim_end_matches('.');
         assert_eq!(way, at.way_to(to), "{id} seed {seed}: {r}");
         assert_eq!(dir, a, "{id} seed {seed}: {r}");
@@ -164,7 +166,9 @@ fn the_way_in_a_rationale_is_copied_from_the_prompt() {
         let r = v["rationale"].as_str().unwrap();
         let Some(so) = r.rfind(", so ") else { return };
         let facts = &r[..so];
-        let Some((cell_and_label, way)) = facts.rsplit_once(": ") else { return };
+        let Some((cell_and_label, way)) = facts.rsplit_once(": ") else {
+            return;
+        };
         if !is_way(way) {
             return;
         }
@@ -257,4 +261,57 @@ rounds = 25
             assert!(!ep.current().unwrap().user_message.contains("only)"));
         }
     }
+}
+
+/// In carry tasks every rationale states what the agent holds, as the prompt says it, before
+/// the cell it heads for: the sub-goal (an item or a target) is decided by a copied fact.
+#[test]
+fn carry_rationales_state_what_is_held() {
+    let mut seen = 0;
+    each_expert_reply(20, |id, seed, user, v| {
+        if !id.ends_with("_pick") {
+            return;
+        }
+        let r = v["rationale"].as_str().unwrap();
+        let held = if user.contains("You hold nothing.") {
+            "holding nothing;".to_string()
+        } else {
+            let i = user
+                .find("You hold item ")
+                .expect("a carry prompt says what is held");
+            let h = &user[i + "You hold item ".len()..][..1];
+            format!("holding {h};")
+        };
+        assert!(
+            r.contains(&held),
+            "{id} seed {seed}: {r:?} lacks {held:?}\n{user}"
+        );
+        seen += 1;
+    });
+    assert!(seen > 500, "only {seen} carry replies");
+}
+
+/// The goal line lists corners nearest first, so an agent that has heard no claims takes the
+/// first corner listed: its choice is read off the prompt.
+#[test]
+fn an_unclaimed_corner_choice_is_the_first_listed() {
+    let mut seen = 0;
+    each_expert_reply(20, |id, seed, user, v| {
+        let r = v["rationale"].as_str().unwrap();
+        let Some(rest) = r.strip_prefix("Taken: none. Nearest free corner ") else {
+            return;
+        };
+        let chosen = Pos::find_all(rest)[0];
+        let listed = user
+            .split("nearest first: ")
+            .nth(1)
+            .expect("a corners goal line");
+        assert_eq!(
+            Pos::find_all(listed)[0],
+            chosen,
+            "{id} seed {seed}: {r}\n{user}"
+        );
+        seen += 1;
+    });
+    assert!(seen >= 20, "only {seen} first choices");
 }
