@@ -33,7 +33,7 @@ pub use export::{export_merged, ExportOptions, ExportReport};
 pub use generate::{generate, Generated, StopReason};
 pub use layout::TokenLayout;
 pub use lora::{LoraAdapter, LoraConfig, LoraPair, LoraTarget};
-pub use model::{LayerContext, Linear, Llama, Mode};
+pub use model::{LayerContext, Linear, Llama, Mode, RaggedRow};
 pub use sampling::{Sampler, SamplingParams};
 pub use session::{decode_batch, Decoded, NoFilter, Session, TokenFilter};
 pub use source::{default_model_path, teamtune_home, ModelFiles};

@@ -253,14 +253,47 @@ impl Attention {
         lora: LayerLora<'_>,
         mode: Mode,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+        let (q, k, v) = self.project(x, lora, mode)?;
+        let out = self.attend(&q, &k, &v, rot, bias, cache, mode)?;
+        self.o_proj
+            .forward_lora(&out, lora.get(LoraTarget::O), mode)
+    }
+
+    /// The query, key and value projections `[batch, time, heads * head_dim]` of `x`.
+    fn project(
+        &self,
+        x: &Tensor,
+        lora: LayerLora<'_>,
+        mode: Mode,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let proj = |p: &Linear, t: LoraTarget| p.forward_lora(x, lora.get(t), mode);
+        Ok((
+            proj(&self.q_proj, LoraTarget::Q)?,
+            proj(&self.k_proj, LoraTarget::K)?,
+            proj(&self.v_proj, LoraTarget::V)?,
+        ))
+    }
+
+    /// Attention of projected `q`, `k`, `v` (`[batch, time, heads * head_dim]`): RoPE, the
+    /// cache, and the weighted values `[batch, time, n_heads * head_dim]` before `o_proj`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rot: &Rotation,
+        bias: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?)
         };
-        let proj = |p: &Linear, t: LoraTarget| p.forward_lora(x, lora.get(t), mode);
-        let q = heads(proj(&self.q_proj, LoraTarget::Q)?, self.n_heads)?;
-        let k = heads(proj(&self.k_proj, LoraTarget::K)?, self.n_kv_heads)?;
-        let v = heads(proj(&self.v_proj, LoraTarget::V)?, self.n_kv_heads)?.contiguous()?;
+        let q = heads(q, self.n_heads)?;
+        let k = heads(k, self.n_kv_heads)?;
+        let v = heads(v, self.n_kv_heads)?.contiguous()?;
         let q = rot.apply(&q, mode)?;
         let k = rot.apply(&k, mode)?;
         let (k, v) = match cache {
@@ -280,13 +313,10 @@ impl Attention {
             && q.dtype() == DType::F32
             && n_rep * t <= decode_attention::MAX_QUERY_ROWS;
         if decode_step {
-            let out = decode_attention::attention(&q, &k, &v, bias, scale)?
+            return Ok(decode_attention::attention(&q, &k, &v, bias, scale)?
                 .reshape((b, self.n_heads, t, self.head_dim))?
                 .transpose(1, 2)?
-                .reshape((b, t, self.n_heads * self.head_dim))?;
-            return self
-                .o_proj
-                .forward_lora(&out, lora.get(LoraTarget::O), mode);
+                .reshape((b, t, self.n_heads * self.head_dim))?);
         }
         let probs = match mode {
             // One op from q, k to probabilities: the scores are never stored for the backward.
@@ -309,13 +339,11 @@ impl Attention {
             }
         }
         .to_dtype(v.dtype())?;
-        let out = probs
+        Ok(probs
             .matmul(&v)?
             .reshape((b, self.n_heads, t, self.head_dim))?
             .transpose(1, 2)?
-            .reshape((b, t, self.n_heads * self.head_dim))?;
-        self.o_proj
-            .forward_lora(&out, lora.get(LoraTarget::O), mode)
+            .reshape((b, t, self.n_heads * self.head_dim))?)
     }
 }
 
@@ -349,6 +377,13 @@ struct Block {
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+}
+
+/// One sequence of a [`Llama::forward_ragged_last`]: its new tokens and its own (batch 1)
+/// cache, which the forward extends.
+pub struct RaggedRow<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
 }
 
 /// A LLaMA-3.x causal language model with frozen weights in one dtype on one device.
@@ -765,5 +800,92 @@ impl Llama {
         let h = self.forward_hidden(input_ids, layout, cache, Mode::Inference)?;
         let t = h.dim(1)?;
         self.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// Logits after the last new token of each row, `[rows, vocab]`: several sequences' new
+    /// tokens (any number each) in one forward without padding them to a common shape.
+    ///
+    /// The projections and the MLP see every new token of every row stacked into one matrix,
+    /// so the weights are read once per forward however many sequences ride along (what makes
+    /// batched decoding pay on a CPU). Attention runs per sequence against its own cache, so
+    /// sequences of different lengths are never padded to the longest, and a cache is never
+    /// merged into or split out of a batched one. Each row gets what it would get alone, up to
+    /// the summation order of the stacked projections. Inference only.
+    pub fn forward_ragged_last(&self, rows: &mut [RaggedRow<'_>]) -> Result<Tensor> {
+        use rayon::prelude::*;
+        if rows.is_empty() {
+            return Err(LlamaError::Shape("a ragged forward of no sequences".into()));
+        }
+        let mut layouts = Vec::with_capacity(rows.len());
+        let mut contexts = Vec::with_capacity(rows.len());
+        let mut ids = Vec::new();
+        let mut spans = Vec::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            if r.tokens.is_empty() {
+                return Err(LlamaError::Shape(format!(
+                    "ragged forward: sequence {i} has no new tokens"
+                )));
+            }
+            if r.cache.batch() != 1 || r.cache.num_layers() != self.blocks.len() {
+                return Err(LlamaError::Shape(format!(
+                    "ragged forward: sequence {i} needs a batch-1 cache of {} layers, got batch {} of {}",
+                    self.blocks.len(),
+                    r.cache.batch(),
+                    r.cache.num_layers()
+                )));
+            }
+            let layout = TokenLayout::contiguous(1, r.tokens.len(), r.cache.next_positions()[0]);
+            contexts.push(LayerContext {
+                bias: layout.attention_bias(r.cache.valid(), &self.device)?,
+                rot: Rotation::new(&self.inv_freq, &layout, self.dtype)?,
+            });
+            layouts.push(layout);
+            spans.push((ids.len(), r.tokens.len()));
+            ids.extend_from_slice(r.tokens);
+        }
+        let total = ids.len();
+        let mut x = self.embed(&Tensor::from_vec(ids, (1, total), &self.device)?)?;
+        let mode = Mode::Inference;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let lora = LayerLora {
+                adapter: self.active_adapter.as_ref().map(|n| &self.adapters[n]),
+                layer: l,
+                dropout_seed: None,
+            };
+            let h = block.input_layernorm.forward(&x, mode)?;
+            let attn = &block.self_attn;
+            let (q, k, v) = attn.project(&h, lora, mode)?;
+            // Sequences are independent here: each attends over its own cache.
+            let outs = rows
+                .par_iter_mut()
+                .zip(contexts.par_iter())
+                .zip(spans.par_iter())
+                .map(|((r, ctx), &(start, len))| {
+                    attn.attend(
+                        &q.narrow(1, start, len)?,
+                        &k.narrow(1, start, len)?,
+                        &v.narrow(1, start, len)?,
+                        &ctx.rot,
+                        ctx.bias.as_ref(),
+                        Some((&mut *r.cache, l)),
+                        mode,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = Tensor::cat(&outs, 1)?;
+            let h = attn
+                .o_proj
+                .forward_lora(&out, lora.get(LoraTarget::O), mode)?;
+            let x1 = (&x + h)?;
+            let h = block.post_attention_layernorm.forward(&x1, mode)?;
+            x = (&x1 + block.mlp.forward(&h, lora, mode)?)?;
+        }
+        for (r, layout) in rows.iter_mut().zip(&layouts) {
+            r.cache.commit(&layout.valid, &layout.positions);
+        }
+        let last: Vec<u32> = spans.iter().map(|&(s, n)| (s + n - 1) as u32).collect();
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let h = x.squeeze(0)?.index_select(&last, 0)?.unsqueeze(0)?;
+        self.logits(&self.norm.forward(&h, mode)?.squeeze(0)?)
     }
 }

@@ -21,7 +21,7 @@ use crate::cache::KvCache;
 use crate::error::{LlamaError, Result};
 use crate::generate::StopReason;
 use crate::layout::TokenLayout;
-use crate::model::Llama;
+use crate::model::{Llama, RaggedRow};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// Constrained decoding: which tokens a reply may continue with. Implemented e.g. over a
@@ -371,16 +371,6 @@ pub fn decode_batch(
     }
     let params_of = per_row(params, n, "sampling params")?;
     let max_of = per_row(max_new_tokens, n, "token limits")?;
-    let mut no_filter = NoFilter;
-    macro_rules! filter {
-        ($i:expr) => {
-            if filters.is_empty() {
-                &mut no_filter as &mut dyn TokenFilter
-            } else {
-                &mut *filters[$i]
-            }
-        };
-    }
 
     // The prefill: rows whose pending turn is far longer than the rest run it alone (padding
     // them all to it would waste more than it saves); the others go into the first batched
@@ -390,15 +380,14 @@ pub fn decode_batch(
     // new tokens attend over the whole merged cache, padding included (agents of different
     // episodes differ in history several-fold).
     let before: Vec<(usize, usize)> = sessions.iter().map(|s| (s.fed, s.len())).collect();
-    let pending: Vec<usize> = sessions.iter().map(|s| s.pending().len().max(1)).collect();
-    let width = if model.device().is_cpu() {
-        plan_width(&pending).min(crate::skinny::MAX_ROWS)
-    } else {
-        plan_width(&pending)
-    };
-    for s in sessions.iter_mut() {
-        if s.pending().len() > width {
-            s.flush(model)?;
+    let ragged = model.device().is_cpu();
+    if !ragged {
+        let pending: Vec<usize> = sessions.iter().map(|s| s.pending().len().max(1)).collect();
+        let width = plan_width(&pending);
+        for s in sessions.iter_mut() {
+            if s.pending().len() > width {
+                s.flush(model)?;
+            }
         }
     }
 
@@ -429,21 +418,142 @@ pub fn decode_batch(
         });
     }
 
+    let mut stats = BatchStats::default();
+    if ragged {
+        decode_ragged(model, sessions, filters, &mut rows, stop_ids, &mut stats)?;
+    } else {
+        decode_merged(model, sessions, filters, &mut rows, stop_ids, &mut stats)?;
+    }
+    tracing::debug!(
+        rows = n,
+        forwards = stats.forwards,
+        fed = stats.fed,
+        padding = stats.padding,
+        max_slots = stats.max_slots,
+        forward_s = stats.forward_s,
+        pick_s = stats.pick_s,
+        "decode_batch"
+    );
+    Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+/// A ragged forward feeds at most this many tokens (all rows together), so that a batch of
+/// long new turns does not hold activations for all of them at once; rows over the limit
+/// feed the rest of their turn in the next steps.
+const MAX_RAGGED_TOKENS: usize = 4096;
+
+/// Lets every row that has run all its tokens pick what comes next (see [`Row::step`]).
+fn pick_all(
+    members: &[usize],
+    rows: &mut [Row],
+    sessions: &mut [&mut Session],
+    filters: &mut [&mut dyn TokenFilter],
+    stop_ids: &[u32],
+    stats: &mut BatchStats,
+) -> Result<()> {
+    let picking = std::time::Instant::now();
+    let mut no_filter = NoFilter;
+    for &i in members {
+        let (row, s) = (&mut rows[i], &mut *sessions[i]);
+        if row.fed == s.len() && !row.finished {
+            let filter: &mut dyn TokenFilter = if filters.is_empty() {
+                &mut no_filter
+            } else {
+                &mut *filters[i]
+            };
+            row.step(s, filter, stop_ids)?;
+        }
+    }
+    stats.pick_s += picking.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// The CPU loop: every session keeps its own cache and each step is one
+/// [`Llama::forward_ragged_last`] over the rows still decoding, each feeding all it has
+/// queued (the new turn, a sampled token or a forced run). Nothing is padded, and a finished
+/// row simply stops being fed: no cache is merged, split or copied.
+fn decode_ragged(
+    model: &Llama,
+    sessions: &mut [&mut Session],
+    filters: &mut [&mut dyn TokenFilter],
+    rows: &mut [Row],
+    stop_ids: &[u32],
+    stats: &mut BatchStats,
+) -> Result<()> {
+    let mut members: Vec<usize> = (0..sessions.len()).collect();
+    loop {
+        pick_all(&members, rows, sessions, filters, stop_ids, stats)?;
+        for &i in &members {
+            if rows[i].finished {
+                let (row, s) = (&rows[i], &mut *sessions[i]);
+                s.last_logits = match (&row.logits, row.fed == s.len()) {
+                    (Some(l), true) => Some(Tensor::new(l.as_slice(), model.device())?),
+                    _ => None,
+                };
+            }
+        }
+        members.retain(|&i| !rows[i].finished);
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut budget = MAX_RAGGED_TOKENS;
+        let mut fed = Vec::new();
+        let mut ragged = Vec::new();
+        for (i, session) in sessions.iter_mut().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if rows[i].finished {
+                continue;
+            }
+            let Session { tokens, cache, .. } = &mut **session;
+            let start = rows[i].fed;
+            let len = (tokens.len() - start).min(budget);
+            budget -= len;
+            fed.push((i, len));
+            ragged.push(RaggedRow {
+                tokens: &tokens[start..start + len],
+                cache,
+            });
+        }
+        let forward = std::time::Instant::now();
+        let logits = model
+            .forward_ragged_last(&mut ragged)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        stats.forwards += 1;
+        stats.forward_s += forward.elapsed().as_secs_f64();
+        for ((i, len), l) in fed.into_iter().zip(logits) {
+            stats.fed += len;
+            let (row, s) = (&mut rows[i], &mut *sessions[i]);
+            row.fed += len;
+            // The cache holds these tokens now: the session says so even if a later step
+            // fails.
+            s.fed = row.fed;
+            row.logits = (row.fed == s.len()).then_some(l);
+            stats.max_slots = stats.max_slots.max(s.cache.len());
+        }
+    }
+}
+
+/// The loop for devices where many small per-sequence kernels cost more than padding: the
+/// sessions' caches are merged into one left-padded batch, finished rows are split off.
+fn decode_merged(
+    model: &Llama,
+    sessions: &mut [&mut Session],
+    filters: &mut [&mut dyn TokenFilter],
+    rows: &mut [Row],
+    stop_ids: &[u32],
+    stats: &mut BatchStats,
+) -> Result<()> {
+    let n = sessions.len();
     let caches: Vec<&KvCache> = sessions.iter().map(|s| &s.cache).collect();
     let mut batch = KvCache::merge(&caches)?;
     // Batch row -> session index.
     let mut members: Vec<usize> = (0..n).collect();
-    let mut stats = BatchStats::default();
     loop {
         // Every row that has run all its tokens picks what comes next.
-        let picking = std::time::Instant::now();
-        for &i in &members {
-            let (row, s) = (&mut rows[i], &mut *sessions[i]);
-            if row.fed == s.len() && !row.finished {
-                row.step(s, filter!(i), stop_ids)?;
-            }
-        }
-        stats.pick_s += picking.elapsed().as_secs_f64();
+        pick_all(&members, rows, sessions, filters, stop_ids, stats)?;
         // Finished rows leave the batch now rather than being fed padding to the end: their
         // cache rows are split off once (one copy of the batch's cache, like one step's
         // append), after which every step computes and caches only live rows. Feeding padding
@@ -510,17 +620,7 @@ pub fn decode_batch(
             row.logits = (row.fed == sessions[i].len()).then_some(l);
         }
     }
-    tracing::debug!(
-        rows = n,
-        forwards = stats.forwards,
-        fed = stats.fed,
-        padding = stats.padding,
-        max_slots = stats.max_slots,
-        forward_s = stats.forward_s,
-        pick_s = stats.pick_s,
-        "decode_batch"
-    );
-    Ok(rows.into_iter().map(|r| r.out).collect())
+    Ok(())
 }
 
 /// Where a [`decode_batch`] call spent its work (logged at debug level).
