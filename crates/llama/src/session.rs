@@ -8,12 +8,14 @@
 //! (candle tensors are reference-counted and a cache only ever grows by new tensors), so a
 //! shared prefix such as a system prompt is run once and forked per agent.
 //!
-//! [`decode_batch`] answers several sessions at once: their caches are merged into one batched
-//! cache (each row left-padded with invalid slots to the longest, positions kept per row),
-//! their pending turns are run together, and each step samples one token per row under that
-//! row's [`TokenFilter`] and sampling parameters. A row that finishes leaves the batch at once:
-//! its cache row is split off (without padding) into its session, so the next turn continues
-//! from there.
+//! [`decode_batch`] answers several sessions at once: their pending turns are run together, and
+//! each step samples one token per row under that row's [`TokenFilter`] and sampling
+//! parameters. On the CPU each step is one ragged forward ([`Llama::forward_ragged_last`]):
+//! the projections see every row's new tokens stacked, attention runs per session against its
+//! own cache, so nothing is padded and a finished row just stops being fed. On other devices,
+//! where many small per-session kernels would cost more than padding, the caches are merged
+//! into one batched cache (each row left-padded with invalid slots to the longest, positions
+//! kept per row) and a row that finishes has its cache row split off into its session.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -342,15 +344,17 @@ fn per_row<'a, T>(items: &'a [T], rows: usize, what: &str) -> Result<impl Fn(usi
 ///   session's tokens, exactly as it would alone.
 /// - `stop_ids`: tokens that end a reply (e.g. the end-of-turn ids).
 ///
-/// Each session's pending tokens (its new turn) are run first, left-padded into one batched
-/// forward when that wastes at most half of the work on padding; a session whose turn is much
-/// longer than the others' runs it alone first. Forced tokens of a row go in together, up to
-/// the same padding rule per step. Finished rows leave the batch at once (see the comment in
-/// the body). With greedy params and no filter, every row gets the tokens it gets alone (the
-/// arithmetic per row is the same up to float summation order).
+/// On the CPU every step feeds each live row all it has queued (its new turn, the sampled
+/// token, or a forced run), up to [`MAX_RAGGED_TOKENS`] in all, in one ragged forward. On
+/// other devices each session's pending tokens are left-padded into one batched forward when
+/// that wastes at most half of the work on padding (a session whose turn is much longer runs
+/// it alone first), forced runs follow the same padding rule per step, and finished rows leave
+/// the batch at once. With greedy params and no filter, every row gets the tokens it gets alone
+/// (the arithmetic per row is the same up to float summation order).
 ///
-/// On error, each session keeps its cache from before the call, with any tokens decoded so far
-/// pending; filters may have advanced.
+/// On error, each session keeps a cache that agrees with its `cached_len` (what ran before the
+/// error), with the rest of its tokens, decoded ones included, pending; filters may have
+/// advanced.
 pub fn decode_batch(
     model: &Llama,
     sessions: &mut [&mut Session],

@@ -740,3 +740,105 @@ fn forks_written_alternately_stay_independent() {
     assert_logits_match(m, &lx, x.tokens(), "x");
     assert_logits_match(m, &ly, y.tokens(), "y");
 }
+
+/// The ragged forward (the CPU's batched decode step) gives every sequence the logits, and
+/// leaves it the cache, that its own forward gives it: sequences with and without history,
+/// one new token or several, side by side.
+#[test]
+fn a_ragged_forward_equals_each_sequence_alone_tiny() {
+    use teamtune_llama::{KvCache, RaggedRow};
+    let m = tiny();
+    let vocab = m.config().vocab_size as u32;
+    // (history, new tokens) per sequence.
+    let shapes = [(5, 3), (0, 7), (12, 1), (3, 20)];
+    let mut histories = Vec::new();
+    let mut caches = Vec::new();
+    for (k, &(hist, _)) in shapes.iter().enumerate() {
+        let h = ids(100 + k as u64, hist, vocab);
+        let mut cache = m.new_cache(1);
+        if hist > 0 {
+            let input = Tensor::new(h.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            m.forward_last(
+                &input,
+                &TokenLayout::contiguous(1, hist, 0),
+                Some(&mut cache),
+            )
+            .unwrap();
+        }
+        histories.push(h);
+        caches.push(cache);
+    }
+    let news: Vec<Vec<u32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(k, &(_, n))| ids(200 + k as u64, n, vocab))
+        .collect();
+    // Two steps: the new tokens, then one more token each on top of the extended caches.
+    let nexts: Vec<Vec<u32>> = (0..shapes.len())
+        .map(|k| ids(300 + k as u64, 1, vocab))
+        .collect();
+    let mut alone: Vec<KvCache> = caches.clone();
+    let mut ragged: Vec<KvCache> = caches;
+    for (step, inputs) in [&news, &nexts].into_iter().enumerate() {
+        let mut rows: Vec<RaggedRow> = ragged
+            .iter_mut()
+            .zip(inputs.iter())
+            .map(|(cache, tokens)| RaggedRow { tokens, cache })
+            .collect();
+        let got = m.forward_ragged_last(&mut rows).unwrap();
+        assert_eq!(got.dims(), &[shapes.len(), vocab as usize]);
+        for (k, (cache, tokens)) in alone.iter_mut().zip(inputs.iter()).enumerate() {
+            let start = cache.next_positions()[0];
+            let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let want: Vec<f32> = m
+                .forward_last(
+                    &input,
+                    &TokenLayout::contiguous(1, tokens.len(), start),
+                    Some(cache),
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let row: Vec<f32> = got.get(k).unwrap().to_vec1().unwrap();
+            let err = common::max_rel_err(&row, &want, 1.0);
+            assert!(err <= 1e-5, "step {step}, sequence {k}: max rel err {err}");
+            assert_eq!(
+                ragged[k].len(),
+                cache.len(),
+                "step {step}, sequence {k}: cache length"
+            );
+            assert_eq!(ragged[k].next_positions(), cache.next_positions());
+        }
+        // And both equal a forward from scratch over everything so far.
+        if step == 1 {
+            for k in 0..shapes.len() {
+                let all: Vec<u32> = [&histories[k][..], &news[k], &nexts[k]].concat();
+                assert_logits_match(m, &got.get(k).unwrap(), &all, "ragged after two steps");
+            }
+        }
+    }
+    // Bad rows are errors, not panics.
+    let mut empty = m.new_cache(1);
+    let mut wide = m.new_cache(2);
+    assert!(m
+        .forward_ragged_last(&mut [RaggedRow {
+            tokens: &[],
+            cache: &mut empty
+        }])
+        .is_err());
+    assert!(m
+        .forward_ragged_last(&mut [RaggedRow {
+            tokens: &[5],
+            cache: &mut wide
+        }])
+        .is_err());
+    assert!(m.forward_ragged_last(&mut []).is_err());
+}
