@@ -363,6 +363,28 @@ pub fn decode_batch(
     max_new_tokens: &[usize],
     stop_ids: &[u32],
 ) -> Result<Vec<Decoded>> {
+    let ragged = model.device().is_cpu();
+    decode_batch_with(
+        model,
+        sessions,
+        filters,
+        params,
+        max_new_tokens,
+        stop_ids,
+        ragged,
+    )
+}
+
+/// [`decode_batch`] with the loop chosen by the caller (tests run both on the CPU).
+fn decode_batch_with(
+    model: &Llama,
+    sessions: &mut [&mut Session],
+    filters: &mut [&mut dyn TokenFilter],
+    params: &[SamplingParams],
+    max_new_tokens: &[usize],
+    stop_ids: &[u32],
+    ragged: bool,
+) -> Result<Vec<Decoded>> {
     let n = sessions.len();
     if n == 0 {
         return Ok(Vec::new());
@@ -384,7 +406,6 @@ pub fn decode_batch(
     // new tokens attend over the whole merged cache, padding included (agents of different
     // episodes differ in history several-fold).
     let before: Vec<(usize, usize)> = sessions.iter().map(|s| (s.fed, s.len())).collect();
-    let ragged = model.device().is_cpu();
     if !ragged {
         let pending: Vec<usize> = sessions.iter().map(|s| s.pending().len().max(1)).collect();
         let width = plan_width(&pending);
@@ -645,6 +666,56 @@ struct BatchStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{LlamaConfig, WeightSource};
+
+    /// The merged loop runs only on non-CPU devices in use; here both loops decode the same
+    /// sessions (different histories, new turns of different lengths, a token limit and a
+    /// stop id) and must give the same replies and leave sessions that continue alike.
+    #[test]
+    fn the_ragged_and_the_merged_loop_decode_alike() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
+        let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+        let weights = WeightSource::safetensors(vec![dir.join("model.safetensors")]).unwrap();
+        let m = Llama::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap();
+        let ids = |seed: u32, n: usize| -> Vec<u32> {
+            (0..n as u32)
+                .map(|i| 4 + (seed * 131 + i * 17) % 300)
+                .collect()
+        };
+        let mut sessions = Vec::new();
+        for (k, (hist, new)) in [(0, 9), (14, 3), (5, 1), (30, 40)].into_iter().enumerate() {
+            let mut s = Session::new(&m);
+            if hist > 0 {
+                s.prefill(&m, &ids(k as u32, hist)).unwrap();
+            }
+            s.push(&ids(10 + k as u32, new));
+            sessions.push(s);
+        }
+        let params = [SamplingParams::default()];
+        let limits = [12, 5, 12, 12];
+        let run = |ragged: bool| {
+            let mut s = sessions.clone();
+            let mut refs: Vec<&mut Session> = s.iter_mut().collect();
+            let out =
+                decode_batch_with(&m, &mut refs, &mut [], &params, &limits, &[7], ragged).unwrap();
+            (out, s)
+        };
+        let (ragged, mut after_ragged) = run(true);
+        let (merged, mut after_merged) = run(false);
+        assert_eq!(ragged, merged);
+        assert!(ragged.iter().any(|d| d.tokens.len() > 1));
+        // The next turn continues alike from either loop's sessions.
+        for (a, b) in after_ragged.iter_mut().zip(after_merged.iter_mut()) {
+            assert_eq!(a.tokens(), b.tokens());
+            let (la, lb) = (
+                a.prefill(&m, &[9, 10]).unwrap(),
+                b.prefill(&m, &[9, 10]).unwrap(),
+            );
+            let diff = (la - lb).unwrap().abs().unwrap().max(0).unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+        }
+    }
 
     #[test]
     fn width_keeps_padding_at_most_half() {
