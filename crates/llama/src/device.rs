@@ -63,9 +63,10 @@ pub fn parse_quantization(spec: &str) -> Result<GgmlDType> {
     match spec {
         "q8_0" => Ok(GgmlDType::Q8_0),
         "q4_0" => Ok(GgmlDType::Q4_0),
+        "bf16" => Ok(GgmlDType::BF16),
         other => Err(LlamaError::Config {
             path: "--quantize".into(),
-            message: format!("`{other}` is not supported (q8_0, q4_0)"),
+            message: format!("`{other}` is not supported (q8_0, q4_0, bf16)"),
         }),
     }
 }
@@ -83,6 +84,7 @@ mod tests {
         assert_eq!(parse_dtype("bf16", &Device::Cpu).unwrap(), DType::BF16);
         assert!(parse_dtype("f8", &Device::Cpu).is_err());
         assert_eq!(parse_quantization("q8_0").unwrap(), GgmlDType::Q8_0);
+        assert_eq!(parse_quantization("bf16").unwrap(), GgmlDType::BF16);
         assert!(parse_quantization("q4_1")
             .unwrap_err()
             .to_string()

@@ -3,6 +3,7 @@
 //! training mode, the tokenizer and chat template that belong to the model, and sampling.
 
 pub mod assets;
+pub mod bf16_matmul;
 pub mod cache;
 pub mod config;
 mod decode_attention;

@@ -3,9 +3,10 @@
 //! implementation on purpose, so that logits match it position by position.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor, D};
 use candle_nn::ops;
 
+use crate::bf16_matmul::PackedBf16;
 use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::decode_attention;
@@ -17,6 +18,7 @@ use crate::ops as train_ops;
 use crate::weights::WeightSource;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Which kernels a forward uses. candle's fused RMSNorm, RoPE and last-dim softmax have no
 /// backward and silently cut gradients, so training uses our own ops with a backward
@@ -32,11 +34,13 @@ pub enum Mode {
 const QUANTIZED_MAX_ROWS: usize = 16;
 
 /// A frozen projection `y = x W^T` (no bias in Llama-3.x): dense, or (inference only) with
-/// the weight kept quantised so that decoding reads a quarter of the bytes.
+/// the weight kept quantised so that decoding reads a quarter of the bytes, or kept in bf16
+/// for the CPU's bf16 dot products.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     quantized: Option<QMatMul>,
+    bf16: Option<Arc<PackedBf16>>,
 }
 
 impl Linear {
@@ -44,6 +48,7 @@ impl Linear {
         Linear {
             weight,
             quantized: None,
+            bf16: None,
         }
     }
 
@@ -53,9 +58,54 @@ impl Linear {
     }
 
     fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        self.dequantize();
         let w = self.weight.to_dtype(DType::F32)?;
+        if dtype == GgmlDType::BF16 {
+            if !w.device().is_cpu() {
+                return Err(LlamaError::Config {
+                    path: "--quantize".into(),
+                    message: "bf16 is the CPU's bf16 dot-product path; on a GPU use --dtype bf16"
+                        .into(),
+                });
+            }
+            let (n, k) = w.dims2()?;
+            let values = w.flatten_all()?.to_vec1::<f32>()?;
+            self.bf16 = Some(Arc::new(PackedBf16::new(&values, n, k)));
+            return Ok(());
+        }
         self.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?);
         Ok(())
+    }
+
+    /// Back to the dense weight only (after it changed, e.g. an adapter merged into it).
+    fn dequantize(&mut self) {
+        self.quantized = None;
+        self.bf16 = None;
+    }
+}
+
+/// `x W^T` through a packed bf16 weight (CPU, f32 in and out).
+struct Bf16Matmul(Arc<PackedBf16>);
+
+impl CustomOp1 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "bf16-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        if k != self.0.cols() {
+            candle_core::bail!(
+                "bf16 matmul: input [{m}, {k}] does not fit weight [{}, {}]",
+                self.0.rows(),
+                self.0.cols()
+            );
+        }
+        let (CpuStorage::F32(xs), Some((x0, x1))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("bf16 matmul: needs a contiguous f32 input");
+        };
+        let out = self.0.matmul_t(&xs[x0..x1], m);
+        Ok((CpuStorage::F32(out), Shape::from((m, self.0.rows()))))
     }
 }
 
@@ -63,6 +113,19 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+        if let Some(packed) = &self.bf16 {
+            // Every row count: bf16 products are twice an f32 FMA's per instruction, so the
+            // prefill gains too, not only the weight-bound decode steps.
+            let dtype = x.dtype();
+            let x2 = x
+                .to_dtype(DType::F32)?
+                .reshape((rows, inner))?
+                .contiguous()?;
+            let y = x2.apply_op1_no_bwd(&Bf16Matmul(packed.clone()))?;
+            let mut out = dims.to_vec();
+            *out.last_mut().unwrap() = packed.rows();
+            return y.reshape(out)?.to_dtype(dtype);
+        }
         // Few rows (decoding) are bound by weight bytes: the quantised weight wins. Many rows
         // (prefill) are bound by arithmetic, where the dense GEMM is faster.
         if let Some(q) = self
@@ -482,8 +545,14 @@ impl Llama {
     /// Keeps every decoder projection quantised (e.g. Q8_0) for inference: decoding
     /// on a CPU is bound by the bytes of weights read per token. Activations are quantised
     /// too, so logits move slightly; training needs the dense weights and refuses a quantised
-    /// model.
+    /// model. `BF16` (CPU only) keeps the projections in bf16 for AVX512-BF16's dot products
+    /// at every row count, prefill included ([`crate::bf16_matmul`]).
     pub fn quantize_for_inference(&mut self, dtype: GgmlDType) -> Result<()> {
+        if dtype == GgmlDType::BF16 && !PackedBf16::has_fast_kernel() {
+            tracing::warn!(
+                "this CPU lacks AVX512-BF16: bf16 projections run a portable loop, slower than f32"
+            );
+        }
         for b in &mut self.blocks {
             let a = &mut b.self_attn;
             for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
@@ -497,9 +566,14 @@ impl Llama {
                 l.quantize(dtype)?;
             }
         }
-        // The LM head stays dense: quantising the final hidden state flips near ties between
-        // top tokens (SmolLM2's first answer token on "What is the capital of France?" has a
-        // 0.08 margin and flips under Q8_0), and the head's bytes are a minority of a layer stack.
+        // The LM head stays dense under Q8_0/Q4_0: quantising the final hidden state flips near
+        // ties between top tokens (SmolLM2's first answer token on "What is the capital of
+        // France?" has a 0.08 margin and flips under Q8_0). bf16 keeps 8 significant bits of
+        // every value rather than a shared scale per 32, and the head is a fifth of a decode
+        // step's products, so under bf16 it is packed too.
+        if dtype == GgmlDType::BF16 {
+            self.lm_head.quantize(dtype)?;
+        }
         self.quantized = Some(dtype);
         Ok(())
     }
@@ -601,7 +675,7 @@ impl Llama {
                 };
                 let merged = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.dtype)?;
                 lin.weight = merged;
-                lin.quantized = None;
+                lin.dequantize();
                 if let Some(q) = self.quantized {
                     lin.quantize(q)?;
                 }

@@ -706,6 +706,20 @@ fn batched_decode_equals_alone_quantized_default_model() {
     alone_vs_batched(&m, &sessions, &[24], &lm.assets.eos_token_ids);
 }
 
+/// `--quantize bf16` runs every row count, the batched prefill of a pending turn included,
+/// through the bf16 kernel, whose outputs do not depend on the rows beside them: a batch
+/// gives each session its tokens alone, new turn and all.
+#[test]
+fn batched_decode_equals_alone_bf16_default_model() {
+    let lm = smol();
+    let mut m = lm.model.clone();
+    m.quantize_for_inference(candle_core::quantized::GgmlDType::BF16)
+        .unwrap();
+    let (_, out) = alone_vs_batched(&m, &smol_sessions(), &[32], &lm.assets.eos_token_ids);
+    let first = lm.assets.decode(&out[0].tokens, false).unwrap();
+    assert!(first.contains("Paris"), "{first}");
+}
+
 /// The cache writes new keys in place while it alone owns its buffers: forks, and a truncated
 /// session's fork, must never see each other's writes.
 #[test]

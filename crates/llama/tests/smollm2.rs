@@ -213,3 +213,57 @@ fn q8_0_inference_tracks_the_dense_model() {
         .to_string();
     assert!(err.contains("quantised"), "{err}");
 }
+
+/// `--quantize bf16`: the projections run on bf16 operands with f32 sums, at every row count
+/// (the whole prompt here, then one decode row). The logits stay within bf16's rounding of
+/// the dense ones (transformers-checked above) and the greedy answer is the same.
+#[test]
+fn bf16_inference_tracks_the_dense_model() {
+    let dense = load();
+    let mut b = load();
+    b.model
+        .quantize_for_inference(candle_core::quantized::GgmlDType::BF16)
+        .unwrap();
+    let f = fixture();
+    let case = &f.json["cases"][0];
+    let prompt = ids(&case["prompt_ids"]);
+    let logits = |m: &LoadedModel| -> Vec<f32> {
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        m.model
+            .forward_last(&input, &TokenLayout::contiguous(1, prompt.len(), 0), None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (a, d) = (logits(&b), logits(&dense));
+    let mean_err = a.iter().zip(&d).map(|(x, y)| (x - y).abs()).sum::<f32>()
+        / d.iter().map(|y| y.abs()).sum::<f32>();
+    assert!(
+        mean_err > 0.0 && mean_err < 0.02,
+        "mean relative error {mean_err:e}"
+    );
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    assert_eq!(argmax(&a), argmax(&d));
+    let out = generate(
+        &b.model,
+        &prompt,
+        &SamplingParams::default(),
+        24,
+        &b.assets.eos_token_ids,
+        |_| true,
+    )
+    .unwrap();
+    let text = b.assets.decode(&out.tokens, true).unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}

@@ -16,8 +16,10 @@ pub struct ModelArgs {
     /// auto (bf16 on GPU, f32 on CPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// Keep the weights quantised for inference (q8_0 or q4_0): several times faster decoding
-    /// on a CPU, logits slightly off the dense model's.
+    /// Keep the weights quantised for inference: q8_0 or q4_0 (several times faster decoding
+    /// on a CPU), or bf16 (CPUs with AVX512-BF16: bf16 products with f32 sums for prefill and
+    /// decode alike, the precision of bf16 GPU inference); logits slightly off the dense
+    /// model's.
     #[arg(long)]
     pub quantize: Option<String>,
 }
