@@ -722,3 +722,36 @@ fn an_adapter_saved_here_gives_peft_the_same_logits() {
         ) > 1e-2
     );
 }
+
+/// Merging an adapter into a model packed for `--quantize bf16` re-packs the changed weights:
+/// the result is bit for bit the model merged first and packed after, and it is not the
+/// packed base (whose stale packing a missed re-pack would keep).
+#[test]
+fn an_adapter_merged_into_a_bf16_packed_model_is_repacked() {
+    use candle_core::quantized::GgmlDType;
+    let packed = |merge_first: bool| -> Llama {
+        let mut m = load(DType::F32);
+        m.add_adapter("a", &LoraConfig::default()).unwrap();
+        randomize_b(&m, "a", 1);
+        if merge_first {
+            m.merge_adapter("a").unwrap();
+            m.quantize_for_inference(GgmlDType::BF16).unwrap();
+        } else {
+            m.quantize_for_inference(GgmlDType::BF16).unwrap();
+            m.merge_adapter("a").unwrap();
+        }
+        m
+    };
+    let before = flat(&common::logits(&packed(true), &ids(20), Mode::Inference));
+    let after = flat(&common::logits(&packed(false), &ids(20), Mode::Inference));
+    assert_eq!(before, after);
+    let mut base = load(DType::F32);
+    base.quantize_for_inference(GgmlDType::BF16).unwrap();
+    let base = flat(&common::logits(&base, &ids(20), Mode::Inference));
+    let moved = after
+        .iter()
+        .zip(&base)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the merge changed nothing: {moved}");
+}
