@@ -673,11 +673,7 @@ mod tests {
     /// stop id) and must give the same replies and leave sessions that continue alike.
     #[test]
     fn the_ragged_and_the_merged_loop_decode_alike() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
-        let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-        let weights = WeightSource::safetensors(vec![dir.join("model.safetensors")]).unwrap();
-        let m = Llama::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap();
+        let m = tiny_model();
         let ids = |seed: u32, n: usize| -> Vec<u32> {
             (0..n as u32)
                 .map(|i| 4 + (seed * 131 + i * 17) % 300)
@@ -715,6 +711,65 @@ mod tests {
             let diff = (la - lb).unwrap().abs().unwrap().max(0).unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
         }
+    }
+
+    /// New turns that add up to more than one ragged forward may feed: the row that crosses
+    /// the budget feeds part of its turn in one step and the rest in the next, while the rows
+    /// after it wait. Every row must still reply as it does alone.
+    #[test]
+    fn turns_over_the_ragged_token_budget_decode_as_alone() {
+        let m = tiny_model();
+        let ids = |seed: u32, n: usize| -> Vec<u32> {
+            (0..n as u32)
+                .map(|i| 4 + (seed * 131 + i * 17 + i * i / 7) % 300)
+                .collect()
+        };
+        let turns = [(0, 1000), (12, 900), (0, 1000), (5, 800), (0, 700), (3, 1)];
+        let total: usize = turns.iter().map(|(h, n)| h + n).sum();
+        assert!(total > MAX_RAGGED_TOKENS, "the test must cross the budget");
+        let sessions: Vec<Session> = turns
+            .iter()
+            .enumerate()
+            .map(|(k, &(hist, new))| {
+                let mut s = Session::new(&m);
+                if hist > 0 {
+                    s.prefill(&m, &ids(k as u32, hist)).unwrap();
+                }
+                s.push(&ids(20 + k as u32, new));
+                s
+            })
+            .collect();
+        let params = [SamplingParams::default()];
+        let limits = [6];
+
+        let mut together = sessions.clone();
+        let mut refs: Vec<&mut Session> = together.iter_mut().collect();
+        let batched =
+            decode_batch_with(&m, &mut refs, &mut [], &params, &limits, &[], true).unwrap();
+        for (k, s) in sessions.iter().enumerate() {
+            let mut alone = s.clone();
+            let reply =
+                decode_batch_with(&m, &mut [&mut alone], &mut [], &params, &limits, &[], true)
+                    .unwrap()
+                    .remove(0);
+            assert_eq!(batched[k], reply, "row {k}");
+            assert_eq!(together[k].tokens(), alone.tokens(), "row {k}");
+            assert_eq!(together[k].cached_len(), alone.cached_len(), "row {k}");
+            let (a, b) = (
+                together[k].prefill(&m, &[9]).unwrap(),
+                alone.prefill(&m, &[9]).unwrap(),
+            );
+            let diff = (a - b).unwrap().abs().unwrap().max(0).unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "row {k}");
+        }
+    }
+
+    fn tiny_model() -> Llama {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama31");
+        let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
+        let weights = WeightSource::safetensors(vec![dir.join("model.safetensors")]).unwrap();
+        Llama::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap()
     }
 
     #[test]
