@@ -425,10 +425,9 @@ impl Mlp {
         let up = self
             .up_proj
             .forward_lora(x, lora.get(LoraTarget::Up), mode)?;
-        let gated = match mode {
-            Mode::Training => train_ops::silu_mul(&gate, &up)?,
-            Mode::Inference => (ops::silu(&gate)? * up)?,
-        };
+        // One fused pass in both modes: the same rounding as candle's silu then `*`, without
+        // the intermediate tensor (inference) or storing it for the backward (training).
+        let gated = train_ops::silu_mul(&gate, &up)?;
         self.down_proj
             .forward_lora(&gated, lora.get(LoraTarget::Down), mode)
     }

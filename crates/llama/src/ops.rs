@@ -709,6 +709,28 @@ fn mul_in_place<T: WithDType>(v: &mut [T], u: &[T]) {
     }
 }
 
+/// `silu(g) * u` in one pass over f32 slices, split over rayon's threads when long (the MLP
+/// of a batched decode step or a prefill). Each element rounds as candle's silu kernel followed
+/// by its multiplication, so the result is bit-identical to the composed ops.
+fn silu_mul_f32(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![0f32; gate.len()];
+    let body = |(o, (g, u)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = <Silu as UnaryOpT>::f32(g) * u;
+        }
+    };
+    if gate.len() <= CHUNK {
+        body((&mut out[..], (gate, up)));
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .for_each(body);
+    }
+    out
+}
+
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
@@ -729,6 +751,14 @@ impl CustomOp2 for SiluMul {
                 lu.shape(),
                 up.dtype()
             )
+        }
+        if let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gate, up) {
+            if let (Some((g0, g1)), Some((u0, u1))) =
+                (lg.contiguous_offsets(), lu.contiguous_offsets())
+            {
+                let out = silu_mul_f32(&g[g0..g1], &u[u0..u1]);
+                return Ok((CpuStorage::F32(out), lg.shape().clone()));
+            }
         }
         // candle's own silu kernel, then `* up` in the same dtype.
         let silu = gate.unary_impl::<Silu>(lg)?;

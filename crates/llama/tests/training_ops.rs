@@ -515,6 +515,15 @@ fn silu_mul_forward_is_bit_identical_to_the_composed_product() -> Result<()> {
             &format!("{dtype:?} strided up"),
         )?;
     }
+    // Long enough to be split over threads (f32's one-pass path), not a multiple of the
+    // split, and starting inside its storage (a narrowed view).
+    let gate = uniform(&[4, 7, 1000], 4.0, 113, DType::F32)?.narrow(0, 1, 3)?;
+    let up = uniform(&[3, 7, 1000], 2.0, 114, DType::F32)?;
+    assert_identical(
+        &ops::silu_mul(&gate, &up)?,
+        &ref_silu_mul(&gate, &up)?,
+        "F32 long",
+    )?;
     Ok(())
 }
 
