@@ -56,8 +56,8 @@ enum Command {
 /// pauses before parking; our kernels (projections, attention, SwiGLU) run on rayon's pool over
 /// the same cores, so on a small machine those spinning workers take a core from them between
 /// every pair of ops. Parking after a short spin costs a wake-up (microseconds) per candle op
-/// instead: an evaluation on 2 cores ran 13% faster (docs/BENCHMARKS.md). A value the user set
-/// is kept.
+/// instead: on 2 cores a bf16 evaluation ran 17% faster, an f32 one 3% (docs/BENCHMARKS.md).
+/// A value the user set is kept.
 const CANDLE_SPIN_LIMIT: &str = "100";
 
 fn main() -> anyhow::Result<()> {
