@@ -170,31 +170,14 @@ fn q8_0_inference_tracks_the_dense_model() {
             .unwrap()
     };
     let (a, b) = (step(&q), step(&dense));
-    let mean_err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>()
-        / b.iter().map(|y| y.abs()).sum::<f32>();
+    let mean_err = mean_relative_error(&a, &b);
     assert!(
         mean_err > 0.0 && mean_err < 0.05,
         "mean relative error {mean_err:e}"
     );
-    let argmax = |v: &[f32]| {
-        v.iter()
-            .enumerate()
-            .max_by(|x, y| x.1.total_cmp(y.1))
-            .unwrap()
-            .0
-    };
     assert_eq!(argmax(&a), argmax(&b));
 
-    let out = generate(
-        &q.model,
-        &prompt,
-        &SamplingParams::default(),
-        24,
-        &q.assets.eos_token_ids,
-        |_| true,
-    )
-    .unwrap();
-    let text = q.assets.decode(&out.tokens, true).unwrap();
+    let text = greedy_answer(&q, &prompt);
     assert!(text.contains("Paris"), "{text}");
 
     let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
@@ -241,29 +224,43 @@ fn bf16_inference_tracks_the_dense_model() {
             .unwrap()
     };
     let (a, d) = (logits(&b), logits(&dense));
-    let mean_err = a.iter().zip(&d).map(|(x, y)| (x - y).abs()).sum::<f32>()
-        / d.iter().map(|y| y.abs()).sum::<f32>();
+    let mean_err = mean_relative_error(&a, &d);
     assert!(
         mean_err > 0.0 && mean_err < 0.02,
         "mean relative error {mean_err:e}"
     );
-    let argmax = |v: &[f32]| {
-        v.iter()
-            .enumerate()
-            .max_by(|x, y| x.1.total_cmp(y.1))
-            .unwrap()
-            .0
-    };
     assert_eq!(argmax(&a), argmax(&d));
+    let text = greedy_answer(&b, &prompt);
+    assert!(text.contains("Paris"), "{text}");
+}
+
+/// `sum |a - b| / sum |b|`: how far a cheaper path's logits are from the reference's.
+fn mean_relative_error(a: &[f32], reference: &[f32]) -> f32 {
+    a.iter()
+        .zip(reference)
+        .map(|(x, y)| (x - y).abs())
+        .sum::<f32>()
+        / reference.iter().map(|y| y.abs()).sum::<f32>()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|x, y| x.1.total_cmp(y.1))
+        .unwrap()
+        .0
+}
+
+/// The greedy reply of up to 24 tokens to `prompt`, as text.
+fn greedy_answer(m: &LoadedModel, prompt: &[u32]) -> String {
     let out = generate(
-        &b.model,
-        &prompt,
+        &m.model,
+        prompt,
         &SamplingParams::default(),
         24,
-        &b.assets.eos_token_ids,
+        &m.assets.eos_token_ids,
         |_| true,
     )
     .unwrap();
-    let text = b.assets.decode(&out.tokens, true).unwrap();
-    assert!(text.contains("Paris"), "{text}");
+    m.assets.decode(&out.tokens, true).unwrap()
 }
