@@ -14,9 +14,10 @@ use std::collections::HashMap;
 
 use teamtune_data::{ChatTemplate, EncodeOptions, Encoder, Message, Role};
 use teamtune_gridworld::{window, ChatMessage};
-use teamtune_llama::dropout::mix_seed;
-use teamtune_llama::session::{decode_batch, NoFilter, Session, TokenFilter};
-use teamtune_llama::{ChatAssets, Llama, LlamaError, SamplingParams, StopReason};
+use teamtune_llama::{
+    decode_batch, mix_seed, ChatAssets, Llama, LlamaError, NoFilter, SamplingParams, Session,
+    StopReason, TokenFilter,
+};
 
 use crate::constraint::{ReplyConstraint, ReplyGrammar, TokenVocab};
 use crate::error::{AgentError, Result};

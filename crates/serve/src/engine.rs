@@ -21,8 +21,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use teamtune_agents::{ReplyConstraint, ReplyGrammar};
-use teamtune_llama::session::{decode_batch, Session, TokenFilter};
-use teamtune_llama::{Llama, LlamaError, SamplingParams, StopReason, TextStream};
+use teamtune_llama::{
+    decode_batch, Llama, LlamaError, SamplingParams, Session, StopReason, TextStream, TokenFilter,
+};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 

@@ -3,8 +3,7 @@
 
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use teamtune_data::Batch;
-use teamtune_llama::dropout::mix_seed;
-use teamtune_llama::{Llama, Mode};
+use teamtune_llama::{mix_seed, Llama, Mode};
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use teamtune_llama::export::{export_merged, parse_size, ExportOptions};
-use teamtune_llama::{parse_dtype, ModelFiles};
+use teamtune_llama::{export_merged, parse_dtype, parse_size, ExportOptions, ModelFiles};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
