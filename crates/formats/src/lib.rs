@@ -1,0 +1,22 @@
+//! The formats teamtune's crates share, and the one way they are written.
+//!
+//! Owns: the chat message every crate speaks ([`Message`], [`Role`]: the grid-world writes it, the
+//! data crate templates it, the agents prompt with it), the names and version tags of the files
+//! one crate writes and another reads ([`EVAL_FORMAT`], [`EPISODE_FORMAT`], [`METRICS_FILE`]), and
+//! [`write_atomic`], the temporary-file-and-rename write that never leaves half a file. Must not
+//! own: the parsing or validation of any one file (each crate reads its own), models, tasks.
+
+mod atomic;
+mod message;
+
+pub use atomic::{write_atomic, write_atomic_with};
+pub use message::{Message, Role};
+
+/// Version tag of an evaluation's `eval.json` (written by the agents, read by reports).
+pub const EVAL_FORMAT: &str = "teamtune-eval/1";
+
+/// Version tag of one played episode's record (`episodes.jsonl`).
+pub const EPISODE_FORMAT: &str = "teamtune-episode/1";
+
+/// The training run's metrics, one JSON object per line, in the run folder.
+pub const METRICS_FILE: &str = "metrics.jsonl";
