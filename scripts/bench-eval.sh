@@ -10,7 +10,7 @@ scripts/fetch-default-model.sh >/dev/null
 export RAYON_NUM_THREADS=2
 episodes="${1:-2}"; shift || true
 parallels=("$@"); [ ${#parallels[@]} -eq 0 ] && parallels=(1 8)
-cargo build --release -q -p teamtune-cli
+cargo build --release -q -p teamtune
 out="$(mktemp -d)"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for quant in "" q8_0; do

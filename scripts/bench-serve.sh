@@ -28,7 +28,7 @@ model_flag=()
 extra=(${EXTRA:-})
 
 scripts/fetch-default-model.sh >/dev/null
-nice -n 10 cargo build --release -q -p teamtune-cli
+nice -n 10 cargo build --release -q -p teamtune
 nice -n 10 cargo bench -q -p teamtune-serve --bench load --no-run 2>/dev/null
 bin=target/release/teamtune
 

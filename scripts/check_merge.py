@@ -160,7 +160,7 @@ def default_model(teamtune: list[str], work: Path, cargo: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teamtune", help="teamtune binary (default: cargo run -q -p teamtune-cli --)")
+    ap.add_argument("--teamtune", help="teamtune binary (default: cargo run -q -p teamtune --)")
     ap.add_argument("--work", type=Path, help="folder for the outputs (default: a temporary one)")
     ap.add_argument("--skip-default-model", action="store_true")
     args = ap.parse_args()

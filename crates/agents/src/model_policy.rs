@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 
-use teamtune_data::{ChatTemplate, EncodeOptions, Encoder, Message, Role};
-use teamtune_gridworld::{window, ChatMessage};
+use teamtune_data::{ChatTemplate, EncodeOptions, Encoder, Message};
+use teamtune_gridworld::window;
 use teamtune_llama::{
     decode_batch, mix_seed, ChatAssets, Llama, LlamaError, NoFilter, SamplingParams, Session,
     StopReason, TokenFilter,
@@ -163,23 +163,12 @@ impl ModelPolicy {
 
     /// The prompt tokens of a turn: the (windowed) conversation rendered with the generation
     /// prompt, tokenised as the training data is.
-    pub fn prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    pub fn prompt_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
         let kept = match self.options.history {
             Some(n) => window(messages, n),
             None => messages.to_vec(),
         };
-        let msgs: Vec<Message> = kept
-            .iter()
-            .map(|m| {
-                let role = match m.role {
-                    teamtune_gridworld::Role::System => Role::System,
-                    teamtune_gridworld::Role::User => Role::User,
-                    teamtune_gridworld::Role::Assistant => Role::Assistant,
-                };
-                Message::new(role, m.content.clone())
-            })
-            .collect();
-        let text = self.encoder.template().render(&msgs, true)?;
+        let text = self.encoder.template().render(&kept, true)?;
         let enc = self
             .encoder
             .tokenizer()

@@ -1,7 +1,7 @@
 //! Who answers a turn. Every policy takes the waiting turns of several episodes at once, so
 //! that the model policy can decode them as one batch; the others simply loop.
 
-use teamtune_gridworld::{Briefing, ChatMessage, Expert, Observation, TaskSpec};
+use teamtune_gridworld::{Briefing, Expert, Message, Observation, TaskSpec};
 
 use crate::error::Result;
 
@@ -19,7 +19,7 @@ pub struct TurnRequest<'a> {
     pub observation: &'a Observation,
     /// The agent's conversation so far: system, then user/assistant turns, ending with the
     /// user message this reply answers.
-    pub messages: &'a [ChatMessage],
+    pub messages: &'a [Message],
 }
 
 /// A policy's answer to one turn.

@@ -17,7 +17,7 @@
 
 use crate::encode::Example;
 use crate::error::{DataError, Result};
-use crate::split::mix64;
+use teamtune_seed::{mix64, SplitMix64};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchOptions {
@@ -172,28 +172,11 @@ impl Batch {
     }
 }
 
-/// A small deterministic generator (SplitMix64) for shuffling.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64, epoch: u64) -> Self {
-        Rng(mix64(
-            seed ^ mix64(epoch.wrapping_add(0x5851_f42d_4c95_7f2d)),
-        ))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        mix64(self.0)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (((self.next() >> 11) as f64 / (1u64 << 53) as f64) * n as f64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1).min(i);
-            v.swap(i, j);
-        }
-    }
+/// The shuffling generator of an epoch: SplitMix64 from the seed mixed with the epoch.
+fn epoch_rng(seed: u64, epoch: u64) -> SplitMix64 {
+    SplitMix64::new(mix64(
+        seed ^ mix64(epoch.wrapping_add(0x5851_f42d_4c95_7f2d)),
+    ))
 }
 
 fn round_up(n: usize, m: usize) -> usize {
@@ -282,7 +265,7 @@ pub fn make_batches(
             limit
         )));
     }
-    let mut rng = Rng::new(options.seed, epoch);
+    let mut rng = epoch_rng(options.seed, epoch);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     if options.shuffle {
         rng.shuffle(&mut order);

@@ -12,77 +12,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-/// The role of a message. Only these three are accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "system" => Some(Role::System),
-            "user" => Some(Role::User),
-            "assistant" => Some(Role::Assistant),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One message of a conversation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Message {
-    pub role: Role,
-    pub content: String,
-    /// Other fields of the message (for example `name`), passed on to the template.
-    pub extra: Map<String, Value>,
-}
-
-impl Message {
-    pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message {
-            role,
-            content: content.into(),
-            extra: Map::new(),
-        }
-    }
-    pub fn system(content: impl Into<String>) -> Self {
-        Self::new(Role::System, content)
-    }
-    pub fn user(content: impl Into<String>) -> Self {
-        Self::new(Role::User, content)
-    }
-    pub fn assistant(content: impl Into<String>) -> Self {
-        Self::new(Role::Assistant, content)
-    }
-
-    /// The message as the JSON object the template sees: `role`, `content`, then the extra fields.
-    pub fn to_json(&self) -> Value {
-        let mut m = Map::with_capacity(2 + self.extra.len());
-        m.insert("role".into(), Value::String(self.role.as_str().into()));
-        m.insert("content".into(), Value::String(self.content.clone()));
-        for (k, v) in &self.extra {
-            m.insert(k.clone(), v.clone());
-        }
-        Value::Object(m)
-    }
-}
+pub use teamtune_formats::{Message, Role};
 
 /// Where a conversation came from: file and 1-based line, or a label for conversations built in
 /// memory.

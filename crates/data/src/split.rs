@@ -7,6 +7,7 @@
 //! finaliser, stable across platforms and Rust versions.
 
 use std::collections::{BTreeMap, BTreeSet};
+use teamtune_seed::{mix64, GOLDEN_GAMMA};
 
 use crate::conversation::Conversation;
 use crate::error::{DataError, Result};
@@ -68,13 +69,6 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
     h
 }
 
-/// SplitMix64's finaliser: a good bijective mix of a 64-bit value.
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// A fingerprint of a conversation's messages (roles and contents).
 pub fn conversation_key(conv: &Conversation) -> u64 {
     let mut h = FNV_OFFSET;
@@ -92,7 +86,7 @@ fn task_key(task: &str) -> u64 {
 }
 
 fn seeded(seed: u64, key: u64) -> u64 {
-    mix64(key ^ mix64(seed.wrapping_add(0x9e37_79b9_7f4a_7c15)))
+    mix64(key ^ mix64(seed.wrapping_add(GOLDEN_GAMMA)))
 }
 
 /// How many of `n` groups to hold out: `round(fraction * n)`, at least one and at most `n - 1`

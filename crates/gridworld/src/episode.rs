@@ -25,52 +25,14 @@ use crate::task::{ActionName, TaskKind, TaskSpec};
 use crate::world::World;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use teamtune_formats::{Message, Role, EPISODE_FORMAT};
 
 /// Memory beyond this many characters drops its oldest notes.
 pub const MAX_MEMORY_TOTAL_CHARS: usize = 600;
 
-/// Version tag of [`EpisodeRecord`].
-pub const RECORD_FORMAT: &str = "teamtune-episode/1";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-/// One chat message, as in the training format.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: Role,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn system(c: impl Into<String>) -> Self {
-        ChatMessage {
-            role: Role::System,
-            content: c.into(),
-        }
-    }
-    pub fn user(c: impl Into<String>) -> Self {
-        ChatMessage {
-            role: Role::User,
-            content: c.into(),
-        }
-    }
-    pub fn assistant(c: impl Into<String>) -> Self {
-        ChatMessage {
-            role: Role::Assistant,
-            content: c.into(),
-        }
-    }
-}
-
 /// The system message plus the last `keep` messages of a conversation, starting at a user
 /// message (the inference window; the original kept 8).
-pub fn window(messages: &[ChatMessage], keep: usize) -> Vec<ChatMessage> {
+pub fn window(messages: &[Message], keep: usize) -> Vec<Message> {
     let Some(first) = messages.first() else {
         return Vec::new();
     };
@@ -140,7 +102,7 @@ pub struct TurnRecord {
 /// `{"messages": [...], "task": ..., "score": ..., ...}`; extra fields are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingConversation {
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<Message>,
     pub task: String,
     /// The episode's final score.
     pub score: f64,
@@ -219,7 +181,7 @@ pub struct Episode {
     seed: u64,
     world: World,
     briefings: Vec<Briefing>,
-    conversations: Vec<Vec<ChatMessage>>,
+    conversations: Vec<Vec<Message>>,
     memories: Vec<Vec<String>>,
     inboxes: Vec<Vec<InboxMessage>>,
     last: Vec<String>,
@@ -244,7 +206,7 @@ impl Episode {
         let briefings: Vec<Briefing> = (0..n).map(|i| Briefing::new(spec, &world, i)).collect();
         let conversations = briefings
             .iter()
-            .map(|b| vec![ChatMessage::system(b.system_message())])
+            .map(|b| vec![Message::system(b.system_message())])
             .collect();
         let last = world
             .agents
@@ -292,7 +254,7 @@ impl Episode {
             carry: world.kind == TaskKind::Carry,
         };
         let text = obs.user_message();
-        self.conversations[i].push(ChatMessage::user(text.clone()));
+        self.conversations[i].push(Message::user(text.clone()));
         self.pending = Some((obs, text));
     }
 
@@ -314,7 +276,7 @@ impl Episode {
             return Err(EpisodeError::Finished);
         };
         let i = self.agent;
-        self.conversations[i].push(ChatMessage::assistant(reply_text));
+        self.conversations[i].push(Message::assistant(reply_text));
         let parsed = parse_reply(reply_text, &self.briefings[i].actions);
         let (result, action, params, error, message) = match &parsed {
             Ok(reply) => {
@@ -448,7 +410,7 @@ impl Episode {
 
     /// Agent `i`'s conversation so far (system first; ends with the pending user message when
     /// it is `i`'s turn).
-    pub fn messages(&self, i: usize) -> &[ChatMessage] {
+    pub fn messages(&self, i: usize) -> &[Message] {
         &self.conversations[i]
     }
 
@@ -471,7 +433,7 @@ impl Episode {
         let score = self.world.score();
         let rounds_played = self.turns.last().map(|t| t.round).unwrap_or(0);
         EpisodeRecord {
-            format: RECORD_FORMAT.to_string(),
+            format: EPISODE_FORMAT.to_string(),
             task: self.spec.id.clone(),
             seed: self.seed,
             spec: self.spec.clone(),

@@ -20,8 +20,8 @@ pub mod task;
 pub mod world;
 
 pub use episode::{
-    replay, window, ChatMessage, EndReason, Episode, EpisodeRecord, ReplayReport, Role,
-    TrainingConversation, Turn, TurnOutcome, TurnRecord,
+    replay, window, EndReason, Episode, EpisodeRecord, ReplayReport, TrainingConversation, Turn,
+    TurnOutcome, TurnRecord,
 };
 pub use error::{EpisodeError, RecordError, RenderError, SpecError};
 pub use expert::{play_expert, Expert, RandomPolicy};
@@ -31,4 +31,6 @@ pub use record::{append_records, read_record, read_records, training_lines, writ
 pub use render::{render_record, render_snapshots, render_text};
 pub use reply::{parse_reply, Reply, ReplyError};
 pub use task::{builtin_tasks, ActionName, TaskKind, TaskRegistry, TaskSpec, BUILTIN_IDS, NAMES};
+/// The chat message of the conversations an episode writes: the one message model of teamtune.
+pub use teamtune_formats::{Message, Role};
 pub use world::{Action, World};

@@ -5,8 +5,7 @@ use crate::episode::{EpisodeRecord, TrainingConversation};
 use crate::error::RecordError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn io_err(path: &Path, source: std::io::Error) -> RecordError {
     RecordError::Io {
@@ -50,24 +49,13 @@ pub fn read_record(path: &Path, index: usize) -> Result<EpisodeRecord, RecordErr
     Ok(all.swap_remove(index))
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
-}
-
-/// Writes `existing bytes + one JSON line per value` to a temporary file, syncs it and renames
-/// it over `path`. With `append = false` the old content is replaced.
+/// Writes `existing bytes + one JSON line per value` to `path` atomically (a temporary file,
+/// synced, renamed over it; the folder created if needed). With `append = false` the old content is replaced.
 pub fn write_jsonl_atomic<T: Serialize>(
     path: &Path,
     values: &[T],
     append: bool,
 ) -> Result<(), RecordError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    }
     let mut body = Vec::new();
     if append {
         match std::fs::read(path) {
@@ -85,17 +73,7 @@ pub fn write_jsonl_atomic<T: Serialize>(
         serde_json::to_writer(&mut body, v)?;
         body.push(b'\n');
     }
-    let tmp = temp_path(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io_err(path, e)
-    })
+    teamtune_formats::write_atomic(path, &body).map_err(|e| io_err(path, e))
 }
 
 /// Appends episode records to a JSONL file (atomically: see [`write_jsonl_atomic`]).

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use teamtune_gridworld::{
     append_records, play_expert, read_record, read_records, replay, training_lines, window,
-    ChatMessage, EndReason, Episode, EpisodeError, Pos, Role, TaskKind, BUILTIN_IDS,
+    EndReason, Episode, EpisodeError, Message, Pos, Role, TaskKind, BUILTIN_IDS,
 };
 
 fn last_user(ep: &Episode, i: usize) -> String {
@@ -408,12 +408,12 @@ fn training_lines_are_the_chat_format() {
 
 #[test]
 fn inference_window() {
-    let mut msgs = vec![ChatMessage::system("s")];
+    let mut msgs = vec![Message::system("s")];
     for k in 0..6 {
-        msgs.push(ChatMessage::user(format!("u{k}")));
-        msgs.push(ChatMessage::assistant(format!("a{k}")));
+        msgs.push(Message::user(format!("u{k}")));
+        msgs.push(Message::assistant(format!("a{k}")));
     }
-    msgs.push(ChatMessage::user("u6"));
+    msgs.push(Message::user("u6"));
     // the last 8 would start at an assistant message: the window starts at the next user one
     let w = window(&msgs, 8);
     assert_eq!(w.len(), 8);

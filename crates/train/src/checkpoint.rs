@@ -63,9 +63,7 @@ pub fn save(
     }
     std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
     let latest = root.join("latest");
-    let latest_tmp = root.join(".latest.tmp");
-    std::fs::write(&latest_tmp, &name).map_err(io_err(&latest_tmp))?;
-    std::fs::rename(&latest_tmp, &latest).map_err(io_err(&latest))?;
+    teamtune_formats::write_atomic(&latest, name.as_bytes()).map_err(io_err(&latest))?;
     tracing::info!(step = state.step, dir = %dir.display(), "checkpoint");
     Ok(dir)
 }

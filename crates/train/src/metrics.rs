@@ -1,4 +1,4 @@
-//! `metrics.jsonl`: one JSON object per train step (`step, epoch, loss, lr, grad_norm,
+//! `metrics.jsonl` ([`teamtune_formats::METRICS_FILE`]): one JSON object per train step (`step, epoch, loss, lr, grad_norm,
 //! trained_tokens, tokens_per_s, peak_memory_mb`) or evaluation (`step, epoch, eval_loss`).
 
 use std::fs::{File, OpenOptions};
@@ -52,7 +52,5 @@ fn truncate_after(path: &Path, step: usize) -> Result<()> {
             kept.push('\n');
         }
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, kept).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    teamtune_formats::write_atomic(path, kept.as_bytes()).map_err(io_err(path))
 }

@@ -103,7 +103,7 @@ impl Trainer {
             last_checkpoint = Some(dir);
         }
         let mut log = MetricsLog::open(
-            &self.out_dir.join("metrics.jsonl"),
+            &self.out_dir.join(teamtune_formats::METRICS_FILE),
             resume.map(|_| state.step),
         )?;
         let bar = progress_bar(total_steps, cfg.progress);

@@ -1,9 +1,7 @@
 //! `teamtune plot` and `teamtune compare` on two synthetic runs and on two synthetic
 //! evaluations (no model involved).
 
-mod common;
-
-use common::{output_ok, run_ok, teamtune};
+use crate::util::{output_ok, run_ok, teamtune};
 use std::path::{Path, PathBuf};
 
 /// A run folder whose metrics.jsonl has a step-0 eval (base), `steps` train steps and an eval

@@ -3,11 +3,9 @@
 //! score table matches the evaluations, the base model's validation loss is at step 0, one phase
 //! re-runs alone from the folder's files, and the same seed gives the same tables.
 
-mod common;
-
 use std::path::Path;
 
-use common::{run_ok as teamtune, teamtune as command, tiny_model};
+use crate::util::{run_ok as teamtune, teamtune as command, tiny_model};
 use serde_json::Value;
 
 fn demo_args<'a>(model: &'a str, out: &'a str, seed: &'a str) -> Vec<&'a str> {

@@ -1,9 +1,7 @@
 //! The GPU developer commands run on the CPU too (device = reference = cpu), so their logic is
 //! exercised without a GPU: `gpu-check` on the tiny model and `gpu-bench --config tiny`.
 
-mod common;
-
-use common::{fixtures, run_ok};
+use crate::util::{fixtures, run_ok};
 
 fn tiny() -> String {
     fixtures()
@@ -76,7 +74,7 @@ fn gpu_bench_tiny_writes_a_table() {
 
 #[test]
 fn gpu_bench_rejects_an_unknown_shape() {
-    let out = common::teamtune()
+    let out = crate::util::teamtune()
         .args(["gpu-bench", "--device", "cpu", "--config", "70b"])
         .output()
         .unwrap();

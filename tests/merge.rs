@@ -1,9 +1,7 @@
 //! `teamtune merge` on the tiny fixture: a PEFT adapter merged into a sharded HF folder that
 //! our own loader reads back, a refused non-empty output, and a clear error for a bad adapter.
 
-mod common;
-
-use common::{fixtures, run_ok, teamtune};
+use crate::util::{fixtures, run_ok, teamtune};
 
 fn s(p: &std::path::Path) -> String {
     p.to_str().unwrap().to_string()

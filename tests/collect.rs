@@ -1,9 +1,7 @@
 //! `teamtune collect` writes replayable records for every task and training lines that the
 //! data loader reads.
 
-mod common;
-
-use common::run_ok as teamtune;
+use crate::util::run_ok as teamtune;
 
 #[test]
 fn collect_all_tasks_then_replay_and_read_as_training_data() {

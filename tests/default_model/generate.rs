@@ -1,14 +1,12 @@
 //! `teamtune generate` end to end on the default model: only the answer on stdout.
 
-mod common;
-
 use std::process::Command;
 
-use common::output_ok;
+use crate::util::output_ok;
 
 fn teamtune() -> Command {
-    common::fetch_default_model();
-    common::teamtune()
+    crate::util::fetch_default_model();
+    crate::util::teamtune()
 }
 
 #[test]

@@ -11,8 +11,6 @@
 //! - SIGTERM lets the request in flight finish, then the server exits 0; past
 //!   `--shutdown-grace` the request is cancelled instead (error event, `[DONE]`), exit 0.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -21,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{fixtures, output_ok, teamtune, tiny_model};
+use crate::util::{fixtures, output_ok, teamtune, tiny_model};
 
 const ADAPTER: &str = "tuned";
 const BASE: &str = "tiny";

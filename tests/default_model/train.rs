@@ -1,9 +1,7 @@
 //! `teamtune train` end to end on the default model: expert conversations in, a PEFT adapter,
 //! metrics with the base model's step-0 evaluation and a checkpoint out.
 
-mod common;
-
-use common::{collect_conversations, fetch_default_model, run_ok as teamtune};
+use crate::util::{collect_conversations, fetch_default_model, run_ok as teamtune};
 
 #[test]
 fn trains_an_adapter_on_collected_conversations() {
@@ -67,7 +65,7 @@ fn trains_an_adapter_on_collected_conversations() {
     );
 
     // Training a quantised model is refused with a reason.
-    let out = common::teamtune()
+    let out = crate::util::teamtune()
         .args([
             "train",
             "--data",

@@ -1,5 +1,4 @@
-//! Helpers shared by the CLI's end-to-end tests.
-#![allow(dead_code)]
+//! Helpers shared by the end-to-end tests of the `teamtune` binary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -27,7 +26,7 @@ pub fn run_ok(args: &[&str]) -> String {
 
 /// Fetches the default model the way users do (idempotent).
 pub fn fetch_default_model() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     output_ok(Command::new("bash").arg(root.join("scripts/fetch-default-model.sh")));
 }
 
@@ -51,7 +50,7 @@ pub fn collect_conversations(dir: &Path) -> String {
 
 /// The llama crate's test fixtures.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/llama/tests/fixtures")
 }
 
 /// A HF folder: the tiny fixture's config and random weights, its GGUF's toy tokenizer as

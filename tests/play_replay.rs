@@ -1,9 +1,7 @@
 //! `teamtune play` and `teamtune replay` end to end: play writes records (appending, never
 //! losing what was there), replay re-runs them and checks the scores; a tampered record fails.
 
-mod common;
-
-use common::teamtune;
+use crate::util::teamtune;
 
 fn ok(out: &std::process::Output) -> String {
     assert!(

@@ -2,13 +2,11 @@
 //! come out exactly as those of a run that was never interrupted (CPU, same seed, LoRA dropout
 //! on: its masks are a function of seed and step).
 
-mod common;
-
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{collect_conversations, fetch_default_model, run_ok, teamtune};
+use crate::util::{collect_conversations, fetch_default_model, run_ok, teamtune};
 
 fn train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
