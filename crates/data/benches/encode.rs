@@ -5,31 +5,9 @@
 //! tokenizer; `TEAMTUNE_BENCH_TOKENS` sets the size, `RAYON_NUM_THREADS` the threads).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use teamtune_data::*;
-
-fn llama3_tokenizer_path() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-default-model.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("fetch-default-model.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .nth(1)
-            .unwrap(),
-    )
-}
 
 fn conversation(i: usize) -> serde_json::Value {
     let actions = ["up", "down", "left", "right", "stay", "pick", "drop"];
@@ -61,7 +39,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
-    let tokenizer = tokenizers::Tokenizer::from_file(llama3_tokenizer_path()).unwrap();
+    let tokenizer = teamtune_testkit::llama3_tokenizer();
     let template = ChatTemplate::builtin(BuiltinTemplate::Llama31, Default::default()).unwrap();
     let encoder = Encoder::new(tokenizer, template, EncodeOptions::default()).unwrap();
 

@@ -12,7 +12,7 @@ use teamtune_train::{
 const PAD: u32 = 0;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures/tiny-llama31")
+    teamtune_testkit::tiny_model_dir()
 }
 
 fn model(lora_seed: u64) -> Llama {

@@ -3,7 +3,6 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use teamtune_data::*;
@@ -13,35 +12,7 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Runs scripts/fetch-default-model.sh (idempotent) and returns (gguf, llama3 tokenizer.json).
-pub fn fetched_assets() -> &'static (PathBuf, PathBuf) {
-    static ASSETS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    ASSETS.get_or_init(|| {
-        let script = workspace_root().join("scripts/fetch-default-model.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .expect("run scripts/fetch-default-model.sh");
-        assert!(
-            out.status.success(),
-            "fetch-default-model.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let lines: Vec<&str> = stdout.lines().collect();
-        (PathBuf::from(lines[0]), PathBuf::from(lines[1]))
-    })
-}
-
-pub fn llama3_tokenizer() -> Tokenizer {
-    static TOK: OnceLock<Tokenizer> = OnceLock::new();
-    TOK.get_or_init(|| Tokenizer::from_file(&fetched_assets().1).expect("load Llama-3 tokenizer"))
-        .clone()
-}
+pub use teamtune_testkit::llama3_tokenizer;
 
 /// SmolLM2-135M-Instruct's tokenizer as transformers loads it from the default model's GGUF.
 pub fn smollm2_tokenizer() -> Tokenizer {
