@@ -13,6 +13,7 @@
 //! | [`gridworld`] | `teamtune-gridworld` | the world, the seven tasks, scoring, observations, experts |
 //! | [`data`] | `teamtune-data` | chat templates, tokenisation with assistant masks, JSONL trajectories, batches |
 //! | [`llama`] | `teamtune-llama` | the model: loading, decoder, kernels, LoRA, export, decoding |
+//! | [`guide`] | `teamtune-guide` | constrained decoding: JSON schema or grammar -> token filter, stop tokens, prompt reuse |
 //! | [`train`] | `teamtune-train` | the training loop, optimizer, schedule, checkpoints, metrics |
 //! | [`agents`] | `teamtune-agents` | prompts, reply schemas, policies, episodes, evaluation |
 //! | [`serve`] | `teamtune-serve` | the OpenAI-compatible server |
@@ -25,6 +26,7 @@ pub use teamtune_agents as agents;
 pub use teamtune_data as data;
 pub use teamtune_formats as formats;
 pub use teamtune_gridworld as gridworld;
+pub use teamtune_guide as guide;
 pub use teamtune_llama as llama;
 pub use teamtune_report as report;
 pub use teamtune_seed as seed;

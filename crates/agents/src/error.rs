@@ -1,11 +1,15 @@
-//! Errors of the agent runtime beyond the constraint's own.
+//! Errors of the agent runtime, the constraint's among them.
 
-use crate::constraint::ConstraintError;
+use teamtune_guide::ConstraintError;
+
+use crate::schema::SchemaError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Constraint(#[from] ConstraintError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
     #[error(transparent)]
     Episode(#[from] teamtune_gridworld::EpisodeError),
     #[error(transparent)]

@@ -1,28 +1,28 @@
-//! The agent runtime of teamtune (issue 6). This first layer makes model replies usable by
-//! construction: a reply is decoded under the JSON schema of its task ([`reply_schema`]), so
-//! that every reply a constrained model can write parses with
-//! [`teamtune_gridworld::parse_reply`] and names an action the task allows.
+//! The agent runtime of teamtune (issue 6): the agents' prompts and the JSON schema of a reply
+//! in each task ([`reply_schema`], compiled for a tokenizer by [`reply_grammar`]), the
+//! policies that answer turns (the in-process model, the scripted experts, an
+//! OpenAI-compatible endpoint), the episode runner and evaluation.
 //!
-//! Build a [`TokenVocab`] once per tokenizer, a [`ReplyGrammar`] once per task, and take a
-//! [`ReplyConstraint`] per reply (per batch row): each step, [`ReplyConstraint::mask_logits`]
-//! before sampling, [`ReplyConstraint::commit`] the sampled token,
-//! [`ReplyConstraint::fast_forward`] to append forced tokens without sampling them, until
-//! [`ReplyConstraint::is_done`].
+//! A model reply is usable by construction: it is decoded under its task's schema, so every
+//! reply a constrained model can write parses with [`teamtune_gridworld::parse_reply`] and
+//! names an action the task allows.
+//!
+//! This crate must not own tensor code (that is `teamtune-llama`'s) nor the llguidance bridge:
+//! schema-constrained decoding itself, the decoder's filter adapter, stop tokens and prompt
+//! reuse are `teamtune-guide`'s, which the server shares.
 
-pub mod constraint;
-pub mod error;
-pub mod eval;
-pub mod model_policy;
-pub mod openai;
-pub mod policy;
-pub mod runner;
-pub mod schema;
+mod error;
+mod eval;
+mod model_policy;
+mod openai;
+mod policy;
+mod runner;
+mod schema;
 
-pub use constraint::{ConstraintError, ReplyConstraint, ReplyGrammar, TokenMask, TokenVocab};
 pub use error::{AgentError, Result};
 pub use eval::{EvalReport, TaskResult, EVAL_FORMAT};
 pub use model_policy::{ModelPolicy, ModelPolicyOptions};
 pub use openai::{OpenAiConfig, OpenAiPolicy};
 pub use policy::{ExpertPolicy, Policy, PolicyReply, TurnRequest};
 pub use runner::{plan, run_episodes, EpisodePlan, PlayedEpisode, RunOptions};
-pub use schema::{reply_schema, schema_actions, SchemaError, SchemaOptions, FIELDS};
+pub use schema::{reply_grammar, reply_schema, schema_actions, SchemaError, SchemaOptions, FIELDS};

@@ -14,15 +14,17 @@ use std::collections::HashMap;
 
 use teamtune_data::{ChatTemplate, EncodeOptions, Encoder, Message};
 use teamtune_gridworld::window;
+use teamtune_guide::{
+    prompt_tokens, reuse_prefix, stop_tokens, PromptError, ReplyGrammar, TokenVocab,
+};
 use teamtune_llama::{
-    decode_batch, mix_seed, ChatAssets, Llama, LlamaError, NoFilter, SamplingParams, Session,
-    StopReason, TokenFilter,
+    decode_batch, mix_seed, ChatAssets, Llama, NoFilter, SamplingParams, Session, StopReason,
+    TokenFilter,
 };
 
-use crate::constraint::{ReplyConstraint, ReplyGrammar, TokenVocab};
 use crate::error::{AgentError, Result};
 use crate::policy::{Policy, PolicyReply, TurnRequest};
-use crate::schema::SchemaOptions;
+use crate::schema::{reply_grammar, SchemaOptions};
 
 #[derive(Debug, Clone)]
 pub struct ModelPolicyOptions {
@@ -66,47 +68,6 @@ pub struct ModelPolicy {
     options: ModelPolicyOptions,
 }
 
-/// [`ReplyConstraint`] as the decoder's filter.
-struct Constrained {
-    constraint: ReplyConstraint,
-    /// Forced tokens the constraint already committed in `fast_forward`; the decoder commits
-    /// them again, which must be skipped.
-    already_committed: usize,
-}
-
-fn filter_err(e: impl std::fmt::Display) -> LlamaError {
-    LlamaError::Filter(e.to_string())
-}
-
-impl TokenFilter for Constrained {
-    fn forced(&mut self) -> Vec<u32> {
-        match self.constraint.fast_forward() {
-            Ok(tokens) => {
-                self.already_committed += tokens.len();
-                tokens
-            }
-            // The mask reports the same state as an error on the next call.
-            Err(_) => Vec::new(),
-        }
-    }
-
-    fn mask(&mut self, logits: &mut [f32]) -> teamtune_llama::Result<()> {
-        self.constraint.mask_logits(logits).map_err(filter_err)
-    }
-
-    fn commit(&mut self, token: u32) -> teamtune_llama::Result<()> {
-        if self.already_committed > 0 {
-            self.already_committed -= 1;
-            return Ok(());
-        }
-        self.constraint.commit(token).map_err(filter_err)
-    }
-
-    fn is_done(&self) -> bool {
-        self.constraint.is_done()
-    }
-}
-
 impl ModelPolicy {
     /// `model` with its adapter (if any) already active; `assets` and `template` of the model.
     pub fn new(
@@ -116,19 +77,8 @@ impl ModelPolicy {
         options: ModelPolicyOptions,
     ) -> Result<Self> {
         let encoder = Encoder::new(assets.tokenizer.clone(), template, EncodeOptions::default())?;
-        // The template's own turn end goes first: the constraint appends the first id when
-        // the JSON is complete.
-        let mut stop_ids = encoder.end_of_turn_ids().to_vec();
-        for &id in &assets.eos_token_ids {
-            if !stop_ids.contains(&id) {
-                stop_ids.push(id);
-            }
-        }
-        if stop_ids.is_empty() {
-            return Err(AgentError::Config(
-                "the model's chat template has no end-of-turn token".into(),
-            ));
-        }
+        let stop_ids = stop_tokens(encoder.end_of_turn_ids(), &assets.eos_token_ids)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
         let vocab = if options.constrained {
             Some(TokenVocab::new(&assets.tokenizer, &stop_ids)?)
         } else {
@@ -168,13 +118,11 @@ impl ModelPolicy {
             Some(n) => window(messages, n),
             None => messages.to_vec(),
         };
-        let text = self.encoder.template().render(&kept, true)?;
-        let enc = self
-            .encoder
-            .tokenizer()
-            .encode(text, false)
-            .map_err(|e| AgentError::Config(format!("tokenizing a prompt: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        let template = self.encoder.template();
+        prompt_tokens(template, self.encoder.tokenizer(), &kept).map_err(|e| match e {
+            PromptError::Template(e) => AgentError::Data(e),
+            PromptError::Tokenizer(e) => AgentError::Config(format!("tokenizing a prompt: {e}")),
+        })
     }
 
     /// The session of `(slot, agent)` made to hold exactly `prompt`, with what it does not
@@ -187,13 +135,7 @@ impl ModelPolicy {
                 None => Session::new(&self.model),
             },
         };
-        let mut keep = common_prefix(session.tokens(), prompt);
-        // Something must run to give the next logits.
-        if keep == prompt.len() {
-            keep = keep.saturating_sub(1);
-        }
-        session.truncate(keep)?;
-        session.push(&prompt[keep..]);
+        reuse_prefix(&mut session, prompt)?;
         Ok(session)
     }
 
@@ -203,15 +145,11 @@ impl ModelPolicy {
             .as_ref()
             .expect("constrained policies have a vocab");
         if !self.grammars.contains_key(&task.id) {
-            let g = ReplyGrammar::new(vocab, task, &self.options.schema)?;
+            let g = reply_grammar(vocab, task, &self.options.schema)?;
             self.grammars.insert(task.id.clone(), g);
         }
         Ok(self.grammars[&task.id].clone())
     }
-}
-
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl Policy for ModelPolicy {
@@ -231,10 +169,7 @@ impl Policy for ModelPolicy {
             p.seed = mix_seed(&[p.seed, r.seed, r.agent as u64, round]);
             params.push(p);
             if self.options.constrained {
-                constraints.push(Constrained {
-                    constraint: self.grammar(r.task)?.constraint(),
-                    already_committed: 0,
-                });
+                constraints.push(self.grammar(r.task)?.filter());
             }
         }
         let mut no_filters: Vec<NoFilter> = Vec::new();

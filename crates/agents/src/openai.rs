@@ -73,8 +73,7 @@ impl OpenAiPolicy {
             "n": 1,
         });
         if c.json_schema {
-            let schema = reply_schema(request.task, &c.schema)
-                .map_err(crate::constraint::ConstraintError::from)?;
+            let schema = reply_schema(request.task, &c.schema)?;
             body["response_format"] = json!({
                 "type": "json_schema",
                 "json_schema": {"name": "reply", "schema": schema, "strict": true},

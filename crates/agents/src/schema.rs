@@ -10,6 +10,7 @@
 use serde_json::{json, Map, Value};
 use teamtune_gridworld::reply::{MAX_MEMORY_CHARS, MAX_MESSAGE_CHARS, MAX_TEXT_CHARS};
 use teamtune_gridworld::{ActionName, TaskKind, TaskSpec};
+use teamtune_guide::{JsonStyle, ReplyGrammar, TokenVocab};
 
 /// The reply's fields in the order they are written: reasoning before the action, so that
 /// the model has stated its facts when it picks the action.
@@ -133,6 +134,21 @@ pub fn reply_schema(task: &TaskSpec, options: &SchemaOptions) -> Result<Value, S
     } else {
         json!({ "anyOf": branches })
     })
+}
+
+/// The task's [`reply_schema`] compiled for the vocabulary: once per task, as it costs about
+/// as much as a hundred constraints. Compact JSON, as `Reply::to_json` writes it (the training
+/// data's form, and fewer tokens); string escapes limited to the printable ones a reply needs.
+pub fn reply_grammar(
+    vocab: &TokenVocab,
+    task: &TaskSpec,
+    options: &SchemaOptions,
+) -> crate::Result<ReplyGrammar> {
+    let schema = reply_schema(task, options)?;
+    let style = JsonStyle {
+        allowed_escapes: Some("nt\"\\".into()),
+    };
+    Ok(ReplyGrammar::with_style(vocab, &task.id, schema, &style)?)
 }
 
 /// The actions a schema admits, in schema order (for checks and messages).

@@ -6,10 +6,9 @@ use common::{both, smollm2, Tok};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
-use teamtune_agents::{
-    ConstraintError, ReplyConstraint, ReplyGrammar, SchemaOptions, TokenMask, FIELDS,
-};
+use teamtune_agents::{reply_grammar, SchemaOptions, FIELDS};
 use teamtune_gridworld::{builtin_tasks, parse_reply, play_expert, ActionName, Role, TaskSpec};
+use teamtune_guide::{ConstraintError, ReplyConstraint, ReplyGrammar, TokenMask};
 
 /// A token drawn uniformly among the allowed ones (rejection sampling, then the full list
 /// where few are allowed: both uniform, so the mixture is too).
@@ -116,7 +115,7 @@ fn random_walks(tok: &Tok) {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let mut all_items = 0;
     for task in builtin_tasks() {
-        let g = ReplyGrammar::new(&tok.vocab, &task, &o).unwrap();
+        let g = reply_grammar(&tok.vocab, &task, &o).unwrap();
         let mut actions = std::collections::HashSet::new();
         let mut items = 0;
         let mut lengths = Vec::new();
@@ -160,7 +159,7 @@ fn walks_at_the_parsers_limits_parse() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let mut near_limit = 0;
     for task in builtin_tasks() {
-        let g = ReplyGrammar::new(&tok.vocab, &task, &o).unwrap();
+        let g = reply_grammar(&tok.vocab, &task, &o).unwrap();
         let ids = random_walk(tok, &g, &mut rng, true, 5000);
         let v = check_reply(tok, &task, &o, &ids);
         for (f, max) in [
@@ -208,7 +207,7 @@ fn actions_outside_the_task_are_never_allowed() {
     for tok in both() {
         for task in builtin_tasks() {
             let allowed = task.allowed_actions();
-            let g = ReplyGrammar::new(&tok.vocab, &task, &SchemaOptions::default()).unwrap();
+            let g = reply_grammar(&tok.vocab, &task, &SchemaOptions::default()).unwrap();
             let mut c = g.constraint();
             assert!(commit_text(tok, &mut c, PREFIX).is_none());
             // every token allowed here spells the start of an allowed action
@@ -280,7 +279,7 @@ fn expert_replies_are_accepted_to_the_end() {
     for tok in both() {
         let mut longest = [0usize; 4];
         for task in builtin_tasks() {
-            let g = ReplyGrammar::new(&tok.vocab, &task, &SchemaOptions::default()).unwrap();
+            let g = reply_grammar(&tok.vocab, &task, &SchemaOptions::default()).unwrap();
             let mut replies = 0;
             for seed in 0..4 {
                 let record = play_expert(&task, seed).unwrap().record();
@@ -375,7 +374,7 @@ fn invalid_replies_are_refused_at_the_right_token() {
             let task = TaskSpec::builtin(task_id).unwrap();
             let p = marked.find('|').unwrap();
             let text = marked.replacen('|', "", 1);
-            let g = ReplyGrammar::new(&tok.vocab, &task, &SchemaOptions::default()).unwrap();
+            let g = reply_grammar(&tok.vocab, &task, &SchemaOptions::default()).unwrap();
             let mut c = g.constraint();
             let (i, e) = commit_text(tok, &mut c, &text)
                 .unwrap_or_else(|| panic!("{} {task_id}: accepted {text}", tok.name));
@@ -392,7 +391,7 @@ fn invalid_replies_are_refused_at_the_right_token() {
             );
         }
         // the end of the turn is refused while the JSON is open
-        let g = ReplyGrammar::new(
+        let g = reply_grammar(
             &tok.vocab,
             &TaskSpec::builtin("corners").unwrap(),
             &SchemaOptions::default(),
@@ -412,11 +411,11 @@ fn rows_are_independent() {
     fn shared<T: Send + Sync>() {}
     fn per_row<T: Send>() {}
     shared::<ReplyGrammar>();
-    shared::<teamtune_agents::TokenVocab>();
+    shared::<teamtune_guide::TokenVocab>();
     per_row::<ReplyConstraint>();
     per_row::<TokenMask>();
     let tok = smollm2();
-    let g = ReplyGrammar::new(
+    let g = reply_grammar(
         &tok.vocab,
         &TaskSpec::builtin("corners").unwrap(),
         &SchemaOptions::default(),
@@ -451,7 +450,7 @@ fn a_whole_reply_by_fast_forward_and_greedy_choice() {
     // the ones the mask would have forced.
     for tok in both() {
         let task = TaskSpec::builtin("permission_pick").unwrap();
-        let g = ReplyGrammar::new(&tok.vocab, &task, &SchemaOptions::uniform(8)).unwrap();
+        let g = reply_grammar(&tok.vocab, &task, &SchemaOptions::uniform(8)).unwrap();
         let mut c = g.constraint();
         let mut slow = g.constraint();
         let mut ids = Vec::new();
@@ -493,7 +492,7 @@ fn rows_on_threads_match_rows_in_sequence() {
     let tok = common::llama3();
     let task = TaskSpec::builtin("multi_pick").unwrap();
     let o = SchemaOptions::uniform(16);
-    let g = ReplyGrammar::new(&tok.vocab, &task, &o).unwrap();
+    let g = reply_grammar(&tok.vocab, &task, &o).unwrap();
     let walk = |seed: u64| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         random_walk(tok, &g, &mut rng, seed.is_multiple_of(2), 400)

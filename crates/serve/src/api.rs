@@ -26,6 +26,8 @@ pub struct ChatRequest {
     pub seed: Option<i64>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
+    /// Accepted (and its shape checked) but not read: the last chunk always has the usage.
+    #[allow(dead_code)]
     pub stream_options: Option<StreamOptions>,
     pub response_format: Option<ResponseFormat>,
     pub frequency_penalty: Option<f64>,
@@ -64,6 +66,7 @@ pub enum Stop {
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
+    #[allow(dead_code)]
     pub include_usage: Option<bool>,
 }
 

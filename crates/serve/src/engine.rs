@@ -20,9 +20,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use teamtune_agents::{ReplyConstraint, ReplyGrammar};
+use teamtune_guide::{common_prefix, reuse_prefix, ConstraintFilter, ReplyGrammar};
 use teamtune_llama::{
-    decode_batch, Llama, LlamaError, SamplingParams, Session, StopReason, TextStream, TokenFilter,
+    decode_batch, Llama, SamplingParams, Session, StopReason, TextStream, TokenFilter,
 };
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
@@ -399,20 +399,10 @@ impl Worker {
                 self.prefixes.push(entry);
                 s
             }
-            _ => return Ok(Self::fresh(&self.model, prompt)),
+            _ => Session::new(&self.model),
         };
-        let mut keep = common_prefix(session.tokens(), prompt);
-        // Something must run to give the next logits.
-        keep = keep.min(prompt.len().saturating_sub(1));
-        session.truncate(keep)?;
-        session.push(&prompt[keep..]);
+        reuse_prefix(&mut session, prompt)?;
         Ok(session)
-    }
-
-    fn fresh(model: &Llama, prompt: &[u32]) -> Session {
-        let mut s = Session::new(model);
-        s.push(prompt);
-        s
     }
 
     /// Keeps a finished conversation for later requests, evicting the least recently used
@@ -435,26 +425,10 @@ impl Worker {
     }
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-/// A grammar's constraint as the decoder's filter (as the agents' model policy drives it).
-struct Constrained {
-    constraint: ReplyConstraint,
-    /// Forced tokens the constraint already committed in `fast_forward`; the decoder commits
-    /// them again, which must be skipped.
-    already_committed: usize,
-}
-
-fn filter_err(e: impl std::fmt::Display) -> LlamaError {
-    LlamaError::Filter(e.to_string())
-}
-
 /// One row of a batch: the grammar (if any), text as it decodes, stop sequences,
 /// cancellation.
 struct RowFilter<'a> {
-    constrained: Option<Constrained>,
+    constrained: Option<ConstraintFilter>,
     text_stream: TextStream<'a>,
     stop_ids: &'a [u32],
     stops: &'a [String],
@@ -479,10 +453,7 @@ impl<'a> RowFilter<'a> {
         cancel_all: &'a AtomicBool,
     ) -> Self {
         RowFilter {
-            constrained: job.grammar.as_ref().map(|g| Constrained {
-                constraint: g.constraint(),
-                already_committed: 0,
-            }),
+            constrained: job.grammar.as_ref().map(ReplyGrammar::filter),
             text_stream: TextStream::new(tokenizer),
             stop_ids,
             stops: &job.stop,
@@ -563,33 +534,22 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 
 impl TokenFilter for RowFilter<'_> {
     fn forced(&mut self) -> Vec<u32> {
-        let Some(c) = &mut self.constrained else {
-            return Vec::new();
-        };
-        match c.constraint.fast_forward() {
-            Ok(tokens) => {
-                c.already_committed += tokens.len();
-                tokens
-            }
-            // The mask reports the same state as an error on the next call.
-            Err(_) => Vec::new(),
+        match &mut self.constrained {
+            Some(c) => c.forced(),
+            None => Vec::new(),
         }
     }
 
     fn mask(&mut self, logits: &mut [f32]) -> teamtune_llama::Result<()> {
         match &mut self.constrained {
-            Some(c) => c.constraint.mask_logits(logits).map_err(filter_err),
+            Some(c) => c.mask(logits),
             None => Ok(()),
         }
     }
 
     fn commit(&mut self, token: u32) -> teamtune_llama::Result<()> {
         if let Some(c) = &mut self.constrained {
-            if c.already_committed > 0 {
-                c.already_committed -= 1;
-            } else {
-                c.constraint.commit(token).map_err(filter_err)?;
-            }
+            c.commit(token)?;
         }
         if self.stop_ids.contains(&token) || self.stopped {
             return Ok(());
@@ -601,11 +561,6 @@ impl TokenFilter for RowFilter<'_> {
     }
 
     fn is_done(&self) -> bool {
-        self.stopped
-            || self.cancelled()
-            || self
-                .constrained
-                .as_ref()
-                .is_some_and(|c| c.constraint.is_done())
+        self.stopped || self.cancelled() || self.constrained.as_ref().is_some_and(|c| c.is_done())
     }
 }

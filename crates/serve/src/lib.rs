@@ -1,19 +1,24 @@
 //! `teamtune serve`: an OpenAI-compatible chat-completions server over a teamtune model.
 //!
-//! - [`api`]: the request as OpenAI defines it, checked; response and stream-chunk bodies.
-//! - [`error`]: every refusal with its status and OpenAI error body.
-//! - [`engine`]: the model worker thread, its bounded queue and batched decoding.
-//! - [`routes`]: the axum routes, bearer-token check and server-sent events.
+//! This crate owns the HTTP routes, the batching engine, serving LoRA adapters by model name,
+//! and the errors of requests. It must not own grid-world knowledge (tasks, agents, their
+//! reply schemas: a client sends its own schema) nor constrained decoding itself, which is
+//! `teamtune-guide`'s (schema to token filter, the filter adapter, stop tokens, prompt reuse).
+//!
+//! - `api`: the request as OpenAI defines it, checked; response and stream-chunk bodies.
+//! - `error`: every refusal with its status and OpenAI error body.
+//! - `engine`: the model worker thread, its bounded queue and batched decoding.
+//! - `routes`: the axum routes, bearer-token check and server-sent events.
 //!
 //! [`Server::new`] takes a loaded model (adapters loaded, none active), its tokenizer and chat
 //! template; [`Server::run`] serves on a bound listener until the shutdown future resolves,
 //! then lets the requests in flight finish (or cancels them after a grace period) and stops
 //! the worker.
 
-pub mod api;
-pub mod engine;
-pub mod error;
-pub mod routes;
+mod api;
+mod engine;
+mod error;
+mod routes;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,8 +26,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use teamtune_agents::TokenVocab;
 use teamtune_data::{ChatTemplate, EncodeOptions, Encoder};
+use teamtune_guide::{stop_tokens, TokenVocab};
 use teamtune_llama::{ChatAssets, Llama};
 
 pub use engine::{Engine, EngineConfig, Stats};
@@ -48,7 +53,7 @@ pub enum SetupError {
     #[error(transparent)]
     Data(#[from] teamtune_data::DataError),
     #[error(transparent)]
-    Constraint(#[from] teamtune_agents::ConstraintError),
+    Constraint(#[from] teamtune_guide::ConstraintError),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -85,19 +90,8 @@ impl Server {
             template.clone(),
             EncodeOptions::default(),
         )?;
-        // As the agents do: the template's own turn end first (a grammar appends it when the
-        // JSON is complete), then the model's other stop tokens.
-        let mut stop_ids = encoder.end_of_turn_ids().to_vec();
-        for &id in &assets.eos_token_ids {
-            if !stop_ids.contains(&id) {
-                stop_ids.push(id);
-            }
-        }
-        if stop_ids.is_empty() {
-            return Err(SetupError::Config(
-                "the model's chat template has no end-of-turn token".into(),
-            ));
-        }
+        let stop_ids = stop_tokens(encoder.end_of_turn_ids(), &assets.eos_token_ids)
+            .map_err(|e| SetupError::Config(e.to_string()))?;
         let vocab = TokenVocab::new(&assets.tokenizer, &stop_ids)?;
         let context = model.config().max_position_embeddings;
         let engine = Arc::new(Engine::start(

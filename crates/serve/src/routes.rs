@@ -17,8 +17,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use teamtune_agents::{ReplyGrammar, TokenVocab};
 use teamtune_data::{ChatTemplate, Message};
+use teamtune_guide::{prompt_tokens, PromptError, ReplyGrammar, TokenVocab};
 use teamtune_llama::SamplingParams;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -232,17 +232,15 @@ impl AppState {
     /// The conversation rendered with the generation prompt and tokenised (the template
     /// writes the special tokens: none are added again), as `teamtune generate` does.
     fn prompt_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true).map_err(|e| {
-            ServeError::invalid(
+        prompt_tokens(&self.template, &self.tokenizer, messages).map_err(|e| match e {
+            PromptError::Template(e) => ServeError::invalid(
                 format!("the chat template refused the messages: {e}"),
                 Some("messages"),
-            )
-        })?;
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| ServeError::Internal(format!("tokenizing the prompt: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+            ),
+            PromptError::Tokenizer(e) => {
+                ServeError::Internal(format!("tokenizing the prompt: {e}"))
+            }
+        })
     }
 
     /// How many tokens the reply may have: as asked when it fits in the context with the

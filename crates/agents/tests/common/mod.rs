@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use teamtune_agents::TokenVocab;
+use teamtune_guide::TokenVocab;
 use tokenizers::Tokenizer;
 
 fn repo_root() -> PathBuf {

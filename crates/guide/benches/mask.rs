@@ -1,14 +1,17 @@
 //! Cost of constrained decoding per step: building the vocabulary and the grammars, taking a
 //! constraint per reply, and computing a mask, on the default model's tokenizer (SmolLM2,
-//! 49,152 tokens) and, when fetched, the Llama-3 tokenizer (128,256). Masks are timed along
-//! the scripted experts' replies (text like a model writes) of every built-in task.
+//! 49,152 tokens) and, when fetched, the Llama-3 tokenizer (128,256). The grammars are the
+//! grid-world tasks' reply schemas (the agents' [`reply_grammar`], realistic inputs; this is
+//! why the crate has the agents as a dev-dependency), and masks are timed along the scripted
+//! experts' replies (text like a model writes) of every built-in task.
 //!
-//! scripts/fetch-default-model.sh && cargo bench -p teamtune-agents --bench mask
+//! scripts/fetch-default-model.sh && cargo bench -p teamtune-guide --bench mask
 
 use std::time::{Duration, Instant};
 
-use teamtune_agents::{ReplyGrammar, SchemaOptions, TokenVocab};
+use teamtune_agents::{reply_grammar, SchemaOptions};
 use teamtune_gridworld::{builtin_tasks, play_expert, Role};
+use teamtune_guide::TokenVocab;
 use tokenizers::Tokenizer;
 
 fn micros(d: Duration) -> f64 {
@@ -28,7 +31,7 @@ fn bench(name: &str, tokenizer: &Tokenizer, eot: &str) {
     let mut tokens = 0usize;
     for task in builtin_tasks() {
         let t = Instant::now();
-        let g = ReplyGrammar::new(&vocab, &task, &SchemaOptions::default()).expect("grammar");
+        let g = reply_grammar(&vocab, &task, &SchemaOptions::default()).expect("grammar");
         compile.push(t.elapsed());
         for seed in 0..3 {
             let record = play_expert(&task, seed).expect("expert episode").record();
@@ -57,7 +60,7 @@ fn bench(name: &str, tokenizer: &Tokenizer, eot: &str) {
     let mean = |v: &[Duration]| micros(v.iter().sum::<Duration>()) / v.len().max(1) as f64;
     let pct = |q: f64| micros(masks[((masks.len() - 1) as f64 * q) as usize]);
     println!(
-        "{name}: vocab {} tokens, TokenVocab::new {:.0} ms, ReplyGrammar::new mean {:.2} ms, constraint() mean {:.1} us",
+        "{name}: vocab {} tokens, TokenVocab::new {:.0} ms, reply_grammar mean {:.2} ms, constraint() mean {:.1} us",
         vocab.vocab_size(),
         vocab_time.as_secs_f64() * 1e3,
         mean(&compile) / 1e3,

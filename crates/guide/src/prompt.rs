@@ -1,0 +1,96 @@
+//! What every decoder of a chat model needs around the constraint: the tokens that end a
+//! reply, a conversation's prompt tokens, and keeping the part of a session's KV cache that a
+//! new prompt shares with it.
+
+use teamtune_data::{ChatTemplate, DataError, Message};
+use teamtune_llama::Session;
+use tokenizers::Tokenizer;
+
+/// The model has no token that ends a turn: nothing could end a reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the model's chat template has no end-of-turn token")]
+pub struct NoEndOfTurn;
+
+/// The tokens that end a reply: the chat template's own turn end first (a grammar appends the
+/// first when the JSON is complete, see [`crate::TokenVocab::new`]), then the model's other
+/// stop tokens, each once.
+pub fn stop_tokens(
+    template_end_of_turn: &[u32],
+    model_eos: &[u32],
+) -> Result<Vec<u32>, NoEndOfTurn> {
+    let mut stop_ids = template_end_of_turn.to_vec();
+    for &id in model_eos {
+        if !stop_ids.contains(&id) {
+            stop_ids.push(id);
+        }
+    }
+    if stop_ids.is_empty() {
+        return Err(NoEndOfTurn);
+    }
+    Ok(stop_ids)
+}
+
+/// Why a conversation has no prompt tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum PromptError {
+    /// The chat template refused the messages.
+    #[error(transparent)]
+    Template(#[from] DataError),
+    /// The tokenizer failed on the rendered text (its message).
+    #[error("{0}")]
+    Tokenizer(String),
+}
+
+/// The prompt tokens of a conversation: rendered by the chat template with the generation
+/// prompt and tokenised as the training data is (the template writes the special tokens: none
+/// are added again).
+pub fn prompt_tokens(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+) -> Result<Vec<u32>, PromptError> {
+    let text = template.render(messages, true)?;
+    let enc = tokenizer
+        .encode(text, false)
+        .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// How many tokens `a` and `b` share at their start.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Makes `session` hold exactly `prompt`: keeps the longest start it shares with the prompt
+/// (its KV cache included) and appends the rest as pending. At least the prompt's last token is
+/// left pending, since something must run to give the next logits.
+pub fn reuse_prefix(session: &mut Session, prompt: &[u32]) -> teamtune_llama::Result<()> {
+    let keep = common_prefix(session.tokens(), prompt).min(prompt.len().saturating_sub(1));
+    session.truncate(keep)?;
+    session.push(&prompt[keep..]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_tokens_put_the_template_turn_end_first_each_once() {
+        assert_eq!(stop_tokens(&[7], &[2, 7, 9]), Ok(vec![7, 2, 9]));
+        assert_eq!(stop_tokens(&[], &[3]), Ok(vec![3]));
+        assert_eq!(stop_tokens(&[], &[]), Err(NoEndOfTurn));
+        assert_eq!(
+            NoEndOfTurn.to_string(),
+            "the model's chat template has no end-of-turn token"
+        );
+    }
+
+    #[test]
+    fn common_prefix_counts_the_shared_start() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[9], &[1]), 0);
+    }
+}
