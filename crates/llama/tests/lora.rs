@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use teamtune_llama::lora::{peft_tensor_name, read_peft_config};
+use teamtune_llama::{peft_tensor_name, read_peft_config};
 use teamtune_llama::{Llama, LlamaConfig, LoraConfig, LoraTarget, Mode, WeightSource};
 
 fn load(dtype: DType) -> Llama {

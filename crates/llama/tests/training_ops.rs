@@ -1,11 +1,11 @@
-//! The training kernels of `teamtune_llama::ops` against the composed candle ops they replace
+//! The training kernels of `teamtune_llama::kernels` against the composed candle ops they replace
 //! (copied here from the training forward as it was before them): forwards equal (bit for bit
 //! where the op promises the same rounding), gradients of random projections `sum(out * r)`
 //! equal, and in f64 the op's own gradient agrees with central finite differences.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
-use teamtune_llama::ops;
+use teamtune_llama::kernels;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -251,7 +251,7 @@ fn attention_probs_forward_is_bit_identical_to_the_composed_softmax() -> Result<
     for dtype in DTYPES {
         for with_bias in [true, false] {
             let c = attn_case(dtype, with_bias, 11)?;
-            let got = ops::attention_probs(&c.q, &c.k, c.bias.as_ref(), c.scale)?;
+            let got = kernels::attention_probs(&c.q, &c.k, c.bias.as_ref(), c.scale)?;
             let want = ref_attention_probs(&c.q, &c.k, c.bias.as_ref(), c.scale)?;
             assert_eq!(got.dtype(), dtype);
             assert_identical(&got, &want, &format!("{dtype:?} bias {with_bias}"))?;
@@ -259,7 +259,7 @@ fn attention_probs_forward_is_bit_identical_to_the_composed_softmax() -> Result<
     }
     // The masked keys get exactly zero probability, and every row sums to one.
     let c = attn_case(DType::F32, true, 3)?;
-    let p = ops::attention_probs(&c.q, &c.k, c.bias.as_ref(), c.scale)?;
+    let p = kernels::attention_probs(&c.q, &c.k, c.bias.as_ref(), c.scale)?;
     let sums = p.sum(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
     assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-6));
     // Query 0 of row 0 (cached 3) sees keys 0..=3 only.
@@ -272,7 +272,7 @@ fn attention_probs_forward_is_bit_identical_to_the_composed_softmax() -> Result<
 fn attention_probs_bias_broadcasts_over_the_batch_and_the_stacked_heads() -> Result<()> {
     let c = attn_case(DType::F32, true, 5)?;
     let bias1 = c.bias.as_ref().unwrap().narrow(0, 0, 1)?;
-    let got = ops::attention_probs(&c.q, &c.k, Some(&bias1), c.scale)?;
+    let got = kernels::attention_probs(&c.q, &c.k, Some(&bias1), c.scale)?;
     let want = ref_attention_probs(
         &c.q,
         &c.k,
@@ -282,7 +282,7 @@ fn attention_probs_bias_broadcasts_over_the_batch_and_the_stacked_heads() -> Res
     assert_identical(&got, &want, "batch-1 bias")?;
     // A bias that does not fit is an error, not a silent misread.
     let wrong = attention_bias(2, 4, 4)?;
-    assert!(ops::attention_probs(&c.q, &c.k, Some(&wrong), c.scale).is_err());
+    assert!(kernels::attention_probs(&c.q, &c.k, Some(&wrong), c.scale).is_err());
     Ok(())
 }
 
@@ -295,7 +295,12 @@ fn attention_probs_gradients_equal_the_composed_ones() -> Result<()> {
             let r_proj = uniform(&[b, g, r, c.k.dim(2)?], 1.0, 99, upcast(dtype))?;
             let bias = c.bias.clone();
             let got = grads_of(&[c.q.clone(), c.k.clone()], &r_proj, &|x| {
-                Ok(ops::attention_probs(&x[0], &x[1], bias.as_ref(), c.scale)?)
+                Ok(kernels::attention_probs(
+                    &x[0],
+                    &x[1],
+                    bias.as_ref(),
+                    c.scale,
+                )?)
             })?;
             let want = grads_of(&[c.q.clone(), c.k.clone()], &r_proj, &|x| {
                 ref_attention_probs(&x[0], &x[1], bias.as_ref(), c.scale)
@@ -321,7 +326,14 @@ fn attention_probs_gradients_match_finite_differences() -> Result<()> {
         let (b, g, r, _) = c.q.dims4()?;
         let r_proj = uniform(&[b, g, r, c.k.dim(2)?], 1.0, 98, DType::F64)?;
         let bias = c.bias.clone();
-        let f = |x: &[Tensor]| Ok(ops::attention_probs(&x[0], &x[1], bias.as_ref(), c.scale)?);
+        let f = |x: &[Tensor]| {
+            Ok(kernels::attention_probs(
+                &x[0],
+                &x[1],
+                bias.as_ref(),
+                c.scale,
+            )?)
+        };
         for which in 0..2 {
             check_finite_differences(
                 &[c.q.clone(), c.k.clone()],
@@ -353,7 +365,12 @@ fn attention_probs_masked_keys_get_exactly_zero_gradient() -> Result<()> {
         * Tensor::from_vec(mask, (b, g, r, s), &Device::Cpu)?)?;
     let bias = c.bias.clone();
     let grads = grads_of(&[c.q.clone(), c.k.clone()], &r_proj, &|x| {
-        Ok(ops::attention_probs(&x[0], &x[1], bias.as_ref(), c.scale)?)
+        Ok(kernels::attention_probs(
+            &x[0],
+            &x[1],
+            bias.as_ref(),
+            c.scale,
+        )?)
     })?;
     let dk_last = grads[1].narrow(2, s - 1, 1)?;
     assert_eq!(max_abs(&dk_last)?, 0.0);
@@ -376,7 +393,7 @@ fn rms_norm_forward_is_bit_identical_to_the_composed_norm() -> Result<()> {
     for dtype in DTYPES {
         let (x, w) = rms_case(dtype, 51)?;
         for eps in [1e-5, 1e-6] {
-            let got = ops::rms_norm(&x, &w, eps)?;
+            let got = kernels::rms_norm(&x, &w, eps)?;
             let want = ref_rms_norm(&x, &w, eps)?;
             assert_eq!(got.dtype(), dtype);
             assert_identical(&got, &want, &format!("{dtype:?} eps {eps}"))?;
@@ -385,7 +402,7 @@ fn rms_norm_forward_is_bit_identical_to_the_composed_norm() -> Result<()> {
         let xt = uniform(&[2, 24, 5], 3.0, 52, dtype)?.transpose(1, 2)?;
         assert!(!xt.is_contiguous());
         assert_identical(
-            &ops::rms_norm(&xt, &w, 1e-5)?,
+            &kernels::rms_norm(&xt, &w, 1e-5)?,
             &ref_rms_norm(&xt, &w, 1e-5)?,
             &format!("{dtype:?} strided"),
         )?;
@@ -394,7 +411,7 @@ fn rms_norm_forward_is_bit_identical_to_the_composed_norm() -> Result<()> {
     let x = uniform(&[3, 576], 2.0, 53, DType::F32)?;
     let w = uniform(&[576], 1.0, 54, DType::F32)?;
     assert_identical(
-        &ops::rms_norm(&x, &w, 1e-5)?,
+        &kernels::rms_norm(&x, &w, 1e-5)?,
         &ref_rms_norm(&x, &w, 1e-5)?,
         "hidden 576",
     )?;
@@ -407,7 +424,7 @@ fn rms_norm_gradients_equal_the_composed_ones_and_the_weight_gets_none() -> Resu
         let (x, w) = rms_case(dtype, 61)?;
         let r = uniform(x.dims(), 1.0, 62, upcast(dtype))?;
         let got = grads_of(std::slice::from_ref(&x), &r, &|v| {
-            Ok(ops::rms_norm(&v[0], &w, 1e-5)?)
+            Ok(kernels::rms_norm(&v[0], &w, 1e-5)?)
         })?;
         let want = grads_of(std::slice::from_ref(&x), &r, &|v| {
             ref_rms_norm(&v[0], &w, 1e-5)
@@ -417,7 +434,7 @@ fn rms_norm_gradients_equal_the_composed_ones_and_the_weight_gets_none() -> Resu
     let (x, w) = rms_case(DType::F32, 63)?;
     let wv = Var::from_tensor(&w)?;
     let xv = Var::from_tensor(&x)?;
-    let grads = ops::rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5)?
+    let grads = kernels::rms_norm(xv.as_tensor(), wv.as_tensor(), 1e-5)?
         .sum_all()?
         .backward()?;
     assert!(grads.get(xv.as_tensor()).is_some());
@@ -433,7 +450,7 @@ fn rms_norm_gradient_matches_finite_differences() -> Result<()> {
         &[x],
         0,
         &r,
-        &|v| Ok(ops::rms_norm(&v[0], &w, 1e-5)?),
+        &|v| Ok(kernels::rms_norm(&v[0], &w, 1e-5)?),
         "rms_norm",
     )
 }
@@ -447,16 +464,16 @@ fn rope_forward_is_bit_identical_to_the_composed_rotation() -> Result<()> {
         let x = rope_input(dtype, 81)?;
         let (b, _, t, d) = x.dims4()?;
         let (cos, sin) = rope_tables(b, t, d / 2, dtype)?;
-        let got = ops::rope(&x, &cos, &sin)?;
+        let got = kernels::rope(&x, &cos, &sin)?;
         let want = ref_rope(&x, &cos, &sin)?;
         assert_eq!(got.dtype(), dtype);
         assert_identical(&got, &want, &format!("{dtype:?}"))?;
         let xc = x.contiguous()?;
-        assert_identical(&ops::rope(&xc, &cos, &sin)?, &want, "contiguous")?;
+        assert_identical(&kernels::rope(&xc, &cos, &sin)?, &want, "contiguous")?;
         // Tables shared by the batch.
         let (c1, s1) = (cos.narrow(0, 0, 1)?, sin.narrow(0, 0, 1)?);
         assert_identical(
-            &ops::rope(&x, &c1, &s1)?,
+            &kernels::rope(&x, &c1, &s1)?,
             &ref_rope(&x, &c1, &s1)?,
             &format!("{dtype:?} batch-1 tables"),
         )?;
@@ -472,7 +489,7 @@ fn rope_gradients_equal_the_composed_ones() -> Result<()> {
         let (cos, sin) = rope_tables(b, t, d / 2, dtype)?;
         let r = uniform(x.dims(), 1.0, 92, upcast(dtype))?;
         let got = grads_of(std::slice::from_ref(&x), &r, &|v| {
-            Ok(ops::rope(&v[0], &cos, &sin)?)
+            Ok(kernels::rope(&v[0], &cos, &sin)?)
         })?;
         let want = grads_of(std::slice::from_ref(&x), &r, &|v| {
             ref_rope(&v[0], &cos, &sin)
@@ -488,7 +505,13 @@ fn rope_gradient_matches_finite_differences() -> Result<()> {
     let (b, _, t, d) = x.dims4()?;
     let (cos, sin) = rope_tables(b, t, d / 2, DType::F64)?;
     let r = uniform(x.dims(), 1.0, 102, DType::F64)?;
-    check_finite_differences(&[x], 0, &r, &|v| Ok(ops::rope(&v[0], &cos, &sin)?), "rope")
+    check_finite_differences(
+        &[x],
+        0,
+        &r,
+        &|v| Ok(kernels::rope(&v[0], &cos, &sin)?),
+        "rope",
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -505,12 +528,12 @@ fn mlp_case(dtype: DType, seed: u64) -> Result<(Tensor, Tensor)> {
 fn silu_mul_forward_is_bit_identical_to_the_composed_product() -> Result<()> {
     for dtype in DTYPES {
         let (gate, up) = mlp_case(dtype, 111)?;
-        let got = ops::silu_mul(&gate, &up)?;
+        let got = kernels::silu_mul(&gate, &up)?;
         assert_eq!(got.dtype(), dtype);
         assert_identical(&got, &ref_silu_mul(&gate, &up)?, &format!("{dtype:?}"))?;
         let upt = uniform(&[2, 16, 5], 2.0, 112, dtype)?.transpose(1, 2)?;
         assert_identical(
-            &ops::silu_mul(&gate, &upt)?,
+            &kernels::silu_mul(&gate, &upt)?,
             &ref_silu_mul(&gate, &upt)?,
             &format!("{dtype:?} strided up"),
         )?;
@@ -520,7 +543,7 @@ fn silu_mul_forward_is_bit_identical_to_the_composed_product() -> Result<()> {
     let gate = uniform(&[4, 7, 1000], 4.0, 113, DType::F32)?.narrow(0, 1, 3)?;
     let up = uniform(&[3, 7, 1000], 2.0, 114, DType::F32)?;
     assert_identical(
-        &ops::silu_mul(&gate, &up)?,
+        &kernels::silu_mul(&gate, &up)?,
         &ref_silu_mul(&gate, &up)?,
         "F32 long",
     )?;
@@ -533,7 +556,7 @@ fn silu_mul_gradients_equal_the_composed_ones() -> Result<()> {
         let (gate, up) = mlp_case(dtype, 121)?;
         let r = uniform(gate.dims(), 1.0, 122, upcast(dtype))?;
         let got = grads_of(&[gate.clone(), up.clone()], &r, &|v| {
-            Ok(ops::silu_mul(&v[0], &v[1])?)
+            Ok(kernels::silu_mul(&v[0], &v[1])?)
         })?;
         let want = grads_of(&[gate.clone(), up.clone()], &r, &|v| {
             ref_silu_mul(&v[0], &v[1])
@@ -549,7 +572,7 @@ fn silu_mul_gradients_equal_the_composed_ones() -> Result<()> {
 fn silu_mul_gradients_match_finite_differences() -> Result<()> {
     let (gate, up) = mlp_case(DType::F64, 131)?;
     let r = uniform(gate.dims(), 1.0, 132, DType::F64)?;
-    let f = |v: &[Tensor]| Ok(ops::silu_mul(&v[0], &v[1])?);
+    let f = |v: &[Tensor]| Ok(kernels::silu_mul(&v[0], &v[1])?);
     for which in 0..2 {
         check_finite_differences(&[gate.clone(), up.clone()], which, &r, &f, "silu_mul")?;
     }
@@ -565,7 +588,7 @@ fn attention_probs_split_over_threads_equal_the_composed_softmax() -> Result<()>
     let bias = attention_bias(b, t, 0)?;
     let scale = 1.0 / (d as f64).sqrt();
     assert_identical(
-        &ops::attention_probs(&q, &k, Some(&bias), scale)?,
+        &kernels::attention_probs(&q, &k, Some(&bias), scale)?,
         &ref_attention_probs(&q, &k, Some(&bias), scale)?,
         "large",
     )
@@ -575,13 +598,13 @@ fn attention_probs_split_over_threads_equal_the_composed_softmax() -> Result<()>
 // LoRA: dropout with the down projection, frozen base with the up projection.
 
 fn ref_dropout_matmul(x: &Tensor, a: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    Ok(teamtune_llama::dropout::seeded_dropout(x, p, seed)?.matmul(&a.t()?)?)
+    Ok(teamtune_llama::kernels::seeded_dropout(x, p, seed)?.matmul(&a.t()?)?)
 }
 
 /// The training forward's LoRA projection before the fused op: frozen base, `h B^T * scale`
 /// cast to the base's dtype, sum.
 fn ref_lora_linear(x: &Tensor, w: &Tensor, h: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let y = x.apply_op2(w, teamtune_llama::lora::FrozenMatmul)?;
+    let y = x.apply_op2(w, teamtune_llama::kernels::FrozenMatmul)?;
     let u = (h.matmul(&b.t()?)? * scale)?.to_dtype(y.dtype())?;
     Ok((y + u)?)
 }
@@ -591,21 +614,21 @@ fn dropout_matmul_equals_seeded_dropout_then_matmul() -> Result<()> {
     let x = uniform(&[37, 24], 2.0, 151, DType::F32)?;
     let a = uniform(&[8, 24], 0.3, 152, DType::F32)?;
     for (p, seed) in [(0.2f32, 7u64), (0.5, 8)] {
-        let got = ops::dropout_matmul(&x, &a, p, seed)?;
+        let got = kernels::dropout_matmul(&x, &a, p, seed)?;
         let want = ref_dropout_matmul(&x, &a, p, seed)?;
         assert_identical(&got, &want, &format!("p {p} seed {seed}"))?;
     }
     assert!(
         max_abs_diff(
-            &ops::dropout_matmul(&x, &a, 0.2, 7)?,
-            &ops::dropout_matmul(&x, &a, 0.2, 9)?
+            &kernels::dropout_matmul(&x, &a, 0.2, 7)?,
+            &kernels::dropout_matmul(&x, &a, 0.2, 9)?
         )? > 0.0,
         "the mask must depend on the seed"
     );
     // Gradients (the mask drawn again in the backward) equal the composed ones.
     let r = uniform(&[37, 8], 1.0, 153, DType::F32)?;
     let got = grads_of(&[x.clone(), a.clone()], &r, &|v| {
-        Ok(ops::dropout_matmul(&v[0], &v[1], 0.2, 7)?)
+        Ok(kernels::dropout_matmul(&v[0], &v[1], 0.2, 7)?)
     })?;
     let want = grads_of(&[x.clone(), a.clone()], &r, &|v| {
         ref_dropout_matmul(&v[0], &v[1], 0.2, 7)
@@ -614,7 +637,7 @@ fn dropout_matmul_equals_seeded_dropout_then_matmul() -> Result<()> {
         assert_close(&got[i], &want[i], 1e-6, name)?;
     }
     // The dropped inputs get exactly no gradient.
-    let mask = teamtune_llama::dropout::dropout_mask(x.shape(), 0.2, 7, &Device::Cpu)?;
+    let mask = teamtune_llama::kernels::dropout_mask(x.shape(), 0.2, 7, &Device::Cpu)?;
     let dropped_grad = (got[0].abs()? * mask.eq(0.0)?.to_dtype(DType::F32)?)?;
     assert_eq!(max_abs(&dropped_grad)?, 0.0);
     Ok(())
@@ -625,7 +648,7 @@ fn dropout_matmul_gradients_match_finite_differences() -> Result<()> {
     let x = uniform(&[9, 12], 2.0, 161, DType::F64)?;
     let a = uniform(&[4, 12], 0.5, 162, DType::F64)?;
     let r = uniform(&[9, 4], 1.0, 163, DType::F64)?;
-    let f = |v: &[Tensor]| Ok(ops::dropout_matmul(&v[0], &v[1], 0.3, 11)?);
+    let f = |v: &[Tensor]| Ok(kernels::dropout_matmul(&v[0], &v[1], 0.3, 11)?);
     for which in 0..2 {
         check_finite_differences(&[x.clone(), a.clone()], which, &r, &f, "dropout_matmul")?;
     }
@@ -640,7 +663,7 @@ fn lora_linear_equals_the_composed_projection() -> Result<()> {
         let w = uniform(&[40, 24], 0.3, 172, dtype)?;
         let h = uniform(&[13, 8], 1.0, 173, DType::F32)?;
         let b = uniform(&[40, 8], 0.3, 174, DType::F32)?;
-        let got = ops::lora_linear(&x, &w, &h, &b, 2.0)?;
+        let got = kernels::lora_linear(&x, &w, &h, &b, 2.0)?;
         assert_eq!(got.dtype(), dtype);
         let want = ref_lora_linear(&x, &w, &h, &b, 2.0)?;
         assert_identical(&got, &want, &format!("{dtype:?}"))?;
@@ -651,7 +674,7 @@ fn lora_linear_equals_the_composed_projection() -> Result<()> {
         };
         let r = uniform(&[13, 40], 1.0, 175, r_dtype)?;
         let got = grads_of(&[x.clone(), h.clone(), b.clone()], &r, &|v| {
-            Ok(ops::lora_linear(&v[0], &w, &v[1], &v[2], 2.0)?)
+            Ok(kernels::lora_linear(&v[0], &w, &v[1], &v[2], 2.0)?)
         })?;
         let want = grads_of(&[x.clone(), h.clone(), b.clone()], &r, &|v| {
             ref_lora_linear(&v[0], &w, &v[1], &v[2], 2.0)
@@ -670,7 +693,7 @@ fn lora_linear_gradients_match_finite_differences() -> Result<()> {
     let h = uniform(&[7, 3], 1.0, 183, DType::F64)?;
     let b = uniform(&[12, 3], 0.5, 184, DType::F64)?;
     let r = uniform(&[7, 12], 1.0, 185, DType::F64)?;
-    let f = |v: &[Tensor]| Ok(ops::lora_linear(&v[0], &w, &v[1], &v[2], 1.5)?);
+    let f = |v: &[Tensor]| Ok(kernels::lora_linear(&v[0], &w, &v[1], &v[2], 1.5)?);
     for which in 0..3 {
         check_finite_differences(
             &[x.clone(), h.clone(), b.clone()],
@@ -705,7 +728,7 @@ fn gradients_reaching_vars_carry_no_graph() -> Result<()> {
     let a = uniform(&[2, 8], 1.0, 192, DType::F32)?;
     check(
         &[x.clone(), a],
-        &|v| Ok(ops::dropout_matmul(&v[0], &v[1], 0.2, 1)?),
+        &|v| Ok(kernels::dropout_matmul(&v[0], &v[1], 0.2, 1)?),
         "dropout_matmul",
     );
     let w = uniform(&[5, 8], 1.0, 193, DType::F32)?;
@@ -713,22 +736,37 @@ fn gradients_reaching_vars_carry_no_graph() -> Result<()> {
     let b = uniform(&[5, 2], 1.0, 195, DType::F32)?;
     check(
         &[x.clone(), h, b],
-        &|v| Ok(ops::lora_linear(&v[0], &w, &v[1], &v[2], 2.0)?),
+        &|v| Ok(kernels::lora_linear(&v[0], &w, &v[1], &v[2], 2.0)?),
         "lora_linear",
     );
     let c = attn_case(DType::F32, true, 196)?;
     let bias = c.bias.clone();
     check(
         &[c.q.clone(), c.k.clone()],
-        &|v| Ok(ops::attention_probs(&v[0], &v[1], bias.as_ref(), c.scale)?),
+        &|v| {
+            Ok(kernels::attention_probs(
+                &v[0],
+                &v[1],
+                bias.as_ref(),
+                c.scale,
+            )?)
+        },
         "attention_probs",
     );
     let (xn, wn) = rms_case(DType::F32, 197)?;
-    check(&[xn], &|v| Ok(ops::rms_norm(&v[0], &wn, 1e-5)?), "rms_norm");
+    check(
+        &[xn],
+        &|v| Ok(kernels::rms_norm(&v[0], &wn, 1e-5)?),
+        "rms_norm",
+    );
     let xr = rope_input(DType::F32, 198)?;
     let (cos, sin) = rope_tables(2, 7, 4, DType::F32)?;
-    check(&[xr], &|v| Ok(ops::rope(&v[0], &cos, &sin)?), "rope");
+    check(&[xr], &|v| Ok(kernels::rope(&v[0], &cos, &sin)?), "rope");
     let (g, u) = mlp_case(DType::F32, 199)?;
-    check(&[g, u], &|v| Ok(ops::silu_mul(&v[0], &v[1])?), "silu_mul");
+    check(
+        &[g, u],
+        &|v| Ok(kernels::silu_mul(&v[0], &v[1])?),
+        "silu_mul",
+    );
     Ok(())
 }

@@ -63,7 +63,7 @@ impl ModelFiles {
             return Self::from_folder(path);
         }
         if looks_like_hub_id(spec) {
-            return crate::hub::download(spec);
+            return crate::load::hub::download(spec);
         }
         Err(LlamaError::NotFound(format!(
             "{spec}: no such file or folder, and not a hub id (owner/name)"
@@ -74,7 +74,7 @@ impl ModelFiles {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let weights = if index.exists() {
-            crate::weights::WeightSource::shards_from_index(&index)?
+            crate::load::weights::WeightSource::shards_from_index(&index)?
         } else if single.exists() {
             vec![single]
         } else {

@@ -5,7 +5,7 @@ use hf_hub::api::sync::ApiBuilder;
 use hf_hub::Cache;
 
 use crate::error::{LlamaError, Result};
-use crate::source::ModelFiles;
+use crate::load::source::ModelFiles;
 
 const SMALL_FILES: [&str; 4] = [
     "tokenizer.json",
@@ -44,7 +44,7 @@ pub(crate) fn download(repo_id: &str) -> Result<ModelFiles> {
     let dir = config.parent().unwrap().to_path_buf();
     match fetch("model.safetensors.index.json") {
         Ok(index) => {
-            for shard in crate::weights::WeightSource::shards_from_index(&index)? {
+            for shard in crate::load::weights::WeightSource::shards_from_index(&index)? {
                 fetch(&shard.file_name().unwrap().to_string_lossy())?;
             }
         }
