@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use teamtune_llama::export::{export_merged, parse_size, ExportOptions, ExportReport};
+use teamtune_llama::{export_merged, parse_size, ExportOptions, ExportReport};
 use teamtune_llama::{
     load_model, ChatAssets, LlamaConfig, LoadedModel, LoraAdapter, LoraConfig, Mode, ModelFiles,
 };

@@ -1,6 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod kernels;
+pub mod lora;
+pub mod session;
+
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -7,8 +7,8 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::error::{LlamaError, Result};
-use crate::source::ModelFiles;
-use crate::weights::GgufWeights;
+use crate::load::source::ModelFiles;
+use crate::load::weights::GgufWeights;
 
 /// Tokens that end an assistant turn in the chat formats we know; generation stops on any of
 /// them that the vocabulary has, besides the config's EOS ids.

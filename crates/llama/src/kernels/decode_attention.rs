@@ -13,7 +13,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::skinny;
+use crate::kernels::skinny;
 
 /// Query rows per KV head (grouped query heads x new tokens) up to which [`attention`] is
 /// used; more (a prefill) go through gemm.

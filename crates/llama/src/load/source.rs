@@ -63,18 +63,19 @@ impl ModelFiles {
             return Self::from_folder(path);
         }
         if looks_like_hub_id(spec) {
-            return crate::hub::download(spec);
+            return Self::from_folder(&crate::load::hub::download(spec)?);
         }
         Err(LlamaError::NotFound(format!(
             "{spec}: no such file or folder, and not a hub id (owner/name)"
         )))
     }
 
+    /// What the folder `dir` holds: an HF folder (config.json and safetensors) or one GGUF.
     pub(crate) fn from_folder(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let weights = if index.exists() {
-            crate::weights::WeightSource::shards_from_index(&index)?
+            crate::load::weights::WeightSource::shards_from_index(&index)?
         } else if single.exists() {
             vec![single]
         } else {

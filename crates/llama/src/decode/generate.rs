@@ -3,10 +3,10 @@
 
 use candle_core::Tensor;
 
+use crate::decode::sampling::{Sampler, SamplingParams};
 use crate::error::Result;
-use crate::layout::TokenLayout;
-use crate::model::Llama;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::model::layout::TokenLayout;
+use crate::model::llama::Llama;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {

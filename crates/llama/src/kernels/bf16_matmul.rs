@@ -95,11 +95,6 @@ impl PackedBf16 {
         self.k
     }
 
-    /// Bytes of the packed weight.
-    pub fn bytes(&self) -> usize {
-        self.panels.len() * 4
-    }
-
     /// Whether this CPU runs the AVX512-BF16 kernel (otherwise a portable loop gives the same
     /// bf16 products, much slower).
     pub fn has_fast_kernel() -> bool {

@@ -8,9 +8,9 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{PreTokenizerWrapper, Tokenizer};
 
-use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{LlamaError, Result};
-use crate::weights::GgufWeights;
+use crate::load::config::{LlamaConfig, RopeScaling};
+use crate::load::weights::GgufWeights;
 
 impl GgufWeights {
     fn meta(&self, key: &str) -> Option<&Value> {

@@ -1,11 +1,16 @@
 //! Models by hub id through hf-hub: the local HF cache first (works offline), then the network
 //! with `HF_TOKEN` for gated models such as meta-llama/Llama-3.1-8B-Instruct.
+//!
+//! The hub only downloads: it returns the local folder the files landed in, and
+//! `ModelFiles::from_folder` (in `source`) decides what that folder holds.
+
+use std::path::PathBuf;
 
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::Cache;
 
 use crate::error::{LlamaError, Result};
-use crate::source::ModelFiles;
+use crate::load::weights::WeightSource;
 
 const SMALL_FILES: [&str; 4] = [
     "tokenizer.json",
@@ -14,7 +19,9 @@ const SMALL_FILES: [&str; 4] = [
     "chat_template.jinja",
 ];
 
-pub(crate) fn download(repo_id: &str) -> Result<ModelFiles> {
+/// Downloads (or finds in the HF cache) the config, weights and tokenizer files of `repo_id`
+/// and returns the local folder that holds them.
+pub(crate) fn download(repo_id: &str) -> Result<PathBuf> {
     let cache = Cache::from_env();
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
     let cached = cache.model(repo_id.to_string());
@@ -44,7 +51,7 @@ pub(crate) fn download(repo_id: &str) -> Result<ModelFiles> {
     let dir = config.parent().unwrap().to_path_buf();
     match fetch("model.safetensors.index.json") {
         Ok(index) => {
-            for shard in crate::weights::WeightSource::shards_from_index(&index)? {
+            for shard in WeightSource::shards_from_index(&index)? {
                 fetch(&shard.file_name().unwrap().to_string_lossy())?;
             }
         }
@@ -55,5 +62,5 @@ pub(crate) fn download(repo_id: &str) -> Result<ModelFiles> {
     for f in SMALL_FILES {
         let _ = fetch(f); // optional files
     }
-    ModelFiles::from_folder(&dir)
+    Ok(dir)
 }

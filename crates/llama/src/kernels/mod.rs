@@ -1,0 +1,55 @@
+//! Hand-written CPU kernels: the training forward's fused ops with their backward, the decode
+//! step's skinny matmuls and attention, bf16 dot products and reproducible dropout masks.
+//!
+//! This module is public on purpose, so that the training ops can be tested against the
+//! composed candle ops they replace and reused by code that builds its own forward; the
+//! decode-only kernels stay private to the crate.
+//!
+//! # Training ops
+//!
+//! The training forward's fused kernels, each a candle custom op with its own backward.
+//!
+//! candle's fused RMSNorm, RoPE and last-dim softmax have no backward, and the composed,
+//! differentiable forms keep every intermediate alive until the backward (candle's graph holds
+//! each op's inputs): the attention softmax alone kept about six `[batch, heads, time, keys]`
+//! tensors per layer. These ops keep only what their backward needs, which their callers keep
+//! anyway:
+//!
+//! - [`attention_probs`]: `softmax(q k^T * scale + bias)` over the last dim, the `q k^T` product
+//!   included, so that the scores are never stored: only the probabilities (the output, which
+//!   the following `probs @ v` keeps) and `q`, `k`. Backward:
+//!   `ds = scale * y * (g - sum(g * y))`, `dq = ds k`, `dk = ds^T q`.
+//! - [`rms_norm`]: transformers' RMSNorm with a frozen weight; keeps its input only (the
+//!   residual stream, alive anyway). Backward to the input only: no weight gradient.
+//! - [`rope`]: rotate-half RoPE; keeps nothing but the shared cos/sin tables. Backward: the
+//!   gradient rotated back.
+//! - [`silu_mul`]: `silu(gate) * up`, keeping only its inputs. Backward to both.
+//! - [`dropout_matmul`]: LoRA's `dropout(x) A^T` with a seeded mask that the backward draws
+//!   again, so neither the mask nor the dropped input is stored.
+//! - [`lora_linear`]: the frozen projection plus LoRA's up projection, `x W^T + scale h B^T`,
+//!   without storing the base output or the adapter's unscaled and scaled outputs.
+//!
+//! Backwards return detached gradients: candle stores a `Var`'s gradient as returned, and one
+//! that carried its graph would keep that graph's tensors alive with it.
+//!
+//! The forwards are hand-written loops (f32, f64, bf16 and f16) on the CPU that round
+//! exactly as the composed candle ops they replace (same operations in the same order and
+//! precision, f32 for half types where the composed code upcasts), so the logits of a training
+//! forward do not move. Backwards are tensor ops, so they run wherever those run. On other
+//! devices the functions fall back to the composed ops (no CUDA kernels yet).
+
+mod attention;
+pub(crate) mod bf16_matmul;
+mod cpu;
+pub(crate) mod decode_attention;
+pub(crate) mod dropout;
+mod lora_matmul;
+mod norm_rope;
+pub(crate) mod skinny;
+mod swiglu;
+
+pub use attention::attention_probs;
+pub use dropout::{dropout_mask, mix_seed, seeded_dropout};
+pub use lora_matmul::{dropout_matmul, lora_linear, FrozenMatmul};
+pub use norm_rope::{rms_norm, rope};
+pub use swiglu::silu_mul;

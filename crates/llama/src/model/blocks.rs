@@ -1,0 +1,241 @@
+//! The parts of a decoder layer: RMSNorm, RoPE rotations, grouped-query attention, the SwiGLU
+//! MLP, and the adapter each layer's projections apply.
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::ops;
+
+use super::cache::KvCache;
+use super::layout::TokenLayout;
+use super::linear::Linear;
+use super::llama::Mode;
+use crate::error::Result;
+use crate::kernels as train_ops;
+use crate::kernels::decode_attention;
+use crate::kernels::dropout::mix_seed;
+use crate::lora::adapter::{ActiveLora, LoraAdapter};
+use crate::lora::config::LoraTarget;
+
+/// The adapter of one layer, if any, and the seed its dropout masks derive from.
+#[derive(Clone, Copy)]
+pub(super) struct LayerLora<'a> {
+    pub(super) adapter: Option<&'a LoraAdapter>,
+    pub(super) layer: usize,
+    pub(super) dropout_seed: Option<u64>,
+}
+
+impl<'a> LayerLora<'a> {
+    pub(super) fn get(&self, t: LoraTarget) -> Option<ActiveLora<'a>> {
+        let mut active = self.adapter.and_then(|a| a.active(self.layer, t))?;
+        active.dropout_seed = self
+            .dropout_seed
+            .map(|s| mix_seed(&[s, self.layer as u64, t as u64]));
+        Some(active)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct RmsNorm {
+    pub(super) weight: Tensor,
+    pub(super) eps: f64,
+}
+
+impl RmsNorm {
+    pub(super) fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Inference if x.is_contiguous() => {
+                return Ok(ops::rms_norm(x, &self.weight, self.eps as f32)?)
+            }
+            Mode::Training => return Ok(train_ops::rms_norm(x, &self.weight, self.eps)?),
+            Mode::Inference => {}
+        }
+        // As transformers: normalise in (at least) f32, cast back, then scale.
+        let dtype = x.dtype();
+        let xf = match dtype {
+            DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// cos/sin of every token's rotation angles, `[batch, time, head_dim/2]`, shared by all layers.
+pub(super) struct Rotation {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotation {
+    pub(super) fn new(inv_freq: &Tensor, layout: &TokenLayout, dtype: DType) -> Result<Self> {
+        let device = inv_freq.device();
+        let pos = layout.positions_tensor(device)?.to_dtype(DType::F32)?;
+        let angles = pos
+            .unsqueeze(D::Minus1)?
+            .broadcast_mul(&inv_freq.reshape((1, 1, ()))?)?;
+        Ok(Rotation {
+            cos: angles.cos()?.to_dtype(dtype)?.contiguous()?,
+            sin: angles.sin()?.to_dtype(dtype)?.contiguous()?,
+        })
+    }
+
+    /// Rotate-half RoPE on `[batch, heads, time, head_dim]`.
+    pub(super) fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Inference {
+            return Ok(candle_nn::rotary_emb::rope(
+                &x.contiguous()?,
+                &self.cos,
+                &self.sin,
+            )?);
+        }
+        Ok(train_ops::rope(x, &self.cos, &self.sin)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Attention {
+    pub(super) q_proj: Linear,
+    pub(super) k_proj: Linear,
+    pub(super) v_proj: Linear,
+    pub(super) o_proj: Linear,
+    pub(super) n_heads: usize,
+    pub(super) n_kv_heads: usize,
+    pub(super) head_dim: usize,
+}
+
+impl Attention {
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rot: &Rotation,
+        bias: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        lora: LayerLora<'_>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.project(x, lora, mode)?;
+        let out = self.attend(&q, &k, &v, rot, bias, cache, mode)?;
+        self.o_proj
+            .forward_lora(&out, lora.get(LoraTarget::O), mode)
+    }
+
+    /// The query, key and value projections `[batch, time, heads * head_dim]` of `x`.
+    pub(super) fn project(
+        &self,
+        x: &Tensor,
+        lora: LayerLora<'_>,
+        mode: Mode,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let proj = |p: &Linear, t: LoraTarget| p.forward_lora(x, lora.get(t), mode);
+        Ok((
+            proj(&self.q_proj, LoraTarget::Q)?,
+            proj(&self.k_proj, LoraTarget::K)?,
+            proj(&self.v_proj, LoraTarget::V)?,
+        ))
+    }
+
+    /// Attention of projected `q`, `k`, `v` (`[batch, time, heads * head_dim]`): RoPE, the
+    /// cache, and the weighted values `[batch, time, n_heads * head_dim]` before `o_proj`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rot: &Rotation,
+        bias: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?)
+        };
+        let q = heads(q, self.n_heads)?;
+        let k = heads(k, self.n_kv_heads)?;
+        let v = heads(v, self.n_kv_heads)?.contiguous()?;
+        let q = rot.apply(&q, mode)?;
+        let k = rot.apply(&k, mode)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k.contiguous()?, &v)?,
+            None => (k, v),
+        };
+        // Grouped-query attention without copying K/V per query head: the n_rep query heads
+        // that share a KV head are stacked along time, so one matmul serves the whole group.
+        let n_rep = self.n_heads / self.n_kv_heads;
+        let s = k.dim(2)?;
+        let q = q
+            .contiguous()?
+            .reshape((b, self.n_kv_heads, n_rep * t, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let decode_step = mode == Mode::Inference
+            && q.device().is_cpu()
+            && q.dtype() == DType::F32
+            && n_rep * t <= decode_attention::MAX_QUERY_ROWS;
+        if decode_step {
+            return Ok(decode_attention::attention(&q, &k, &v, bias, scale)?
+                .reshape((b, self.n_heads, t, self.head_dim))?
+                .transpose(1, 2)?
+                .reshape((b, t, self.n_heads * self.head_dim))?);
+        }
+        let probs = match mode {
+            // One op from q, k to probabilities: the scores are never stored for the backward.
+            Mode::Training => train_ops::attention_probs(&q, &k, bias, scale)?,
+            Mode::Inference => {
+                let scores = (q.matmul(&k.t()?)? * scale)?;
+                // Softmax in f32 at least, as transformers does for half-precision models.
+                let scores = match scores.dtype() {
+                    DType::F16 | DType::BF16 => scores.to_dtype(DType::F32)?,
+                    _ => scores,
+                };
+                let scores = match bias {
+                    Some(bias) => scores
+                        .reshape((b, self.n_kv_heads, n_rep, t, s))?
+                        .broadcast_add(&bias.to_dtype(scores.dtype())?.unsqueeze(2)?)?
+                        .reshape((b, self.n_kv_heads, n_rep * t, s))?,
+                    None => scores,
+                };
+                ops::softmax_last_dim(&scores)?
+            }
+        }
+        .to_dtype(v.dtype())?;
+        Ok(probs
+            .matmul(&v)?
+            .reshape((b, self.n_heads, t, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_dim))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Mlp {
+    pub(super) gate_proj: Linear,
+    pub(super) up_proj: Linear,
+    pub(super) down_proj: Linear,
+}
+
+impl Mlp {
+    pub(super) fn forward(&self, x: &Tensor, lora: LayerLora<'_>, mode: Mode) -> Result<Tensor> {
+        let gate = self
+            .gate_proj
+            .forward_lora(x, lora.get(LoraTarget::Gate), mode)?;
+        let up = self
+            .up_proj
+            .forward_lora(x, lora.get(LoraTarget::Up), mode)?;
+        // One fused pass in both modes: the same rounding as candle's silu then `*`, without
+        // the intermediate tensor (inference) or storing it for the backward (training).
+        let gated = train_ops::silu_mul(&gate, &up)?;
+        self.down_proj
+            .forward_lora(&gated, lora.get(LoraTarget::Down), mode)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Block {
+    pub(super) input_layernorm: RmsNorm,
+    pub(super) self_attn: Attention,
+    pub(super) post_attention_layernorm: RmsNorm,
+    pub(super) mlp: Mlp,
+}

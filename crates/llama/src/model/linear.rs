@@ -1,0 +1,206 @@
+//! The decoder's projections: [`Linear`] and its weight backends (dense through the frozen
+//! matmul, quantised, packed bf16), with a LoRA adapter on top when one is active.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
+use candle_nn::ops;
+
+use super::llama::Mode;
+use crate::error::{LlamaError, Result};
+use crate::kernels::bf16_matmul::PackedBf16;
+use crate::kernels::dropout::seeded_dropout;
+use crate::kernels::{self as train_ops, FrozenMatmul};
+use crate::lora::adapter::ActiveLora;
+
+/// Up to this many input rows a quantised projection uses its quantised weight.
+const QUANTIZED_MAX_ROWS: usize = 16;
+
+/// A frozen projection `y = x W^T` (no bias in Llama-3.x): dense, or (inference only) with
+/// the weight kept quantised so that decoding reads a quarter of the bytes, or kept in bf16
+/// for the CPU's bf16 dot products.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub(super) weight: Tensor,
+    quantized: Option<QMatMul>,
+    bf16: Option<Arc<PackedBf16>>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor) -> Self {
+        Linear {
+            weight,
+            quantized: None,
+            bf16: None,
+        }
+    }
+
+    /// The dense weight `[out, in]` (kept for training and for exports).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub(super) fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        self.dequantize();
+        let w = self.weight.to_dtype(DType::F32)?;
+        if dtype == GgmlDType::BF16 {
+            if !w.device().is_cpu() {
+                return Err(LlamaError::Config {
+                    path: "--quantize".into(),
+                    message: "bf16 is the CPU's bf16 dot-product path; on a GPU use --dtype bf16"
+                        .into(),
+                });
+            }
+            let (n, k) = w.dims2()?;
+            let values = w.flatten_all()?.to_vec1::<f32>()?;
+            self.bf16 = Some(Arc::new(PackedBf16::new(&values, n, k)));
+            return Ok(());
+        }
+        self.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?);
+        Ok(())
+    }
+
+    /// Back to the dense weight only (after it changed, e.g. an adapter merged into it).
+    pub(super) fn dequantize(&mut self) {
+        self.quantized = None;
+        self.bf16 = None;
+    }
+}
+
+/// `x W^T` through a packed bf16 weight (CPU, f32 in and out).
+struct Bf16Matmul(Arc<PackedBf16>);
+
+impl CustomOp1 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "bf16-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        if k != self.0.cols() {
+            candle_core::bail!(
+                "bf16 matmul: input [{m}, {k}] does not fit weight [{}, {}]",
+                self.0.rows(),
+                self.0.cols()
+            );
+        }
+        let (CpuStorage::F32(xs), Some((x0, x1))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("bf16 matmul: needs a contiguous f32 input");
+        };
+        let out = self.0.matmul_t(&xs[x0..x1], m);
+        Ok((CpuStorage::F32(out), Shape::from((m, self.0.rows()))))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+        if let Some(packed) = &self.bf16 {
+            // Every row count: bf16 products are twice an f32 FMA's per instruction, so the
+            // prefill gains too, not only the weight-bound decode steps.
+            let dtype = x.dtype();
+            let x2 = x
+                .to_dtype(DType::F32)?
+                .reshape((rows, inner))?
+                .contiguous()?;
+            let y = x2.apply_op1_no_bwd(&Bf16Matmul(packed.clone()))?;
+            let mut out = dims.to_vec();
+            *out.last_mut().unwrap() = packed.rows();
+            return y.reshape(out)?.to_dtype(dtype);
+        }
+        // Few rows (decoding) are bound by weight bytes: the quantised weight wins. Many rows
+        // (prefill) are bound by arithmetic, where the dense GEMM is faster.
+        if let Some(q) = self
+            .quantized
+            .as_ref()
+            .filter(|_| rows <= QUANTIZED_MAX_ROWS)
+        {
+            let dtype = x.dtype();
+            return q
+                .forward(&x.to_dtype(DType::F32)?.contiguous()?)?
+                .to_dtype(dtype);
+        }
+        // Flatten leading dims so one GEMM runs against the transposed weight view (no copy).
+        // The frozen op runs that same GEMM but gives no gradient to the weight.
+        let x2 = x.reshape((rows, inner))?;
+        let y = if rows == 0 {
+            x2.matmul(&self.weight.t()?)?
+        } else {
+            x2.apply_op2(&self.weight, FrozenMatmul)?
+        };
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+impl Linear {
+    /// `W x` plus, with an adapter, `scale * B(A(dropout(x)))` computed in f32 (dropout only
+    /// in training) and cast back to the dtype of `x`.
+    pub(super) fn forward_lora(
+        &self,
+        x: &Tensor,
+        lora: Option<ActiveLora<'_>>,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let lora = match lora {
+            Some(l) if mode == Mode::Training && x.device().is_cpu() && x.elem_count() > 0 => {
+                return self.forward_lora_training(x, l)
+            }
+            other => other,
+        };
+        let y = self.forward(x)?;
+        let Some(lora) = lora else {
+            return Ok(y);
+        };
+        let xf = x.to_dtype(DType::F32)?;
+        let xf = match (mode, lora.dropout_seed) {
+            (Mode::Training, _) if lora.dropout == 0.0 => xf,
+            (Mode::Training, Some(seed)) => seeded_dropout(&xf, lora.dropout, seed)?,
+            (Mode::Training, None) => ops::dropout(&xf, lora.dropout)?,
+            (Mode::Inference, _) => xf,
+        };
+        let dims = xf.dims().to_vec();
+        let inner = dims[dims.len() - 1];
+        let x2 = xf.reshape((xf.elem_count() / inner.max(1), inner))?;
+        // The factors are trainable Vars: at inference, outputs computed from them would carry
+        // the whole forward's op graph (every activation kept alive by the logits a session
+        // holds, gigabytes per agent in an eval). Detached copies share the storage only.
+        let (a, b) = match mode {
+            Mode::Training => (
+                lora.pair.a.as_tensor().clone(),
+                lora.pair.b.as_tensor().clone(),
+            ),
+            Mode::Inference => (
+                lora.pair.a.as_tensor().detach(),
+                lora.pair.b.as_tensor().detach(),
+            ),
+        };
+        let h = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        let h = (h * lora.scale)?.to_dtype(y.dtype())?;
+        let h = h.reshape(y.shape())?;
+        Ok((y + h)?)
+    }
+
+    /// The training forward of `forward_lora` with an adapter: the same values, from two ops
+    /// that keep only their inputs and outputs (no dropout mask, dropped input, base output or
+    /// unscaled adapter output is stored for the backward).
+    fn forward_lora_training(&self, x: &Tensor, lora: ActiveLora<'_>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = dims[dims.len() - 1];
+        let x2 = x.reshape((x.elem_count() / inner, inner))?;
+        let xf = x2.to_dtype(DType::F32)?;
+        let a = lora.pair.a.as_tensor();
+        let h = match lora.dropout_seed {
+            _ if lora.dropout == 0.0 => xf.matmul(&a.t()?)?,
+            Some(seed) => train_ops::dropout_matmul(&xf, a, lora.dropout, seed)?,
+            None => ops::dropout(&xf, lora.dropout)?.matmul(&a.t()?)?,
+        };
+        let y = train_ops::lora_linear(&x2, &self.weight, &h, lora.pair.b.as_tensor(), lora.scale)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
