@@ -9,33 +9,25 @@
 
 use candle_core::{DType, Device, Shape, Tensor};
 
+use teamtune_seed::{mix64, GOLDEN_GAMMA};
+
 use crate::error::Result;
 
-/// Mixes `parts` into one well-spread 64-bit seed (SplitMix64's finaliser per part).
-pub fn mix_seed(parts: &[u64]) -> u64 {
-    parts.iter().fold(0x243F_6A88_85A3_08D3, |acc, &p| {
-        finalize(acc ^ finalize(p.wrapping_add(0x9E37_79B9_7F4A_7C15)))
-    })
-}
-
-fn finalize(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+/// Mixes several integers into one seed (re-exported from `teamtune-seed`, its one home).
+pub use teamtune_seed::mix_seed;
 
 /// The inverted-dropout multiplier for `shape`: each element is `0` with probability `p`,
 /// else `1 / (1 - p)` (PyTorch's convention), as f32 on `device`.
 pub fn dropout_mask(shape: &Shape, p: f32, seed: u64, device: &Device) -> Result<Tensor> {
     let keep_scale = 1.0 / (1.0 - p);
     if device.is_cpu() {
-        // Element i takes bits of finalize(seed + i): independent of the order in which
+        // Element pair i takes the bits of mix64(seed + i * gamma): independent of the order in which
         // elements are produced, so the mask could be filled in parallel chunks later.
         let threshold = (p as f64 * 4_294_967_296.0) as u64;
         let n = shape.elem_count();
         let mut data = Vec::with_capacity(n);
         for i in 0..n.div_ceil(2) as u64 {
-            let bits = finalize(seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            let bits = mix64(seed.wrapping_add(i.wrapping_mul(GOLDEN_GAMMA)));
             for half in [bits & 0xFFFF_FFFF, bits >> 32] {
                 data.push(if half < threshold { 0.0 } else { keep_scale });
             }

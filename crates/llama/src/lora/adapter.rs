@@ -8,6 +8,7 @@
 //! gradient for them.
 
 use std::collections::BTreeMap;
+use teamtune_seed::SplitMix64;
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -47,7 +48,7 @@ impl LoraAdapter {
             .map_err(|m| LlamaError::Shape(format!("invalid LoRA config: {m}")))?;
         let mut config = config.clone();
         config.targets = config.normalized_targets();
-        let mut rng = SplitMix64(config.seed);
+        let mut rng = SplitMix64::new(config.seed);
         let r = config.rank;
         let mut layers = Vec::with_capacity(model_config.num_hidden_layers);
         for _ in 0..model_config.num_hidden_layers {
@@ -115,23 +116,5 @@ impl LoraAdapter {
                 (p.b.as_tensor().matmul(p.a.as_tensor())? * self.config.scale())?,
             )),
         }
-    }
-}
-
-/// A small deterministic generator (SplitMix64) for the A initialisation.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }

@@ -3,7 +3,7 @@
 //! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` etc.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -66,12 +66,13 @@ impl LoraAdapter {
             .map(|(n, v)| Ok((n, v.as_tensor().contiguous()?)))
             .collect::<Result<_>>()?;
         let weights = dir.join(ADAPTER_WEIGHTS);
-        let tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
-        candle_core::safetensors::save(&tensors, &tmp).map_err(|e| LlamaError::Weights {
-            path: tmp.clone(),
+        teamtune_formats::write_atomic_with(&weights, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
+        })
+        .map_err(|e| LlamaError::Weights {
+            path: weights.clone(),
             message: format!("cannot write adapter weights: {e}"),
         })?;
-        std::fs::rename(&tmp, &weights).map_err(|e| LlamaError::io(&weights, e))?;
         let text = serde_json::to_string_pretty(&self.peft_config_json())
             .expect("a JSON value always serialises");
         write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
@@ -257,13 +258,7 @@ pub fn read_peft_config(path: &Path) -> Result<LoraConfig> {
     Ok(config)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` atomically ([`teamtune_formats::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|e| LlamaError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LlamaError::io(path, e))
+    teamtune_formats::write_atomic(path, bytes).map_err(|e| LlamaError::io(path, e))
 }

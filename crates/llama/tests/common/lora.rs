@@ -2,34 +2,19 @@
 //! with non-zero B.
 
 use candle_core::{DType, Device, Tensor};
-use teamtune_llama::{Llama, LlamaConfig, LoraConfig, WeightSource};
+use teamtune_llama::{Llama, LoraConfig};
 
-use super::fixtures;
-
+/// The tiny LLaMA-3.1 fixture.
 pub fn load(dtype: DType) -> Llama {
-    let dir = fixtures().join("tiny-llama31");
-    let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    let weights = WeightSource::safetensors(vec![dir.join("model.safetensors")]).unwrap();
-    Llama::load(&cfg, &weights, dtype, &Device::Cpu).unwrap()
+    teamtune_testkit::tiny_model(dtype)
 }
 
 pub fn ids(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 37 + 11) % 320).collect()
 }
 
-pub fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
-
-/// Max |a-b| / max(|b|, 1).
-pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    super::max_rel_err(&flat(a), &flat(b), 1.0)
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use teamtune_testkit::{flat, rel_err};
 
 /// Sets every B of adapter `name` to small deterministic non-zero values.
 pub fn randomize_b(m: &Llama, name: &str, seed: u32) {

@@ -4,18 +4,13 @@
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use teamtune_llama::{Llama, LlamaConfig, LoadedModel, SamplingParams, TokenLayout, WeightSource};
+use teamtune_llama::{Llama, LoadedModel, SamplingParams, TokenLayout};
 
-use super::{default_model, fixtures, max_rel_err};
+use super::{default_model, max_rel_err};
 
 pub fn tiny() -> &'static Llama {
     static M: OnceLock<Llama> = OnceLock::new();
-    M.get_or_init(|| {
-        let dir = fixtures().join("tiny-llama31");
-        let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-        let weights = WeightSource::safetensors(vec![dir.join("model.safetensors")]).unwrap();
-        Llama::load(&cfg, &weights, DType::F32, &Device::Cpu).unwrap()
-    })
+    M.get_or_init(|| teamtune_testkit::tiny_model(DType::F32))
 }
 
 pub fn smol() -> &'static LoadedModel {
