@@ -8,7 +8,6 @@ mod util;
 
 mod collect;
 mod demo;
-mod gpu;
 mod merge;
 mod play_replay;
 mod plot_compare;

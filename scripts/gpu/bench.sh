@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# LLaMA-3.1-8B-shaped benchmark on the GPU machine: `teamtune gpu-bench` with random weights
-# made on the GPU (no download). Writes $RESULTS/bench-<config>.md (a markdown table) and the
-# log next to it. Extra arguments go to gpu-bench, e.g.
+# LLaMA-3.1-8B-shaped benchmark on the GPU machine: `teamtune-gpu bench` (the GPU harness,
+# crates/train/examples/gpu.rs) with random weights made on the GPU (no download). Writes
+# $RESULTS/bench-<config>.md (a markdown table) and the log next to it. Extra arguments go to
+# `teamtune-gpu bench`, e.g.
 #   scripts/gpu/bench.sh --skip-infer --seq 2048          # one training row pair only
 #   scripts/gpu/bench.sh --skip-train --batch 1,8         # prefill and decode only
 #   CONFIG=tiny DEVICE=cpu scripts/gpu/bench.sh --seq 64 --batch 1 --prefill-len 32  # smoke test
@@ -20,9 +21,9 @@ if [[ -z ${WEIGHTS_DIR:-} ]]; then
 fi
 tag=$CONFIG${BENCH_TAG:+-$BENCH_TAG}
 {
-  echo "# gpu-bench $(date -u +%FT%TZ), binary $TT"
+  echo "# gpu-bench $(date -u +%FT%TZ), binary $TG"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || echo "no nvidia-smi"
 } > "$RESULTS/bench-$tag.log"
-"$TT" gpu-bench --device "$DEVICE" --config "$CONFIG" --weights-dir "$WEIGHTS_DIR" --reuse-weights \
+"$TG" bench --device "$DEVICE" --config "$CONFIG" --weights-dir "$WEIGHTS_DIR" --reuse-weights \
   --out "$RESULTS/bench-$tag.md" "$@" 2>> "$RESULTS/bench-$tag.log"
 echo "table: $RESULTS/bench-$tag.md; log: $RESULTS/bench-$tag.log"

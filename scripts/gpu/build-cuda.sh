@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build `teamtune` with `--features cuda` on a machine WITHOUT a GPU or a CUDA install, and pack
-# what a GPU machine without network or Rust toolchain needs to run it.
+# Build `teamtune` and the GPU harness `teamtune-gpu` (the `gpu` example of crates/train, which
+# check.sh and bench.sh run) with `--features cuda` on a machine WITHOUT a GPU or a CUDA install,
+# and pack what a GPU machine without network or Rust toolchain needs to run them.
 #
 #   scripts/gpu/build-cuda.sh            # wheels -> toolkit layout -> build -> ldd -> tarball
 #   scripts/gpu/build-cuda.sh --no-pack  # stop after the build and the ldd check
@@ -115,23 +116,28 @@ if [[ -n $REV ]]; then
   git -C "$ROOT" archive "$REV" | tar -x -C "$SRC"
   cd "$SRC"
 fi
-log "cargo build --release --features cuda -p teamtune-cli (target dir $TARGET_DIR)"
+log "cargo build --release --features cuda -p teamtune, then -p teamtune-train --example gpu (target dir $TARGET_DIR)"
 t0=$(date +%s)
-nice -n 19 cargo build --locked --release --features cuda -p teamtune-cli --bin teamtune \
+nice -n 19 cargo build --locked --release --features cuda -p teamtune --bin teamtune \
+  --target-dir "$TARGET_DIR"
+nice -n 19 cargo build --locked --release --features cuda -p teamtune-train --example gpu \
   --target-dir "$TARGET_DIR"
 log "build took $(( $(date +%s) - t0 )) s"
 BIN=$TARGET_DIR/release/teamtune
+GPU_BIN=$TARGET_DIR/release/examples/gpu
 
 # 4. Shared-library needs -----------------------------------------------------------------------
-log "DT_NEEDED of $BIN:"
-objdump -p "$BIN" | awk '/NEEDED/ {print "  " $2}' >&2
-log "ldd with the wheels' libraries on LD_LIBRARY_PATH (libcuda.so.1 must come from the driver):"
-LD_LIBRARY_PATH=$CU/lib ldd "$BIN" | sed 's/^/  /' >&2 || true
+for b in "$BIN" "$GPU_BIN"; do
+  log "DT_NEEDED of $b:"
+  objdump -p "$b" | awk '/NEEDED/ {print "  " $2}' >&2
+  log "ldd with the wheels' libraries on LD_LIBRARY_PATH (libcuda.so.1 must come from the driver):"
+  LD_LIBRARY_PATH=$CU/lib ldd "$b" | sed 's/^/  /' >&2 || true
+done
 
 [[ $PACK == 1 ]] || exit 0
 
 # 5. Pack ---------------------------------------------------------------------------------------
-# Default: binary, libcudart (small), scripts and the tiny fixture: small enough for a 64 MiB
+# Default: the binaries, libcudart (small), scripts and the tiny fixture: small enough for a 64 MiB
 # carry; cuBLAS(+Lt) and cuRAND are found on the GPU machine (pip nvidia-* wheels of its torch,
 # or /usr/local/cuda) by env.sh. --with-libs also packs those from the wheels (about 730 MB:
 # for a machine that has only the driver). The linker drops libnvrtc (--as-needed: candle
@@ -142,7 +148,9 @@ P=$STAGE/teamtune-cuda
 mkdir -p "$P/bin" "$P/lib" "$P/fixtures"
 cp "$BIN" "$P/bin/teamtune"
 strip "$P/bin/teamtune"
-for so in $(objdump -p "$BIN" | awk '/NEEDED/ {print $2}'); do
+cp "$GPU_BIN" "$P/bin/teamtune-gpu"
+strip "$P/bin/teamtune-gpu"
+for so in $( (objdump -p "$BIN"; objdump -p "$GPU_BIN") | awk '/NEEDED/ {print $2}' | sort -u); do
   case $so in
     libcuda.so.1|libc.so.*|libm.so.*|libdl.so.*|libpthread.so.*|librt.so.*|libgcc_s.so.*|ld-linux*|libstdc++.so.*) continue ;;
   esac

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA against CPU on the GPU machine (from the unpacked tarball or a checkout with the cuda
-# build): `teamtune gpu-check`. Checks, each a PASS/FAIL line:
+# build): `teamtune-gpu check` (the GPU harness, crates/train/examples/gpu.rs). Checks, each a
+# PASS/FAIL line:
 #   tiny-logits-f32-{inference,training}  tiny Llama-3.1-shaped model, logits at every position
 #   tiny-kv-cache-f32                      cached decoding on the device vs full forward on CPU
 #   tiny-lora-grads-{plain,checkpointed}   every LoRA factor's gradient through the training step
@@ -10,7 +11,7 @@
 # Environment: DEVICE (cuda, cuda:N; cpu = smoke test without a GPU), MODEL (a .gguf or HF
 # folder for the model checks; default: the default model under $TEAMTUNE_HOME, or the
 # model-parts in fixtures/ joined; none found = those checks are skipped and say so),
-# TEAMTUNE (binary), RESULTS or OUT (output folder). Exit status non-zero on any FAIL.
+# TEAMTUNE_GPU (the harness binary), RESULTS or OUT (output folder). Exit status non-zero on any FAIL.
 set -euo pipefail
 source "$(cd "$(dirname "$0")" && pwd)/env.sh"
 
@@ -30,12 +31,12 @@ model_args=(--skip-model)
 
 {
   echo "# gpu-check $(date -u +%FT%TZ)"
-  echo "binary: $TT"
+  echo "binary: $TG"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
-  [[ $DEVICE == cpu ]] || ldd "$TT" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
+  [[ $DEVICE == cpu ]] || ldd "$TG" | grep -E 'cuda|cublas|curand|nvrtc|not found' || true
 } | tee "$RESULTS/check.txt"
 set +e
-"$TT" gpu-check --device "$DEVICE" --reference cpu --tiny "$TINY" "${model_args[@]}" "$@" 2> "$RESULTS/check.log" | tee -a "$RESULTS/check.txt"
+"$TG" check --device "$DEVICE" --reference cpu --tiny "$TINY" "${model_args[@]}" "$@" 2> "$RESULTS/check.log" | tee -a "$RESULTS/check.txt"
 rc=${PIPESTATUS[0]}
 set -e
 [[ $rc == 0 ]] || { echo "gpu-check failed (rc $rc); last log lines:"; tail -n 20 "$RESULTS/check.log"; } | tee -a "$RESULTS/check.txt"

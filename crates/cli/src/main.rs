@@ -1,5 +1,15 @@
-//! `teamtune`: thin commands over the teamtune crates. Each subcommand lives in its own module
-//! under `commands/`; this file only parses arguments and dispatches.
+//! `teamtune`: the command line over the teamtune crates. It parses arguments and calls.
+//!
+//! Each subcommand lives in its own module under `commands/`: its flags (clap), and the calls
+//! that load what the flags name, run the library crates and print or write their results.
+//! This file only parses arguments and dispatches. The few things the binary owns are the glue
+//! between commands: the training recipe's file and flags (`commands/recipe.rs`, whose defaults
+//! come from `teamtune_train`) and the demo's plan and phases (`commands/demo/`).
+//!
+//! It must not own logic of its own (models, data, training, evaluation, serving belong to
+//! their crates), Markdown or report writers (`teamtune-report`), text printers of library
+//! types (next to the type: e.g. `teamtune_data::PrepareReport::render`), or benchmark and
+//! check harnesses (developer binaries: the GPU harness is `crates/train/examples/gpu.rs`).
 
 mod commands;
 
@@ -44,12 +54,6 @@ enum Command {
     Compare(commands::compare::Args),
     /// Serve the model and its adapters behind an OpenAI-compatible chat-completions API.
     Serve(commands::serve::Args),
-    /// Developer check for a GPU build: device vs reference parity (scripts/gpu/check.sh).
-    #[command(name = "gpu-check", hide = true)]
-    GpuCheck(commands::gpu::CheckArgs),
-    /// Developer benchmark: LLaMA-3.1-8B-shaped random weights (scripts/gpu/bench.sh).
-    #[command(name = "gpu-bench", hide = true)]
-    GpuBench(commands::gpu::BenchArgs),
 }
 
 /// candle's elementwise ops run on its own barrier pool, whose idle workers spin for 25 000
@@ -86,7 +90,5 @@ fn main() -> anyhow::Result<()> {
         Command::Plot(args) => commands::plot::run(args),
         Command::Compare(args) => commands::compare::run(args),
         Command::Serve(args) => commands::serve::run(args),
-        Command::GpuCheck(args) => commands::gpu::run_check(args),
-        Command::GpuBench(args) => commands::gpu::run_bench(args),
     }
 }

@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod reader;
 pub mod split;
 pub mod stats;
+pub mod summary;
 pub mod template;
 
 /// The tokenizers crate this one is built with, for callers that construct a `Tokenizer`.
@@ -43,6 +44,7 @@ pub use pipeline::{
 pub use reader::{discover, read_conversations, ConversationReader, ReadOptions, ReadReport};
 pub use split::{assign_splits, conversation_key, Split, SplitBy, SplitOptions};
 pub use stats::{percentile, Percentiles, TokenStats};
+pub use summary::StatsSettings;
 pub use template::{
     options_from_tokenizer_config, BuiltinTemplate, ChatTemplate, FixedDate, TemplateOptions,
 };

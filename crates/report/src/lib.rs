@@ -1,12 +1,21 @@
-//! Reports on training runs and evaluations: a run's `metrics.jsonl` as typed records
-//! ([`metrics`]), its loss curves as PNG and SVG ([`plot`]), several runs side by side in one
-//! figure and a table ([`compare`]); `teamtune eval` results ([`eval`]) side by side per task
-//! ([`scoreboard`], and as Markdown: [`markdown`]) with the study's published scores as optional reference columns
-//! ([`reference`]) and a grouped bar chart ([`bars`]). Text is drawn with the bundled DejaVu
+//! teamtune-report: reports on training runs and evaluations.
+//!
+//! It owns the files runs and evaluations leave, as types: a run's `metrics.jsonl`
+//! ([`metrics`]) and `teamtune eval` results ([`eval`]); the figures drawn from them: loss curves
+//! as PNG and SVG ([`plot`]), several runs side by side in one figure and a table ([`compare`]),
+//! evaluations side by side per task ([`scoreboard`]) with the study's published scores as
+//! optional reference columns ([`reference`]) and a grouped bar chart ([`bars`]); and the
+//! Markdown written from them: comparison tables ([`markdown`]) and `teamtune demo`'s report.md
+//! ([`demo`], from a plain [`DemoReport`] the cli fills). Text is drawn with the bundled DejaVu
 //! Sans ([`font`]): no system fonts.
+//!
+//! It must not own, or depend on, models, training, grid worlds or command-line parsing: no
+//! `teamtune-llama`, `-train`, `-agents` or `-gridworld` dependency. What it reports arrives
+//! as files it reads or as plain input structs.
 
 pub mod bars;
 pub mod compare;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod font;
@@ -20,6 +29,9 @@ pub mod summary;
 
 pub use bars::{BarChart, BarSeries};
 pub use compare::{detect, table, Comparable, Comparison, InputKind, PALETTE};
+pub use demo::{
+    DemoAssumptions, DemoEpisode, DemoRecipe, DemoReport, DemoTraining, DemoUnconstrained,
+};
 pub use error::{ReportError, Result};
 pub use eval::{EvalResults, TaskScore, EVAL_FILE, EVAL_FORMAT};
 pub use markdown::score_table as markdown_score_table;

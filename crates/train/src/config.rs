@@ -1,8 +1,24 @@
 //! What a training run is asked to do.
 
 use serde::{Deserialize, Serialize};
+use teamtune_llama::{LoraConfig, LoraTarget};
 
 use crate::optim::AdamWParams;
+
+/// The study's adapter: rank 8, alpha 16 (scale alpha / r), dropout 0.2 on the adapter input,
+/// on all seven projections (q, k, v, o, gate, up, down). The one definition of the study's
+/// LoRA shape: `teamtune train`'s defaults (and `configs/study.toml`) derive from it.
+pub fn study_lora() -> LoraConfig {
+    LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.2,
+        use_rslora: false,
+        targets: LoraTarget::ALL.to_vec(),
+        base_model_name_or_path: None,
+        seed: 0,
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -36,7 +52,10 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The study's recipe (lr 5e-5, warm-up 0.15, min ratio 0.05, wd 0.03, clip 0.3, 6 epochs).
+    /// The study's recipe (lr 5e-5, warm-up 0.15, cosine to a min ratio of 0.05, weight decay
+    /// 0.03, clip 0.3, 6 epochs). The one definition of the study's optimisation settings:
+    /// `teamtune train`'s defaults (and `configs/study.toml`) derive from it; the adapter's are
+    /// [`study_lora`].
     pub fn study(adapter: &str, pad_id: u32) -> Self {
         TrainConfig {
             adapter: adapter.to_owned(),
@@ -56,5 +75,25 @@ impl TrainConfig {
             seed: 0,
             progress: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_study_recipe_is_the_papers() {
+        let lora = study_lora();
+        assert_eq!((lora.rank, lora.alpha, lora.dropout), (8, 16.0, 0.2));
+        assert!(!lora.use_rslora);
+        assert_eq!(lora.targets, LoraTarget::ALL.to_vec());
+        assert_eq!(lora.targets.len(), 7);
+        let c = TrainConfig::study("a", 7);
+        assert_eq!((c.adapter.as_str(), c.pad_id), ("a", 7));
+        assert_eq!((c.lr, c.epochs), (5e-5, 6));
+        assert_eq!((c.warmup_ratio, c.min_lr_ratio), (0.15, 0.05));
+        assert_eq!(c.optimizer.weight_decay, 0.03);
+        assert_eq!(c.max_grad_norm, Some(0.3));
     }
 }

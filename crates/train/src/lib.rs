@@ -20,7 +20,7 @@ pub mod step;
 pub mod trainer;
 
 pub use checkpoint::TrainerState;
-pub use config::TrainConfig;
+pub use config::{study_lora, TrainConfig};
 pub use error::{Result, TrainError};
 pub use loss::{batch_inputs, masked_nll_sum};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams};

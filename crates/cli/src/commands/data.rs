@@ -306,181 +306,23 @@ fn stats(args: StatsArgs) -> anyhow::Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report_json(report, &description))?
+            serde_json::to_string_pretty(&report.to_json(&description))?
         );
     } else {
-        print_report(report, &description, &args, elapsed);
+        let settings = StatsSettings {
+            min_score: args.min_score.clone(),
+            missing_score: args.missing_score.clone(),
+            split_by: args.split_by.clone(),
+            val_tasks: args.val_tasks.clone(),
+            val_fraction: args.val_fraction,
+            seed: args.seed,
+            max_len: args.encode.max_len,
+            overlong: args.encode.overlong.clone(),
+            train_on: args.encode.train_on.clone(),
+        };
+        print!("{}", report.render(&description, &settings, elapsed));
     }
     Ok(())
-}
-
-fn stats_json(s: &TokenStats) -> serde_json::Value {
-    serde_json::json!({
-        "conversations": s.conversations,
-        "tokens": s.tokens,
-        "trained_tokens": s.trained_tokens,
-        "trained_share": s.trained_share(),
-        "cut": s.cut,
-        "length": {
-            "min": s.lengths.min, "p50": s.lengths.p50, "p90": s.lengths.p90,
-            "p95": s.lengths.p95, "p99": s.lengths.p99, "max": s.lengths.max,
-        },
-    })
-}
-
-fn counts_json(c: &TaskCounts) -> serde_json::Value {
-    serde_json::json!({
-        "read": c.read,
-        "kept": c.kept(),
-        "pruned_low_score": c.pruned_low_score,
-        "pruned_missing_score": c.pruned_missing_score,
-        "pruned_task": c.pruned_task,
-        "render_failed": c.render_failed,
-        "dropped_overlong": c.dropped_overlong,
-        "cut": c.cut,
-        "train": c.train,
-        "validation": c.validation,
-    })
-}
-
-fn report_json(r: &PrepareReport, description: &str) -> serde_json::Value {
-    serde_json::json!({
-        "source": description,
-        "files": r.read.files,
-        "lines": r.read.lines,
-        "blank_lines": r.read.blank_lines,
-        "invalid_skipped": r.read.invalid,
-        "invalid_examples": r.read.invalid_examples.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
-        "render_errors": r.render_errors,
-        "per_task": r.per_task.iter().map(|(t, c)| (t.clone(), counts_json(c))).collect::<serde_json::Map<_, _>>(),
-        "total": counts_json(&r.totals()),
-        "train": stats_json(&r.train),
-        "validation": stats_json(&r.validation),
-    })
-}
-
-fn print_report(r: &PrepareReport, description: &str, args: &StatsArgs, elapsed: f64) {
-    let t = r.totals();
-    println!("source: {description}");
-    println!(
-        "read: {} file(s), {} lines ({} blank), {} conversations, {} invalid skipped ({:.2} s)",
-        r.read.files.len(),
-        r.read.lines,
-        r.read.blank_lines,
-        r.read.conversations,
-        r.read.invalid,
-        elapsed
-    );
-    for e in &r.read.invalid_examples {
-        println!("  skipped {e}");
-    }
-    if r.read.invalid as usize > r.read.invalid_examples.len() {
-        println!(
-            "  ... and {} more",
-            r.read.invalid as usize - r.read.invalid_examples.len()
-        );
-    }
-    for e in &r.render_errors {
-        println!("  not rendered: {e}");
-    }
-    println!(
-        "pruning: min score {}, missing score {}; split by {} ({} validation, seed {}); max length {} ({}), train on {}",
-        args.min_score,
-        args.missing_score,
-        args.split_by,
-        if args.val_tasks.is_empty() {
-            format!("{}", args.val_fraction)
-        } else {
-            args.val_tasks.join(",")
-        },
-        args.seed,
-        args.encode.max_len,
-        args.encode.overlong,
-        args.encode.train_on,
-    );
-    println!();
-    let width = r
-        .per_task
-        .keys()
-        .map(|k| k.len().max(9))
-        .max()
-        .unwrap_or(9)
-        .max(5);
-    println!(
-        "{:<width$} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>5} {:>7} {:>5}",
-        "task",
-        "read",
-        "kept",
-        "low-score",
-        "no-score",
-        "filtered",
-        "failed",
-        "too-long",
-        "cut",
-        "train",
-        "val"
-    );
-    let row = |name: &str, c: &TaskCounts| {
-        println!(
-            "{:<width$} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>5} {:>7} {:>5}",
-            name,
-            c.read,
-            c.kept(),
-            c.pruned_low_score,
-            c.pruned_missing_score,
-            c.pruned_task,
-            c.render_failed,
-            c.dropped_overlong,
-            c.cut,
-            c.train,
-            c.validation
-        )
-    };
-    for (task, c) in &r.per_task {
-        row(if task.is_empty() { "(no task)" } else { task }, c);
-    }
-    row("total", &t);
-    println!();
-    println!("{:<14} {:>12} {:>12}", "tokens", "train", "validation");
-    let line = |name: &str, a: String, b: String| println!("{name:<14} {a:>12} {b:>12}");
-    let (tr, va) = (&r.train, &r.validation);
-    line(
-        "conversations",
-        tr.conversations.to_string(),
-        va.conversations.to_string(),
-    );
-    line("total", tr.tokens.to_string(), va.tokens.to_string());
-    line(
-        "trained",
-        tr.trained_tokens.to_string(),
-        va.trained_tokens.to_string(),
-    );
-    line(
-        "trained share",
-        format!("{:.1}%", 100.0 * tr.trained_share()),
-        format!("{:.1}%", 100.0 * va.trained_share()),
-    );
-    for (name, f) in [
-        (
-            "length min",
-            (|p: &Percentiles| p.min) as fn(&Percentiles) -> usize,
-        ),
-        ("length p50", |p| p.p50),
-        ("length p90", |p| p.p90),
-        ("length p95", |p| p.p95),
-        ("length p99", |p| p.p99),
-        ("length max", |p| p.max),
-    ] {
-        line(name, f(&tr.lengths).to_string(), f(&va.lengths).to_string());
-    }
-    println!();
-    println!(
-        "over {} tokens: {} dropped, {} cut at a turn boundary",
-        args.encode.max_len, t.dropped_overlong, t.cut
-    );
-    if t.read > 0 && t.pruned_missing_score == t.read {
-        println!("note: no conversation has a score; --missing-score keep uses them all");
-    }
 }
 
 fn render(args: RenderArgs) -> anyhow::Result<()> {

@@ -4,7 +4,6 @@ pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod generate;
-pub mod gpu;
 pub mod merge;
 pub mod model_args;
 pub mod play;

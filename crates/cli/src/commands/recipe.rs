@@ -6,6 +6,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+use teamtune_llama::LoraConfig;
+use teamtune_train::TrainConfig;
 
 /// Every setting of `teamtune train` that is not an input or output path. Field names are
 /// the flags' names with `_` for `-`.
@@ -45,36 +47,41 @@ pub struct Recipe {
 }
 
 impl Default for Recipe {
-    /// The study's recipe: r 8, alpha 16, dropout 0.2 on all seven projections, lr 5e-5,
-    /// 6 epochs, 32 sequences per step, warm-up 0.15, min-LR ratio 0.05, weight decay 0.03,
-    /// clip 0.3.
+    /// The study's recipe: the adapter of [`teamtune_train::study_lora`] (r 8, alpha 16,
+    /// dropout 0.2 on all seven projections) and the optimisation of
+    /// [`TrainConfig::study`] (lr 5e-5, 6 epochs, warm-up 0.15, min-LR ratio 0.05, weight decay
+    /// 0.03, clip 0.3), with the study's data settings: 32 sequences per step in micro-batches
+    /// of 4, conversations up to 4096 tokens, pruned below 50, a tenth held out.
     fn default() -> Self {
+        let lora = teamtune_train::study_lora();
+        let train = TrainConfig::study("train", 0);
         Recipe {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.2,
-            rslora: false,
-            targets: teamtune_llama::LoraTarget::ALL
+            rank: lora.rank,
+            alpha: lora.alpha,
+            dropout: lora.dropout,
+            rslora: lora.use_rslora,
+            targets: lora
+                .targets
                 .iter()
                 .map(|t| t.module_name().to_owned())
                 .collect(),
-            lr: 5e-5,
-            epochs: 6,
-            max_steps: None,
+            lr: train.lr,
+            epochs: train.epochs,
+            max_steps: train.max_steps,
             batch_size: 32,
             micro_batch: 4,
             max_tokens: 8192,
             max_len: 4096,
-            warmup: 0.15,
-            min_lr_ratio: 0.05,
-            weight_decay: 0.03,
-            clip: 0.3,
-            min_score: 50.0,
-            validation_fraction: 0.1,
-            eval_every: None,
-            checkpoint_every: None,
-            gradient_checkpointing: false,
-            seed: 0,
+            warmup: train.warmup_ratio,
+            min_lr_ratio: train.min_lr_ratio,
+            weight_decay: train.optimizer.weight_decay,
+            clip: train.max_grad_norm.unwrap_or(0.0),
+            min_score: teamtune_data::DEFAULT_MIN_SCORE,
+            validation_fraction: teamtune_data::SplitOptions::default().validation_fraction,
+            eval_every: train.eval_every,
+            checkpoint_every: train.checkpoint_every,
+            gradient_checkpointing: train.gradient_checkpointing,
+            seed: train.seed,
         }
     }
 }
@@ -260,6 +267,38 @@ impl Recipe {
             .iter()
             .filter_map(|t| teamtune_llama::LoraTarget::parse(t))
             .collect()
+    }
+
+    /// The adapter this recipe trains (`base_model`: written into its adapter_config.json).
+    pub fn lora_config(&self, base_model: Option<String>) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            use_rslora: self.rslora,
+            targets: self.lora_targets(),
+            base_model_name_or_path: base_model,
+            seed: self.seed,
+        }
+    }
+
+    /// The trainer's settings for adapter `adapter`: the study's, with this recipe's values.
+    pub fn train_config(&self, adapter: &str, pad_id: u32) -> TrainConfig {
+        let mut config = TrainConfig::study(adapter, pad_id);
+        config.epochs = self.epochs;
+        config.max_steps = self.max_steps;
+        config.accumulation = self.batch_size.div_ceil(self.micro_batch);
+        config.lr = self.lr;
+        config.warmup_ratio = self.warmup;
+        config.min_lr_ratio = self.min_lr_ratio;
+        config.optimizer.weight_decay = self.weight_decay;
+        config.max_grad_norm = (self.clip > 0.0).then_some(self.clip);
+        config.eval_every = self.eval_every;
+        config.checkpoint_every = self.checkpoint_every;
+        config.seed = self.seed;
+        config.gradient_checkpointing = self.gradient_checkpointing;
+        config.progress = true;
+        config
     }
 }
 

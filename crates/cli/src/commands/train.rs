@@ -7,8 +7,8 @@ use teamtune_data::{
     choose_pad_id, make_batches, prepare, BatchOptions, EncodeOptions, Encoder, PrepareOptions,
     Prepared, PruneOptions, SplitOptions,
 };
-use teamtune_llama::{ChatAssets, LoraConfig};
-use teamtune_train::{TrainConfig, Trainer};
+use teamtune_llama::ChatAssets;
+use teamtune_train::Trainer;
 
 use super::model_args::{chat_template, ModelArgs};
 use super::recipe::{Recipe, RecipeFlags};
@@ -131,30 +131,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         0,
     )?;
 
-    let lora = LoraConfig {
-        rank: r.rank,
-        alpha: r.alpha,
-        dropout: r.dropout,
-        use_rslora: r.rslora,
-        targets: r.lora_targets(),
-        base_model_name_or_path: Some(loaded.files.describe()),
-        seed: r.seed,
-    };
+    let lora = r.lora_config(Some(loaded.files.describe()));
     loaded.model.add_adapter("train", &lora)?;
-    let mut config = TrainConfig::study("train", pad);
-    config.epochs = r.epochs;
-    config.max_steps = r.max_steps;
-    config.accumulation = r.batch_size.div_ceil(r.micro_batch);
-    config.lr = r.lr;
-    config.warmup_ratio = r.warmup;
-    config.min_lr_ratio = r.min_lr_ratio;
-    config.optimizer.weight_decay = r.weight_decay;
-    config.max_grad_norm = (r.clip > 0.0).then_some(r.clip);
-    config.eval_every = r.eval_every;
-    config.checkpoint_every = r.checkpoint_every;
-    config.seed = r.seed;
-    config.gradient_checkpointing = r.gradient_checkpointing;
-    config.progress = true;
+    let config = r.train_config("train", pad);
     let trainer = Trainer::new(config, &args.out)?;
     let train = &prepared.train;
     let mut source = |epoch: usize| -> teamtune_train::Result<Vec<teamtune_data::Batch>> {

@@ -1,24 +1,35 @@
-//! Hidden developer commands for a GPU machine (they ship in the `--features cuda` binary that
-//! `scripts/gpu/build-cuda.sh` packs; `scripts/gpu/check.sh` and `bench.sh` run them):
+//! The GPU developer harness: parity checks and a benchmark for a `--features cuda` build. Not
+//! part of the `teamtune` binary; `scripts/gpu/build-cuda.sh` builds it next to `teamtune` and
+//! packs it as `bin/teamtune-gpu`, and `scripts/gpu/check.sh` and `bench.sh` run it:
 //!
-//! - `gpu-check`: the device under test against a reference device (CUDA against the CPU):
+//! ```sh
+//! cargo run --release -p teamtune-train --example gpu -- check --device cpu --reference cpu \
+//!     --tiny crates/llama/tests/fixtures/tiny-llama31 --skip-model
+//! cargo run --release -p teamtune-train --example gpu --features cuda -- bench --device cuda
+//! ```
+//!
+//! - `check`: the device under test against a reference device (CUDA against the CPU):
 //!   logits of the tiny model (inference and training forwards), LoRA gradients through the
 //!   training step (plain and checkpointed), the default model's greedy continuation, and a
 //!   few bf16 training steps whose loss must track f32 (frozen base bf16, LoRA factors and
 //!   optimizer moments f32). `--device cpu --reference cpu` exercises every check on a machine
-//!   without a GPU (a test does).
-//! - `gpu-bench`: random weights of LLaMA-3.1-8B's shape made on the device (no download):
+//!   without a GPU (the tests below do).
+//! - `bench`: random weights of LLaMA-3.1-8B's shape made on the device (no download):
 //!   LoRA training tokens/s and peak memory per sequence length, with and without gradient
 //!   checkpointing; prefill and decode tokens/s per batch size; a markdown table.
 //!   `--config tiny` runs the same code on a tiny shape (a CPU smoke test).
+//!
+//! Its token ids come from its own SplitMix64 ([`token_ids`]), not the llama crate's generator.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::io::Write as IoWrite;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand};
 use teamtune_data::Batch;
 use teamtune_llama::{
     generate, load_model, parse_device, Llama, LlamaConfig, LoadedModel, LoraConfig, Mode,
@@ -26,8 +37,51 @@ use teamtune_llama::{
 };
 use teamtune_train::{accumulate, AdamW, AdamWParams, TrainConfig};
 
+#[derive(Parser)]
+#[command(
+    name = "teamtune-gpu",
+    about = "GPU developer checks and benchmark for teamtune (scripts/gpu/check.sh, bench.sh)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Device vs reference parity (scripts/gpu/check.sh).
+    Check(CheckArgs),
+    /// LLaMA-3.1-8B-shaped random weights: training and inference speed (scripts/gpu/bench.sh).
+    Bench(BenchArgs),
+}
+
+/// candle's barrier-pool workers park after a short spin, as in the `teamtune` binary.
+const CANDLE_SPIN_LIMIT: &str = "100";
+
+fn main() -> anyhow::Result<()> {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    run(Cli::parse(), &mut std::io::stdout())
+}
+
+/// Runs a parsed command, its results (PASS/FAIL lines, the table) written to `out`.
+fn run(cli: Cli, out: &mut dyn IoWrite) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Check(args) => run_check(args, out),
+        Command::Bench(args) => run_bench(args, out),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
-// gpu-check
+// check
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
@@ -54,17 +108,27 @@ pub struct CheckArgs {
     pub train_steps: usize,
 }
 
-/// One check's outcome, printed as a line and gathered for the exit status.
-struct Report {
+/// One check's outcome, written as a line and gathered for the exit status.
+struct Report<'a> {
+    out: &'a mut dyn IoWrite,
     failed: Vec<String>,
 }
 
-impl Report {
+impl Report<'_> {
     fn check(&mut self, name: &str, ok: bool, detail: String) {
-        println!("{} {name}: {detail}", if ok { "PASS" } else { "FAIL" });
+        self.say(format_args!(
+            "{} {name}: {detail}",
+            if ok { "PASS" } else { "FAIL" }
+        ));
         if !ok {
             self.failed.push(name.to_owned());
         }
+    }
+
+    /// One line of output (as `println!` would write it to stdout).
+    fn say(&mut self, line: std::fmt::Arguments) {
+        // A closed output (a pipe whose reader left) must not hide the checks' exit status.
+        let _ = writeln!(self.out, "{line}");
     }
 }
 
@@ -154,14 +218,17 @@ fn load_tiny(dir: &Path, dtype: DType, device: &Device) -> anyhow::Result<Llama>
     Ok(load_model(&files, dtype, device)?)
 }
 
-pub fn run_check(args: CheckArgs) -> anyhow::Result<()> {
+pub fn run_check(args: CheckArgs, out: &mut dyn IoWrite) -> anyhow::Result<()> {
     let dev = parse_device(&args.device)?;
     let reference = parse_device(&args.reference)?;
-    println!(
+    let mut report = Report {
+        out,
+        failed: Vec::new(),
+    };
+    report.say(format_args!(
         "gpu-check: device {} against {}",
         args.device, args.reference
-    );
-    let mut report = Report { failed: Vec::new() };
+    ));
 
     // 1. Tiny model, f32: logits of the inference and training forwards at every position.
     let ref_model = load_tiny(&args.tiny, DType::F32, &reference)?;
@@ -295,7 +362,7 @@ pub fn run_check(args: CheckArgs) -> anyhow::Result<()> {
             256,
         )?;
     } else {
-        println!("SKIP default-model checks (--skip-model)");
+        report.say(format_args!("SKIP default-model checks (--skip-model)"));
         train_bf16(
             &mut report,
             &dev,
@@ -306,7 +373,7 @@ pub fn run_check(args: CheckArgs) -> anyhow::Result<()> {
     }
 
     if report.failed.is_empty() {
-        println!("gpu-check: all checks passed");
+        report.say(format_args!("gpu-check: all checks passed"));
         Ok(())
     } else {
         bail!("gpu-check: failed: {}", report.failed.join(", "))
@@ -355,10 +422,10 @@ fn check_greedy(
             );
         } else {
             // bf16 rounds differently from f32: reported, not required to match.
-            println!(
+            report.say(format_args!(
                 "INFO model-greedy-bf16: first {same}/{} tokens equal to the f32 reference: {text:?}",
                 want.len()
-            );
+            ));
         }
     }
     Ok(())
@@ -421,7 +488,7 @@ fn train_bf16(
             }
         }
         let _ = std::fs::remove_dir_all(&tmp);
-        println!("INFO train-{tag}: losses {curve:.4?}");
+        report.say(format_args!("INFO train-{tag}: losses {curve:.4?}"));
         losses.insert(tag, curve);
     }
     let (f, b) = (&losses["f32"], &losses["bf16"]);
@@ -450,7 +517,7 @@ fn train_bf16(
 }
 
 // ---------------------------------------------------------------------------------------------
-// gpu-bench
+// bench
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -649,7 +716,7 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.prec$}"))
 }
 
-pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run_bench(args: BenchArgs, out: &mut dyn IoWrite) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let dtype = teamtune_llama::parse_dtype(&args.dtype, &device)?;
     let config_json = match args.config.as_str() {
@@ -785,7 +852,8 @@ pub fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             eprintln!("{}", md.lines().last().unwrap_or(""));
         }
     }
-    print!("{md}");
+    out.write_all(md.as_bytes())?;
+    out.flush()?;
     if let Some(out) = &args.out {
         std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
     }
@@ -877,4 +945,106 @@ fn infer_bench(
         (b * decode) as f64 / td.max(1e-9),
         peak,
     ))
+}
+
+/// The harness on the CPU (device = reference = cpu), so its logic is exercised without a GPU:
+/// `check` on the tiny model and `bench --config tiny`. (These were `crates/cli/tests/gpu.rs`
+/// when the harness was the hidden `teamtune gpu-check`/`gpu-bench`.)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> String {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../llama/tests/fixtures/tiny-llama31")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Parses `teamtune-gpu ARGS...` and runs it; its output and result.
+    fn run_args(args: &[&str]) -> (String, anyhow::Result<()>) {
+        let cli = Cli::try_parse_from(std::iter::once("teamtune-gpu").chain(args.iter().copied()))
+            .unwrap();
+        let mut out = Vec::new();
+        let result = run(cli, &mut out);
+        (String::from_utf8(out).unwrap(), result)
+    }
+
+    /// Runs `teamtune-gpu ARGS...`, asserts success and returns its output.
+    fn run_ok(args: &[&str]) -> String {
+        let (out, result) = run_args(args);
+        if let Err(e) = result {
+            panic!("{e:#}\n{out}");
+        }
+        out
+    }
+
+    #[test]
+    fn gpu_check_passes_cpu_against_cpu() {
+        let out = run_ok(&[
+            "check",
+            "--device",
+            "cpu",
+            "--reference",
+            "cpu",
+            "--tiny",
+            &tiny(),
+            "--skip-model",
+        ]);
+        for check in [
+            "tiny-logits-f32-inference",
+            "tiny-logits-f32-training",
+            "tiny-kv-cache-f32",
+            "tiny-lora-grads-plain",
+            "tiny-lora-grads-checkpointed",
+            "train-bf16-tracks-f32",
+            "train-dtypes",
+        ] {
+            assert!(
+                out.contains(&format!("PASS {check}:")),
+                "{check} missing in:\n{out}"
+            );
+        }
+        assert!(!out.contains("FAIL"), "{out}");
+        assert!(out.contains("all checks passed"), "{out}");
+    }
+
+    #[test]
+    fn gpu_bench_tiny_writes_a_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = dir.path().join("bench.md");
+        let out = run_ok(&[
+            "bench",
+            "--device",
+            "cpu",
+            "--config",
+            "tiny",
+            "--seq",
+            "32",
+            "--batch",
+            "1,2",
+            "--prefill-len",
+            "16",
+            "--decode-tokens",
+            "3",
+            "--steps",
+            "1",
+            "--out",
+            table.to_str().unwrap(),
+        ]);
+        let md = std::fs::read_to_string(&table).unwrap();
+        assert_eq!(md, out);
+        // Two training rows (with and without checkpointing) and two batch sizes, all measured.
+        assert!(md.contains("| 32 | no | "), "{md}");
+        assert!(md.contains("| 32 | yes | "), "{md}");
+        assert!(md.contains("| 1 | ") && md.contains("| 2 | "), "{md}");
+        assert!(!md.contains("error") && !md.contains("OOM"), "{md}");
+    }
+
+    #[test]
+    fn gpu_bench_rejects_an_unknown_shape() {
+        let (_, result) = run_args(&["bench", "--device", "cpu", "--config", "70b"]);
+        let e = result.unwrap_err();
+        assert!(format!("{e:#}").contains("expected 8b or tiny"), "{e:#}");
+    }
 }
