@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::runner::PlayedEpisode;
 
 /// Version tag of [`EvalReport`] files.
-pub const EVAL_FORMAT: &str = "teamtune-eval/1";
+pub use teamtune_formats::EVAL_FORMAT;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskResult {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 pub const EVAL_FILE: &str = "eval.json";
 
 /// The version tag an evaluation file must carry in its `format` field.
-pub const EVAL_FORMAT: &str = "teamtune-eval/1";
+pub use teamtune_formats::EVAL_FORMAT;
 
 /// One task's results.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
 /// The file a training run writes its metrics to, inside the run folder.
-pub const METRICS_FILE: &str = "metrics.jsonl";
+pub use teamtune_formats::METRICS_FILE;
 
 /// One optimizer step.
 #[derive(Debug, Clone, PartialEq)]

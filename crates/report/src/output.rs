@@ -2,7 +2,6 @@
 
 use crate::error::{ReportError, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The two files a figure is written to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,38 +26,26 @@ impl FigureFiles {
     }
 }
 
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// Writes `path` by letting `write` fill a temporary file beside it (same extension, so that
-/// encoders that go by it still work), then renaming it over `path`. The parent folder is
-/// created if needed; on failure the temporary file is removed and `path` is untouched.
+/// encoders that go by it still work), then renaming it over `path`
+/// ([`teamtune_formats::write_atomic_with`]). The parent folder is created if needed; on failure
+/// the temporary file is removed and `path` is untouched.
 pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let io = |source: std::io::Error| ReportError::Write {
-        path: path.to_path_buf(),
-        why: source.to_string(),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| ReportError::Write {
+    // The writer's own error is kept as it is; only the file system's errors are wrapped.
+    let mut failed = None;
+    teamtune_formats::write_atomic_with(path, |tmp| {
+        write(tmp).map_err(|e| {
+            let io = std::io::Error::other(e.to_string());
+            failed = Some(e);
+            io
+        })
+    })
+    .map_err(|source| {
+        failed.take().unwrap_or_else(|| ReportError::Write {
             path: path.to_path_buf(),
-            why: "not a file name".into(),
-        })?
-        .to_string_lossy()
-        .into_owned();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let ext = path
-        .extension()
-        .map(|e| format!(".{}", e.to_string_lossy()))
-        .unwrap_or_default();
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_file_name(format!(".{name}.{}-{n}.tmp{ext}", std::process::id()));
-    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(io));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+            why: source.to_string(),
+        })
+    })
 }
 
 #[cfg(test)]

@@ -146,16 +146,9 @@ fn rel_err(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
 
 /// Deterministic pseudo-random token ids in `[4, vocab)` (SplitMix64).
 fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
+    let mut rng = teamtune_seed::SplitMix64::new(seed);
     (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            4 + (z % (vocab as u64 - 4)) as u32
-        })
+        .map(|_| 4 + (rng.next_u64() % (vocab as u64 - 4)) as u32)
         .collect()
 }
 

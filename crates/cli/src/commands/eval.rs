@@ -62,10 +62,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     write_jsonl_atomic(&episodes, &records, false)
         .with_context(|| format!("writing {}", episodes.display()))?;
     let json = args.out.join("eval.json");
-    let tmp = args.out.join(".eval.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &json).with_context(|| format!("writing {}", json.display()))?;
+    teamtune_formats::write_atomic(&json, &serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
     print!("{}", report.table());
     println!(
         "results in {}, episodes in {}",

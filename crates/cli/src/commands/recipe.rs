@@ -168,10 +168,8 @@ impl Recipe {
     /// Writes this recipe as TOML (temporary file and rename).
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
         let text = toml::to_string(self)?;
-        let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        teamtune_formats::write_atomic(path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// This recipe with every given flag applied.

@@ -177,7 +177,12 @@ pub(super) fn run_phase(plan: &Plan, l: &Layout, phase: Phase) -> anyhow::Result
                 Phase::EvalBase,
                 &l.out,
             )?;
-            need(&l.p(RUN).join("metrics.jsonl"), phase, Phase::Train, &l.out)?;
+            need(
+                &l.p(RUN).join(teamtune_formats::METRICS_FILE),
+                phase,
+                Phase::Train,
+                &l.out,
+            )?;
             need(
                 &l.p(EVAL_TUNED).join("eval.json"),
                 phase,
