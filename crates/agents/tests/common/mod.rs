@@ -2,38 +2,10 @@
 //! fetch them (scripts/fetch-default-model.sh, idempotent), and their vocabularies.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use teamtune_guide::TokenVocab;
 use tokenizers::Tokenizer;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// (default model GGUF, Llama-3 tokenizer.json)
-fn fetched() -> &'static (PathBuf, PathBuf) {
-    static PATHS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    PATHS.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(repo_root().join("scripts/fetch-default-model.sh"))
-            .output()
-            .expect("run scripts/fetch-default-model.sh");
-        assert!(
-            out.status.success(),
-            "fetch failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let mut lines = stdout.lines().map(PathBuf::from);
-        (
-            lines.next().expect("model path"),
-            lines.next().expect("tokenizer path"),
-        )
-    })
-}
 
 /// A real tokenizer with the token that ends an assistant turn in its chat format.
 pub struct Tok {
@@ -61,19 +33,15 @@ impl Tok {
 pub fn smollm2() -> &'static Tok {
     static TOK: OnceLock<Tok> = OnceLock::new();
     TOK.get_or_init(|| {
-        let assets = teamtune_llama::load_chat_assets(fetched().0.to_str().unwrap())
-            .expect("load the default model's tokenizer");
-        make("smollm2", assets.tokenizer, "<|im_end|>")
+        let tokenizer = teamtune_testkit::default_model_assets().tokenizer.clone();
+        make("smollm2", tokenizer, "<|im_end|>")
     })
 }
 
 /// The real Llama-3 tokenizer (`<|eot_id|>`).
 pub fn llama3() -> &'static Tok {
     static TOK: OnceLock<Tok> = OnceLock::new();
-    TOK.get_or_init(|| {
-        let tokenizer = Tokenizer::from_file(&fetched().1).expect("load the Llama-3 tokenizer");
-        make("llama3", tokenizer, "<|eot_id|>")
-    })
+    TOK.get_or_init(|| make("llama3", teamtune_testkit::llama3_tokenizer(), "<|eot_id|>"))
 }
 
 fn make(name: &'static str, tokenizer: Tokenizer, eot: &str) -> Tok {

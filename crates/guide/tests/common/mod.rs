@@ -2,29 +2,10 @@
 //! (scripts/fetch-default-model.sh, idempotent): its tokenizer and vocabulary, and the model.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use teamtune_guide::TokenVocab;
 use teamtune_llama::ChatAssets;
-
-fn fetch() {
-    static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let script =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-default-model.sh");
-        let out = Command::new("bash")
-            .arg(script)
-            .output()
-            .expect("run scripts/fetch-default-model.sh");
-        assert!(
-            out.status.success(),
-            "fetch failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
 
 /// SmolLM2's chat assets, its turn end (`<|im_end|>`) and the vocabulary ending turns there.
 pub struct Tok {
@@ -51,8 +32,7 @@ impl Tok {
 pub fn smollm2() -> &'static Tok {
     static TOK: OnceLock<Tok> = OnceLock::new();
     TOK.get_or_init(|| {
-        fetch();
-        let assets = teamtune_llama::load_chat_assets("").expect("the default model's tokenizer");
+        let assets = teamtune_testkit::default_model_assets().clone();
         let end_of_turn = assets
             .tokenizer
             .token_to_id("<|im_end|>")
