@@ -203,17 +203,7 @@ fn model_policy(constrained: bool) -> ModelPolicy {
 fn model_policy_with_limit(constrained: bool, max_new_tokens: usize) -> ModelPolicy {
     common::smollm2(); // fetches the default model
     let loaded = teamtune_llama::LoadedModel::load("", DType::F32, &Device::Cpu).unwrap();
-    let template = teamtune_data::ChatTemplate::for_model(
-        loaded.assets.chat_template.as_deref(),
-        teamtune_data::TemplateOptions {
-            bos_token: loaded.assets.bos_token.clone(),
-            eos_token: loaded.assets.eos_token.clone(),
-            ..Default::default()
-        },
-        |t| loaded.assets.tokenizer.token_to_id(t).is_some(),
-    )
-    .unwrap()
-    .0;
+    let template = teamtune_guide::model_template(&loaded.assets).unwrap();
     let options = ModelPolicyOptions {
         constrained,
         max_new_tokens,

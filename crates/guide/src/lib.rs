@@ -4,7 +4,7 @@
 //! This crate owns: compiling a JSON schema for a tokenizer into a token filter with
 //! llguidance ([`TokenVocab`] once per tokenizer, [`ReplyGrammar`] once per schema,
 //! [`ReplyConstraint`] per reply), the one adapter of a constraint to the decoder
-//! ([`ConstraintFilter`]), the stop tokens of a chat model ([`stop_tokens`]), a conversation's
+//! ([`ConstraintFilter`]), the stop tokens and chat template of a chat model ([`stop_tokens`], [`model_template`]), a conversation's
 //! prompt tokens ([`prompt_tokens`]) and reusing the KV cache a new prompt shares with a
 //! session ([`common_prefix`], [`reuse_prefix`]).
 //!
@@ -24,6 +24,7 @@ mod vocab;
 pub use constraint::{ConstraintError, JsonStyle, ReplyConstraint, ReplyGrammar, TokenMask};
 pub use filter::ConstraintFilter;
 pub use prompt::{
-    common_prefix, prompt_tokens, reuse_prefix, stop_tokens, NoEndOfTurn, PromptError,
+    common_prefix, model_template, prompt_tokens, reuse_prefix, stop_tokens, NoEndOfTurn,
+    PromptError,
 };
 pub use vocab::TokenVocab;

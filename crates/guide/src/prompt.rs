@@ -2,9 +2,23 @@
 //! reply, a conversation's prompt tokens, and keeping the part of a session's KV cache that a
 //! new prompt shares with it.
 
-use teamtune_data::{ChatTemplate, DataError, Message};
-use teamtune_llama::Session;
+use teamtune_data::{ChatTemplate, DataError, Message, TemplateOptions};
+use teamtune_llama::{ChatAssets, Session};
 use tokenizers::Tokenizer;
+
+/// The chat template a loaded model is prompted with: its own (with its BOS and EOS strings),
+/// or the built-in one its special tokens point to when it ships none.
+pub fn model_template(assets: &ChatAssets) -> Result<ChatTemplate, DataError> {
+    let options = TemplateOptions {
+        bos_token: assets.bos_token.clone(),
+        eos_token: assets.eos_token.clone(),
+        ..Default::default()
+    };
+    let (template, _) = ChatTemplate::for_model(assets.chat_template.as_deref(), options, |t| {
+        assets.tokenizer.token_to_id(t).is_some()
+    })?;
+    Ok(template)
+}
 
 /// The model has no token that ends a turn: nothing could end a reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

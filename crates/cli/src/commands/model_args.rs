@@ -1,7 +1,7 @@
 //! Flags every model-running command shares, and turning them into a loaded model.
 
 use anyhow::Context;
-use teamtune_data::{ChatTemplate, TemplateOptions};
+use teamtune_data::ChatTemplate;
 use teamtune_llama::{parse_device, parse_dtype, parse_quantization, ChatAssets, LoadedModel};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -46,14 +46,5 @@ impl ModelArgs {
 
 /// The model's own chat template, or a built-in one chosen from its special tokens.
 pub fn chat_template(assets: &ChatAssets) -> anyhow::Result<ChatTemplate> {
-    let options = TemplateOptions {
-        bos_token: assets.bos_token.clone(),
-        eos_token: assets.eos_token.clone(),
-        ..Default::default()
-    };
-    let (template, _) = ChatTemplate::for_model(assets.chat_template.as_deref(), options, |t| {
-        assets.tokenizer.token_to_id(t).is_some()
-    })
-    .context("choosing a chat template (or use --raw)")?;
-    Ok(template)
+    teamtune_guide::model_template(assets).context("choosing a chat template (or use --raw)")
 }
