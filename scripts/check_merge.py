@@ -166,7 +166,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     cargo = ["cargo"]
-    teamtune = [args.teamtune] if args.teamtune else cargo + ["run", "-q", "-p", "teamtune-cli", "--"]
+    teamtune = [args.teamtune] if args.teamtune else cargo + ["run", "-q", "-p", "teamtune", "--"]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

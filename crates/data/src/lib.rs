@@ -1,6 +1,11 @@
 //! teamtune-data: conversation files to the token ids and loss masks the Hugging Face stack would
 //! produce, fast, with errors a user can act on.
 //!
+//! It owns chat templates (minijinja), tokenisation with assistant masks, JSONL trajectories and
+//! their validation, pruning, splits, batching and packing, and token statistics with their
+//! printers. It must not own model code (weights, tensors, decoding) nor tasks; the chat message
+//! itself is `teamtune-formats`' [`Message`], shared with the grid-world and the agents.
+//!
 //! The flow the trainer runs:
 //! ```no_run
 //! use teamtune_data::*;

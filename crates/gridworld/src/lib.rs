@@ -1,7 +1,10 @@
 //! The cooperative grid-world of teamtune (shared/GRIDWORLD.md): seven tasks with their
 //! parameters as data, scoring, the text of system and user messages, tolerant reply parsing,
 //! the turn loop, episode records (whose conversations are training lines), replay, rendering
-//! and scripted experts. Nothing about models.
+//! and scripted experts.
+//!
+//! It must not own anything about models, tokens or training: its conversations are plain
+//! [`Message`]s (`teamtune-formats`), which the data crate templates and the agents prompt with.
 //!
 //! The agent runtime drives an [`Episode`]: [`Episode::current`] gives whose turn it is and its
 //! user message, [`Episode::messages`] the agent's whole conversation (trim it with

@@ -6,7 +6,12 @@
 //! trained tokens of the whole accumulation window (so accumulated gradients equal one big
 //! batch's), optionally with gradient checkpointing per decoder layer. It evaluates at step 0
 //! (the base model) and every N steps, logs metrics as JSON Lines (with each step's peak
-//! memory), writes checkpoints atomically and resumes from them exactly.
+//! memory), writes checkpoints atomically and resumes from them exactly. The study's recipe is
+//! defined here once ([`study_lora`], [`TrainConfig::study`]).
+//!
+//! It must not own model internals beyond the small surface it trains through (`Llama`'s
+//! forward, adapter variables and save/load), data files or their encoding (`teamtune-data`
+//! hands it batches), nor command-line flags.
 
 pub mod checkpoint;
 pub mod config;

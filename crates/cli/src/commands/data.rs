@@ -411,28 +411,14 @@ mod tests {
     use super::*;
 
     fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/tests/fixtures")
-    }
-
-    fn fetch_default_model() {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-default-model.sh");
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        teamtune_testkit::repo_root().join("crates/data/tests/fixtures")
     }
 
     /// The default model's tokenizer and template, as the llama crate loads them from the GGUF,
     /// give the ids and masks transformers gives (fixture made by scripts/make-data-reference.sh).
     #[test]
     fn default_model_matches_transformers_reference() {
-        fetch_default_model();
+        teamtune_testkit::downloaded();
         let loaded = load(&TokenizerArgs {
             model: String::new(),
             tokenizer: None,

@@ -334,7 +334,7 @@ mod tests {
 
     #[test]
     fn the_shipped_study_config_is_the_default_recipe() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/study.toml");
+        let path = teamtune_testkit::repo_root().join("configs/study.toml");
         assert_eq!(Recipe::from_file(&path).unwrap(), Recipe::default());
     }
 

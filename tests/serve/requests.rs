@@ -1,0 +1,151 @@
+//! Bad requests get OpenAI error bodies; the API key is checked.
+
+use std::io::{Read, Write};
+
+use serde_json::{json, Value};
+
+use super::*;
+
+/// A bad request: what it is, its body, and the status, `param` and `code` it must get.
+type Case<'a> = (&'a str, Vec<u8>, u16, Option<&'a str>, Option<&'a str>);
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let server = Server::start(&[]);
+    let good = ask(BASE, "hello", 5);
+    let expected = server.chat(&good).content();
+    let with = |patch: Value| {
+        let mut r = ask(BASE, "hello", 5);
+        for (k, v) in patch.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    };
+    let long_prompt = "the cat sat on the mat ".repeat(400);
+    let cases: Vec<Case> = vec![
+        ("invalid JSON", b"{\"model\": \"tiny\", \"messages\": [".to_vec(), 400, None, None),
+        ("not an object", b"[1, 2]".to_vec(), 400, None, None),
+        ("missing model", br#"{"messages":[{"role":"user","content":"x"}]}"#.to_vec(), 400, None, None),
+        ("temperature of the wrong type", with(json!({"temperature": "hot"})).to_string().into(), 400, Some("temperature"), None),
+        ("messages of the wrong type", with(json!({"messages": "hi"})).to_string().into(), 400, Some("messages"), None),
+        ("empty messages", with(json!({"messages": []})).to_string().into(), 400, Some("messages"), None),
+        ("unknown role", with(json!({"messages": [{"role": "wizard", "content": "x"}]})).to_string().into(), 400, Some("messages[0].role"), None),
+        ("temperature out of range", with(json!({"temperature": 7})).to_string().into(), 400, Some("temperature"), None),
+        ("huge max_tokens", with(json!({"max_tokens": 1_000_000_000u64})).to_string().into(), 400, Some("max_tokens"), None),
+        ("zero max_completion_tokens", with(json!({"max_completion_tokens": 0})).to_string().into(), 400, Some("max_completion_tokens"), None),
+        ("n = 2", with(json!({"n": 2})).to_string().into(), 400, Some("n"), None),
+        ("unknown model", with(json!({"model": "gpt-17"})).to_string().into(), 404, Some("model"), Some("model_not_found")),
+        ("unknown response_format type", with(json!({"response_format": {"type": "xml"}})).to_string().into(), 400, Some("response_format.type"), None),
+        ("schema that is not an object", with(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 3}}})).to_string().into(), 400, Some("response_format.json_schema.schema"), None),
+        ("schema llguidance refuses", with(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}})).to_string().into(), 400, Some("response_format.json_schema.schema"), None),
+        ("too many stop sequences", with(json!({"stop": ["a", "b", "c", "d", "e"]})).to_string().into(), 400, Some("stop"), None),
+        ("prompt over the context", with(json!({"messages": [{"role": "user", "content": long_prompt}]})).to_string().into(), 413, Some("messages"), Some("context_length_exceeded")),
+        ("logprobs asked", with(json!({"logprobs": true})).to_string().into(), 400, Some("logprobs"), None),
+    ];
+    assert!(cases.len() >= 12);
+    for (case, body, status, param, code) in &cases {
+        let r = server.request("POST", "/v1/chat/completions", "", body);
+        r.assert_error(*status, *param, *code, case);
+        // Still serving, and still the same answer.
+        assert_eq!(server.chat(&good).content(), expected, "after {case}");
+    }
+    // A body over the limit.
+    let mut s = server.connect();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        9 << 20
+    )
+    .unwrap();
+    let mut writer = s.try_clone().unwrap();
+    // The server may answer and close before all of it is sent: write errors are expected.
+    std::thread::spawn(move || {
+        let block = vec![b' '; 1 << 16];
+        for _ in 0..(9 << 4) {
+            if writer.write_all(&block).is_err() {
+                break;
+            }
+        }
+    });
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if Resp::try_parse(&raw).is_some() {
+            break;
+        }
+    }
+    Resp::try_parse(&raw).expect("a response").assert_error(
+        413,
+        None,
+        Some("request_too_large"),
+        "body too large",
+    );
+    assert_eq!(server.chat(&good).content(), expected, "after a huge body");
+    server
+        .request("GET", "/v1/chat/completions", "", b"")
+        .assert_error(405, None, Some("unknown_url"), "wrong method");
+    server
+        .request("POST", "/v1/completions-typo", "", b"{}")
+        .assert_error(404, None, Some("unknown_url"), "unknown route");
+    // No key was asked for: a bearer token is not needed (nor harmful).
+    let r = server.request(
+        "POST",
+        "/v1/chat/completions",
+        "Authorization: Bearer anything\r\n",
+        good.to_string().as_bytes(),
+    );
+    assert_eq!(r.content(), expected);
+
+    // A client leaving mid-stream: its decode ends at the next token, far from its limit.
+    let max = 500;
+    let full = server.chat(&ask(BASE, "tell me everything", max));
+    assert_eq!(
+        full.json()["choices"][0]["finish_reason"],
+        "length",
+        "the test needs a reply that runs to its limit: {}",
+        full.body
+    );
+    let before = server.health();
+    let stream = open_stream(&server, &long_stream(BASE, max));
+    drop(stream);
+    let after = server.wait_for("the abandoned stream is cancelled", |h| {
+        h["cancelled"] == before["cancelled"].as_u64().unwrap() + 1 && h["running"] == 0
+    });
+    let decoded =
+        after["generated_tokens"].as_u64().unwrap() - before["generated_tokens"].as_u64().unwrap();
+    eprintln!("decoded after the disconnect: {decoded}");
+    assert!(
+        decoded < max / 2,
+        "the abandoned stream went on: {decoded} tokens"
+    );
+    assert_eq!(server.chat(&good).content(), expected, "after a disconnect");
+}
+
+#[test]
+fn the_api_key_is_required_when_set() {
+    let server = Server::start(&["--api-key", "sekret"]);
+    let body = ask(BASE, "hello", 3).to_string();
+    let post =
+        |headers: &str| server.request("POST", "/v1/chat/completions", headers, body.as_bytes());
+    post("").assert_error(401, None, Some("invalid_api_key"), "missing bearer");
+    post("Authorization: Bearer wrong\r\n").assert_error(
+        401,
+        None,
+        Some("invalid_api_key"),
+        "wrong bearer",
+    );
+    post("Authorization: sekret\r\n").assert_error(401, None, None, "not a bearer");
+    server.request("GET", "/v1/models", "", b"").assert_error(
+        401,
+        None,
+        None,
+        "models without a key",
+    );
+    assert_eq!(post("Authorization: Bearer sekret\r\n").status, 200);
+    // Health checks need no key.
+    assert_eq!(server.request("GET", "/health", "", b"").status, 200);
+}
