@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # LLaMA-3.1-8B-shaped benchmark on the GPU machine: `teamtune-gpu bench` (the GPU harness,
-# crates/train/examples/gpu.rs) with random weights made on the GPU (no download). Writes
+# crates/train/examples/gpu/) with random weights made on the GPU (no download). Writes
 # $RESULTS/bench-<config>.md (a markdown table) and the log next to it. Extra arguments go to
 # `teamtune-gpu bench`, e.g.
 #   scripts/gpu/bench.sh --skip-infer --seq 2048          # one training row pair only

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CUDA against CPU on the GPU machine (from the unpacked tarball or a checkout with the cuda
-# build): `teamtune-gpu check` (the GPU harness, crates/train/examples/gpu.rs). Checks, each a
+# build): `teamtune-gpu check` (the GPU harness, crates/train/examples/gpu/). Checks, each a
 # PASS/FAIL line:
 #   tiny-logits-f32-{inference,training}  tiny Llama-3.1-shaped model, logits at every position
 #   tiny-kv-cache-f32                      cached decoding on the device vs full forward on CPU

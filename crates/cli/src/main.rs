@@ -9,7 +9,7 @@
 //! It must not own logic of its own (models, data, training, evaluation, serving belong to
 //! their crates), Markdown or report writers (`teamtune-report`), text printers of library
 //! types (next to the type: e.g. `teamtune_data::PrepareReport::render`), or benchmark and
-//! check harnesses (developer binaries: the GPU harness is `crates/train/examples/gpu.rs`).
+//! check harnesses (developer binaries: the GPU harness is `crates/train/examples/gpu/`).
 
 mod commands;
 
