@@ -8,8 +8,9 @@
 //! training data has, so that constrained and trained replies look alike.
 
 use serde_json::{json, Map, Value};
-use teamtune_gridworld::reply::{MAX_MEMORY_CHARS, MAX_MESSAGE_CHARS, MAX_TEXT_CHARS};
-use teamtune_gridworld::{ActionName, TaskKind, TaskSpec};
+use teamtune_gridworld::{
+    ActionName, TaskKind, TaskSpec, MAX_MEMORY_CHARS, MAX_MESSAGE_CHARS, MAX_TEXT_CHARS,
+};
 use teamtune_guide::{JsonStyle, ReplyGrammar, TokenVocab};
 
 /// The reply's fields in the order they are written: reasoning before the action, so that

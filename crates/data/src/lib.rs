@@ -21,17 +21,17 @@
 //! The crate knows nothing of models: the caller passes a `tokenizers::Tokenizer` and a template
 //! (the model's own `chat_template`, or a built-in one).
 
-pub mod batch;
-pub mod conversation;
-pub mod encode;
-pub mod error;
-pub mod filter;
-pub mod pipeline;
-pub mod reader;
-pub mod split;
-pub mod stats;
-pub mod summary;
-pub mod template;
+mod batch;
+mod conversation;
+mod encode;
+mod error;
+mod filter;
+mod pipeline;
+mod reader;
+mod split;
+mod stats;
+mod summary;
+mod template;
 
 /// The tokenizers crate this one is built with, for callers that construct a `Tokenizer`.
 pub use tokenizers;

@@ -11,16 +11,16 @@
 //! [`window`]), [`Episode::submit`] takes the reply text; [`Episode::record`] gives the
 //! [`EpisodeRecord`] to write with [`append_records`].
 
-pub mod episode;
-pub mod error;
-pub mod expert;
-pub mod geom;
-pub mod observe;
-pub mod record;
-pub mod render;
-pub mod reply;
-pub mod task;
-pub mod world;
+mod episode;
+mod error;
+mod expert;
+mod geom;
+mod observe;
+mod record;
+mod render;
+mod reply;
+mod task;
+mod world;
 
 pub use episode::{
     replay, window, EndReason, Episode, EpisodeRecord, ReplayReport, TrainingConversation, Turn,
@@ -29,11 +29,14 @@ pub use episode::{
 pub use error::{EpisodeError, RecordError, RenderError, SpecError};
 pub use expert::{play_expert, Expert, RandomPolicy};
 pub use geom::{Dir, Pos};
-pub use observe::{Briefing, GoalView, Observation};
+pub use observe::{Briefing, CellView, GoalView, Observation};
 pub use record::{append_records, read_record, read_records, training_lines, write_jsonl_atomic};
 pub use render::{render_record, render_snapshots, render_text};
-pub use reply::{parse_reply, Reply, ReplyError};
+pub use reply::{
+    parse_reply, Reply, ReplyError, MAX_MEMORY_CHARS, MAX_MESSAGE_CHARS, MAX_REPLY_CHARS,
+    MAX_TEXT_CHARS,
+};
 pub use task::{builtin_tasks, ActionName, TaskKind, TaskRegistry, TaskSpec, BUILTIN_IDS, NAMES};
 /// The chat message of the conversations an episode writes: the one message model of teamtune.
 pub use teamtune_formats::{Message, Role};
-pub use world::{Action, World};
+pub use world::{Action, Item, World};

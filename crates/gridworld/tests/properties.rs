@@ -9,8 +9,9 @@ use common::*;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use teamtune_gridworld::observe::{CellView, GoalView};
-use teamtune_gridworld::{Episode, EpisodeRecord, Pos, TaskSpec, World, BUILTIN_IDS};
+use teamtune_gridworld::{
+    CellView, Episode, EpisodeRecord, GoalView, Pos, TaskSpec, World, BUILTIN_IDS,
+};
 
 /// A random reply: mostly valid actions (some not allowed in the task), some broken text.
 fn random_reply(rng: &mut ChaCha8Rng) -> String {

@@ -13,21 +13,21 @@
 //! `teamtune-llama`, `-train`, `-agents` or `-gridworld` dependency. What it reports arrives
 //! as files it reads or as plain input structs.
 
-pub mod bars;
-pub mod compare;
-pub mod demo;
-pub mod error;
-pub mod eval;
-pub mod font;
-pub mod markdown;
-pub mod metrics;
-pub mod output;
-pub mod plot;
-pub mod reference;
-pub mod scoreboard;
-pub mod summary;
+mod bars;
+mod compare;
+mod demo;
+mod error;
+mod eval;
+mod font;
+mod markdown;
+mod metrics;
+mod output;
+mod plot;
+mod reference;
+mod scoreboard;
+mod summary;
 
-pub use bars::{BarChart, BarSeries};
+pub use bars::{BarChart, BarSeries, ERROR_BAR};
 pub use compare::{detect, table, Comparable, Comparison, InputKind, PALETTE};
 pub use demo::{
     DemoAssumptions, DemoEpisode, DemoRecipe, DemoReport, DemoTraining, DemoUnconstrained,

@@ -355,7 +355,7 @@ fn bar_chart_with_reference_has_legend_names_and_error_bars() {
     let files = cmp.write_figure(&dir.path().join("cmp")).unwrap();
     let board = cmp.scoreboard();
     let mut colours: Vec<[u8; 3]> = board.columns.iter().map(|c| rgb(c.color)).collect();
-    colours.push(rgb(teamtune_report::bars::ERROR_BAR));
+    colours.push(rgb(teamtune_report::ERROR_BAR));
     let n = png_colours(&files.png, &colours);
     for (c, k) in colours.iter().zip(&n) {
         assert!(*k > 50, "colour {c:?} on {k} pixels: {n:?}");

@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use teamtune_data::Batch;
 use teamtune_llama::{LoadedModel, LoraConfig};
-use teamtune_train::{accumulate, clip_grad_norm, memory, AdamW, TrainConfig};
+use teamtune_train::{accumulate, clip_grad_norm, peak_rss_mib, AdamW, TrainConfig};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -79,7 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tokens_per_s_best": seq as f64 / best,
             "tokens_per_s_mean": seq as f64 / mean,
             "step_s": times,
-            "peak_rss_mib": memory::peak_rss_mib(),
+            "peak_rss_mib": peak_rss_mib(),
         })
     );
     Ok(())

@@ -13,21 +13,22 @@
 //! forward, adapter variables and save/load), data files or their encoding (`teamtune-data`
 //! hands it batches), nor command-line flags.
 
-pub mod checkpoint;
-pub mod config;
-pub mod error;
-pub mod loss;
-pub mod memory;
-pub mod metrics;
-pub mod optim;
-pub mod schedule;
-pub mod step;
-pub mod trainer;
+mod checkpoint;
+mod config;
+mod error;
+mod loss;
+mod memory;
+mod metrics;
+mod optim;
+mod schedule;
+mod step;
+mod trainer;
 
 pub use checkpoint::TrainerState;
 pub use config::{study_lora, TrainConfig};
 pub use error::{Result, TrainError};
 pub use loss::{batch_inputs, masked_nll_sum};
+pub use memory::{peak_rss_mib, reset_peak};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams};
 pub use schedule::Schedule;
 pub use step::{accumulate, evaluate};

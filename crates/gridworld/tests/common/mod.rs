@@ -1,8 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use teamtune_gridworld::world::Item;
-use teamtune_gridworld::{Pos, TaskKind, TaskSpec, World};
+use teamtune_gridworld::{Item, Pos, TaskKind, TaskSpec, World};
 
 /// A hand-built world (no randomness).
 pub fn world(kind: TaskKind, w: i32, h: i32, agents: &[(&str, (i32, i32))]) -> World {

@@ -166,7 +166,7 @@ struct PeakMemory {
 impl PeakMemory {
     fn start(device: &Device) -> Self {
         if device.is_cpu() {
-            teamtune_train::memory::reset_peak();
+            teamtune_train::reset_peak();
         }
         #[cfg(feature = "cuda")]
         {
@@ -202,7 +202,7 @@ impl PeakMemory {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             return handle.join().ok().map(|b| b as f64 / (1u64 << 30) as f64);
         }
-        teamtune_train::memory::peak_rss_mib().map(|m| m / 1024.0)
+        teamtune_train::peak_rss_mib().map(|m| m / 1024.0)
     }
 }
 
