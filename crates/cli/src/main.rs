@@ -56,19 +56,9 @@ enum Command {
     Serve(commands::serve::Args),
 }
 
-/// candle's elementwise ops run on its own barrier pool, whose idle workers spin for 25 000
-/// pauses before parking; our kernels (projections, attention, SwiGLU) run on rayon's pool over
-/// the same cores, so on a small machine those spinning workers take a core from them between
-/// every pair of ops. Parking after a short spin costs a wake-up (microseconds) per candle op
-/// instead: on 2 cores a bf16 evaluation ran 17% faster, an f32 one 3% (docs/BENCHMARKS.md).
-/// A value the user set is kept.
-const CANDLE_SPIN_LIMIT: &str = "100";
-
 fn main() -> anyhow::Result<()> {
-    // Before anything starts a thread (candle reads it when its pool first starts).
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
-    }
+    // Before anything starts a thread.
+    teamtune_llama::park_idle_candle_workers();
     // Logs go to stderr so that stdout carries only what a command produces.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -31,7 +31,7 @@ pub use decode::generate::{generate, Generated, StopReason};
 pub use decode::sampling::{Sampler, SamplingParams};
 pub use decode::session::{Decoded, NoFilter, Session, TokenFilter};
 pub use decode::stream::TextStream;
-pub use device::{parse_device, parse_dtype, parse_quantization};
+pub use device::{park_idle_candle_workers, parse_device, parse_dtype, parse_quantization};
 pub use error::{LlamaError, Result};
 pub use export::{export_merged, parse_size, ExportOptions, ExportReport};
 pub use kernels::mix_seed;

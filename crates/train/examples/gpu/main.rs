@@ -50,13 +50,9 @@ enum Command {
     Bench(BenchArgs),
 }
 
-/// candle's barrier-pool workers park after a short spin, as in the `teamtune` binary.
-const CANDLE_SPIN_LIMIT: &str = "100";
-
 fn main() -> anyhow::Result<()> {
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
-    }
+    // candle's idle workers park after a short spin, as in the `teamtune` binary.
+    teamtune_llama::park_idle_candle_workers();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
