@@ -73,15 +73,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     loaded.model.save_adapter("train", &out.join("adapter"))?;
 
     println!(
-        "{} conversations, {} steps; validation loss {}; adapter in {}",
+        "{} conversations: {summary}; adapter in {}",
         train.len(),
-        summary.steps,
-        summary
-            .eval_losses
-            .iter()
-            .map(|(step, loss)| format!("{loss:.4} at step {step}"))
-            .collect::<Vec<_>>()
-            .join(", "),
         out.join("adapter").display()
     );
     Ok(())

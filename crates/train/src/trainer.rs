@@ -26,6 +26,26 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
 }
 
+/// For people: `8 steps, last loss 0.2435; validation loss 2.0276 at step 0, 0.4125 at step 8`.
+impl std::fmt::Display for TrainSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = if self.steps == 1 { "" } else { "s" };
+        write!(f, "{} step{plural}", self.steps)?;
+        if let Some(loss) = self.last_loss {
+            write!(f, ", last loss {loss:.4}")?;
+        }
+        if !self.eval_losses.is_empty() {
+            let evals: Vec<String> = self
+                .eval_losses
+                .iter()
+                .map(|(step, loss)| format!("{loss:.4} at step {step}"))
+                .collect();
+            write!(f, "; validation loss {}", evals.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
 /// Gives the micro-batches of an epoch; must be deterministic for exact resume.
 pub type BatchSource<'a> = dyn FnMut(usize) -> Result<Vec<Batch>> + 'a;
 
@@ -214,4 +234,30 @@ fn progress_bar(total_steps: usize, enabled: bool) -> ProgressBar {
 /// Whether `step` is a multiple of a positive `k`.
 fn every(step: usize, k: Option<usize>) -> bool {
     k.and_then(|k| step.checked_rem(k)) == Some(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_reads_as_text_without_debug_forms() {
+        let s = TrainSummary {
+            steps: 8,
+            last_loss: Some(0.243_51),
+            eval_losses: vec![(0, 2.027_63), (8, 0.412_5)],
+            last_checkpoint: None,
+        };
+        assert_eq!(
+            s.to_string(),
+            "8 steps, last loss 0.2435; validation loss 2.0276 at step 0, 0.4125 at step 8"
+        );
+        let none = TrainSummary {
+            steps: 1,
+            last_loss: None,
+            eval_losses: vec![],
+            last_checkpoint: None,
+        };
+        assert_eq!(none.to_string(), "1 step");
+    }
 }

@@ -147,12 +147,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let adapter_dir = args.out.join("adapter");
     loaded.model.save_adapter("train", &adapter_dir)?;
-    println!(
-        "{} steps, last loss {:?}, eval losses {:?}; adapter in {}",
-        summary.steps,
-        summary.last_loss,
-        summary.eval_losses,
-        adapter_dir.display()
-    );
+    println!("{summary}; adapter in {}", adapter_dir.display());
     Ok(())
 }
