@@ -13,20 +13,8 @@ use teamtune::agents::{plan, run_episodes, ModelPolicy, ModelPolicyOptions, RunO
 use teamtune::gridworld::TaskSpec;
 use teamtune::llama::LoadedModel;
 
-fn main() {
-    // Errors are printed for people (their Display, with what caused them), not as Debug.
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        let mut source = e.source();
-        while let Some(cause) = source {
-            eprintln!("  caused by: {cause}");
-            source = cause.source();
-        }
-        std::process::exit(1);
-    }
-}
-
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+// anyhow prints an error for people: its message, then what caused it.
+fn main() -> anyhow::Result<()> {
     let adapter = std::env::args().nth(1).map(PathBuf::from);
 
     // The default model, and the adapter on top of it when one is given.

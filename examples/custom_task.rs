@@ -23,20 +23,8 @@ owners_in_goal = true
 rounds = 30
 "#;
 
-fn main() {
-    // Errors are printed for people (their Display, with what caused them), not as Debug.
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        let mut source = e.source();
-        while let Some(cause) = source {
-            eprintln!("  caused by: {cause}");
-            source = cause.source();
-        }
-        std::process::exit(1);
-    }
-}
-
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+// anyhow prints an error for people: its message, then what caused it.
+fn main() -> anyhow::Result<()> {
     let mut tasks = TaskRegistry::builtin();
     tasks.add_toml(MY_TASKS)?;
     let spec = tasks.get("big_permission_pick")?.clone();

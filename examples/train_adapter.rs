@@ -18,20 +18,8 @@ use teamtune::gridworld::{play_expert, write_jsonl_atomic, TaskSpec};
 use teamtune::llama::LoadedModel;
 use teamtune::train::{study_lora, TrainConfig, Trainer};
 
-fn main() {
-    // Errors are printed for people (their Display, with what caused them), not as Debug.
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        let mut source = e.source();
-        while let Some(cause) = source {
-            eprintln!("  caused by: {cause}");
-            source = cause.source();
-        }
-        std::process::exit(1);
-    }
-}
-
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+// anyhow prints an error for people: its message, then what caused it.
+fn main() -> anyhow::Result<()> {
     let out = PathBuf::from(
         std::env::args()
             .nth(1)
