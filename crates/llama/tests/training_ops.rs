@@ -3,7 +3,8 @@
 //! where the op promises the same rounding), gradients of random projections `sum(out * r)`
 //! equal, and in f64 the op's own gradient agrees with central finite differences.
 //!
-//! Here: attention probabilities, and every op's gradients coming back detached. RMSNorm,
+//! Here: attention probabilities, the tiled attention, and every op's gradients coming back
+//! detached. RMSNorm,
 //! RoPE and SwiGLU are in `training_ops_norm.rs`, the LoRA matmuls in `training_ops_lora.rs`.
 
 mod common;
@@ -163,6 +164,152 @@ fn attention_probs_split_over_threads_equal_the_composed_softmax() -> Result<()>
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tiled attention: `softmax(q k^T * scale + bias) v` in one op.
+
+/// A training bias `[b, 1, t, t]` as the model builds it: causal, packed rows (row 0 holds
+/// conversations of 37 and `t - 37` tokens), right padding (row 1 has `pad` padding tokens at the
+/// end, each seeing only itself).
+fn packed_bias(b: usize, t: usize, pad: usize) -> Result<Tensor> {
+    let mut v = vec![f32::NEG_INFINITY; b * t * t];
+    for row in 0..b {
+        let seg = |i: usize| if row == 0 && i >= 37 { 1 } else { 0 };
+        let valid = |i: usize| row != 1 || i < t - pad;
+        for q in 0..t {
+            for k in 0..=q {
+                if (valid(q) && valid(k) && seg(k) == seg(q)) || (!valid(q) && k == q) {
+                    v[(row * t + q) * t + k] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (b, 1, t, t), &Device::Cpu)?)
+}
+
+fn ref_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    Ok(ref_attention_probs(q, k, bias, scale)?.matmul(v)?)
+}
+
+/// Forward values and the gradients of q, k and v of the tiled op against the composed ops.
+fn check_tiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    rel: f64,
+    what: &str,
+) -> Result<()> {
+    let scale = 1.0 / (q.dim(3)? as f64).sqrt();
+    let got = kernels::tiled_attention(q, k, v, bias, scale)?;
+    let want = ref_attention(q, k, v, bias, scale)?;
+    assert_eq!(got.dims(), want.dims());
+    assert_close(&got, &want, rel, &format!("{what}: forward"))?;
+    let r_proj = uniform(q.dims(), 1.0, 77, q.dtype())?;
+    let inputs = [q.clone(), k.clone(), v.clone()];
+    let got = grads_of(&inputs, &r_proj, &|x| {
+        Ok(kernels::tiled_attention(&x[0], &x[1], &x[2], bias, scale)?)
+    })?;
+    let want = grads_of(&inputs, &r_proj, &|x| {
+        ref_attention(&x[0], &x[1], &x[2], bias, scale)
+    })?;
+    for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        assert!(max_abs(&want[i])? > 0.0, "{what}: {name} is zero");
+        assert_close(&got[i], &want[i], rel, &format!("{what}: {name}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn tiled_attention_equals_the_composed_ops_forward_and_backward() -> Result<()> {
+    // The small grouped-query case with a cache-style bias (padding at the start of row 1).
+    for with_bias in [true, false] {
+        let c = attn_case(DType::F32, with_bias, 51)?;
+        let v = uniform(c.k.dims(), 1.0, 52, DType::F32)?;
+        check_tiled(
+            &c.q,
+            &c.k,
+            &v,
+            c.bias.as_ref(),
+            1e-5,
+            &format!("small, bias {with_bias}"),
+        )?;
+    }
+    // Several query blocks and chunks per head, a length that is not a multiple of the block,
+    // packing and right padding, with a bias per batch row and one shared by the batch.
+    let (b, g, n_rep, t, d) = (2, 2, 3, 150, 16);
+    let q = uniform(&[b, g, n_rep * t, d], 2.0, 53, DType::F32)?;
+    let k = uniform(&[b, g, t, d], 2.0, 54, DType::F32)?;
+    let v = uniform(&[b, g, t, d], 1.0, 55, DType::F32)?;
+    let bias = packed_bias(b, t, 11)?;
+    check_tiled(&q, &k, &v, Some(&bias), 1e-5, "packed and padded")?;
+    check_tiled(
+        &q,
+        &k,
+        &v,
+        Some(&bias.narrow(0, 0, 1)?),
+        1e-5,
+        "bias shared by the batch",
+    )?;
+    // Other dtypes take the composed path, with the same results as the composed ops.
+    let c = attn_case(DType::F64, true, 56)?;
+    let v = uniform(c.k.dims(), 1.0, 57, DType::F64)?;
+    check_tiled(&c.q, &c.k, &v, c.bias.as_ref(), 1e-12, "f64")?;
+    Ok(())
+}
+
+#[test]
+fn tiled_attention_gives_masked_keys_no_gradient_and_is_the_same_on_one_thread() -> Result<()> {
+    let (b, g, n_rep, t, d, pad) = (2, 1, 2, 100, 8, 9);
+    let q = uniform(&[b, g, n_rep * t, d], 2.0, 61, DType::F32)?;
+    let k = uniform(&[b, g, t, d], 2.0, 62, DType::F32)?;
+    let v = uniform(&[b, g, t, d], 1.0, 63, DType::F32)?;
+    let bias = packed_bias(b, t, pad)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    // The padding queries' outputs are not in the loss (as in training): the padding keys of
+    // row 1 then get exactly zero gradient, and the real keys some.
+    let mut mask = vec![1f32; b * g * n_rep * t * d];
+    for (i, m) in mask.chunks_mut(d).enumerate() {
+        let (row, time) = (i / (g * n_rep * t), i % t);
+        if row == 1 && time >= t - pad {
+            m.fill(0.0);
+        }
+    }
+    let r_proj = (uniform(q.dims(), 1.0, 64, DType::F32)?
+        * Tensor::from_vec(mask, q.dims(), &Device::Cpu)?)?;
+    let inputs = [q.clone(), k.clone(), v.clone()];
+    let run = || {
+        grads_of(&inputs, &r_proj, &|x| {
+            Ok(kernels::tiled_attention(
+                &x[0],
+                &x[1],
+                &x[2],
+                Some(&bias),
+                scale,
+            )?)
+        })
+    };
+    let grads = run()?;
+    for (i, name) in [(1, "dk"), (2, "dv")] {
+        let padding = grads[i].get(1)?.narrow(1, t - pad, pad)?;
+        assert_eq!(max_abs(&padding)?, 0.0, "{name} of padding keys");
+        assert!(max_abs(&grads[i].get(1)?.narrow(1, 0, t - pad)?)? > 0.0);
+    }
+    // The backward sums its partials in an order fixed by the shapes: one thread gives the
+    // same bits as many.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let alone = pool.install(run)?;
+    for (a, b) in grads.iter().zip(&alone) {
+        assert_identical(a, b, "one thread against the pool")?;
+    }
+    Ok(())
+}
+
 /// candle stores a `Var`'s gradient as the backward returns it: a gradient that still carried
 /// its graph would keep that graph's tensors (dropout masks, output gradients) alive as long as
 /// the gradients. Every op's gradients come back detached.
@@ -209,6 +356,20 @@ fn gradients_reaching_vars_carry_no_graph() -> Result<()> {
             )?)
         },
         "attention_probs",
+    );
+    let v = uniform(c.k.dims(), 1.0, 200, DType::F32)?;
+    check(
+        &[c.q.clone(), c.k.clone(), v],
+        &|x| {
+            Ok(kernels::tiled_attention(
+                &x[0],
+                &x[1],
+                &x[2],
+                bias.as_ref(),
+                c.scale,
+            )?)
+        },
+        "tiled_attention",
     );
     let (xn, wn) = rms_case(DType::F32, 197)?;
     check(

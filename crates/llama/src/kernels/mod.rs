@@ -19,6 +19,9 @@
 //!   included, so that the scores are never stored: only the probabilities (the output, which
 //!   the following `probs @ v` keeps) and `q`, `k`. Backward:
 //!   `ds = scale * y * (g - sum(g * y))`, `dq = ds k`, `dk = ds^T q`.
+//! - [`tiled_attention`]: the whole of `softmax(q k^T * scale + bias) v`, a block of query rows
+//!   at a time against only the keys it may see, storing two numbers per query row; the
+//!   backward recomputes the probabilities block by block. What the training forward runs in f32.
 //! - [`rms_norm`]: transformers' RMSNorm with a frozen weight; keeps its input only (the
 //!   residual stream, alive anyway). Backward to the input only: no weight gradient.
 //! - [`rope`]: rotate-half RoPE; keeps nothing but the shared cos/sin tables. Backward: the
@@ -47,9 +50,11 @@ mod lora_matmul;
 mod norm_rope;
 pub(crate) mod skinny;
 mod swiglu;
+mod tiled_attention;
 
 pub use attention::attention_probs;
 pub use dropout::{dropout_mask, mix_seed, seeded_dropout};
 pub use lora_matmul::{dropout_matmul, lora_linear, FrozenMatmul};
 pub use norm_rope::{rms_norm, rope};
 pub use swiglu::silu_mul;
+pub use tiled_attention::{tiled_attention, QUERY_BLOCK};

@@ -174,35 +174,32 @@ impl Attention {
             && q.device().is_cpu()
             && q.dtype() == DType::F32
             && n_rep * t <= decode_attention::MAX_QUERY_ROWS;
-        if decode_step {
-            return Ok(decode_attention::attention(&q, &k, &v, bias, scale)?
-                .reshape((b, self.n_heads, t, self.head_dim))?
-                .transpose(1, 2)?
-                .reshape((b, t, self.n_heads * self.head_dim))?);
-        }
-        let probs = match mode {
-            // One op from q, k to probabilities: the scores are never stored for the backward.
-            Mode::Training => train_ops::attention_probs(&q, &k, bias, scale)?,
-            Mode::Inference => {
-                let scores = (q.matmul(&k.t()?)? * scale)?;
-                // Softmax in f32 at least, as transformers does for half-precision models.
-                let scores = match scores.dtype() {
-                    DType::F16 | DType::BF16 => scores.to_dtype(DType::F32)?,
-                    _ => scores,
-                };
-                let scores = match bias {
-                    Some(bias) => scores
-                        .reshape((b, self.n_kv_heads, n_rep, t, s))?
-                        .broadcast_add(&bias.to_dtype(scores.dtype())?.unsqueeze(2)?)?
-                        .reshape((b, self.n_kv_heads, n_rep * t, s))?,
-                    None => scores,
-                };
-                ops::softmax_last_dim(&scores)?
-            }
-        }
-        .to_dtype(v.dtype())?;
-        Ok(probs
-            .matmul(&v)?
+        // The weighted values `[b, n_kv_heads, n_rep * t, head_dim]`.
+        let out = if decode_step {
+            decode_attention::attention(&q, &k, &v, bias, scale)?
+        } else if mode == Mode::Training {
+            // One op from q, k, v to the weighted values: neither the scores nor the
+            // probabilities are stored for the backward.
+            train_ops::tiled_attention(&q, &k, &v, bias, scale)?
+        } else {
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            // Softmax in f32 at least, as transformers does for half-precision models.
+            let scores = match scores.dtype() {
+                DType::F16 | DType::BF16 => scores.to_dtype(DType::F32)?,
+                _ => scores,
+            };
+            let scores = match bias {
+                Some(bias) => scores
+                    .reshape((b, self.n_kv_heads, n_rep, t, s))?
+                    .broadcast_add(&bias.to_dtype(scores.dtype())?.unsqueeze(2)?)?
+                    .reshape((b, self.n_kv_heads, n_rep * t, s))?,
+                None => scores,
+            };
+            ops::softmax_last_dim(&scores)?
+                .to_dtype(v.dtype())?
+                .matmul(&v)?
+        };
+        Ok(out
             .reshape((b, self.n_heads, t, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?)

@@ -1,0 +1,789 @@
+//! Attention for training as one op, `softmax(q k^T * scale + bias) v`, computed a block of
+//! query rows at a time so that no `[heads, time, keys]` tensor exists: neither the scores nor
+//! the probabilities are stored for the backward, which recomputes them block by block from two
+//! numbers per query row (the row's maximum and its sum of exponentials).
+//!
+//! A block of at most [`QUERY_BLOCK`] query rows takes its scores against the keys it may see at
+//! once (one `[rows, keys]` tile, at most `64 x context` floats per thread), so its softmax is
+//! exact in two passes and needs none of flash attention's running rescaling; on a CPU the wider
+//! tile makes fewer, larger products. Keys a block cannot see (the future of a causal mask, other
+//! conversations of a packed row, padding at either end) are never multiplied: each query row's
+//! visible keys are a range read from the bias once per forward.
+//!
+//! Only f32 on the CPU runs here; other dtypes and devices take the composed form
+//! ([`super::attention_probs`] then `probs v`). The backward is deterministic: every query block
+//! writes its own rows of `dq`, and the key and value gradients are summed from per-chunk
+//! partials in a fixed order, whatever the number of threads.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{
+    bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use rayon::prelude::*;
+
+use super::attention::attention_probs;
+use super::cpu::contiguous_slice;
+
+/// Query rows per tile.
+pub const QUERY_BLOCK: usize = 64;
+
+/// Query rows whose key and value gradients share one partial sum in the backward: several
+/// chunks per head give the threads balanced work under a causal mask, and the number of
+/// partials (hence the summation order) depends on the shapes only.
+const CHUNK_ROWS: usize = 256;
+
+/// `softmax(q k^T * scale + bias) v` for `q` `[b, g, r, d]` and `k`, `v` `[b, g, s, d]`:
+/// `[b, g, r, d]`. `bias` (additive; 0 where a query may attend, `-inf` where not) is
+/// `[b or 1, 1, t, s]` with `r` a multiple of `t`: query row `i` uses bias row `i % t`, which is
+/// how grouped-query attention stacks its query heads along time. Gradients flow to `q`, `k`
+/// and `v`, not to the bias.
+pub fn tiled_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let fused = q.device().is_cpu() && [q, k, v].iter().all(|x| x.dtype() == DType::F32);
+    if !fused {
+        return attention_probs(q, k, bias, scale)?
+            .to_dtype(v.dtype())?
+            .matmul(v);
+    }
+    let bias = match bias {
+        Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
+        None => None,
+    };
+    let op = TiledAttention {
+        scale: scale as f32,
+        bias,
+        saved: Mutex::new(None),
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+struct TiledAttention {
+    scale: f32,
+    bias: Option<Tensor>,
+    /// What the forward leaves for the backward.
+    saved: Mutex<Option<Arc<Saved>>>,
+}
+
+/// Per query row: the maximum of its scaled, biased scores and the sum of their exponentials.
+struct Saved {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+/// The shapes of one call and which keys each query row sees.
+struct Plan {
+    b: usize,
+    g: usize,
+    r: usize,
+    s: usize,
+    d: usize,
+    /// Rows of the bias (`t`) and whether it has one per batch row.
+    t: usize,
+    bias_per_batch: bool,
+    /// `[lo, hi)` of the visible keys of each bias row (`[bias batch, t]`).
+    ranges: Vec<(usize, usize)>,
+    blocks: Vec<Block>,
+}
+
+/// Up to [`QUERY_BLOCK`] consecutive query rows of one head that share a bias batch row.
+#[derive(Clone, Copy)]
+struct Block {
+    /// `batch * g + group`.
+    head: usize,
+    /// First query row (within `r`) and row count.
+    row0: usize,
+    rows: usize,
+    /// The union of the rows' visible keys.
+    keys: (usize, usize),
+}
+
+impl Plan {
+    fn new(lq: &Layout, lk: &Layout, lv: &Layout, bias: Option<(&[f32], &Layout)>) -> Result<Self> {
+        let (b, g, r, d) = lq.shape().dims4()?;
+        let (bk, gk, s, dk) = lk.shape().dims4()?;
+        if (bk, gk, dk) != (b, g, d) || lv.shape().dims() != lk.shape().dims() {
+            bail!(
+                "tiled attention: q {:?}, k {:?} and v {:?} do not fit",
+                lq.shape(),
+                lk.shape(),
+                lv.shape()
+            )
+        }
+        let (t, bias_per_batch, ranges) = match bias {
+            None => (r.max(1), false, vec![(0, s); r.max(1)]),
+            Some((values, layout)) => {
+                let (bb, one, t, bs) = layout.shape().dims4()?;
+                if one != 1 || bs != s || (bb != b && bb != 1) || t == 0 || r % t != 0 {
+                    bail!(
+                        "tiled attention: bias {:?} does not fit scores [{b}, {g}, {r}, {s}]",
+                        layout.shape()
+                    )
+                }
+                let ranges = values.chunks(s.max(1)).map(visible_range).collect();
+                (t, bb == b && b > 1, ranges)
+            }
+        };
+        let mut blocks = Vec::new();
+        for head in 0..b * g {
+            let bias_row0 = if bias_per_batch { head / g * t } else { 0 };
+            for rep in 0..r / t {
+                for time0 in (0..t).step_by(QUERY_BLOCK) {
+                    let rows = QUERY_BLOCK.min(t - time0);
+                    let keys = ranges[bias_row0 + time0..bias_row0 + time0 + rows]
+                        .iter()
+                        .filter(|(lo, hi)| lo < hi)
+                        .fold((s, 0), |(lo, hi), &(l, h)| (lo.min(l), hi.max(h)));
+                    let keys = if keys.0 < keys.1 { keys } else { (0, 0) };
+                    blocks.push(Block {
+                        head,
+                        row0: rep * t + time0,
+                        rows,
+                        keys,
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            b,
+            g,
+            r,
+            s,
+            d,
+            t,
+            bias_per_batch,
+            ranges,
+            blocks,
+        })
+    }
+
+    /// The bias row and visible keys of query row `row` of head `head`.
+    fn row_mask(&self, head: usize, row: usize) -> (usize, (usize, usize)) {
+        let bias_row = if self.bias_per_batch {
+            head / self.g * self.t
+        } else {
+            0
+        } + row % self.t;
+        (bias_row, self.ranges[bias_row])
+    }
+}
+
+/// The keys a bias row lets through: from its first to its last finite entry (masked keys in
+/// between keep their `-inf` and get zero probability).
+fn visible_range(row: &[f32]) -> (usize, usize) {
+    match row.iter().position(|x| x.is_finite()) {
+        None => (0, 0),
+        Some(lo) => (
+            lo,
+            row.iter().rposition(|x| x.is_finite()).unwrap_or(lo) + 1,
+        ),
+    }
+}
+
+thread_local! {
+    /// Two score-sized tiles per thread, reused across blocks and calls.
+    static TILES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl TiledAttention {
+    /// The elements of the bias, if any, with its layout.
+    fn with_bias<R>(&self, f: impl FnOnce(Option<(&[f32], &Layout)>) -> Result<R>) -> Result<R> {
+        let Some(bias) = &self.bias else {
+            return f(None);
+        };
+        let (storage, layout) = bias.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            bail!("tiled attention: the bias is not on the CPU")
+        };
+        f(Some((
+            contiguous_slice::<f32>(cpu, layout, "attention bias")?,
+            layout,
+        )))
+    }
+
+    /// The probabilities of `block` against its keys, in `p` (`[rows, keys]`), from the scores
+    /// `q k^T` already there: scaled, biased, and normalised with the saved statistics, or with
+    /// new ones written to `stats`.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax(
+        &self,
+        plan: &Plan,
+        block: &Block,
+        bias: Option<&[f32]>,
+        p: &mut [f32],
+        saved: Option<&Saved>,
+        stats: Option<(&mut [f32], &mut [f32])>,
+    ) {
+        let (klo, khi) = block.keys;
+        let width = khi - klo;
+        let mut stats = stats;
+        for i in 0..block.rows {
+            let row = block.row0 + i;
+            let (bias_row, (lo, hi)) = plan.row_mask(block.head, row);
+            let x = &mut p[i * width..(i + 1) * width];
+            if lo >= hi {
+                x.fill(0.0);
+                continue;
+            }
+            let (lo, hi) = (lo - klo, hi - klo);
+            x[..lo].fill(0.0);
+            x[hi..].fill(0.0);
+            let x = &mut x[lo..hi];
+            let bias = bias.map(|v| &v[bias_row * plan.s + klo + lo..bias_row * plan.s + klo + hi]);
+            let global = block.head * plan.r + row;
+            match (saved, stats.as_mut()) {
+                (Some(saved), _) => {
+                    simd::scaled_exp(x, self.scale, bias, saved.max[global], saved.sum[global]);
+                }
+                (None, Some((max, sum))) => {
+                    let (m, s) = simd::softmax(x, self.scale, bias);
+                    max[i] = m;
+                    sum[i] = s;
+                }
+                (None, None) => unreachable!("the forward keeps its statistics"),
+            }
+        }
+    }
+}
+
+impl CustomOp3 for TiledAttention {
+    fn name(&self) -> &'static str {
+        "tiled-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = contiguous_slice::<f32>(q, lq, "q")?;
+        let k = contiguous_slice::<f32>(k, lk, "k")?;
+        let v = contiguous_slice::<f32>(v, lv, "v")?;
+        self.with_bias(|bias| {
+            let plan = Plan::new(lq, lk, lv, bias)?;
+            let bias = bias.map(|(values, _)| values);
+            let (r, s, d) = (plan.r, plan.s, plan.d);
+            let rows = plan.b * plan.g * r;
+            let mut out = vec![0f32; rows * d];
+            let mut max = vec![0f32; rows];
+            let mut sum = vec![1f32; rows];
+            // Each block owns its rows of the output and statistics: split them off in order.
+            let mut tasks = Vec::with_capacity(plan.blocks.len());
+            let (mut o_rest, mut m_rest, mut s_rest) = (&mut out[..], &mut max[..], &mut sum[..]);
+            for block in &plan.blocks {
+                let (o, o_next) = o_rest.split_at_mut(block.rows * d);
+                let (m, m_next) = m_rest.split_at_mut(block.rows);
+                let (sm, s_next) = s_rest.split_at_mut(block.rows);
+                tasks.push((block, o, m, sm));
+                (o_rest, m_rest, s_rest) = (o_next, m_next, s_next);
+            }
+            tasks.into_par_iter().for_each(|(block, o, m, sm)| {
+                let (klo, khi) = block.keys;
+                let width = khi - klo;
+                if width == 0 {
+                    return;
+                }
+                let qb = &q[(block.head * r + block.row0) * d..][..block.rows * d];
+                let kb = &k[(block.head * s + klo) * d..][..width * d];
+                let vb = &v[(block.head * s + klo) * d..][..width * d];
+                TILES.with_borrow_mut(|(p, _)| {
+                    let p = tile(p, block.rows * width);
+                    // p = q k^T
+                    gemm_f32(
+                        block.rows,
+                        width,
+                        d,
+                        p,
+                        width,
+                        false,
+                        (qb, d, 1),
+                        (kb, 1, d),
+                    );
+                    self.softmax(&plan, block, bias, p, None, Some((m, sm)));
+                    // o = p v
+                    gemm_f32(block.rows, d, width, o, d, false, (p, width, 1), (vb, d, 1));
+                });
+            });
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Arc::new(Saved { max, sum }));
+            Ok((CpuStorage::F32(out), lq.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(saved) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            bail!("tiled attention: backward before forward")
+        };
+        let grad = grad.contiguous()?;
+        let guards = [q, k, v, &grad].map(|t| t.storage_and_layout());
+        let mut slices = Vec::with_capacity(4);
+        for (storage, layout) in &guards {
+            let Storage::Cpu(cpu) = &**storage else {
+                bail!("tiled attention: backward off the CPU")
+            };
+            slices.push(contiguous_slice::<f32>(
+                cpu,
+                layout,
+                "tiled attention input",
+            )?);
+        }
+        let (lq, lk, lv) = (guards[0].1, guards[1].1, guards[2].1);
+        let (dq, dk, dv) = self.with_bias(|bias| {
+            let plan = Plan::new(lq, lk, lv, bias)?;
+            let bias = bias.map(|(values, _)| values);
+            Ok(self.backward(
+                &plan,
+                bias,
+                &saved,
+                [slices[0], slices[1], slices[2], slices[3]],
+            ))
+        })?;
+        drop(guards);
+        let device = Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(dq, lq.shape().clone(), &device)?),
+            Some(Tensor::from_vec(dk, lk.shape().clone(), &device)?),
+            Some(Tensor::from_vec(dv, lv.shape().clone(), &device)?),
+        ))
+    }
+}
+
+/// Consecutive blocks of one head whose key and value gradients go to one partial sum.
+struct Chunk<'a> {
+    blocks: &'a [Block],
+    keys: (usize, usize),
+    dq: &'a mut [f32],
+}
+
+impl TiledAttention {
+    /// `(dq, dk, dv)` from `[q, k, v, d out]`.
+    fn backward(
+        &self,
+        plan: &Plan,
+        bias: Option<&[f32]>,
+        saved: &Saved,
+        [q, k, v, dout]: [&[f32]; 4],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (r, s, d) = (plan.r, plan.s, plan.d);
+        let heads = plan.b * plan.g;
+        let mut dq = vec![0f32; heads * r * d];
+        // Chunks in order, each a run of blocks of one head with at most CHUNK_ROWS rows.
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let mut rest = &mut dq[..];
+        let mut i = 0;
+        while i < plan.blocks.len() {
+            let head = plan.blocks[i].head;
+            let mut j = i;
+            let mut rows = 0;
+            while j < plan.blocks.len()
+                && plan.blocks[j].head == head
+                && (j == i || rows + plan.blocks[j].rows <= CHUNK_ROWS)
+            {
+                rows += plan.blocks[j].rows;
+                j += 1;
+            }
+            let blocks = &plan.blocks[i..j];
+            let keys = blocks
+                .iter()
+                .filter(|b| b.keys.0 < b.keys.1)
+                .fold((s, 0), |(lo, hi), b| (lo.min(b.keys.0), hi.max(b.keys.1)));
+            let keys = if keys.0 < keys.1 { keys } else { (0, 0) };
+            let (mine, next) = rest.split_at_mut(rows * d);
+            chunks.push(Chunk {
+                blocks,
+                keys,
+                dq: mine,
+            });
+            rest = next;
+            i = j;
+        }
+        // Each chunk: its rows of dq, and partial dk, dv over its keys.
+        let partials: Vec<(usize, (usize, usize), Vec<f32>, Vec<f32>)> = chunks
+            .into_par_iter()
+            .map(|chunk| {
+                let (clo, chi) = chunk.keys;
+                let mut dk = vec![0f32; (chi - clo) * d];
+                let mut dv = vec![0f32; (chi - clo) * d];
+                let mut dq_rest = &mut chunk.dq[..];
+                for block in chunk.blocks {
+                    let (dq_b, next) = dq_rest.split_at_mut(block.rows * d);
+                    dq_rest = next;
+                    let (klo, khi) = block.keys;
+                    let width = khi - klo;
+                    if width == 0 {
+                        continue;
+                    }
+                    let at = (block.head * r + block.row0) * d;
+                    let qb = &q[at..][..block.rows * d];
+                    let gb = &dout[at..][..block.rows * d];
+                    let kb = &k[(block.head * s + klo) * d..][..width * d];
+                    let vb = &v[(block.head * s + klo) * d..][..width * d];
+                    let dk_b = &mut dk[(klo - clo) * d..][..width * d];
+                    let dv_b = &mut dv[(klo - clo) * d..][..width * d];
+                    TILES.with_borrow_mut(|(p, dp)| {
+                        let n = block.rows * width;
+                        let p = tile(p, n);
+                        let dp = tile(dp, n);
+                        gemm_f32(
+                            block.rows,
+                            width,
+                            d,
+                            p,
+                            width,
+                            false,
+                            (qb, d, 1),
+                            (kb, 1, d),
+                        );
+                        self.softmax(plan, block, bias, p, Some(saved), None);
+                        // dv += p^T d_out
+                        gemm_f32(
+                            width,
+                            d,
+                            block.rows,
+                            dv_b,
+                            d,
+                            true,
+                            (p, 1, width),
+                            (gb, d, 1),
+                        );
+                        // dp = d_out v^T, then ds = scale * p * (dp - sum(dp * p)) in place.
+                        gemm_f32(
+                            block.rows,
+                            width,
+                            d,
+                            dp,
+                            width,
+                            false,
+                            (gb, d, 1),
+                            (vb, 1, d),
+                        );
+                        for i in 0..block.rows {
+                            let row = i * width..(i + 1) * width;
+                            simd::softmax_grad(&p[row.clone()], &mut dp[row], self.scale);
+                        }
+                        // dq = ds k, dk += ds^T q
+                        gemm_f32(
+                            block.rows,
+                            d,
+                            width,
+                            dq_b,
+                            d,
+                            false,
+                            (dp, width, 1),
+                            (kb, d, 1),
+                        );
+                        gemm_f32(
+                            width,
+                            d,
+                            block.rows,
+                            dk_b,
+                            d,
+                            true,
+                            (dp, 1, width),
+                            (qb, d, 1),
+                        );
+                    });
+                }
+                (chunk.blocks[0].head, chunk.keys, dk, dv)
+            })
+            .collect();
+        // Sum the partials of each head in chunk order.
+        let mut dk = vec![0f32; heads * s * d];
+        let mut dv = vec![0f32; heads * s * d];
+        dk.par_chunks_mut(s * d)
+            .zip(dv.par_chunks_mut(s * d))
+            .enumerate()
+            .for_each(|(head, (dk, dv))| {
+                for (_, (lo, _), pk, pv) in partials.iter().filter(|p| p.0 == head) {
+                    for (x, y) in dk[lo * d..][..pk.len()].iter_mut().zip(pk) {
+                        *x += y;
+                    }
+                    for (x, y) in dv[lo * d..][..pv.len()].iter_mut().zip(pv) {
+                        *x += y;
+                    }
+                }
+            });
+        (dq, dk, dv)
+    }
+}
+
+/// The first `n` elements of a reused buffer.
+fn tile(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// `dst [m, n] (+)= lhs [m, k] @ rhs [k, n]`, each operand given as (elements, row stride,
+/// column stride); on this thread only (the callers parallelise over blocks).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) {
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(dst.len() >= extent(m, n, dst_rs, 1));
+    assert!(lhs.0.len() >= extent(m, k, lhs.1, lhs.2));
+    assert!(rhs.0.len() >= extent(k, n, rhs.1, rhs.2));
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every access of the three strided views in bounds, and
+    // `dst` does not alias the operands (it is a distinct mutable borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The row loops, written so that the compiler vectorises them, with AVX2 and FMA where the CPU
+/// has them.
+mod simd {
+    /// The softmax of `scale * x + bias` in place; returns the row's maximum and sum.
+    pub(super) fn softmax(x: &mut [f32], scale: f32, bias: Option<&[f32]>) -> (f32, f32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { avx2::softmax(x, scale, bias) };
+        }
+        softmax_body(x, scale, bias)
+    }
+
+    /// `exp(scale * x + bias - max) / sum` in place, with a forward's statistics.
+    pub(super) fn scaled_exp(x: &mut [f32], scale: f32, bias: Option<&[f32]>, max: f32, sum: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { avx2::scaled_exp(x, scale, bias, max, sum) };
+        }
+        scaled_exp_body(x, scale, bias, max, sum)
+    }
+
+    /// `dp = scale * p * (dp - sum(dp * p))` in place: the softmax's backward.
+    pub(super) fn softmax_grad(p: &[f32], dp: &mut [f32], scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { avx2::softmax_grad(p, dp, scale) };
+        }
+        softmax_grad_body(p, dp, scale)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) fn softmax(x: &mut [f32], scale: f32, bias: Option<&[f32]>) -> (f32, f32) {
+            super::softmax_body(x, scale, bias)
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) fn scaled_exp(
+            x: &mut [f32],
+            scale: f32,
+            bias: Option<&[f32]>,
+            max: f32,
+            sum: f32,
+        ) {
+            super::scaled_exp_body(x, scale, bias, max, sum)
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) fn softmax_grad(p: &[f32], dp: &mut [f32], scale: f32) {
+            super::softmax_grad_body(p, dp, scale)
+        }
+    }
+
+    #[inline(always)]
+    fn scale_and_bias(x: &mut [f32], scale: f32, bias: Option<&[f32]>) {
+        match bias {
+            Some(bias) => {
+                for (x, b) in x.iter_mut().zip(bias) {
+                    *x = *x * scale + b;
+                }
+            }
+            None => {
+                for x in x.iter_mut() {
+                    *x *= scale;
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn softmax_body(x: &mut [f32], scale: f32, bias: Option<&[f32]>) -> (f32, f32) {
+        scale_and_bias(x, scale, bias);
+        let max = max(x);
+        for x in x.iter_mut() {
+            *x = exp(*x - max);
+        }
+        let sum = sum(x);
+        for x in x.iter_mut() {
+            *x /= sum;
+        }
+        (max, sum)
+    }
+
+    #[inline(always)]
+    fn scaled_exp_body(x: &mut [f32], scale: f32, bias: Option<&[f32]>, max: f32, sum: f32) {
+        scale_and_bias(x, scale, bias);
+        for x in x.iter_mut() {
+            *x = exp(*x - max);
+        }
+        for x in x.iter_mut() {
+            *x /= sum;
+        }
+    }
+
+    #[inline(always)]
+    fn softmax_grad_body(p: &[f32], dp: &mut [f32], scale: f32) {
+        let mut lanes = [0f32; 8];
+        let mut pc = p.chunks_exact(8);
+        let mut gc = dp.chunks_exact(8);
+        for (p, g) in (&mut pc).zip(&mut gc) {
+            for l in 0..8 {
+                lanes[l] += p[l] * g[l];
+            }
+        }
+        let mut dot = fold(lanes);
+        for (p, g) in pc.remainder().iter().zip(gc.remainder()) {
+            dot += p * g;
+        }
+        for (g, p) in dp.iter_mut().zip(p) {
+            *g = p * (*g - dot) * scale;
+        }
+    }
+
+    /// The maximum of a non-empty row, in eight lanes.
+    #[inline(always)]
+    fn max(x: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                lanes[l] = lanes[l].max(c[l]);
+            }
+        }
+        let mut m = lanes.into_iter().fold(f32::NEG_INFINITY, f32::max);
+        for &v in chunks.remainder() {
+            m = m.max(v);
+        }
+        m
+    }
+
+    /// The sum of a row, in eight lanes.
+    #[inline(always)]
+    fn sum(x: &[f32]) -> f32 {
+        let mut lanes = [0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                lanes[l] += c[l];
+            }
+        }
+        let mut s = fold(lanes);
+        for &v in chunks.remainder() {
+            s += v;
+        }
+        s
+    }
+
+    #[inline(always)]
+    fn fold(l: [f32; 8]) -> f32 {
+        ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+    }
+
+    /// `e^x` to about one ulp for `x <= 0` (Cody-Waite reduction and Cephes' polynomial),
+    /// branch-free so that it vectorises; 0 below `-87` (and for `-inf`, a masked score).
+    #[inline(always)]
+    pub(super) fn exp(x: f32) -> f32 {
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        let xc = x.clamp(-87.0, 88.0);
+        let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
+        let r = xc - n * LN2_HI - n * LN2_LO;
+        let mut p = 1.987_569_1e-4f32;
+        p = p * r + 1.398_199_9e-3;
+        p = p * r + 8.333_452e-3;
+        p = p * r + 4.166_579_6e-2;
+        p = p * r + 1.666_666_5e-1;
+        p = p * r + 5.000_000_1e-1;
+        let y = p * r * r + r + 1.0;
+        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        if x < -87.0 {
+            0.0
+        } else {
+            y * two_n
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn exp_is_within_two_ulps_of_the_library_and_zero_when_masked() {
+            let mut worst = 0f64;
+            for i in 0..=200_000 {
+                let x = -87.0 + 87.0 * i as f32 / 200_000.0;
+                let want = x.exp();
+                let got = super::exp(x);
+                worst = worst.max(((got - want) / want).abs() as f64);
+            }
+            assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+            assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
+            assert_eq!(super::exp(-200.0), 0.0);
+            assert_eq!(super::exp(0.0), 1.0);
+        }
+    }
+}
