@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The LoRA training benchmark of docs/BENCHMARKS.md: teamtune and PEFT in the same run, one
 # after the other, on SmolLM2-135M-Instruct (f32, CPU, 2 threads), one sequence per step, with
-# and without gradient checkpointing. Each line is one process: tokens/s and its peak RSS.
+# and without gradient checkpointing; PEFT with transformers' default attention (sdpa) and with
+# eager. Each line is one process: tokens/s and its peak RSS (and, with /usr/bin/time, its page
+# faults and system time).
 #   scripts/bench-train.sh [SEQ...]      (default: 512 2048)
 # Env: STEPS (timed steps per process, default 3).
 set -euo pipefail
@@ -22,7 +24,9 @@ for seq in "${seqs[@]}"; do
   for ckpt in 0 1; do
     TEAMTUNE_BENCH_SEQ=$seq TEAMTUNE_BENCH_STEPS=$steps TEAMTUNE_BENCH_CHECKPOINTING=$ckpt "$bench" | tail -1
     flag=""; [ "$ckpt" = 1 ] && flag="--checkpointing"
-    "$py" scripts/bench_lora_reference.py --seq "$seq" --steps "$steps" $flag 2>/dev/null | tail -1
+    for attn in sdpa eager; do
+      "$py" scripts/bench_lora_reference.py --seq "$seq" --steps "$steps" --attn "$attn" $flag 2>/dev/null | tail -1
+    done
   done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2

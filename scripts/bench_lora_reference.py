@@ -2,6 +2,7 @@
 """PEFT baseline for the LoRA training benchmark (crates/train/benches/lora_step.rs).
 
 Run as:  $(scripts/ref-env.sh) scripts/bench_lora_reference.py --seq 512 [--steps 3] [--checkpointing]
+         [--attn sdpa|eager]
 
 Same work as the Rust bench: SmolLM2-135M-Instruct (the default Q4_1 GGUF, dequantised to f32),
 a PEFT LoRA adapter (r 8, alpha 16, dropout 0.2 on q,k,v,o,gate,up,down), one sequence of --seq
@@ -9,6 +10,7 @@ tokens (ids 1000 + (i * 7919) mod (vocab - 2000)) with every next token trained,
 backward + global-norm clipping at 0.3 + torch AdamW on the adapter; torch.set_num_threads(2).
 One warm-up step, then --steps timed steps. --checkpointing calls
 model.gradient_checkpointing_enable() (transformers' per-layer checkpointing, non-reentrant).
+--attn picks transformers' attention: sdpa (its default, what a PEFT user gets) or eager.
 
 Prints one JSON line: tokens/s of the best and the mean step and the process's peak resident
 memory (ru_maxrss, model load included, as the Rust bench reports VmHWM).
@@ -51,12 +53,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--gguf", type=Path, default=None)
+    ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     gguf = args.gguf or default_gguf()
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="eager")
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation=args.attn)
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.2, task_type="CAUSAL_LM",
@@ -81,7 +84,7 @@ def main() -> None:
         print(f"step {step}: {time.perf_counter() - started:.2f}s", file=sys.stderr, flush=True)
     best, mean = min(times), sum(times) / len(times)
     print(json.dumps({
-        "impl": "peft", "torch": torch.__version__, "transformers": transformers.__version__,
+        "impl": f"peft-{args.attn}", "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "seq": args.seq, "gradient_checkpointing": args.checkpointing,
         "threads": torch.get_num_threads(), "steps": args.steps,
         "tokens_per_s_best": args.seq / best, "tokens_per_s_mean": args.seq / mean,

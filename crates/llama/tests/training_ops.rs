@@ -3,8 +3,8 @@
 //! where the op promises the same rounding), gradients of random projections `sum(out * r)`
 //! equal, and in f64 the op's own gradient agrees with central finite differences.
 //!
-//! Here: attention probabilities, the tiled attention, and every op's gradients coming back
-//! detached. RMSNorm,
+//! Here: attention probabilities, the tiled attention, the fused LM head and cross-entropy, and
+//! every op's gradients coming back detached. RMSNorm,
 //! RoPE and SwiGLU are in `training_ops_norm.rs`, the LoRA matmuls in `training_ops_lora.rs`.
 
 mod common;
@@ -310,6 +310,45 @@ fn tiled_attention_gives_masked_keys_no_gradient_and_is_the_same_on_one_thread()
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// The LM head and the token loss in one op.
+
+fn ref_cross_entropy(x: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let logits = x.matmul(&w.t()?)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let idx = Tensor::new(targets, &Device::Cpu)?.unsqueeze(1)?;
+    Ok(logp.gather(&idx, 1)?.squeeze(1)?.neg()?)
+}
+
+#[test]
+fn linear_cross_entropy_equals_the_composed_loss_and_gradient() -> Result<()> {
+    // More rows than one block of logits, and not a multiple of it.
+    let (n, h, vocab) = (300, 24, 1000);
+    for (dtype, rel) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+        let x = uniform(&[n, h], 2.0, 81, dtype)?;
+        let w = uniform(&[vocab, h], 1.0, 82, dtype)?;
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
+        let got = kernels::linear_cross_entropy(&x, &w, &targets)?;
+        let want = ref_cross_entropy(&x, &w, &targets)?;
+        assert_close(&got, &want, rel, &format!("{dtype:?} loss"))?;
+        let r_proj = uniform(&[n], 1.0, 83, dtype)?;
+        let got = grads_of(std::slice::from_ref(&x), &r_proj, &|v| {
+            Ok(kernels::linear_cross_entropy(&v[0], &w, &targets)?)
+        })?;
+        let want = grads_of(std::slice::from_ref(&x), &r_proj, &|v| {
+            ref_cross_entropy(&v[0], &w, &targets)
+        })?;
+        assert!(max_abs(&want[0])? > 0.0);
+        assert_close(&got[0], &want[0], rel, &format!("{dtype:?} dx"))?;
+    }
+    // A target outside the vocabulary is an error, not a read past the logits.
+    let x = uniform(&[2, h], 1.0, 84, DType::F32)?;
+    let w = uniform(&[vocab, h], 1.0, 85, DType::F32)?;
+    let err = kernels::linear_cross_entropy(&x, &w, &[1, vocab as u32]).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    Ok(())
+}
+
 /// candle stores a `Var`'s gradient as the backward returns it: a gradient that still carried
 /// its graph would keep that graph's tensors (dropout masks, output gradients) alive as long as
 /// the gradients. Every op's gradients come back detached.
@@ -370,6 +409,18 @@ fn gradients_reaching_vars_carry_no_graph() -> Result<()> {
             )?)
         },
         "tiled_attention",
+    );
+    let wl = uniform(&[50, 8], 1.0, 201, DType::F32)?;
+    check(
+        std::slice::from_ref(&x),
+        &|v| {
+            Ok(kernels::linear_cross_entropy(
+                &v[0],
+                &wl,
+                &[1, 2, 3, 4, 5, 6],
+            )?)
+        },
+        "linear_cross_entropy",
     );
     let (xn, wn) = rms_case(DType::F32, 197)?;
     check(

@@ -1,9 +1,10 @@
 //! Masked next-token cross-entropy in f32, from final hidden states, in chunks of positions.
 //!
-//! Only positions with a non-zero weight go through the LM head, `chunk` rows at a time, so the
-//! `[tokens, vocab]` logits of a whole batch never exist at once in the forward pass.
+//! Only positions with a non-zero weight go through the LM head, `chunk` rows at a time, and
+//! through [`Llama::token_nll`], which never keeps their logits: the `[tokens, vocab]` logits of
+//! a batch exist neither in the forward nor for the backward.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use teamtune_data::Batch;
 use teamtune_llama::{Llama, TokenLayout};
 
@@ -28,14 +29,10 @@ pub fn masked_nll_sum(
     for part in keep.chunks(chunk.max(1)) {
         let idx = Tensor::new(part, device)?;
         let rows = flat.index_select(&idx, 0)?;
-        let logits = model.logits(&rows)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let tgt: Vec<u32> = part.iter().map(|&i| targets[i as usize]).collect();
         let w: Vec<f32> = part.iter().map(|&i| weights[i as usize]).collect();
-        let tgt = Tensor::new(tgt, device)?.unsqueeze(1)?;
-        let w = Tensor::new(w, device)?;
-        let picked = logp.gather(&tgt, 1)?.squeeze(1)?;
-        total = (total - (picked * w)?.sum_all()?)?;
+        let nll = model.token_nll(&rows, &tgt)?.to_dtype(DType::F32)?;
+        total = (total + (nll * Tensor::new(w, device)?)?.sum_all()?)?;
     }
     Ok(total)
 }

@@ -22,6 +22,9 @@
 //! - [`tiled_attention`]: the whole of `softmax(q k^T * scale + bias) v`, a block of query rows
 //!   at a time against only the keys it may see, storing two numbers per query row; the
 //!   backward recomputes the probabilities block by block. What the training forward runs in f32.
+//! - [`linear_cross_entropy`]: the LM head and the token loss, `-log softmax(x W^T)[target]`,
+//!   a block of rows at a time: no `[tokens, vocab]` tensor; the gradient of `x` is computed
+//!   with each block's logits in the forward, and the backward only scales it.
 //! - [`rms_norm`]: transformers' RMSNorm with a frozen weight; keeps its input only (the
 //!   residual stream, alive anyway). Backward to the input only: no weight gradient.
 //! - [`rope`]: rotate-half RoPE; keeps nothing but the shared cos/sin tables. Backward: the
@@ -44,15 +47,18 @@
 mod attention;
 pub(crate) mod bf16_matmul;
 mod cpu;
+mod cross_entropy;
 pub(crate) mod decode_attention;
 pub(crate) mod dropout;
 mod lora_matmul;
 mod norm_rope;
+mod rows;
 pub(crate) mod skinny;
 mod swiglu;
 mod tiled_attention;
 
 pub use attention::attention_probs;
+pub use cross_entropy::linear_cross_entropy;
 pub use dropout::{dropout_mask, mix_seed, seeded_dropout};
 pub use lora_matmul::{dropout_matmul, lora_linear, FrozenMatmul};
 pub use norm_rope::{rms_norm, rope};

@@ -438,6 +438,17 @@ impl Llama {
         })
     }
 
+    /// The next-token loss `-log p(target)` of each row of hidden states `[rows, hidden]`
+    /// (after the final norm): `[rows]` in f32 (f64 for an f64 model). Through the LM head and
+    /// the softmax in one op, so the rows' logits are never kept for a backward.
+    pub fn token_nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        Ok(crate::kernels::linear_cross_entropy(
+            hidden,
+            self.lm_head.weight(),
+            targets,
+        )?)
+    }
+
     /// Logits at every position `[batch, time, vocab]` (training, evaluation).
     pub fn forward(
         &self,

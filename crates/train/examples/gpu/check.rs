@@ -63,8 +63,6 @@ impl Report<'_> {
     }
 }
 
-/// `max |a - b| / max |b|` over all elements (0 when both are all zero).
-
 pub fn run_check(args: CheckArgs, out: &mut dyn IoWrite) -> anyhow::Result<()> {
     let dev = parse_device(&args.device)?;
     let reference = parse_device(&args.reference)?;
