@@ -83,13 +83,15 @@ def main() -> None:
             times.append(time.perf_counter() - started)
         print(f"step {step}: {time.perf_counter() - started:.2f}s", file=sys.stderr, flush=True)
     best, mean = min(times), sum(times) / len(times)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({
         "impl": f"peft-{args.attn}", "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "seq": args.seq, "gradient_checkpointing": args.checkpointing,
         "threads": torch.get_num_threads(), "steps": args.steps,
         "tokens_per_s_best": args.seq / best, "tokens_per_s_mean": args.seq / mean,
         "step_s": times,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "minor_faults": usage.ru_minflt, "system_s": usage.ru_stime,
     }))
 
 

@@ -4,8 +4,8 @@
 //! AdamW. One warm-up step, then `TEAMTUNE_BENCH_STEPS` (default 3) timed steps.
 //! `TEAMTUNE_BENCH_CHECKPOINTING=1` turns on gradient checkpointing.
 //!
-//! Prints one JSON line: tokens/s of the best and the mean step, and the process's peak
-//! resident memory (model load included, as for the PEFT reference, which measures the same
+//! Prints one JSON line: tokens/s of the best and the mean step, the process's minor page
+//! faults and system time, and its peak resident memory (model load included, as for the PEFT reference, which measures the same
 //! way: scripts/bench_lora_reference.py). Run through scripts/bench-train.sh.
 
 use std::time::Instant;
@@ -13,7 +13,9 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use teamtune_data::Batch;
 use teamtune_llama::{LoadedModel, LoraConfig};
-use teamtune_train::{accumulate, clip_grad_norm, peak_rss_mib, AdamW, TrainConfig};
+use teamtune_train::{
+    accumulate, clip_grad_norm, keep_freed_memory, peak_rss_mib, AdamW, TrainConfig,
+};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -22,10 +24,24 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The process's minor page faults and system CPU seconds so far (`/proc/self/stat`, Linux):
+/// large buffers freshly mapped and zeroed every step show up here.
+fn faults_and_system_time() -> Option<(u64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, minflt 10,
+    // stime 15 (in clock ticks of 1/100 s).
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let minflt = rest.get(7)?.parse().ok()?;
+    let stime: f64 = rest.get(12)?.parse().ok()?;
+    Some((minflt, stime / 100.0))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seq: usize = env_or("TEAMTUNE_BENCH_SEQ", 512);
     let steps: usize = env_or("TEAMTUNE_BENCH_STEPS", 3);
     let checkpointing = env_or("TEAMTUNE_BENCH_CHECKPOINTING", 0u8) == 1;
+    // As `teamtune train` does.
+    keep_freed_memory();
     let mut loaded = LoadedModel::load("", DType::F32, &Device::Cpu)?;
     let model = &mut loaded.model;
     let lora = LoraConfig {
@@ -80,6 +96,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tokens_per_s_mean": seq as f64 / mean,
             "step_s": times,
             "peak_rss_mib": peak_rss_mib(),
+            "minor_faults": faults_and_system_time().map(|f| f.0),
+            "system_s": faults_and_system_time().map(|f| f.1),
         })
     );
     Ok(())

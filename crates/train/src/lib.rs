@@ -28,7 +28,7 @@ pub use checkpoint::TrainerState;
 pub use config::{study_lora, TrainConfig};
 pub use error::{Result, TrainError};
 pub use loss::{batch_inputs, masked_nll_sum};
-pub use memory::{peak_rss_mib, reset_peak};
+pub use memory::{keep_freed_memory, peak_rss_mib, reset_peak};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams};
 pub use schedule::Schedule;
 pub use step::{accumulate, evaluate};

@@ -8,7 +8,7 @@ use teamtune_data::{
     Prepared, PruneOptions, SplitOptions,
 };
 use teamtune_llama::ChatAssets;
-use teamtune_train::Trainer;
+use teamtune_train::{keep_freed_memory, Trainer};
 
 use super::model_args::{chat_template, ModelArgs};
 use super::recipe::{Recipe, RecipeFlags};
@@ -97,6 +97,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating the run folder {}", args.out.display()))?;
     recipe.save(&args.out.join("train.toml"))?;
     let r = &recipe;
+    keep_freed_memory();
     let mut loaded = args.model.load()?;
     let (encoder, prepared) = prepare_data(&args.data, &loaded.assets, r)?;
     if prepared.train.is_empty() {

@@ -8,6 +8,7 @@
 //! per mask (drawing there avoids moving a mask of activation size over the bus).
 
 use candle_core::{DType, Device, Shape, Tensor};
+use rayon::prelude::*;
 
 use teamtune_seed::{mix64, GOLDEN_GAMMA};
 
@@ -21,18 +22,23 @@ pub use teamtune_seed::mix_seed;
 pub fn dropout_mask(shape: &Shape, p: f32, seed: u64, device: &Device) -> Result<Tensor> {
     let keep_scale = 1.0 / (1.0 - p);
     if device.is_cpu() {
-        // Element pair i takes the bits of mix64(seed + i * gamma): independent of the order in which
-        // elements are produced, so the mask could be filled in parallel chunks later.
+        // Element pair i takes the bits of mix64(seed + i * gamma): independent of the order in
+        // which elements are produced, so the mask is filled in parallel chunks.
         let threshold = (p as f64 * 4_294_967_296.0) as u64;
         let n = shape.elem_count();
-        let mut data = Vec::with_capacity(n);
-        for i in 0..n.div_ceil(2) as u64 {
-            let bits = mix64(seed.wrapping_add(i.wrapping_mul(GOLDEN_GAMMA)));
-            for half in [bits & 0xFFFF_FFFF, bits >> 32] {
-                data.push(if half < threshold { 0.0 } else { keep_scale });
-            }
-        }
-        data.truncate(n);
+        let mut data = vec![0f32; n];
+        const PAIRS: usize = 1 << 13;
+        data.par_chunks_mut(2 * PAIRS)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (j, pair) in chunk.chunks_mut(2).enumerate() {
+                    let i = (c * PAIRS + j) as u64;
+                    let bits = mix64(seed.wrapping_add(i.wrapping_mul(GOLDEN_GAMMA)));
+                    for (slot, half) in pair.iter_mut().zip([bits & 0xFFFF_FFFF, bits >> 32]) {
+                        *slot = if half < threshold { 0.0 } else { keep_scale };
+                    }
+                }
+            });
         return Ok(Tensor::from_vec(data, shape, device)?);
     }
     device.set_seed(seed)?;
@@ -70,6 +76,29 @@ mod tests {
         // Odd sizes are filled exactly.
         let odd = dropout_mask(&Shape::from(7), 0.5, 1, &Device::Cpu).unwrap();
         assert_eq!(odd.dims(), &[7]);
+    }
+
+    #[test]
+    fn parallel_chunks_give_the_formula_of_each_element_pair() {
+        // Longer than one chunk and odd: element pair i is mix64(seed + i * gamma) wherever
+        // the chunks fall.
+        let n = 3 * (1 << 14) + 5;
+        let (p, seed) = (0.2f32, 11u64);
+        let got = dropout_mask(&Shape::from(n), p, seed, &Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let threshold = (p as f64 * 4_294_967_296.0) as u64;
+        for (e, &g) in got.iter().enumerate() {
+            let bits = mix64(seed.wrapping_add((e as u64 / 2).wrapping_mul(GOLDEN_GAMMA)));
+            let half = if e % 2 == 0 {
+                bits & 0xFFFF_FFFF
+            } else {
+                bits >> 32
+            };
+            let want = if half < threshold { 0.0 } else { 1.25 };
+            assert_eq!(g, want, "element {e}");
+        }
     }
 
     #[test]
