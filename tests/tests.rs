@@ -8,6 +8,7 @@ mod util;
 
 mod collect;
 mod demo;
+mod errors;
 mod merge;
 mod play_replay;
 mod plot_compare;

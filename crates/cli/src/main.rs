@@ -13,6 +13,8 @@
 
 mod commands;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -56,7 +58,7 @@ enum Command {
     Serve(commands::serve::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     // Before anything starts a thread.
     teamtune_llama::park_idle_candle_workers();
     // Logs go to stderr so that stdout carries only what a command produces.
@@ -67,7 +69,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match Cli::parse().command {
+    let result = match Cli::parse().command {
         Command::Demo(args) => commands::demo::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Data(args) => commands::data::run(args),
@@ -80,5 +82,30 @@ fn main() -> anyhow::Result<()> {
         Command::Plot(args) => commands::plot::run(args),
         Command::Compare(args) => commands::compare::run(args),
         Command::Serve(args) => commands::serve::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            print_error(&err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error for people: its message and causes. anyhow captures a backtrace whenever
+/// RUST_BACKTRACE is set, which many machines set for every program; it is printed only when
+/// the user asks for it with TEAMTUNE_BACKTRACE=1.
+fn print_error(err: &anyhow::Error) {
+    if std::env::var_os("TEAMTUNE_BACKTRACE").is_some_and(|v| v == "1") {
+        eprintln!("Error: {err:?}");
+        return;
+    }
+    eprintln!("Error: {err}");
+    let causes: Vec<String> = err.chain().skip(1).map(|c| c.to_string()).collect();
+    if !causes.is_empty() {
+        eprintln!("\nCaused by:");
+        for (i, cause) in causes.iter().enumerate() {
+            eprintln!("    {i}: {cause}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! A run's `metrics.jsonl` (written by `teamtune-train`) as typed records.
 //!
-//! Train steps: `{"step","epoch","loss","lr","grad_norm","trained_tokens","tokens_per_s"}` and
+//! Train steps: `{"step","epoch","loss","lr","grad_norm","trained_tokens","tokens_per_s"}` (every
+//! real token of the step per second; runs before 2026-12-06 counted trained tokens only) and
 //! optionally `"peak_memory_mb"`; evaluations: `{"step","epoch","eval_loss"}`. The step-0
 //! evaluation is the base model's loss (adapter disabled). Only `step` and the loss are required;
 //! other known fields may be missing (or `null`), unknown fields are ignored, and a record with

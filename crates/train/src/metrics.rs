@@ -1,5 +1,7 @@
-//! `metrics.jsonl` ([`teamtune_formats::METRICS_FILE`]): one JSON object per train step (`step, epoch, loss, lr, grad_norm,
-//! trained_tokens, tokens_per_s, peak_memory_mb`) or evaluation (`step, epoch, eval_loss`).
+//! `metrics.jsonl` ([`teamtune_formats::METRICS_FILE`]): one JSON object per train step (`step,
+//! epoch, loss, lr, grad_norm, trained_tokens, tokens, tokens_per_s, trained_tokens_per_s,
+//! peak_memory_mb`) or evaluation (`step, epoch, eval_loss`). `tokens` counts every real token
+//! of the step (what PEFT/TRL users read as tokens/s), `trained_tokens` the ones in the loss.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

@@ -168,12 +168,18 @@ impl Trainer {
                 state.batch_in_epoch = end;
                 state.last_loss = Some(loss);
                 let trained: usize = window.iter().map(Batch::trained_tokens).sum();
+                // Every real token goes through the forward and backward, as PEFT/TRL count.
+                let processed: usize = window
+                    .iter()
+                    .map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count())
+                    .sum();
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
                 let epoch_f = state.epoch as f64 + end as f64 / n as f64;
                 let mut record = serde_json::json!({
                     "step": step_no, "epoch": epoch_f, "loss": loss, "lr": lr,
                     "grad_norm": norm, "trained_tokens": trained,
-                    "tokens_per_s": trained as f64 / secs,
+                    "tokens": processed, "tokens_per_s": processed as f64 / secs,
+                    "trained_tokens_per_s": trained as f64 / secs,
                 });
                 if let Some(mb) = peak {
                     record["peak_memory_mb"] = serde_json::json!(mb);
@@ -181,7 +187,10 @@ impl Trainer {
                 log.write(record)?;
                 tracing::debug!(step = step_no, loss, lr, grad_norm = norm, "step");
                 bar.set_position(step_no as u64);
-                bar.set_message(format!("loss {loss:.4} {:.0} tok/s", trained as f64 / secs));
+                bar.set_message(format!(
+                    "loss {loss:.4} {:.0} tok/s",
+                    processed as f64 / secs
+                ));
                 let last = step_no == total_steps;
                 if !eval.is_empty() && (last || every(step_no, cfg.eval_every)) {
                     let l = evaluate(model, eval, cfg.pad_id, cfg.loss_chunk)?;

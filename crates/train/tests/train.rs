@@ -264,9 +264,25 @@ fn resume_continues_exactly() {
         m.iter()
             .filter(|r| r.get("loss").is_some() && r["step"].as_u64().unwrap() >= from)
             .map(|r| {
-                for k in ["epoch", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"] {
+                for k in [
+                    "epoch",
+                    "lr",
+                    "grad_norm",
+                    "tokens_per_s",
+                    "trained_tokens_per_s",
+                    "peak_memory_mb",
+                ] {
                     assert!(r.get(k).is_some(), "{k} missing in {r}");
                 }
+                // Every real token counts for tokens/s, the trained ones for their own rate.
+                let (all, trained) = (
+                    r["tokens"].as_u64().unwrap(),
+                    r["trained_tokens"].as_u64().unwrap(),
+                );
+                assert!(all > trained && trained > 0, "{r}");
+                let ratio = r["tokens_per_s"].as_f64().unwrap()
+                    / r["trained_tokens_per_s"].as_f64().unwrap();
+                assert!((ratio - all as f64 / trained as f64).abs() < 1e-9, "{r}");
                 (
                     r["step"].as_u64().unwrap(),
                     r["loss"].as_f64().unwrap(),

@@ -29,8 +29,9 @@ pub struct Recipe {
     pub micro_batch: usize,
     /// Token budget per micro-batch, padding included.
     pub max_tokens: usize,
-    /// Longest conversation kept, in tokens (longer ones are cut at a turn boundary).
-    pub max_len: usize,
+    /// Longest conversation kept, in tokens (longer ones are cut at a turn boundary); none:
+    /// the model's context length.
+    pub max_len: Option<usize>,
     pub warmup: f64,
     pub min_lr_ratio: f64,
     pub weight_decay: f64,
@@ -51,7 +52,8 @@ impl Default for Recipe {
     /// dropout 0.2 on all seven projections) and the optimisation of
     /// [`TrainConfig::study`] (lr 5e-5, 6 epochs, warm-up 0.15, min-LR ratio 0.05, weight decay
     /// 0.03, clip 0.3), with the study's data settings: 32 sequences per step in micro-batches
-    /// of 4, conversations up to 4096 tokens, pruned below 50, a tenth held out.
+    /// of 4 (fewer when the batch is smaller), conversations up to the model's context length,
+    /// pruned below 50, a tenth held out.
     fn default() -> Self {
         let lora = teamtune_train::study_lora();
         let train = TrainConfig::study("train", 0);
@@ -71,7 +73,7 @@ impl Default for Recipe {
             batch_size: 32,
             micro_batch: 4,
             max_tokens: 8192,
-            max_len: 4096,
+            max_len: None,
             warmup: train.warmup_ratio,
             min_lr_ratio: train.min_lr_ratio,
             weight_decay: train.optimizer.weight_decay,
@@ -116,13 +118,15 @@ pub struct RecipeFlags {
     /// Sequences per optimizer step, reached by gradient accumulation [default: 32].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Sequences per micro-batch (one forward/backward) [default: 4].
+    /// Sequences per micro-batch (one forward/backward) [default: 4, or --batch-size when
+    /// smaller].
     #[arg(long)]
     pub micro_batch: Option<usize>,
     /// Token budget per micro-batch, padding included [default: 8192].
     #[arg(long)]
     pub max_tokens: Option<usize>,
-    /// Longest conversation kept in tokens; longer ones are cut at a turn [default: 4096].
+    /// Longest conversation kept in tokens; longer ones are cut at a turn [default: the
+    /// model's context length].
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Warm-up fraction of the steps [default: 0.15].
@@ -190,7 +194,6 @@ impl Recipe {
             batch_size,
             micro_batch,
             max_tokens,
-            max_len,
             warmup,
             min_lr_ratio,
             weight_decay,
@@ -200,7 +203,12 @@ impl Recipe {
             gradient_checkpointing,
             seed
         );
+        // The micro-batch follows a smaller batch size unless it is given too.
+        if f.batch_size.is_some() && f.micro_batch.is_none() {
+            self.micro_batch = self.micro_batch.min(self.batch_size);
+        }
         for (field, flag) in [
+            (&mut self.max_len, f.max_len),
             (&mut self.max_steps, f.max_steps),
             (&mut self.eval_every, f.eval_every),
             (&mut self.checkpoint_every, f.checkpoint_every),
@@ -214,40 +222,78 @@ impl Recipe {
 
     /// Refuses settings that cannot train, naming the field.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let checks: [(bool, &str); 10] = [
-            (self.rank > 0, "rank must be positive"),
-            (self.alpha > 0.0, "alpha must be positive"),
+        let checks = [
+            (
+                self.rank > 0,
+                format!("--rank must be positive (got {})", self.rank),
+            ),
+            (
+                self.alpha > 0.0,
+                format!("--alpha must be positive (got {})", self.alpha),
+            ),
             (
                 (0.0..1.0).contains(&self.dropout),
-                "dropout must be in [0, 1)",
+                format!(
+                    "--dropout must be at least 0 and below 1 (got {})",
+                    self.dropout
+                ),
             ),
-            (self.lr > 0.0 && self.lr.is_finite(), "lr must be positive"),
-            (self.epochs > 0, "epochs must be positive"),
-            (self.micro_batch > 0, "micro_batch must be positive"),
+            (
+                self.lr > 0.0 && self.lr.is_finite(),
+                format!("--lr must be positive (got {})", self.lr),
+            ),
+            (
+                self.epochs > 0,
+                format!("--epochs must be positive (got {})", self.epochs),
+            ),
+            (
+                self.batch_size > 0,
+                format!("--batch-size must be positive (got {})", self.batch_size),
+            ),
+            (
+                self.micro_batch > 0,
+                format!("--micro-batch must be positive (got {})", self.micro_batch),
+            ),
             (
                 self.batch_size >= self.micro_batch,
-                "batch_size must be at least micro_batch",
+                format!(
+                    "--micro-batch ({}) cannot be larger than --batch-size ({})",
+                    self.micro_batch, self.batch_size
+                ),
+            ),
+            (
+                self.max_len != Some(0),
+                "--max-len must be positive".to_owned(),
             ),
             (
                 (0.0..1.0).contains(&self.warmup),
-                "warmup must be in [0, 1)",
+                format!(
+                    "--warmup must be at least 0 and below 1 (got {})",
+                    self.warmup
+                ),
             ),
             (
                 (0.0..=1.0).contains(&self.min_lr_ratio),
-                "min_lr_ratio must be in [0, 1]",
+                format!(
+                    "--min-lr-ratio must be between 0 and 1 (got {})",
+                    self.min_lr_ratio
+                ),
             ),
             (
                 (0.0..1.0).contains(&self.validation_fraction),
-                "validation_fraction must be in [0, 1)",
+                format!(
+                    "--validation-fraction must be at least 0 and below 1 (got {})",
+                    self.validation_fraction
+                ),
             ),
         ];
         for (ok, message) in checks {
             if !ok {
-                bail!("invalid training setting: {message} (got {self:?})");
+                bail!("invalid training setting: {message}");
             }
         }
         if self.targets.is_empty() {
-            bail!("invalid training setting: targets is empty");
+            bail!("invalid training setting: --targets is empty");
         }
         for t in &self.targets {
             if teamtune_llama::LoraTarget::parse(t).is_none() {
@@ -362,5 +408,49 @@ mod tests {
             ..Recipe::default()
         };
         assert!(bad.validate().unwrap_err().to_string().contains("dropout"));
+        // Errors name the flag and the value, never the whole recipe.
+        let bad = Recipe {
+            batch_size: 2,
+            micro_batch: 4,
+            ..Recipe::default()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--micro-batch (4)") && e.contains("--batch-size (2)"),
+            "{e}"
+        );
+        assert!(!e.contains("Recipe") && !e.contains("rank"), "{e}");
+    }
+
+    #[test]
+    fn the_micro_batch_follows_a_smaller_batch_size_unless_given() {
+        let small = RecipeFlags {
+            batch_size: Some(1),
+            ..Default::default()
+        };
+        let r = Recipe::default().with_flags(&small);
+        assert_eq!((r.batch_size, r.micro_batch), (1, 1));
+        r.validate().unwrap();
+        // A larger batch leaves the micro-batch alone.
+        let large = RecipeFlags {
+            batch_size: Some(64),
+            ..Default::default()
+        };
+        assert_eq!(Recipe::default().with_flags(&large).micro_batch, 4);
+        // Both given and contradictory: refused, naming both flags.
+        let both = RecipeFlags {
+            batch_size: Some(1),
+            micro_batch: Some(2),
+            ..Default::default()
+        };
+        let e = Recipe::default().with_flags(&both).validate().unwrap_err();
+        assert!(e.to_string().contains("--micro-batch (2)"), "{e}");
+        // No length limit unless one is given: the model's context length applies.
+        assert_eq!(Recipe::default().max_len, None);
+        let cut = RecipeFlags {
+            max_len: Some(2048),
+            ..Default::default()
+        };
+        assert_eq!(Recipe::default().with_flags(&cut).max_len, Some(2048));
     }
 }

@@ -55,11 +55,12 @@ pub fn effective_recipe(args: &Args) -> anyhow::Result<Recipe> {
 
 /// The conversations a run trains and validates on, encoded the way the trainer sees them:
 /// pruned below `recipe.min_score`, split by `recipe.validation_fraction` and `recipe.seed`,
-/// longer ones cut at a turn to `recipe.max_len`.
+/// longer ones cut at a turn to `recipe.max_len` (or `context_len` when the recipe has none).
 pub fn prepare_data(
     data: &[PathBuf],
     assets: &ChatAssets,
     recipe: &Recipe,
+    context_len: Option<usize>,
 ) -> anyhow::Result<(Encoder, Prepared)> {
     let r = recipe;
     let template = chat_template(assets)?;
@@ -67,7 +68,7 @@ pub fn prepare_data(
         assets.tokenizer.clone(),
         template,
         EncodeOptions {
-            max_len: Some(r.max_len),
+            max_len: r.max_len.or(context_len),
             overlong: teamtune_data::Overlong::CutAtTurn,
             ..Default::default()
         },
@@ -99,7 +100,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let r = &recipe;
     keep_freed_memory();
     let mut loaded = args.model.load()?;
-    let (encoder, prepared) = prepare_data(&args.data, &loaded.assets, r)?;
+    let context_len = loaded.model.config().max_position_embeddings;
+    let max_len = r.max_len.unwrap_or(context_len);
+    let (encoder, prepared) = prepare_data(&args.data, &loaded.assets, r, Some(context_len))?;
+    let totals = prepared.report.totals();
+    if totals.dropped_overlong + totals.cut > 0 {
+        tracing::warn!(
+            "{} conversations were longer than {max_len} tokens: {} were cut at a turn and {}              dropped (their first turn alone was longer); --max-len changes the limit",
+            totals.dropped_overlong + totals.cut,
+            totals.cut,
+            totals.dropped_overlong
+        );
+    }
     if prepared.train.is_empty() {
         bail!(
             "no training conversations left after pruning below {}",

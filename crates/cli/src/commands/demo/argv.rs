@@ -165,8 +165,6 @@ pub(super) fn phase_commands(
                 r.batch_size.to_string(),
                 "--micro-batch".into(),
                 r.micro_batch.to_string(),
-                "--max-len".into(),
-                r.max_len.to_string(),
                 "--max-tokens".into(),
                 r.max_tokens.to_string(),
                 "--min-score".into(),
@@ -178,6 +176,9 @@ pub(super) fn phase_commands(
                 "--seed".into(),
                 r.seed.to_string(),
             ]);
+            if let Some(max_len) = r.max_len {
+                c.extend(["--max-len".into(), max_len.to_string()]);
+            }
             vec![c]
         }
         Phase::Report => {

@@ -70,7 +70,7 @@ fn phase_train(plan: &Plan, l: &Layout) -> anyhow::Result<Vec<Vec<String>>> {
     }
     let assets = teamtune_llama::load_chat_assets(&plan.model)
         .with_context(|| format!("train: loading the tokenizer of model {:?}", plan.model))?;
-    let (_, prepared) = commands::train::prepare_data(&data, &assets, &plan.recipe)
+    let (_, prepared) = commands::train::prepare_data(&data, &assets, &plan.recipe, None)
         .with_context(|| format!("train: reading {}", data[0].display()))?;
     if prepared.train.is_empty() {
         bail!("train: no training conversations in {}", data[0].display());

@@ -10,6 +10,9 @@ use super::{write_atomic, Args};
 use crate::commands::recipe::Recipe;
 
 /// The version tag of plan.json.
+/// The demo's longest training conversation in tokens, unless `--max-len` says otherwise.
+pub const DEMO_MAX_LEN: usize = 1024;
+
 pub const PLAN_FORMAT: &str = "teamtune-demo-plan/2";
 
 /// Training speed assumed when sizing the run from the budget (SmolLM2-135M LoRA, f32, on 2
@@ -113,8 +116,8 @@ impl Plan {
             // experts' facts; 2 a step doubles the updates for the same tokens.
             batch_size: args.batch_size.unwrap_or(2),
             micro_batch: 1,
-            max_len: args.max_len.unwrap_or(1024),
-            max_tokens: args.max_len.unwrap_or(1024),
+            max_len: Some(args.max_len.unwrap_or(DEMO_MAX_LEN)),
+            max_tokens: args.max_len.unwrap_or(DEMO_MAX_LEN),
             // The step count decides; epochs only cap it.
             epochs: 3,
             seed: args.seed,

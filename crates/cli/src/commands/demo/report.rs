@@ -100,7 +100,7 @@ fn gather(plan: &Plan, l: &Layout, episode: usize) -> anyhow::Result<DemoReport>
             weight_decay: r.weight_decay,
             clip: r.clip,
             batch_size: r.batch_size,
-            max_len: r.max_len,
+            max_len: r.max_len.unwrap_or(super::plan::DEMO_MAX_LEN),
             min_score: r.min_score,
             validation_fraction: r.validation_fraction,
         },
