@@ -5,7 +5,8 @@
 # eager. Each line is one process: tokens/s and its peak RSS (and, with /usr/bin/time, its page
 # faults and system time).
 #   scripts/bench-train.sh [SEQ...]      (default: 512 2048)
-# Env: STEPS (timed steps per process, default 3).
+# Env: STEPS (timed steps per process, default 3), CHECKPOINTING (default "0 1"), ATTN (PEFT's
+# attention implementations, default "sdpa eager").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-default-model.sh >/dev/null
@@ -21,10 +22,10 @@ py="$(scripts/ref-env.sh)"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 seqs=("$@"); [ ${#seqs[@]} -eq 0 ] && seqs=(512 2048)
 for seq in "${seqs[@]}"; do
-  for ckpt in 0 1; do
+  for ckpt in ${CHECKPOINTING:-0 1}; do
     TEAMTUNE_BENCH_SEQ=$seq TEAMTUNE_BENCH_STEPS=$steps TEAMTUNE_BENCH_CHECKPOINTING=$ckpt "$bench" | tail -1
     flag=""; [ "$ckpt" = 1 ] && flag="--checkpointing"
-    for attn in sdpa eager; do
+    for attn in ${ATTN:-sdpa eager}; do
       "$py" scripts/bench_lora_reference.py --seq "$seq" --steps "$steps" --attn "$attn" $flag 2>/dev/null | tail -1
     done
   done
