@@ -111,3 +111,36 @@ fn an_adapter_is_required_and_a_missing_one_is_named() {
     assert!(err.contains("no-such-adapter"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn an_output_that_is_or_holds_or_sits_in_an_input_is_refused_even_with_force() {
+    // Copies of the fixtures: a refusal that failed would delete them.
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny-lora").join(f), adapter.join(f)).unwrap();
+    }
+    let model = s(&fixtures().join("tiny-llama31.gguf"));
+    for out in [
+        adapter.clone(),
+        adapter.join("merged"),
+        dir.path().to_path_buf(),
+    ] {
+        let err = merge_fails(&[
+            "--model",
+            &model,
+            "--adapter",
+            &s(&adapter),
+            "--out",
+            &s(&out),
+            "--force",
+        ]);
+        assert!(
+            err.contains("is, contains or is inside the input") && err.contains("adapter"),
+            "{err}"
+        );
+        assert!(adapter.join("adapter_model.safetensors").is_file());
+        assert!(!adapter.join("merged").exists());
+    }
+}

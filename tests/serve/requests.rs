@@ -146,6 +146,32 @@ fn the_api_key_is_required_when_set() {
         "models without a key",
     );
     assert_eq!(post("Authorization: Bearer sekret\r\n").status, 200);
+    // The scheme is case-insensitive (RFC 9110).
+    assert_eq!(post("Authorization: bearer sekret\r\n").status, 200);
+    assert_eq!(post("Authorization: BEARER sekret\r\n").status, 200);
     // Health checks need no key.
     assert_eq!(server.request("GET", "/health", "", b"").status, 200);
+}
+
+#[test]
+fn an_empty_api_key_is_refused_at_start() {
+    for (flag, env) in [(Some(""), None), (None, Some("  "))] {
+        let mut cmd = crate::util::teamtune();
+        cmd.args(["serve", "--model", "unused", "--port", "0"])
+            .env("RUST_LOG", "warn")
+            .env_remove("TEAMTUNE_API_KEY");
+        if let Some(f) = flag {
+            cmd.args(["--api-key", f]);
+        }
+        if let Some(e) = env {
+            cmd.env("TEAMTUNE_API_KEY", e);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--api-key (or TEAMTUNE_API_KEY) is empty"),
+            "{err}"
+        );
+    }
 }

@@ -81,7 +81,7 @@ async fn require_key(State(state): State<Shared>, request: Request, next: Next) 
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let err = match given.and_then(|v| v.strip_prefix("Bearer ")) {
+        let err = match given.and_then(bearer_token) {
             None => Some("missing bearer token: send `Authorization: Bearer <key>`"),
             Some(t) if !constant_time_eq(t.trim().as_bytes(), key.as_bytes()) => {
                 Some("incorrect API key")
@@ -93,6 +93,13 @@ async fn require_key(State(state): State<Shared>, request: Request, next: Next) 
         }
     }
     next.run(request).await
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110), so `bearer` and `BEARER` are accepted as well.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -228,8 +228,8 @@ impl Recipe {
                 format!("--rank must be positive (got {})", self.rank),
             ),
             (
-                self.alpha > 0.0,
-                format!("--alpha must be positive (got {})", self.alpha),
+                self.alpha > 0.0 && self.alpha.is_finite(),
+                format!("--alpha must be a positive number (got {})", self.alpha),
             ),
             (
                 (0.0..1.0).contains(&self.dropout),
@@ -278,6 +278,21 @@ impl Recipe {
                     "--min-lr-ratio must be between 0 and 1 (got {})",
                     self.min_lr_ratio
                 ),
+            ),
+            (
+                self.weight_decay >= 0.0 && self.weight_decay.is_finite(),
+                format!(
+                    "--weight-decay must be a number of at least 0 (got {})",
+                    self.weight_decay
+                ),
+            ),
+            (
+                self.clip >= 0.0 && self.clip.is_finite(),
+                format!("--clip must be a number of at least 0 (got {})", self.clip),
+            ),
+            (
+                !self.min_score.is_nan(),
+                "--min-score must be a number (got NaN)".to_owned(),
             ),
             (
                 (0.0..1.0).contains(&self.validation_fraction),
@@ -420,6 +435,41 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("Recipe") && !e.contains("rank"), "{e}");
+        // Numbers that are not numbers are refused by name, before any step turns them into a
+        // non-finite loss or a shape error.
+        for (bad, flag) in [
+            (
+                Recipe {
+                    alpha: f64::INFINITY,
+                    ..Recipe::default()
+                },
+                "--alpha",
+            ),
+            (
+                Recipe {
+                    weight_decay: f64::NAN,
+                    ..Recipe::default()
+                },
+                "--weight-decay",
+            ),
+            (
+                Recipe {
+                    clip: -1.0,
+                    ..Recipe::default()
+                },
+                "--clip",
+            ),
+            (
+                Recipe {
+                    min_score: f64::NAN,
+                    ..Recipe::default()
+                },
+                "--min-score",
+            ),
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains(flag), "{e}");
+        }
     }
 
     #[test]

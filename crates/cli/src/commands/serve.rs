@@ -58,6 +58,13 @@ fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // An empty key would look like authentication and let everyone in.
+    if args.api_key.as_ref().is_some_and(|k| k.trim().is_empty()) {
+        bail!(
+            "--api-key (or TEAMTUNE_API_KEY) is empty: give a key, or leave both unset to \
+             serve without one"
+        );
+    }
     if args.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
@@ -111,7 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             queue_size: args.queue_size,
             prefix_cache_tokens: args.prefix_cache_tokens,
         },
-        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        api_key: args.api_key.clone(),
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
     };
     let server = Server::new(loaded.model, &loaded.assets, template, config)?;
