@@ -70,25 +70,50 @@ fn scale_and_bias(x: &mut [f32], scale: f32, bias: Option<&[f32]>) {
 fn softmax_body(x: &mut [f32], scale: f32, bias: Option<&[f32]>) -> (f32, f32) {
     scale_and_bias(x, scale, bias);
     let max = max(x);
+    let sum = exp_sum(x, max);
+    let inv = 1.0 / sum;
     for x in x.iter_mut() {
-        *x = exp(*x - max);
-    }
-    let sum = sum(x);
-    for x in x.iter_mut() {
-        *x /= sum;
+        *x *= inv;
     }
     (max, sum)
 }
 
+/// One pass: the same `scale * x + bias`, `exp(. - max)` and `* (1 / sum)` as
+/// [`softmax_body`], rounded the same way, so a recomputed row equals the forward's.
 #[inline(always)]
 fn scaled_exp_body(x: &mut [f32], scale: f32, bias: Option<&[f32]>, max: f32, sum: f32) {
-    scale_and_bias(x, scale, bias);
-    for x in x.iter_mut() {
-        *x = exp(*x - max);
+    let inv = 1.0 / sum;
+    match bias {
+        Some(bias) => {
+            for (x, b) in x.iter_mut().zip(bias) {
+                *x = exp(*x * scale + b - max) * inv;
+            }
+        }
+        None => {
+            for x in x.iter_mut() {
+                *x = exp(*x * scale - max) * inv;
+            }
+        }
     }
-    for x in x.iter_mut() {
-        *x /= sum;
+}
+
+/// `x = exp(x - max)` in place, returning the sum (eight lanes).
+#[inline(always)]
+fn exp_sum(x: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            c[l] = exp(c[l] - max);
+            lanes[l] += c[l];
+        }
     }
+    let mut s = fold(lanes);
+    for v in chunks.into_remainder() {
+        *v = exp(*v - max);
+        s += *v;
+    }
+    s
 }
 
 #[inline(always)]
@@ -175,6 +200,25 @@ pub(crate) fn exp(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_recomputed_row_equals_the_forward_row_bit_for_bit() {
+        let raw: Vec<f32> = (0..77)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let bias: Vec<f32> = (0..77)
+            .map(|i| if i % 5 == 0 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        for b in [Some(bias.as_slice()), None] {
+            let mut forward = raw.clone();
+            let (max, sum) = super::softmax(&mut forward, 0.125, b);
+            let mut again = raw.clone();
+            super::scaled_exp(&mut again, 0.125, b, max, sum);
+            assert_eq!(forward, again);
+            let total: f32 = forward.iter().sum();
+            assert!((total - 1.0).abs() < 1e-6, "{total}");
+        }
+    }
+
     #[test]
     fn exp_is_within_two_ulps_of_the_library_and_zero_when_masked() {
         let mut worst = 0f64;
