@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use teamtune_agents::{plan, run_episodes, RunOptions};
 use teamtune_gridworld::{append_records, training_lines, write_jsonl_atomic};
 
 use super::play::registry;
-use super::policy_args::PolicyArgs;
+use super::policy_args::{check_episodes, PolicyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,6 +44,20 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    check_episodes(args.episodes)?;
+    args.agents.check()?;
+    if args.min_score.is_some_and(f64::is_nan) {
+        bail!("--min-score must be a number (got NaN)");
+    }
+    if let Some(training) = &args.training_out {
+        if same_file(training, &args.out) {
+            bail!(
+                "--training-out and --out are the same file ({}): the training lines would \
+                 replace the episode records",
+                args.out.display()
+            );
+        }
+    }
     let specs = registry(args.tasks.as_ref())?.select(&args.task)?;
     let (mut policy, _) = args.agents.build(&args.policy, args.seed)?;
     let plans = plan(&specs, args.episodes, args.seed);
@@ -71,12 +85,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     append_records(&args.out, &records)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
-        "{} episodes written to {} ({pruned} pruned below {:?})",
-        records.len(),
-        args.out.display(),
-        args.min_score
-    );
+    match args.min_score {
+        Some(min) => println!(
+            "{} episodes written to {} ({pruned} pruned below {min})",
+            records.len(),
+            args.out.display()
+        ),
+        None => println!(
+            "{} episodes written to {}",
+            records.len(),
+            args.out.display()
+        ),
+    }
     if let Some(path) = &args.training_out {
         let mut lines = training_lines(&records, None);
         // With a history window, train on what the windowed policy sees: one line per turn.
@@ -92,4 +112,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether two paths name the same file: equal once made absolute, with the symlinks of their
+/// folders resolved (the files themselves may not exist yet).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let resolve = |p: &std::path::Path| {
+        let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        match (absolute.parent(), absolute.file_name()) {
+            (Some(dir), Some(name)) => dir
+                .canonicalize()
+                .map(|d| d.join(name))
+                .unwrap_or(absolute.clone()),
+            _ => absolute.clone(),
+        }
+    };
+    resolve(a) == resolve(b)
 }

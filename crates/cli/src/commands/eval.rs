@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use teamtune_agents::{plan, run_episodes, EvalReport, RunOptions};
 use teamtune_gridworld::write_jsonl_atomic;
 
 use super::play::registry;
-use super::policy_args::PolicyArgs;
+use super::policy_args::{check_episodes, PolicyArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,6 +35,18 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    check_episodes(args.episodes)?;
+    args.agents.check()?;
+    // The output folder is made before the episodes are played, so that a path that cannot
+    // hold it fails now and not after the work.
+    if args.out.exists() && !args.out.is_dir() {
+        bail!(
+            "--out {} is a file, not a folder for eval.json and episodes.jsonl",
+            args.out.display()
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let specs = registry(args.tasks.as_ref())?.select(&args.task)?;
     let (mut policy, settings) = args.agents.build(&args.policy, args.seed)?;
     let plans = plan(&specs, args.episodes, args.seed);
@@ -55,8 +67,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     report
         .settings
         .insert("episodes".into(), serde_json::json!(args.episodes));
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
     let records: Vec<_> = played.iter().map(|p| p.record.clone()).collect();
     let episodes = args.out.join("episodes.jsonl");
     write_jsonl_atomic(&episodes, &records, false)

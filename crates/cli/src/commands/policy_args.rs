@@ -55,7 +55,34 @@ pub struct PolicyArgs {
     pub openai_no_schema: bool,
 }
 
+/// Most episodes in play at once (`--parallel`): each holds a decoding row and its cache.
+pub const MAX_PARALLEL: usize = 1024;
+/// Most episodes per task (`--episodes`).
+pub const MAX_EPISODES: u64 = 1_000_000;
+
+/// Refuses episode counts that play nothing or more than any machine holds, before any work.
+pub fn check_episodes(episodes: u64) -> anyhow::Result<()> {
+    if !(1..=MAX_EPISODES).contains(&episodes) {
+        bail!("--episodes must be between 1 and {MAX_EPISODES} (got {episodes})");
+    }
+    Ok(())
+}
+
 impl PolicyArgs {
+    /// Refuses settings that would crash or silently play nothing, naming the flag.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !(1..=MAX_PARALLEL).contains(&self.parallel) {
+            bail!(
+                "--parallel must be between 1 and {MAX_PARALLEL} episodes at once (got {})",
+                self.parallel
+            );
+        }
+        if self.max_new_tokens == 0 {
+            bail!("--max-new-tokens must be at least 1");
+        }
+        Ok(())
+    }
+
     /// The policy named `which` (`model`, `expert`, `openai`), and settings for the record.
     pub fn build(
         &self,

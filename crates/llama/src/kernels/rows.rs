@@ -152,23 +152,6 @@ fn max(x: &[f32]) -> f32 {
     m
 }
 
-/// The sum of a row, in eight lanes.
-#[inline(always)]
-fn sum(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for l in 0..8 {
-            lanes[l] += c[l];
-        }
-    }
-    let mut s = fold(lanes);
-    for &v in chunks.remainder() {
-        s += v;
-    }
-    s
-}
-
 #[inline(always)]
 fn fold(l: [f32; 8]) -> f32 {
     ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
