@@ -50,3 +50,44 @@ fn a_bad_setting_is_one_plain_line_without_a_backtrace() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("backtrace"), "{err}");
 }
+
+#[test]
+fn sampling_settings_are_checked_before_the_model_loads() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--temperature", "NaN"], "--temperature must be a number"),
+        (&["--temperature=-1"], "--temperature must be a number"),
+        (&["--top-k", "0"], "--top-k must be at least 1"),
+        (&["--top-p", "1.5"], "--top-p must be above 0 and at most 1"),
+        (
+            &["--repetition-penalty", "0"],
+            "--repetition-penalty must be a positive number",
+        ),
+    ];
+    for (flags, want) in cases {
+        // A model that does not exist: the flag must be what the error names.
+        let out = teamtune()
+            .args(["generate", "--prompt", "hi", "--model", "/no/such/model"])
+            .args(flags)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(want) && !err.contains("/no/such/model"),
+            "{flags:?}: {err}"
+        );
+    }
+    // The same checks for the agents' sampling.
+    let out = teamtune()
+        .args([
+            "eval",
+            "--temperature",
+            "NaN",
+            "--out",
+            "/nonexistent/never/made",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--temperature must be a number"), "{err}");
+}

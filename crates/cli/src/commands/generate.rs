@@ -8,6 +8,7 @@ use teamtune_data::Message;
 use teamtune_llama::{generate, SamplingParams, StopReason, TextStream};
 
 use super::model_args::{chat_template, ModelArgs};
+use super::policy_args::check_sampling;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -41,14 +42,23 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let loaded = args.model.load()?;
-    let prompt_text = if args.raw {
-        args.prompt.clone().context("--raw needs --prompt")?
+    // Arguments and the messages file are checked before the model loads.
+    check_sampling(
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        Some(args.repetition_penalty),
+    )?;
+    let raw_prompt = if args.raw {
+        Some(args.prompt.clone().context("--raw needs --prompt")?)
     } else {
-        let mut messages: Vec<Message> = match &args.messages {
-            Some(path) => read_messages(path)?,
-            None => Vec::new(),
-        };
+        None
+    };
+    let mut messages: Vec<Message> = match (&args.messages, args.raw) {
+        (Some(path), false) => read_messages(path)?,
+        _ => Vec::new(),
+    };
+    if !args.raw {
         if let Some(system) = &args.system {
             messages.insert(0, Message::system(system.clone()));
         }
@@ -58,7 +68,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if messages.is_empty() {
             bail!("nothing to answer: give --prompt or --messages");
         }
-        chat_template(&loaded.assets)?.render(&messages, true)?
+    }
+    let loaded = args.model.load()?;
+    let prompt_text = match raw_prompt {
+        Some(text) => text,
+        None => chat_template(&loaded.assets)?.render(&messages, true)?,
     };
     // The template already wrote BOS and the special tokens: do not add them again.
     let prompt = loaded.assets.encode(&prompt_text, args.raw)?;

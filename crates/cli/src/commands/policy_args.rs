@@ -68,9 +68,37 @@ pub fn check_episodes(episodes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses sampling settings that are not numbers or sample from nothing, naming the flag
+/// (before any model loads).
+pub fn check_sampling(
+    temperature: f64,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    repetition_penalty: Option<f32>,
+) -> anyhow::Result<()> {
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        bail!("--temperature must be a number of at least 0 (got {temperature}); 0 is greedy");
+    }
+    if top_k == Some(0) {
+        bail!("--top-k must be at least 1 (leave it out to keep every token)");
+    }
+    if let Some(p) = top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            bail!("--top-p must be above 0 and at most 1 (got {p})");
+        }
+    }
+    if let Some(r) = repetition_penalty {
+        if !(r > 0.0 && r.is_finite()) {
+            bail!("--repetition-penalty must be a positive number (got {r}); 1 turns it off");
+        }
+    }
+    Ok(())
+}
+
 impl PolicyArgs {
     /// Refuses settings that would crash or silently play nothing, naming the flag.
     pub fn check(&self) -> anyhow::Result<()> {
+        check_sampling(self.temperature, None, self.top_p, None)?;
         if !(1..=MAX_PARALLEL).contains(&self.parallel) {
             bail!(
                 "--parallel must be between 1 and {MAX_PARALLEL} episodes at once (got {})",
