@@ -91,3 +91,60 @@ fn sampling_settings_are_checked_before_the_model_loads() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--temperature must be a number"), "{err}");
 }
+
+#[test]
+fn train_refuses_a_run_folder_in_use_or_holding_a_run_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(&data, "{\"messages\": []}\n").unwrap();
+    let train = |extra: &[&str]| {
+        let out = teamtune()
+            .args([
+                "train",
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                run.to_str().unwrap(),
+            ])
+            .args(["--model", "/no/such/model"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A finished run: refused by name, its files untouched (train.toml included).
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\": 1, \"loss\": 1.0}\n").unwrap();
+    std::fs::write(run.join("train.toml"), "rank = 4\n").unwrap();
+    let (code, err) = train(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("already holds a run") && err.contains("--resume"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("train.toml")).unwrap(),
+        "rank = 4\n"
+    );
+    assert!(run.join("metrics.jsonl").exists());
+    // In use by a live process (this test's own): refused, naming the process.
+    std::fs::write(run.join(".lock"), format!("{}\n", std::process::id())).unwrap();
+    let (code, err) = train(&["--resume", run.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("in use by process"), "{err}");
+    std::fs::remove_file(run.join(".lock")).unwrap();
+    // With --force the checks pass and the work starts (here: the model is missing), and the
+    // old metrics are gone.
+    let (code, err) = train(&["--force"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/no/such/model"), "{err}");
+    assert!(!run.join("metrics.jsonl").exists());
+    assert!(
+        !run.join(".lock").exists(),
+        "the lock goes with the process"
+    );
+}

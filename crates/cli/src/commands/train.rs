@@ -8,7 +8,7 @@ use teamtune_data::{
     Prepared, PruneOptions, SplitOptions,
 };
 use teamtune_llama::ChatAssets;
-use teamtune_train::{keep_freed_memory, Trainer};
+use teamtune_train::{keep_freed_memory, DataFingerprint, OpenMode, RunFolder, Trainer};
 
 use super::model_args::{chat_template, ModelArgs};
 use super::recipe::{Recipe, RecipeFlags};
@@ -32,6 +32,10 @@ pub struct Args {
     /// unless --config is given.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start over in an --out that holds a run (its metrics and checkpoints are removed), or
+    /// resume on other data than the run was made with.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The recipe a run uses: defaults, then the config file (or the resumed run's), then flags.
@@ -94,8 +98,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.model.quantize.is_some() {
         bail!("--quantize is an inference path; training needs the dense weights");
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating the run folder {}", args.out.display()))?;
+    // The run folder is checked and locked before any work: one process at a time, a finished
+    // run only replaced with --force, a resume only on the data the run was made with.
+    let files = teamtune_data::discover(&args.data).context("reading --data")?;
+    let data = DataFingerprint::of(&files)?;
+    let mode = match (args.resume.is_some(), args.force) {
+        (false, false) => OpenMode::Fresh,
+        (true, false) => OpenMode::Resume,
+        (resume, true) => OpenMode::Force { resume },
+    };
+    let _run = RunFolder::open(&args.out, mode, &data)
+        .with_context(|| format!("the run folder --out {}", args.out.display()))?;
     recipe.save(&args.out.join("train.toml"))?;
     let r = &recipe;
     keep_freed_memory();
@@ -106,7 +119,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let totals = prepared.report.totals();
     if totals.dropped_overlong + totals.cut > 0 {
         tracing::warn!(
-            "{} conversations were longer than {max_len} tokens: {} were cut at a turn and {}              dropped (their first turn alone was longer); --max-len changes the limit",
+            "{} conversations were longer than {max_len} tokens: {} were cut at a turn and {} \
+             dropped (their first turn alone was longer); --max-len changes the limit",
             totals.dropped_overlong + totals.cut,
             totals.cut,
             totals.dropped_overlong
