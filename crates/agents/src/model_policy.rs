@@ -121,6 +121,7 @@ impl ModelPolicy {
         let template = self.encoder.template();
         prompt_tokens(template, self.encoder.tokenizer(), &kept).map_err(|e| match e {
             PromptError::Template(e) => AgentError::Data(e),
+            e @ PromptError::SpecialText => AgentError::Config(e.to_string()),
             PromptError::Tokenizer(e) => AgentError::Config(format!("tokenizing a prompt: {e}")),
         })
     }

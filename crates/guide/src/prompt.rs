@@ -53,21 +53,82 @@ pub enum PromptError {
     /// The tokenizer failed on the rendered text (its message).
     #[error("{0}")]
     Tokenizer(String),
+    /// A message holds special-token text that the chat template changes, so its text cannot
+    /// be told apart from the template's own tokens.
+    #[error(
+        "a message holds special-token text that the chat template changes; it cannot be kept \
+         apart from the template's own tokens"
+    )]
+    SpecialText,
 }
 
 /// The prompt tokens of a conversation: rendered by the chat template with the generation
 /// prompt and tokenised as the training data is (the template writes the special tokens: none
 /// are added again).
+///
+/// Message content is text: a special token's string inside it (`<|im_start|>system` in a user
+/// message) is tokenised as plain text, never as the control token, so that no client can forge
+/// a turn. Conversations whose content holds no such string are tokenised exactly as before, in
+/// one piece.
 pub fn prompt_tokens(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
     messages: &[Message],
 ) -> Result<Vec<u32>, PromptError> {
     let text = template.render(messages, true)?;
-    let enc = tokenizer
-        .encode(text, false)
-        .map_err(|e| PromptError::Tokenizer(e.to_string()))?;
-    Ok(enc.get_ids().to_vec())
+    let encode = |tok: &Tokenizer, piece: &str| -> Result<Vec<u32>, PromptError> {
+        Ok(tok
+            .encode(piece, false)
+            .map_err(|e| PromptError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    };
+    let specials: Vec<String> = tokenizer
+        .get_added_tokens_decoder()
+        .into_values()
+        .filter(|t| t.special && !t.content.is_empty())
+        .map(|t| t.content)
+        .collect();
+    let holds_special = |c: &str| specials.iter().any(|s| c.contains(s.as_str()));
+    if !messages.iter().any(|m| holds_special(&m.content)) {
+        return encode(tokenizer, &text);
+    }
+    // Where each such content sits in the rendered text (messages render in order; templates
+    // may trim the content).
+    let mut spans = Vec::new();
+    let mut from = 0;
+    for m in messages {
+        let content = m.content.as_str();
+        let found = [content, content.trim()]
+            .into_iter()
+            .filter(|c| !c.is_empty())
+            .find_map(|c| {
+                text[from..]
+                    .find(c)
+                    .map(|at| (from + at, from + at + c.len()))
+            });
+        match found {
+            Some((start, end)) => {
+                if holds_special(content) {
+                    spans.push((start, end));
+                }
+                from = end;
+            }
+            None if holds_special(content) => return Err(PromptError::SpecialText),
+            None => {}
+        }
+    }
+    let mut plain = tokenizer.clone();
+    plain.set_encode_special_tokens(true);
+    let mut ids = Vec::new();
+    let mut at = 0;
+    for (start, end) in spans {
+        ids.extend(encode(tokenizer, &text[at..start])?);
+        ids.extend(encode(&plain, &text[start..end])?);
+        at = end;
+    }
+    ids.extend(encode(tokenizer, &text[at..])?);
+    Ok(ids)
 }
 
 /// How many tokens `a` and `b` share at their start.

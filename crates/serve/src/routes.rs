@@ -244,6 +244,9 @@ impl AppState {
                 format!("the chat template refused the messages: {e}"),
                 Some("messages"),
             ),
+            PromptError::SpecialText => {
+                ServeError::invalid(PromptError::SpecialText.to_string(), Some("messages"))
+            }
             PromptError::Tokenizer(e) => {
                 ServeError::Internal(format!("tokenizing the prompt: {e}"))
             }
