@@ -6,7 +6,7 @@
 # faults and system time).
 #   scripts/bench-train.sh [SEQ...]      (default: 512 2048)
 # Env: STEPS (timed steps per process, default 3), CHECKPOINTING (default "0 1"), ATTN (PEFT's
-# attention implementations, default "sdpa eager").
+# attention implementations, default "sdpa eager"; empty: teamtune only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-default-model.sh >/dev/null
@@ -25,7 +25,7 @@ for seq in "${seqs[@]}"; do
   for ckpt in ${CHECKPOINTING:-0 1}; do
     TEAMTUNE_BENCH_SEQ=$seq TEAMTUNE_BENCH_STEPS=$steps TEAMTUNE_BENCH_CHECKPOINTING=$ckpt "$bench" | tail -1
     flag=""; [ "$ckpt" = 1 ] && flag="--checkpointing"
-    for attn in ${ATTN:-sdpa eager}; do
+    for attn in ${ATTN-sdpa eager}; do
       "$py" scripts/bench_lora_reference.py --seq "$seq" --steps "$steps" --attn "$attn" $flag 2>/dev/null | tail -1
     done
   done
