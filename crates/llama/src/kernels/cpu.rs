@@ -149,3 +149,63 @@ pub(super) fn add_in_place<T: WithDType>(v: &mut [T], u: &[T]) {
         *x += u;
     }
 }
+
+/// `dst [m, n] (+)= lhs [m, k] @ rhs [k, n]`, each operand given as (elements, row stride,
+/// column stride), on `threads` threads (1: this thread only, for callers that parallelise
+/// over blocks themselves).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    threads: usize,
+) {
+    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(dst.len() >= extent(m, n, dst_rs, 1));
+    assert!(lhs.0.len() >= extent(m, k, lhs.1, lhs.2));
+    assert!(rhs.0.len() >= extent(k, n, rhs.1, rhs.2));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every access of the three strided views in bounds, and
+    // `dst` does not alias the operands (it is a distinct mutable borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}

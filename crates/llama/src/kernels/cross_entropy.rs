@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu::contiguous_slice;
+use super::cpu::{contiguous_slice, gemm_f32};
 use super::rows;
 
 /// Rows whose logits exist at once (`ROWS x vocab` floats: 25 MB for a 49k vocabulary).
@@ -95,7 +95,17 @@ impl CustomOp1 for LinearCrossEntropy {
             let row0 = c * ROWS;
             let xc = &x[row0 * h..(row0 + rows) * h];
             let lc = &mut logits[..rows * vocab];
-            gemm(rows, vocab, h, lc, (xc, h, 1), (w, 1, h), threads);
+            gemm_f32(
+                rows,
+                vocab,
+                h,
+                lc,
+                vocab,
+                false,
+                (xc, h, 1),
+                (w, 1, h),
+                threads,
+            );
             let targets = &self.targets[row0..row0 + rows];
             lc.par_chunks_mut(vocab)
                 .zip(nll_c.par_iter_mut())
@@ -110,7 +120,17 @@ impl CustomOp1 for LinearCrossEntropy {
                 });
             if self.keep_grad {
                 let dc = &mut dx[row0 * h..(row0 + rows) * h];
-                gemm(rows, h, vocab, dc, (lc, vocab, 1), (w, h, 1), threads);
+                gemm_f32(
+                    rows,
+                    h,
+                    vocab,
+                    dc,
+                    h,
+                    false,
+                    (lc, vocab, 1),
+                    (w, h, 1),
+                    threads,
+                );
             }
         }
         if self.keep_grad {
@@ -125,57 +145,5 @@ impl CustomOp1 for LinearCrossEntropy {
         };
         let dx = Tensor::from_vec(dx, x.shape().clone(), x.device())?;
         Ok(Some(dx.broadcast_mul(&grad.unsqueeze(1)?)?.detach()))
-    }
-}
-
-/// `dst [m, n] = lhs [m, k] @ rhs [k, n]`, operands as (elements, row stride, column stride).
-fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-    threads: usize,
-) {
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs + 1
-    };
-    if m == 0 || n == 0 || k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
-    assert!(dst.len() >= m * n);
-    assert!(lhs.0.len() >= extent(m, k, lhs.1, lhs.2));
-    assert!(rhs.0.len() >= extent(k, n, rhs.1, rhs.2));
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts keep every access of the strided views in bounds; `dst` is a distinct
-    // mutable borrow.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
     }
 }

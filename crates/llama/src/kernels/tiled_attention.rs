@@ -24,7 +24,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 use super::attention::attention_probs;
-use super::cpu::contiguous_slice;
+use super::cpu::{contiguous_slice, gemm_f32};
 use super::rows as simd;
 
 /// Query rows per tile.
@@ -310,10 +310,21 @@ impl CustomOp3 for TiledAttention {
                         false,
                         (qb, d, 1),
                         (kb, 1, d),
+                        1,
                     );
                     self.softmax(&plan, block, bias, p, None, Some((m, sm)));
                     // o = p v
-                    gemm_f32(block.rows, d, width, o, d, false, (p, width, 1), (vb, d, 1));
+                    gemm_f32(
+                        block.rows,
+                        d,
+                        width,
+                        o,
+                        d,
+                        false,
+                        (p, width, 1),
+                        (vb, d, 1),
+                        1,
+                    );
                 });
             });
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -460,6 +471,7 @@ impl TiledAttention {
                             false,
                             (qb, d, 1),
                             (kb, 1, d),
+                            1,
                         );
                         self.softmax(plan, block, bias, p, Some(saved), None);
                         // dv += p^T d_out
@@ -472,6 +484,7 @@ impl TiledAttention {
                             true,
                             (p, 1, width),
                             (gb, d, 1),
+                            1,
                         );
                         // dp = d_out v^T, then ds = scale * p * (dp - sum(dp * p)) in place.
                         gemm_f32(
@@ -483,6 +496,7 @@ impl TiledAttention {
                             false,
                             (gb, d, 1),
                             (vb, 1, d),
+                            1,
                         );
                         for i in 0..block.rows {
                             let row = i * width..(i + 1) * width;
@@ -498,6 +512,7 @@ impl TiledAttention {
                             false,
                             (dp, width, 1),
                             (kb, d, 1),
+                            1,
                         );
                         gemm_f32(
                             width,
@@ -508,6 +523,7 @@ impl TiledAttention {
                             true,
                             (dp, 1, width),
                             (qb, d, 1),
+                            1,
                         );
                     });
                 }
@@ -546,57 +562,4 @@ fn tile(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
         buf.resize(n, 0.0);
     }
     &mut buf[..n]
-}
-
-/// `dst [m, n] (+)= lhs [m, k] @ rhs [k, n]`, each operand given as (elements, row stride,
-/// column stride); on this thread only (the callers parallelise over blocks).
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-) {
-    let extent = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    assert!(dst.len() >= extent(m, n, dst_rs, 1));
-    assert!(lhs.0.len() >= extent(m, k, lhs.1, lhs.2));
-    assert!(rhs.0.len() >= extent(k, n, rhs.1, rhs.2));
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the asserts above keep every access of the three strided views in bounds, and
-    // `dst` does not alias the operands (it is a distinct mutable borrow).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
