@@ -126,7 +126,7 @@ pub struct RecipeFlags {
     #[arg(long)]
     pub max_tokens: Option<usize>,
     /// Longest conversation kept in tokens; longer ones are cut at a turn [default: the
-    /// model's context length].
+    /// model's context length, or --max-tokens when smaller].
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Warm-up fraction of the steps [default: 0.15].
@@ -264,6 +264,15 @@ impl Recipe {
             (
                 self.max_len != Some(0),
                 "--max-len must be positive".to_owned(),
+            ),
+            (
+                self.max_len.is_none_or(|m| m <= self.max_tokens),
+                format!(
+                    "--max-len ({}) cannot be larger than --max-tokens ({}), the token budget of \
+                     a micro-batch that one conversation must fit in",
+                    self.max_len.unwrap_or(0),
+                    self.max_tokens
+                ),
             ),
             (
                 (0.0..1.0).contains(&self.warmup),
@@ -502,5 +511,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Recipe::default().with_flags(&cut).max_len, Some(2048));
+        // A conversation must fit in a micro-batch's token budget.
+        let too_long = RecipeFlags {
+            max_len: Some(9000),
+            ..Default::default()
+        };
+        let e = Recipe::default()
+            .with_flags(&too_long)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("--max-tokens (8192)"), "{e}");
     }
 }

@@ -59,12 +59,12 @@ pub fn effective_recipe(args: &Args) -> anyhow::Result<Recipe> {
 
 /// The conversations a run trains and validates on, encoded the way the trainer sees them:
 /// pruned below `recipe.min_score`, split by `recipe.validation_fraction` and `recipe.seed`,
-/// longer ones cut at a turn to `recipe.max_len` (or `context_len` when the recipe has none).
+/// longer ones cut at a turn to `recipe.max_len` (or `default_max_len` when the recipe has none).
 pub fn prepare_data(
     data: &[PathBuf],
     assets: &ChatAssets,
     recipe: &Recipe,
-    context_len: Option<usize>,
+    default_max_len: Option<usize>,
 ) -> anyhow::Result<(Encoder, Prepared)> {
     let r = recipe;
     let template = chat_template(assets)?;
@@ -72,7 +72,7 @@ pub fn prepare_data(
         assets.tokenizer.clone(),
         template,
         EncodeOptions {
-            max_len: r.max_len.or(context_len),
+            max_len: r.max_len.or(default_max_len),
             overlong: teamtune_data::Overlong::CutAtTurn,
             ..Default::default()
         },
@@ -113,14 +113,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let r = &recipe;
     keep_freed_memory();
     let mut loaded = args.model.load()?;
-    let context_len = loaded.model.config().max_position_embeddings;
-    let max_len = r.max_len.unwrap_or(context_len);
-    let (encoder, prepared) = prepare_data(&args.data, &loaded.assets, r, Some(context_len))?;
+    // Unless given, conversations are cut at the model's context, or at a micro-batch's token
+    // budget when that is smaller (a longer one could not be trained).
+    let max_len = r.max_len.unwrap_or(
+        loaded
+            .model
+            .config()
+            .max_position_embeddings
+            .min(r.max_tokens),
+    );
+    let (encoder, prepared) = prepare_data(&args.data, &loaded.assets, r, Some(max_len))?;
     let totals = prepared.report.totals();
     if totals.dropped_overlong + totals.cut > 0 {
         tracing::warn!(
             "{} conversations were longer than {max_len} tokens: {} were cut at a turn and {} \
-             dropped (their first turn alone was longer); --max-len changes the limit",
+             dropped (their first turn alone was longer); --max-len (and --max-tokens, a micro-batch's budget) change the limit",
             totals.dropped_overlong + totals.cut,
             totals.cut,
             totals.dropped_overlong
