@@ -77,3 +77,47 @@ fn play_writes_records_and_replay_checks_them() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown policy"));
 }
+
+#[test]
+fn replay_refuses_an_empty_file_and_a_record_of_another_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let fails = |path: &std::path::Path| {
+        let out = crate::util::teamtune()
+            .args(["replay", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = fails(&empty);
+    assert!(
+        err.contains("empty.jsonl: holds no episode records"),
+        "{err}"
+    );
+    // A record written by a later format version: named, not replayed as if it were ours.
+    let good = dir.path().join("good.jsonl");
+    crate::util::run_ok(&[
+        "collect",
+        "--task",
+        "single_nav",
+        "--episodes",
+        "1",
+        "--out",
+        good.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&good).unwrap();
+    assert!(text.contains(teamtune_formats::EPISODE_FORMAT));
+    let other = dir.path().join("other.jsonl");
+    std::fs::write(
+        &other,
+        text.replace(teamtune_formats::EPISODE_FORMAT, "teamtune-episode/9"),
+    )
+    .unwrap();
+    let err = fails(&other);
+    assert!(
+        err.contains("record 0 is in format `teamtune-episode/9`"),
+        "{err}"
+    );
+}

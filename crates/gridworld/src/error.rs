@@ -51,6 +51,13 @@ pub enum RecordError {
         index: usize,
         count: usize,
     },
+    #[error("{path}: record {index} is in format `{found}`, but this teamtune reads `{expected}`")]
+    Format {
+        path: String,
+        index: usize,
+        found: String,
+        expected: &'static str,
+    },
     #[error("serialising a record: {0}")]
     Serialize(#[from] serde_json::Error),
     #[error(transparent)]

@@ -32,7 +32,21 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, RecordErro
 
 /// Reads the episode records of a file.
 pub fn read_records(path: &Path) -> Result<Vec<EpisodeRecord>, RecordError> {
-    read_jsonl(path)
+    let records: Vec<EpisodeRecord> = read_jsonl(path)?;
+    // A record of another format version may parse and still mean something else.
+    if let Some((index, r)) = records
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.format != teamtune_formats::EPISODE_FORMAT)
+    {
+        return Err(RecordError::Format {
+            path: path.display().to_string(),
+            index,
+            found: r.format.clone(),
+            expected: teamtune_formats::EPISODE_FORMAT,
+        });
+    }
+    Ok(records)
 }
 
 /// The record at `index` (0-based).

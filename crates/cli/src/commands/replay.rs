@@ -60,6 +60,9 @@ fn show(rec: &EpisodeRecord, snapshots: &[(u32, teamtune_gridworld::World)]) {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let records = read_records(&args.file)?;
+    if records.is_empty() {
+        bail!("{}: holds no episode records", args.file.display());
+    }
     let chosen: Vec<(usize, &EpisodeRecord)> = match args.index {
         Some(k) => match records.get(k) {
             Some(r) => vec![(k, r)],
