@@ -148,3 +148,26 @@ fn train_refuses_a_run_folder_in_use_or_holding_a_run_before_any_work() {
         "the lock goes with the process"
     );
 }
+
+#[test]
+fn an_adapter_larger_than_memory_is_refused_by_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::util::tiny_model(dir.path());
+    let data = crate::util::collect_conversations(dir.path());
+    let run = dir.path().join("run");
+    let out = teamtune()
+        .args(["train", "--data", &data, "--out", run.to_str().unwrap()])
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--rank",
+            "1000000000000",
+        ])
+        .args(["--max-steps", "1", "--min-score", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--rank 1000000000000 needs about"), "{err}");
+    assert!(!run.join("adapter").exists());
+}
