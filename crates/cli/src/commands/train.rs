@@ -127,7 +127,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if totals.dropped_overlong + totals.cut > 0 {
         tracing::warn!(
             "{} conversations were longer than {max_len} tokens: {} were cut at a turn and {} \
-             dropped (their first turn alone was longer); --max-len (and --max-tokens, a micro-batch's budget) change the limit",
+             dropped (their first turn alone was longer); --max-len (and --max-tokens, a \
+             micro-batch's budget) change the limit",
             totals.dropped_overlong + totals.cut,
             totals.cut,
             totals.dropped_overlong
