@@ -209,21 +209,34 @@ impl TiledAttention {
         )))
     }
 
-    /// The probabilities of `block` against its keys, in `p` (`[rows, keys]`), from the scores
-    /// `q k^T` already there: scaled, biased, and normalised with the saved statistics, or with
-    /// new ones written to `stats`.
+    /// The probabilities of `block` against its keys, in `p` (`[rows, keys]`): the scores
+    /// `q k^T` of the block's rows `qb` and keys `kb`, scaled, biased, and normalised with the
+    /// saved statistics (the backward) or with new ones written to `stats` (the forward).
     #[allow(clippy::too_many_arguments)]
-    fn softmax(
+    fn probabilities(
         &self,
         plan: &Plan,
         block: &Block,
         bias: Option<&[f32]>,
+        (qb, kb): (&[f32], &[f32]),
         p: &mut [f32],
         saved: Option<&Saved>,
         stats: Option<(&mut [f32], &mut [f32])>,
     ) {
         let (klo, khi) = block.keys;
         let width = khi - klo;
+        let d = plan.d;
+        gemm_f32(
+            block.rows,
+            width,
+            d,
+            p,
+            width,
+            false,
+            (qb, d, 1),
+            (kb, 1, d),
+            1,
+        );
         let mut stats = stats;
         for i in 0..block.rows {
             let row = block.row0 + i;
@@ -300,19 +313,7 @@ impl CustomOp3 for TiledAttention {
                 let vb = &v[(block.head * s + klo) * d..][..width * d];
                 TILES.with_borrow_mut(|(p, _)| {
                     let p = tile(p, block.rows * width);
-                    // p = q k^T
-                    gemm_f32(
-                        block.rows,
-                        width,
-                        d,
-                        p,
-                        width,
-                        false,
-                        (qb, d, 1),
-                        (kb, 1, d),
-                        1,
-                    );
-                    self.softmax(&plan, block, bias, p, None, Some((m, sm)));
+                    self.probabilities(&plan, block, bias, (qb, kb), p, None, Some((m, sm)));
                     // o = p v
                     gemm_f32(
                         block.rows,
@@ -462,18 +463,7 @@ impl TiledAttention {
                         let n = block.rows * width;
                         let p = tile(p, n);
                         let dp = tile(dp, n);
-                        gemm_f32(
-                            block.rows,
-                            width,
-                            d,
-                            p,
-                            width,
-                            false,
-                            (qb, d, 1),
-                            (kb, 1, d),
-                            1,
-                        );
-                        self.softmax(plan, block, bias, p, Some(saved), None);
+                        self.probabilities(plan, block, bias, (qb, kb), p, Some(saved), None);
                         // dv += p^T d_out
                         gemm_f32(
                             width,
