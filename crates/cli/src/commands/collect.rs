@@ -50,7 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--min-score must be a number (got NaN)");
     }
     if let Some(training) = &args.training_out {
-        if same_file(training, &args.out) {
+        if teamtune_formats::same_path(training, &args.out) {
             bail!(
                 "--training-out and --out are the same file ({}): the training lines would \
                  replace the episode records",
@@ -112,20 +112,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Whether two paths name the same file: equal once made absolute, with the symlinks of their
-/// folders resolved (the files themselves may not exist yet).
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    let resolve = |p: &std::path::Path| {
-        let absolute = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        match (absolute.parent(), absolute.file_name()) {
-            (Some(dir), Some(name)) => dir
-                .canonicalize()
-                .map(|d| d.join(name))
-                .unwrap_or(absolute.clone()),
-            _ => absolute.clone(),
-        }
-    };
-    resolve(a) == resolve(b)
 }

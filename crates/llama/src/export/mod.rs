@@ -164,32 +164,6 @@ fn open_source(files: &ModelFiles) -> Result<(LlamaConfig, WeightSource, Option<
     }
 }
 
-/// Whether `a` and `b` are the same path or one lies inside the other, compared as absolute,
-/// symlink-resolved paths (as far as they exist).
-fn overlaps(a: &Path, b: &Path) -> bool {
-    let (a, b) = (resolved(a), resolved(b));
-    a.starts_with(&b) || b.starts_with(&a)
-}
-
-/// `path` made absolute with its longest existing ancestor's symlinks resolved.
-fn resolved(path: &Path) -> PathBuf {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut existing = absolute.as_path();
-    let mut rest = Vec::new();
-    loop {
-        if let Ok(real) = existing.canonicalize() {
-            return rest.iter().rev().fold(real, |p, part| p.join(part));
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_owned());
-                existing = parent;
-            }
-            _ => return absolute,
-        }
-    }
-}
-
 /// Merges the PEFT adapter in `adapter` (if any) into the model `files` and writes the HF
 /// folder `out`. `progress(done, total)` is called with bytes of tensor data written.
 pub fn export_merged(
@@ -199,22 +173,16 @@ pub fn export_merged(
     options: &ExportOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ExportReport> {
-    let adapter_dir = adapter;
-    let (config, weights, assets) = open_source(files)?;
-    // Everything that can be checked before writing is checked first: the adapter's shapes,
-    // the output folder, the dtype and the config's expressibility.
-    let adapter = adapter
-        .map(|dir| LoraAdapter::load(&config, dir, &Device::Cpu))
-        .transpose()?;
-    let inputs: Vec<&Path> = match files {
-        ModelFiles::HfFolder { dir, .. } => vec![dir.as_path()],
-        ModelFiles::Gguf { path } => vec![path.as_path()],
-    }
-    .into_iter()
-    .chain(adapter_dir)
-    .collect();
-    if let Some(input) = inputs.iter().find(|i| overlaps(out, i)) {
-        // --force would delete the input with the old output.
+    // Checked first, before anything is read: --force would delete the input with the output.
+    let base = match files {
+        ModelFiles::HfFolder { dir, .. } => dir.as_path(),
+        ModelFiles::Gguf { path } => path.as_path(),
+    };
+    let inputs = std::iter::once(base).chain(adapter);
+    if let Some(input) = inputs
+        .into_iter()
+        .find(|i| teamtune_formats::overlaps(out, i))
+    {
         return Err(LlamaError::Config {
             path: out.to_path_buf(),
             message: format!(
@@ -223,6 +191,12 @@ pub fn export_merged(
             ),
         });
     }
+    let (config, weights, assets) = open_source(files)?;
+    // Everything that can be checked before writing is checked first: the adapter's shapes,
+    // the output folder, the dtype and the config's expressibility.
+    let adapter = adapter
+        .map(|dir| LoraAdapter::load(&config, dir, &Device::Cpu))
+        .transpose()?;
     if non_empty(out)? && !options.force {
         return Err(LlamaError::Config {
             path: out.to_path_buf(),
