@@ -29,7 +29,7 @@ pub use checkpoint::TrainerState;
 pub use config::{study_lora, TrainConfig};
 pub use error::{Result, TrainError};
 pub use loss::{batch_inputs, masked_nll_sum};
-pub use memory::{keep_freed_memory, peak_rss_mib, reset_peak};
+pub use memory::{adapter_fits_in_memory, keep_freed_memory, peak_rss_mib, reset_peak};
 pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWParams};
 pub use run_folder::{DataFingerprint, OpenMode, RunFolder};
 pub use schedule::Schedule;

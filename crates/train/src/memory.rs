@@ -1,9 +1,12 @@
-//! Peak memory of a training step: the process's resident-set high-water mark.
+//! Memory: the process's resident-set high-water mark per step, the allocator's policy for a
+//! training process, and whether an adapter fits at all.
 //!
 //! Linux keeps it as `VmHWM` in `/proc/self/status`, and writing `5` to `/proc/self/clear_refs`
 //! resets it, so each step can report its own peak (weights, activations and the allocator's
 //! slack together, which is what a user sizing a machine needs). Elsewhere nothing is reported.
 //! On an accelerator this is host memory only.
+
+use crate::error::{Result, TrainError};
 
 /// Keeps the memory a training step frees for the next step instead of handing it back to the
 /// system (glibc): every step allocates and frees the same activation and gradient buffers, and
@@ -23,6 +26,40 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// Refuses an adapter whose factors, gradients and optimizer state (four f32 copies) would not
+/// fit in the memory the system has available (Linux: `MemAvailable`; elsewhere not checked),
+/// naming --rank, instead of aborting on the allocation.
+pub fn adapter_fits_in_memory(
+    config: &teamtune_llama::LlamaConfig,
+    lora: &teamtune_llama::LoraConfig,
+) -> Result<()> {
+    let per_layer: u128 = lora
+        .targets
+        .iter()
+        .map(|t| {
+            let (out, inp) = t.shape(config);
+            (out + inp) as u128 * lora.rank as u128
+        })
+        .sum();
+    let bytes = per_layer * config.num_hidden_layers as u128 * 4 * 4;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match available {
+        Some(available) if bytes > available => Err(TrainError::Config(format!(
+            "--rank {} needs about {:.1} GB for the adapter, its gradients and optimizer \
+             state; {:.1} GB of memory is available",
+            lora.rank,
+            bytes as f64 / 1e9,
+            available as f64 / 1e9
+        ))),
+        _ => Ok(()),
     }
 }
 

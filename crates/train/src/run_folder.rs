@@ -18,7 +18,7 @@ use crate::error::{io_err, Result, TrainError};
 const RUN_FILES: [&str; 3] = ["metrics.jsonl", "checkpoints", "adapter"];
 const LOCK: &str = ".lock";
 /// The data fingerprint of a run.
-pub const DATA_FILE: &str = "data.json";
+const DATA_FILE: &str = "data.json";
 
 /// How a run folder is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,10 +177,6 @@ impl RunFolder {
             "cannot take the lock {}",
             path.display()
         )))
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

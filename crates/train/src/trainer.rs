@@ -168,11 +168,7 @@ impl Trainer {
                 state.batch_in_epoch = end;
                 state.last_loss = Some(loss);
                 let trained: usize = window.iter().map(Batch::trained_tokens).sum();
-                // Every real token goes through the forward and backward, as PEFT/TRL count.
-                let processed: usize = window
-                    .iter()
-                    .map(|b| b.attention_mask.iter().filter(|&&m| m != 0).count())
-                    .sum();
+                let processed: usize = window.iter().map(Batch::real_tokens).sum();
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
                 let epoch_f = state.epoch as f64 + end as f64 / n as f64;
                 let mut record = serde_json::json!({

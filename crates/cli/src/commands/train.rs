@@ -8,7 +8,9 @@ use teamtune_data::{
     Prepared, PruneOptions, SplitOptions,
 };
 use teamtune_llama::ChatAssets;
-use teamtune_train::{keep_freed_memory, DataFingerprint, OpenMode, RunFolder, Trainer};
+use teamtune_train::{
+    adapter_fits_in_memory, keep_freed_memory, DataFingerprint, OpenMode, RunFolder, Trainer,
+};
 
 use super::model_args::{chat_template, ModelArgs};
 use super::recipe::{Recipe, RecipeFlags};
@@ -167,7 +169,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
 
     let lora = r.lora_config(Some(loaded.files.describe()));
-    check_adapter_fits(loaded.model.config(), &lora)?;
+    adapter_fits_in_memory(loaded.model.config(), &lora)?;
     loaded.model.add_adapter("train", &lora)?;
     let config = r.train_config("train", pad);
     let trainer = Trainer::new(config, &args.out)?;
@@ -184,41 +186,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let adapter_dir = args.out.join("adapter");
     loaded.model.save_adapter("train", &adapter_dir)?;
     println!("{summary}; adapter in {}", adapter_dir.display());
-    Ok(())
-}
-
-/// Refuses an adapter whose factors, gradients and optimizer state (four f32 copies) would not
-/// fit in the memory the system has available, naming --rank, instead of aborting on the
-/// allocation.
-fn check_adapter_fits(
-    config: &teamtune_llama::LlamaConfig,
-    lora: &teamtune_llama::LoraConfig,
-) -> anyhow::Result<()> {
-    let per_layer: u128 = lora
-        .targets
-        .iter()
-        .map(|t| {
-            let (out, inp) = t.shape(config);
-            (out + inp) as u128 * lora.rank as u128
-        })
-        .sum();
-    let bytes = per_layer * config.num_hidden_layers as u128 * 4 * 4;
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok())
-            .map(|kib| kib * 1024)
-    });
-    if let Some(available) = available {
-        if bytes > available {
-            bail!(
-                "--rank {} needs about {:.1} GB for the adapter, its gradients and optimizer \
-                 state; {:.1} GB of memory is available",
-                lora.rank,
-                bytes as f64 / 1e9,
-                available as f64 / 1e9
-            );
-        }
-    }
     Ok(())
 }
