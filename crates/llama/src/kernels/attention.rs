@@ -86,13 +86,7 @@ impl AttentionProbs {
         let bias = match bias {
             None => None,
             Some((storage, layout)) => {
-                let (bb, one, t, bs) = layout.shape().dims4()?;
-                if one != 1 || bs != s || (bb != b && bb != 1) || t == 0 || r % t != 0 {
-                    bail!(
-                        "attention-probs: bias {:?} does not fit scores [{b}, {g}, {r}, {s}]",
-                        layout.shape()
-                    )
-                }
+                let (bb, t) = bias_rows("attention-probs", layout, (b, g, r, s))?;
                 Some(Bias {
                     storage,
                     layout,
@@ -154,6 +148,24 @@ impl AttentionProbs {
         let dk = ds.t()?.matmul(q)?;
         Ok((dq, dk))
     }
+}
+
+/// The batch rows (`b` or 1) and time rows `t` of an additive bias `[b or 1, 1, t, s]` for
+/// scores `[b, g, r, s]`, whose row `i` uses bias row `i % t` (`r` a multiple of `t`), or an
+/// error naming `op` when it does not fit.
+pub(super) fn bias_rows(
+    op: &str,
+    bias: &Layout,
+    (b, g, r, s): (usize, usize, usize, usize),
+) -> Result<(usize, usize)> {
+    let (bb, one, t, bs) = bias.shape().dims4()?;
+    if one != 1 || bs != s || (bb != b && bb != 1) || t == 0 || r % t != 0 {
+        bail!(
+            "{op}: bias {:?} does not fit scores [{b}, {g}, {r}, {s}]",
+            bias.shape()
+        )
+    }
+    Ok((bb, t))
 }
 
 /// Adds the bias row of each score row and takes the softmax of every row of `v` in place.

@@ -23,7 +23,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::attention::attention_probs;
+use super::attention::{attention_probs, bias_rows};
 use super::cpu::{contiguous_slice, gemm_f32};
 use super::rows as simd;
 
@@ -121,13 +121,7 @@ impl Plan {
         let (t, bias_per_batch, ranges) = match bias {
             None => (r.max(1), false, vec![(0, s); r.max(1)]),
             Some((values, layout)) => {
-                let (bb, one, t, bs) = layout.shape().dims4()?;
-                if one != 1 || bs != s || (bb != b && bb != 1) || t == 0 || r % t != 0 {
-                    bail!(
-                        "tiled attention: bias {:?} does not fit scores [{b}, {g}, {r}, {s}]",
-                        layout.shape()
-                    )
-                }
+                let (bb, t) = bias_rows("tiled attention", layout, (b, g, r, s))?;
                 let ranges = values.chunks(s.max(1)).map(visible_range).collect();
                 (t, bb == b && b > 1, ranges)
             }
