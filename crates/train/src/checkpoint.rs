@@ -28,14 +28,32 @@ pub struct TrainerState {
     pub last_loss: Option<f64>,
 }
 
-/// A checkpoint folder itself, or a run folder whose latest checkpoint is meant.
+/// A checkpoint folder itself, or a run folder whose latest checkpoint is meant: the
+/// `step-N` folder with the highest N. Checkpoints are renamed into place whole, so every such
+/// folder is complete; the `latest` file is written after the rename, and a process killed in
+/// between leaves it naming the previous checkpoint (or missing), so it is not what decides.
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join("trainer_state.json").is_file() {
         return Ok(path.to_owned());
     }
-    let latest = path.join("checkpoints").join("latest");
-    let name = std::fs::read_to_string(&latest).map_err(io_err(&latest))?;
-    Ok(path.join("checkpoints").join(name.trim()))
+    let root = path.join("checkpoints");
+    let entries = std::fs::read_dir(&root).map_err(io_err(&root))?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step: u64 = name.strip_prefix("step-")?.parse().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, dir)| dir)
+        .ok_or_else(|| TrainError::State {
+            path: root.clone(),
+            message: "no checkpoint (step-N folder) to resume from".into(),
+        })
 }
 
 /// Writes a checkpoint of `adapter` under `run/checkpoints` and returns its folder.
@@ -98,4 +116,33 @@ pub fn load(
     }
     opt.load(dir, model.device())?;
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_highest_complete_step_is_resumed_whatever_latest_says() {
+        let run = tempfile::tempdir().unwrap();
+        let root = run.path().join("checkpoints");
+        let e = resolve(run.path()).unwrap_err();
+        assert!(e.to_string().contains("checkpoints"), "{e}");
+        for step in ["step-000001", "step-000003"] {
+            std::fs::create_dir_all(root.join(step)).unwrap();
+            std::fs::write(root.join(step).join("trainer_state.json"), "{}").unwrap();
+        }
+        // Killed between the rename and the pointer: latest names the older one, or is gone.
+        std::fs::write(root.join("latest"), "step-000001").unwrap();
+        assert_eq!(resolve(run.path()).unwrap(), root.join("step-000003"));
+        std::fs::remove_file(root.join("latest")).unwrap();
+        assert_eq!(resolve(run.path()).unwrap(), root.join("step-000003"));
+        // A half-written temporary folder is not a checkpoint.
+        std::fs::create_dir_all(root.join(".tmp-step-000004")).unwrap();
+        std::fs::create_dir_all(root.join("step-000005")).unwrap();
+        assert_eq!(resolve(run.path()).unwrap(), root.join("step-000003"));
+        // A checkpoint folder is itself.
+        let own = root.join("step-000001");
+        assert_eq!(resolve(&own).unwrap(), own);
+    }
 }
