@@ -198,8 +198,11 @@ fn q8_0_inference_tracks_the_dense_model() {
 }
 
 /// `--quantize bf16`: the projections run on bf16 operands with f32 sums, at every row count
-/// (the whole prompt here, then one decode row). The logits stay within bf16's rounding of
-/// the dense ones (transformers-checked above) and the greedy answer is the same.
+/// (whole prompts here, then one decode row). transformers with the same rounding
+/// (`scripts/bf16_rounding_reference.py`) moves these prompts' logits by 0.7-1.7% over all
+/// positions; a single position swings several fold with a few ulps of difference in the
+/// inputs (case 0's last: 0.5-1.7% there, 2.5% here), so the bound is on all positions. A
+/// wrong pair or lane in the kernel moves them by the size of the values, not by a percent.
 #[test]
 fn bf16_inference_tracks_the_dense_model() {
     let dense = load();
@@ -208,28 +211,34 @@ fn bf16_inference_tracks_the_dense_model() {
         .quantize_for_inference(candle_core::quantized::GgmlDType::BF16)
         .unwrap();
     let f = fixture();
-    let case = &f.json["cases"][0];
-    let prompt = ids(&case["prompt_ids"]);
-    let logits = |m: &LoadedModel| -> Vec<f32> {
-        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+    let logits = |m: &LoadedModel, prompt: &[u32]| -> Vec<f32> {
+        let input = Tensor::new(prompt, &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
             .unwrap();
         m.model
-            .forward_last(&input, &TokenLayout::contiguous(1, prompt.len(), 0), None)
+            .forward(
+                &input,
+                &TokenLayout::contiguous(1, prompt.len(), 0),
+                None,
+                teamtune_llama::Mode::Inference,
+            )
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap()
     };
-    let (a, d) = (logits(&b), logits(&dense));
-    let mean_err = mean_relative_error(&a, &d);
-    assert!(
-        mean_err > 0.0 && mean_err < 0.02,
-        "mean relative error {mean_err:e}"
-    );
-    assert_eq!(argmax(&a), argmax(&d));
+    for (i, case) in f.json["cases"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&case["prompt_ids"]);
+        let (a, d) = (logits(&b, &prompt), logits(&dense, &prompt));
+        let mean_err = mean_relative_error(&a, &d);
+        assert!(
+            mean_err > 0.0 && mean_err < 0.02,
+            "case {i}: mean relative error {mean_err:e} over all positions"
+        );
+    }
+    let prompt = ids(&f.json["cases"][0]["prompt_ids"]);
     let text = greedy_answer(&b, &prompt);
     assert!(text.contains("Paris"), "{text}");
 }
