@@ -123,7 +123,9 @@ pub struct Checked {
     pub stop: Vec<String>,
     pub seed: Option<u64>,
     pub stream: bool,
-    pub format: Format,
+    /// What the request asked for; `None` when it sent no `response_format` (the server's
+    /// default format for the model applies then).
+    pub format: Option<Format>,
 }
 
 /// Parses a body: invalid JSON or a field of the wrong type is a 400 naming the field.
@@ -245,9 +247,29 @@ impl ChatRequest {
             ));
         }
         let format = match self.response_format {
-            None | Some(ResponseFormat::Text) => Format::Text,
-            Some(ResponseFormat::JsonObject) => Format::JsonObject,
-            Some(ResponseFormat::JsonSchema { json_schema }) => {
+            None => None,
+            Some(f) => Some(Format::checked(f)?),
+        };
+        Ok(Checked {
+            model: self.model,
+            messages,
+            temperature,
+            top_p,
+            max_tokens,
+            stop,
+            seed: self.seed.map(|s| s as u64),
+            stream: self.stream.unwrap_or(false),
+            format,
+        })
+    }
+}
+
+impl Format {
+    fn checked(format: ResponseFormat) -> Result<Format> {
+        Ok(match format {
+            ResponseFormat::Text => Format::Text,
+            ResponseFormat::JsonObject => Format::JsonObject,
+            ResponseFormat::JsonSchema { json_schema } => {
                 let _ = (json_schema.strict, json_schema.description);
                 if json_schema.name.is_empty() {
                     return Err(ServeError::invalid_value(
@@ -269,17 +291,6 @@ impl ChatRequest {
                     }
                 }
             }
-        };
-        Ok(Checked {
-            model: self.model,
-            messages,
-            temperature,
-            top_p,
-            max_tokens,
-            stop,
-            seed: self.seed.map(|s| s as u64),
-            stream: self.stream.unwrap_or(false),
-            format,
         })
     }
 }
@@ -450,7 +461,7 @@ mod tests {
         assert_eq!(c.stop, vec!["\n".to_string()]);
         assert_eq!(c.seed, Some(u64::MAX));
         assert!(c.stream);
-        assert!(matches!(c.format, Format::JsonSchema { .. }));
+        assert!(matches!(c.format, Some(Format::JsonSchema { .. })));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use teamtune_data::{ChatTemplate, EncodeOptions, Encoder};
-use teamtune_guide::{stop_tokens, TokenVocab};
+use teamtune_guide::{stop_tokens, ReplyGrammar, TokenVocab};
 use teamtune_llama::{ChatAssets, Llama};
 
 pub use engine::{Engine, EngineConfig, Stats};
@@ -43,6 +43,21 @@ pub struct ServeConfig {
     pub api_key: Option<String>,
     /// After a shutdown signal, how long requests in flight may run before they are cancelled.
     pub shutdown_grace: Duration,
+    /// The reply format of requests that send no `response_format`, for every model; `None`:
+    /// free text.
+    pub default_format: Option<DefaultFormat>,
+    /// The same per adapter (by served name), before `default_format`.
+    pub adapter_formats: HashMap<String, DefaultFormat>,
+}
+
+/// A JSON schema the server applies to requests that send no `response_format` (for agent
+/// programs that parse JSON but never ask for it). A request's own `response_format` wins.
+#[derive(Debug, Clone)]
+pub struct DefaultFormat {
+    /// A JSON schema (an object).
+    pub schema: serde_json::Value,
+    /// Where it came from, named in errors: `--json-schema-file agent.json`.
+    pub source: String,
 }
 
 /// Errors setting the server up (not those of requests).
@@ -93,6 +108,22 @@ impl Server {
         let stop_ids = stop_tokens(encoder.end_of_turn_ids(), &assets.eos_token_ids)
             .map_err(|e| SetupError::Config(e.to_string()))?;
         let vocab = TokenVocab::new(&assets.tokenizer, &stop_ids)?;
+        let compile = |f: &DefaultFormat| {
+            ReplyGrammar::from_schema(&vocab, "server default", &f.schema).map_err(|e| {
+                SetupError::Config(format!("{}: the JSON schema cannot be used: {e}", f.source))
+            })
+        };
+        let default_grammar = config.default_format.as_ref().map(compile).transpose()?;
+        let mut adapter_grammars = HashMap::new();
+        for (name, f) in &config.adapter_formats {
+            if !adapters.contains(name) {
+                return Err(SetupError::Config(format!(
+                    "{}: no adapter is served as `{name}`",
+                    f.source
+                )));
+            }
+            adapter_grammars.insert(name.clone(), compile(f)?);
+        }
         let context = model.config().max_position_embeddings;
         let engine = Arc::new(Engine::start(
             model,
@@ -114,6 +145,8 @@ impl Server {
             context,
             api_key: config.api_key.clone(),
             grammars: Mutex::new(HashMap::new()),
+            default_grammar,
+            adapter_grammars,
             next_id: AtomicU64::new(0),
             started,
         };

@@ -48,6 +48,10 @@ pub struct AppState {
     pub context: usize,
     pub api_key: Option<String>,
     pub grammars: Mutex<HashMap<String, ReplyGrammar>>,
+    /// For requests without `response_format`: the server-wide schema's grammar, and the
+    /// adapters' own ones, which come first.
+    pub default_grammar: Option<ReplyGrammar>,
+    pub adapter_grammars: HashMap<String, ReplyGrammar>,
     pub next_id: AtomicU64,
     pub started: u64,
 }
@@ -158,7 +162,10 @@ async fn chat_completions(
     let adapter = state.adapter_of(&checked.model)?;
     let prompt = state.prompt_tokens(&checked.messages)?;
     let max_tokens = state.token_budget(prompt.len(), checked.max_tokens)?;
-    let grammar = state.grammar(&checked.format)?;
+    let grammar = match &checked.format {
+        Some(format) => state.grammar(format)?,
+        None => state.default_grammar(adapter.as_deref()),
+    };
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let meta = ResponseMeta {
         id: format!("chatcmpl-{:x}-{id}", state.started),
@@ -275,6 +282,15 @@ impl AppState {
                 code: Some("invalid_value"),
             }),
         }
+    }
+
+    /// The server's format for a request that asked for none: the adapter's, else the
+    /// server-wide one, else free text.
+    fn default_grammar(&self, adapter: Option<&str>) -> Option<ReplyGrammar> {
+        adapter
+            .and_then(|a| self.adapter_grammars.get(a))
+            .or(self.default_grammar.as_ref())
+            .cloned()
     }
 
     fn grammar(&self, format: &Format) -> Result<Option<ReplyGrammar>> {

@@ -1,11 +1,12 @@
 //! `teamtune serve`: the model (and its adapters, by name) behind an OpenAI-compatible
 //! chat-completions API.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use teamtune_serve::{EngineConfig, ServeConfig, Server};
+use teamtune_serve::{DefaultFormat, EngineConfig, ServeConfig, Server};
 
 use super::model_args::{chat_template, ModelArgs};
 
@@ -46,6 +47,63 @@ pub struct Args {
     /// cancelled.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace: f64,
+    /// A JSON schema (an object) every reply follows when its request sends no
+    /// `response_format`, for agent programs that parse JSON but never ask for it (llama-server's
+    /// flag). A request's own `response_format` wins.
+    #[arg(long, value_name = "JSON", conflicts_with = "json_schema_file")]
+    pub json_schema: Option<String>,
+    /// `--json-schema` read from a file.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema_file: Option<PathBuf>,
+    /// The same for one adapter, before the server-wide one: `--adapter-schema NAME=FILE`,
+    /// repeatable.
+    #[arg(long, value_name = "NAME=FILE")]
+    pub adapter_schema: Vec<String>,
+}
+
+/// A schema given on the command line, parsed (not yet compiled: that needs the tokenizer).
+fn schema_from(text: &str, source: String) -> anyhow::Result<DefaultFormat> {
+    let schema: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{source}: not valid JSON: {e}"))?;
+    if !schema.is_object() {
+        bail!("{source}: a JSON schema must be an object, like {{\"type\": \"object\"}}");
+    }
+    Ok(DefaultFormat { schema, source })
+}
+
+fn schema_file(path: &Path, flag: &str) -> anyhow::Result<DefaultFormat> {
+    let source = format!("{flag} {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+    schema_from(&text, source)
+}
+
+/// The reply formats of requests that send none: server-wide and per adapter.
+fn default_formats(
+    args: &Args,
+    adapters: &[(String, PathBuf)],
+) -> anyhow::Result<(Option<DefaultFormat>, HashMap<String, DefaultFormat>)> {
+    let default = match (&args.json_schema, &args.json_schema_file) {
+        (Some(text), _) => Some(schema_from(text, "--json-schema".into())?),
+        (None, Some(path)) => Some(schema_file(path, "--json-schema-file")?),
+        (None, None) => None,
+    };
+    let mut by_adapter = HashMap::new();
+    for spec in &args.adapter_schema {
+        let Some((name, file)) = spec
+            .split_once('=')
+            .filter(|(n, f)| !n.is_empty() && !f.is_empty())
+        else {
+            bail!("--adapter-schema {spec:?}: expected NAME=FILE");
+        };
+        if !adapters.iter().any(|(a, _)| a == name) {
+            bail!("--adapter-schema {spec:?}: no --adapter is named `{name}`");
+        }
+        let format = schema_file(Path::new(file), &format!("--adapter-schema {name}="))?;
+        if by_adapter.insert(name.to_string(), format).is_some() {
+            bail!("--adapter-schema {name}: the adapter is given twice");
+        }
+    }
+    Ok((default, by_adapter))
 }
 
 fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
@@ -84,6 +142,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|s| parse_adapter(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let (default_format, adapter_formats) = default_formats(&args, &adapters)?;
+    // Bound before the model loads: a taken port or a bad --host fails in a second.
+    let listener =
+        std::net::TcpListener::bind((args.host.as_str(), args.port)).with_context(|| {
+            format!(
+                "--host {} --port {}: cannot listen there",
+                args.host, args.port
+            )
+        })?;
+    listener.set_nonblocking(true)?;
     let mut loaded = args.model.load()?;
     let template = chat_template(&loaded.assets)?;
     for (name, dir) in &adapters {
@@ -120,6 +188,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         api_key: args.api_key.clone(),
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
+        default_format,
+        adapter_formats,
     };
     let server = Server::new(loaded.model, &loaded.assets, template, config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -127,9 +197,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         tracing::info!(
             models = ?server.model_names(),
