@@ -27,6 +27,7 @@ mod lora;
 mod model;
 
 pub use decode::batch::decode_batch;
+pub use decode::continuous::{ContinuousBatch, Finished};
 pub use decode::generate::{generate, Generated, StopReason};
 pub use decode::sampling::{Sampler, SamplingParams};
 pub use decode::session::{Decoded, NoFilter, Session, TokenFilter};

@@ -36,21 +36,21 @@ fn plan_width(lens: &[usize]) -> usize {
         .unwrap_or(1)
 }
 
-struct Row {
-    sampler: Sampler,
-    max_new: usize,
+pub(super) struct Row {
+    pub(super) sampler: Sampler,
+    pub(super) max_new: usize,
     /// Tokens of the session that are in the batched cache.
-    fed: usize,
+    pub(super) fed: usize,
     /// Logits after `fed` tokens, when that is all of the session's tokens.
-    logits: Option<Vec<f32>>,
-    out: Decoded,
-    finished: bool,
+    pub(super) logits: Option<Vec<f32>>,
+    pub(super) out: Decoded,
+    pub(super) finished: bool,
 }
 
 impl Row {
     /// Chooses what follows the session's last token: the filter's forced tokens or one
     /// sampled token; records them in the session and decides whether the row is finished.
-    fn step(
+    pub(super) fn step(
         &mut self,
         session: &mut Session,
         filter: &mut dyn TokenFilter,

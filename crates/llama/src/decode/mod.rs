@@ -2,6 +2,7 @@
 //! decoding many of them as one batch, sampling, one-shot generation and text streaming.
 
 pub(crate) mod batch;
+pub(crate) mod continuous;
 pub(crate) mod generate;
 pub(crate) mod sampling;
 pub(crate) mod session;

@@ -15,15 +15,44 @@ use crate::kernels::dropout::mix_seed;
 use crate::lora::adapter::{ActiveLora, LoraAdapter};
 use crate::lora::config::LoraTarget;
 
-/// The adapter of one layer, if any, and the seed its dropout masks derive from.
+/// The adapter of one layer, if any, and the seed its dropout masks derive from. In a
+/// forward whose sequences use different adapters, `groups` says which token rows take which
+/// one (and `adapter` is unused).
 #[derive(Clone, Copy)]
 pub(super) struct LayerLora<'a> {
     pub(super) adapter: Option<&'a LoraAdapter>,
     pub(super) layer: usize,
     pub(super) dropout_seed: Option<u64>,
+    pub(super) groups: &'a [AdapterRows<'a>],
+}
+
+/// The token rows (u32 indices into the stacked `[1, tokens, features]` input) of the
+/// sequences that use `adapter`, in an inference forward of mixed adapters.
+pub(super) struct AdapterRows<'a> {
+    pub(super) adapter: &'a LoraAdapter,
+    pub(super) rows: Tensor,
 }
 
 impl<'a> LayerLora<'a> {
+    /// `linear`'s output for `x`, with this layer's adapter (or each row group's) on it.
+    pub(super) fn apply(
+        &self,
+        linear: &Linear,
+        x: &Tensor,
+        target: LoraTarget,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        if self.groups.is_empty() {
+            return linear.forward_lora(x, self.get(target), mode);
+        }
+        let groups: Vec<_> = self
+            .groups
+            .iter()
+            .filter_map(|g| Some((g.adapter.active(self.layer, target)?, &g.rows)))
+            .collect();
+        linear.forward_lora_rows(x, &groups)
+    }
+
     pub(super) fn get(&self, t: LoraTarget) -> Option<ActiveLora<'a>> {
         let mut active = self.adapter.and_then(|a| a.active(self.layer, t))?;
         active.dropout_seed = self
@@ -117,8 +146,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (q, k, v) = self.project(x, lora, mode)?;
         let out = self.attend(&q, &k, &v, rot, bias, cache, mode)?;
-        self.o_proj
-            .forward_lora(&out, lora.get(LoraTarget::O), mode)
+        lora.apply(&self.o_proj, &out, LoraTarget::O, mode)
     }
 
     /// The query, key and value projections `[batch, time, heads * head_dim]` of `x`.
@@ -128,7 +156,7 @@ impl Attention {
         lora: LayerLora<'_>,
         mode: Mode,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let proj = |p: &Linear, t: LoraTarget| p.forward_lora(x, lora.get(t), mode);
+        let proj = |p: &Linear, t: LoraTarget| lora.apply(p, x, t, mode);
         Ok((
             proj(&self.q_proj, LoraTarget::Q)?,
             proj(&self.k_proj, LoraTarget::K)?,
@@ -215,17 +243,12 @@ pub(super) struct Mlp {
 
 impl Mlp {
     pub(super) fn forward(&self, x: &Tensor, lora: LayerLora<'_>, mode: Mode) -> Result<Tensor> {
-        let gate = self
-            .gate_proj
-            .forward_lora(x, lora.get(LoraTarget::Gate), mode)?;
-        let up = self
-            .up_proj
-            .forward_lora(x, lora.get(LoraTarget::Up), mode)?;
+        let gate = lora.apply(&self.gate_proj, x, LoraTarget::Gate, mode)?;
+        let up = lora.apply(&self.up_proj, x, LoraTarget::Up, mode)?;
         // One fused pass in both modes: the same rounding as candle's silu then `*`, without
         // the intermediate tensor (inference) or storing it for the backward (training).
         let gated = train_ops::silu_mul(&gate, &up)?;
-        self.down_proj
-            .forward_lora(&gated, lora.get(LoraTarget::Down), mode)
+        lora.apply(&self.down_proj, &gated, LoraTarget::Down, mode)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, D};
 use candle_nn::ops;
 
 use super::llama::Mode;
@@ -182,6 +182,32 @@ impl Linear {
         let h = (h * lora.scale)?.to_dtype(y.dtype())?;
         let h = h.reshape(y.shape())?;
         Ok((y + h)?)
+    }
+
+    /// Inference with a different adapter per group of token rows (`x` `[1, tokens, in]`):
+    /// the base projection runs once over every row, then each group adds its own
+    /// `scale * B(A x)` to its rows, with the same operations in the same order as
+    /// [`Self::forward_lora`] does for a sequence alone.
+    pub(super) fn forward_lora_rows(
+        &self,
+        x: &Tensor,
+        groups: &[(ActiveLora<'_>, &Tensor)],
+    ) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        let (dims, inner, out) = (y.dims().to_vec(), x.dim(D::Minus1)?, y.dim(D::Minus1)?);
+        let xf = x.to_dtype(DType::F32)?;
+        let x2 = xf.reshape((xf.elem_count() / inner.max(1), inner))?;
+        let mut y2 = y.reshape((y.elem_count() / out.max(1), out))?;
+        for (lora, rows) in groups {
+            let (a, b) = (
+                lora.pair.a.as_tensor().detach(),
+                lora.pair.b.as_tensor().detach(),
+            );
+            let h = x2.index_select(rows, 0)?.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            let h = (h * lora.scale)?.to_dtype(y2.dtype())?;
+            y2 = y2.index_add(rows, &h, 0)?;
+        }
+        Ok(y2.reshape(dims)?)
     }
 
     /// The training forward of `forward_lora` with an adapter: the same values, from two ops

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::blocks::{Attention, Block, LayerLora, Mlp, RmsNorm, Rotation};
+use super::blocks::{AdapterRows, Attention, Block, LayerLora, Mlp, RmsNorm, Rotation};
 use super::cache::KvCache;
 use super::layout::TokenLayout;
 use super::linear::Linear;
@@ -364,6 +364,7 @@ impl Llama {
             adapter: self.active_adapter.as_ref().map(|n| &self.adapters[n]),
             layer: l,
             dropout_seed: self.dropout_seed,
+            groups: &[],
         };
         let h = block.input_layernorm.forward(x, mode)?;
         let h = block.self_attn.forward(
@@ -484,9 +485,38 @@ impl Llama {
     /// merged into or split out of a batched one. Each row gets what it would get alone, up to
     /// the summation order of the stacked projections. Inference only.
     pub fn forward_ragged_last(&self, rows: &mut [RaggedRow<'_>]) -> Result<Tensor> {
+        let active = self.active_adapter.as_deref();
+        self.forward_ragged_mixed(rows, &vec![active; rows.len()])
+    }
+
+    /// [`Self::forward_ragged_last`] with each sequence's own adapter (`None`: the base
+    /// model), whatever adapter is active: the frozen projections run once over every
+    /// sequence's tokens, and each adapter adds its product to its own sequences' rows. Each
+    /// sequence gets the logits it gets alone with its adapter active.
+    pub fn forward_ragged_mixed(
+        &self,
+        rows: &mut [RaggedRow<'_>],
+        adapters: &[Option<&str>],
+    ) -> Result<Tensor> {
         use rayon::prelude::*;
         if rows.is_empty() {
             return Err(LlamaError::Shape("a ragged forward of no sequences".into()));
+        }
+        if adapters.len() != rows.len() {
+            return Err(LlamaError::Shape(format!(
+                "ragged forward: {} adapters for {} sequences",
+                adapters.len(),
+                rows.len()
+            )));
+        }
+        let mut named = Vec::with_capacity(adapters.len());
+        for name in adapters {
+            named.push(match name {
+                None => None,
+                Some(n) => Some(self.adapters.get(*n).ok_or_else(|| {
+                    LlamaError::Shape(format!("no adapter named `{n}` is loaded"))
+                })?),
+            });
         }
         let mut layouts = Vec::with_capacity(rows.len());
         let mut contexts = Vec::with_capacity(rows.len());
@@ -516,13 +546,38 @@ impl Llama {
             ids.extend_from_slice(r.tokens);
         }
         let total = ids.len();
+        // One adapter for all (or none): the plain path. Several: the token rows of each.
+        let mixed = named.iter().any(|a| !same_adapter(*a, named[0]));
+        let mut groups: Vec<AdapterRows<'_>> = Vec::new();
+        if mixed {
+            let mut by_adapter: Vec<(&LoraAdapter, Vec<u32>)> = Vec::new();
+            for (adapter, &(start, len)) in named.iter().zip(&spans) {
+                let Some(adapter) = adapter else { continue };
+                let token_rows = (start as u32)..((start + len) as u32);
+                match by_adapter
+                    .iter_mut()
+                    .find(|(a, _)| std::ptr::eq(*a, *adapter))
+                {
+                    Some((_, r)) => r.extend(token_rows),
+                    None => by_adapter.push((adapter, token_rows.collect())),
+                }
+            }
+            for (adapter, r) in by_adapter {
+                let n = r.len();
+                groups.push(AdapterRows {
+                    adapter,
+                    rows: Tensor::from_vec(r, n, &self.device)?,
+                });
+            }
+        }
         let mut x = self.embed(&Tensor::from_vec(ids, (1, total), &self.device)?)?;
         let mode = Mode::Inference;
         for (l, block) in self.blocks.iter().enumerate() {
             let lora = LayerLora {
-                adapter: self.active_adapter.as_ref().map(|n| &self.adapters[n]),
+                adapter: if mixed { None } else { named[0] },
                 layer: l,
                 dropout_seed: None,
+                groups: &groups,
             };
             let h = block.input_layernorm.forward(&x, mode)?;
             let attn = &block.self_attn;
@@ -545,9 +600,7 @@ impl Llama {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let out = Tensor::cat(&outs, 1)?;
-            let h = attn
-                .o_proj
-                .forward_lora(&out, lora.get(LoraTarget::O), mode)?;
+            let h = lora.apply(&attn.o_proj, &out, LoraTarget::O, mode)?;
             let x1 = (&x + h)?;
             let h = block.post_attention_layernorm.forward(&x1, mode)?;
             x = (&x1 + block.mlp.forward(&h, lora, mode)?)?;
@@ -559,5 +612,15 @@ impl Llama {
         let last = Tensor::new(last.as_slice(), &self.device)?;
         let h = x.squeeze(0)?.index_select(&last, 0)?.unsqueeze(0)?;
         self.logits(&self.norm.forward(&h, mode)?.squeeze(0)?)
+    }
+}
+
+/// Whether two sequences of a ragged forward use the same adapter (the same loaded one, or
+/// both none).
+fn same_adapter(a: Option<&LoraAdapter>, b: Option<&LoraAdapter>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
     }
 }
