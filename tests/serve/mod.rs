@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use crate::util::{fixtures, output_ok, teamtune, tiny_model};
 
 mod batching;
+mod continuous;
 mod formats;
 mod requests;
 mod shutdown;

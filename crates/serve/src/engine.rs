@@ -1,14 +1,16 @@
-//! The model worker: one thread owns the model and answers the waiting requests in batches.
+//! The model worker: one thread owns the model and decodes every running request together,
+//! one step at a time (continuous batching).
 //!
-//! Requests wait in a bounded queue (full: [`ServeError::QueueFull`], a 429). The worker takes
-//! the oldest waiting request whose adapter differs from the last batch's (so adapters take
-//! turns; the oldest overall when there is no other), and with it every waiting request of the
-//! same adapter, up to `max_batch`; activates that adapter (or none) and decodes them together
-//! with [`decode_batch`], each under its own sampling parameters, token limit, stop sequences
-//! and (for JSON replies) grammar. Text streams out as it is decoded: the row's
-//! [`TokenFilter`] sees every token the decoder appends, so it turns them into text, watches
-//! for stop sequences and for the client having gone away (its receiver dropped), and ends the
-//! row there. A batch runs to its end; requests arriving meanwhile wait for the next one.
+//! Requests wait in a bounded queue (full: [`ServeError::QueueFull`], a 429). Before each decode
+//! step the worker moves the oldest waiting requests into the batch's free rows (up to
+//! `max_batch` rows); their prompts are fed in the same ragged forward as the other rows'
+//! tokens, at most `prefill_chunk` per step. Each row has its own adapter (or none), sampling
+//! parameters, token limit, stop sequences and (for JSON replies) grammar: adapters share a
+//! batch. Text streams out as it is decoded: the row's [`TokenFilter`] sees every token the
+//! decoder appends, so it turns them into text, watches for stop sequences and for the client
+//! having gone away (its receiver dropped), and ends the row there; a row that ends leaves the
+//! batch at that step and is answered at once. A row whose grammar fails fails alone; a failed
+//! forward fails the rows of that step, and the worker goes on with the next requests.
 //!
 //! With a prefix-cache budget, finished conversations keep their sessions (KV caches), keyed
 //! by adapter: a request whose prompt starts like one of them (an agent's next turn, the same
@@ -18,11 +20,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use teamtune_guide::{common_prefix, reuse_prefix, ConstraintFilter, ReplyGrammar};
 use teamtune_llama::{
-    decode_batch, Llama, SamplingParams, Session, StopReason, TextStream, TokenFilter,
+    ContinuousBatch, Finished, Llama, SamplingParams, Session, StopReason, TextStream, TokenFilter,
 };
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
@@ -40,6 +41,9 @@ pub struct EngineConfig {
     /// request continuing one (an agent's next turn, a shared system prompt) runs only what
     /// is new; 0 keeps none.
     pub prefix_cache_tokens: usize,
+    /// Most prompt tokens a joining request feeds per decode step, so that a long prompt
+    /// does not stall the rows already decoding (at least 1).
+    pub prefill_chunk: usize,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +52,7 @@ impl Default for EngineConfig {
             max_batch: 8,
             queue_size: 64,
             prefix_cache_tokens: 0,
+            prefill_chunk: 256,
         }
     }
 }
@@ -231,7 +236,6 @@ struct Worker {
     tokenizer: Tokenizer,
     stop_ids: Vec<u32>,
     shared: Arc<Shared>,
-    last_adapter: Option<Option<String>>,
     /// Finished conversations by adapter (a cache belongs to the adapter that filled it),
     /// oldest first.
     prefixes: Vec<(Option<String>, Session)>,
@@ -244,44 +248,69 @@ impl Worker {
             tokenizer,
             stop_ids,
             shared,
-            last_adapter: None,
             prefixes: Vec::new(),
         }
     }
 
+    /// The decode loop: admit waiting requests into the free rows, run one step, answer
+    /// the rows that ended; until closing with nothing left.
     fn run(mut self) {
-        while let Some(batch) = self.next_batch() {
-            let n = batch.len();
-            let shared = self.shared.clone();
-            let c = &shared.counters;
-            c.running.store(n, Ordering::SeqCst);
-            c.batches.fetch_add(1, Ordering::SeqCst);
-            c.largest_batch.fetch_max(n, Ordering::SeqCst);
-            let started = Instant::now();
-            let adapter = batch[0].adapter.clone();
-            let outcome =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_batch(&batch)));
-            let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(_) => Some(ServeError::Internal("the model worker panicked".into())),
-            };
-            if let Some(e) = failure {
-                tracing::error!(error = %e, rows = n, "a batch failed");
-                c.failed.fetch_add(n, Ordering::SeqCst);
-                for job in &batch {
-                    let _ = job.events.send(Event::Failed(e.clone()));
+        let tokenizer = self.tokenizer.clone();
+        let stop_ids = self.stop_ids.clone();
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let mut batch = ContinuousBatch::new(stop_ids.clone(), config.prefill_chunk);
+        while let Some(jobs) = self.admit(batch.len()) {
+            for job in jobs {
+                let session = match self.session_for(&job.adapter, &job.prompt) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.fail(&job.events, e);
+                        continue;
+                    }
+                };
+                let (params, max, adapter) =
+                    (job.params.clone(), job.max_tokens, job.adapter.clone());
+                let filter = RowFilter::new(job, &tokenizer, &stop_ids, &shared.cancel_all);
+                if let Err(e) = batch.add(session, filter, params, max, adapter) {
+                    tracing::error!(error = %e, "a request could not join the batch");
                 }
             }
-            c.running.store(0, Ordering::SeqCst);
-            tracing::debug!(rows = n, adapter = ?adapter, seconds = started.elapsed().as_secs_f64(), "batch done");
-            self.last_adapter = Some(adapter);
+            if batch.is_empty() {
+                continue;
+            }
+            let c = &shared.counters;
+            c.running.store(batch.len(), Ordering::SeqCst);
+            c.batches.fetch_add(1, Ordering::SeqCst);
+            c.largest_batch.fetch_max(batch.len(), Ordering::SeqCst);
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.step(&self.model)));
+            let failure = match outcome {
+                Ok(Ok(finished)) => {
+                    for f in finished {
+                        self.answer(f);
+                    }
+                    None
+                }
+                Ok(Err(e)) => Some(ServeError::from(e)),
+                Err(_) => Some(ServeError::Internal("the model worker panicked".into())),
+            };
+            // A failed forward leaves no row in a known state: every live row fails.
+            if let Some(e) = failure {
+                let rows = batch.drain();
+                tracing::error!(error = %e, rows = rows.len(), "a decode step failed");
+                for (_, filter) in rows {
+                    self.fail(filter.events(), e.clone());
+                }
+            }
+            c.running.store(batch.len(), Ordering::SeqCst);
         }
         tracing::debug!("model worker stopped");
     }
 
-    /// Waits for work; `None` once closing with nothing left.
-    fn next_batch(&mut self) -> Option<Vec<Job>> {
+    /// Waiting requests for the `live` rows' free places, oldest first; waits when nothing
+    /// runs. `None` once closing with nothing queued or running.
+    fn admit(&mut self, live: usize) -> Option<Vec<Job>> {
         let mut q = self.shared.queue.lock().expect("queue lock");
         loop {
             // Requests whose client left while waiting are dropped unanswered.
@@ -294,7 +323,7 @@ impl Worker {
                     .cancelled
                     .fetch_add(gone, Ordering::SeqCst);
             }
-            if !q.jobs.is_empty() {
+            if live > 0 || !q.jobs.is_empty() {
                 break;
             }
             if q.closing {
@@ -302,83 +331,58 @@ impl Worker {
             }
             q = self.shared.wake.wait(q).expect("queue lock");
         }
-        let first = q
-            .jobs
-            .iter()
-            .position(|j| Some(&j.adapter) != self.last_adapter.as_ref())
-            .unwrap_or(0);
-        let adapter = q.jobs[first].adapter.clone();
-        let mut batch = Vec::new();
-        let mut i = first;
-        while i < q.jobs.len() && batch.len() < self.shared.config.max_batch {
-            if q.jobs[i].adapter == adapter {
-                batch.push(q.jobs.remove(i).expect("index in range"));
-            } else {
-                i += 1;
-            }
-        }
-        Some(batch)
+        let free = self.shared.config.max_batch.saturating_sub(live);
+        let take = free.min(q.jobs.len());
+        Some(q.jobs.drain(..take).collect())
     }
 
-    fn run_batch(&mut self, jobs: &[Job]) -> Result<()> {
-        self.model.set_active_adapter(jobs[0].adapter.as_deref())?;
-        let mut sessions = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            sessions.push(self.session_for(&j.adapter, &j.prompt)?);
-        }
-        let model = &self.model;
-        let mut filters: Vec<RowFilter<'_>> = jobs
-            .iter()
-            .map(|j| RowFilter::new(j, &self.tokenizer, &self.stop_ids, &self.shared.cancel_all))
-            .collect();
-        let params: Vec<SamplingParams> = jobs.iter().map(|j| j.params.clone()).collect();
-        let max: Vec<usize> = jobs.iter().map(|j| j.max_tokens).collect();
-        let decoded = {
-            let mut rows: Vec<&mut Session> = sessions.iter_mut().collect();
-            let mut dyn_filters: Vec<&mut dyn TokenFilter> = filters
-                .iter_mut()
-                .map(|f| f as &mut dyn TokenFilter)
-                .collect();
-            decode_batch(
-                model,
-                &mut rows,
-                &mut dyn_filters,
-                &params,
-                &max,
-                &self.stop_ids,
-            )?
-        };
+    fn fail(&self, events: &UnboundedSender<Event>, e: ServeError) {
+        self.shared.counters.failed.fetch_add(1, Ordering::SeqCst);
+        let _ = events.send(Event::Failed(e));
+    }
+
+    /// Answers a row that left the batch and keeps its conversation for the prefix cache.
+    fn answer(&mut self, f: Finished<RowFilter<'_>>) {
         let c = &self.shared.counters;
-        for ((job, filter), d) in jobs.iter().zip(filters).zip(&decoded) {
-            c.generated_tokens
-                .fetch_add(d.tokens.len(), Ordering::SeqCst);
-            c.cached_prompt_tokens
-                .fetch_add(d.cached_tokens, Ordering::SeqCst);
-            if filter.cancelled() {
-                c.cancelled.fetch_add(1, Ordering::SeqCst);
-                continue;
+        let d = match f.outcome {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "a request failed");
+                self.fail(f.filter.events(), ServeError::from(e));
+                return;
             }
+        };
+        c.generated_tokens
+            .fetch_add(d.tokens.len(), Ordering::SeqCst);
+        c.cached_prompt_tokens
+            .fetch_add(d.cached_tokens, Ordering::SeqCst);
+        let filter = f.filter;
+        if filter.cancelled() {
+            c.cancelled.fetch_add(1, Ordering::SeqCst);
+        } else {
             let finish = match d.stop {
                 StopReason::MaxTokens if !filter.stopped => FinishReason::Length,
                 _ => FinishReason::Stop,
             };
             let usage = Usage {
-                prompt_tokens: job.prompt.len(),
+                prompt_tokens: filter.prompt_tokens,
                 completion_tokens: d.tokens.len(),
                 cached_tokens: d.cached_tokens,
             };
-            let text = filter.finish()?;
-            c.completed.fetch_add(1, Ordering::SeqCst);
-            let _ = job.events.send(Event::Done {
-                text,
-                finish,
-                usage,
-            });
+            let events = filter.events.clone();
+            match filter.finish() {
+                Ok(text) => {
+                    c.completed.fetch_add(1, Ordering::SeqCst);
+                    let _ = events.send(Event::Done {
+                        text,
+                        finish,
+                        usage,
+                    });
+                }
+                Err(e) => self.fail(&events, e),
+            }
         }
-        for (job, session) in jobs.iter().zip(sessions) {
-            self.keep_prefix(&job.adapter, session);
-        }
-        Ok(())
+        self.keep_prefix(&f.adapter, f.session);
     }
 
     /// A session holding `prompt`: a fork of the kept conversation of the same adapter that
@@ -431,7 +435,8 @@ struct RowFilter<'a> {
     constrained: Option<ConstraintFilter>,
     text_stream: TextStream<'a>,
     stop_ids: &'a [u32],
-    stops: &'a [String],
+    stops: Vec<String>,
+    prompt_tokens: usize,
     /// Longest stop sequence in bytes: text that might be the start of one is held back.
     hold: usize,
     /// The reply's text so far (cut at a stop sequence once one is found).
@@ -441,13 +446,13 @@ struct RowFilter<'a> {
     /// A stop sequence was found: the reply is complete.
     stopped: bool,
     stream: bool,
-    events: &'a UnboundedSender<Event>,
+    events: UnboundedSender<Event>,
     cancel_all: &'a AtomicBool,
 }
 
 impl<'a> RowFilter<'a> {
     fn new(
-        job: &'a Job,
+        job: Job,
         tokenizer: &'a Tokenizer,
         stop_ids: &'a [u32],
         cancel_all: &'a AtomicBool,
@@ -456,15 +461,20 @@ impl<'a> RowFilter<'a> {
             constrained: job.grammar.as_ref().map(ReplyGrammar::filter),
             text_stream: TextStream::new(tokenizer),
             stop_ids,
-            stops: &job.stop,
             hold: job.stop.iter().map(String::len).max().unwrap_or(0),
+            stops: job.stop,
+            prompt_tokens: job.prompt.len(),
             text: String::new(),
             sent: 0,
             stopped: false,
             stream: job.stream,
-            events: &job.events,
+            events: job.events,
             cancel_all,
         }
+    }
+
+    fn events(&self) -> &UnboundedSender<Event> {
+        &self.events
     }
 
     /// The client left (its receiver is gone) or the server is shutting down.

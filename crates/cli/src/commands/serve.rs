@@ -43,6 +43,11 @@ pub struct Args {
     /// (SmolLM2 in f32: 46 KB).
     #[arg(long, default_value_t = 0)]
     pub prefix_cache_tokens: usize,
+    /// Most prompt tokens a request joining the running batch feeds per decode step, so that a
+    /// long prompt does not stall the replies already decoding (larger: faster prefill, longer
+    /// pauses for the others).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
     /// On SIGINT/SIGTERM, seconds the requests in flight may still run before they are
     /// cancelled.
     #[arg(long, default_value_t = 30.0)]
@@ -126,6 +131,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
+    if args.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be at least 1");
+    }
     if !(args.shutdown_grace >= 0.0 && args.shutdown_grace.is_finite()) {
         bail!("--shutdown-grace must be a non-negative number of seconds");
     }
@@ -185,6 +193,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_batch: args.max_batch,
             queue_size: args.queue_size,
             prefix_cache_tokens: args.prefix_cache_tokens,
+            prefill_chunk: args.prefill_chunk,
         },
         api_key: args.api_key.clone(),
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),

@@ -71,6 +71,11 @@ impl<F: TokenFilter> ContinuousBatch<F> {
         self.rows.is_empty()
     }
 
+    /// Takes every live row out (ids and filters), e.g. to fail them all after a step failed.
+    pub fn drain(&mut self) -> Vec<(u64, F)> {
+        self.rows.drain(..).map(|l| (l.id, l.filter)).collect()
+    }
+
     /// Adds a row that decodes a reply to `session` (its pending tokens are fed from the next
     /// step) with `adapter` (`None`: the base model), at most `max_new` tokens. Returns the
     /// row's id. The session must hold tokens, and the adapter must be loaded in the model the
