@@ -25,6 +25,7 @@ mod batching;
 mod continuous;
 mod formats;
 mod requests;
+mod runtime_lora;
 mod shutdown;
 
 pub const ADAPTER: &str = "tuned";

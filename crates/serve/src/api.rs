@@ -128,8 +128,14 @@ pub struct Checked {
     pub format: Option<Format>,
 }
 
-/// Parses a body: invalid JSON or a field of the wrong type is a 400 naming the field.
+/// Parses a chat-completions body: invalid JSON or a field of the wrong type is a 400 naming
+/// the field.
 pub fn parse(body: &[u8]) -> Result<ChatRequest> {
+    parse_json(body)
+}
+
+/// Parses any request body as [`parse`] does.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

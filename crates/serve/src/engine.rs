@@ -17,6 +17,7 @@
 //! system prompt) starts from a fork of it and runs only what differs.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -27,6 +28,7 @@ use teamtune_llama::{
 };
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 use crate::api::{FinishReason, Usage};
 use crate::error::{Result, ServeError};
@@ -113,8 +115,25 @@ pub struct Stats {
     pub cached_prompt_tokens: usize,
 }
 
+/// A change to the served adapters, made by the worker between decode steps. `done` gets
+/// the outcome (dropped unanswered if the server stops first).
+pub enum AdapterChange {
+    /// Load a PEFT adapter folder under `name`.
+    Load {
+        name: String,
+        dir: PathBuf,
+        done: oneshot::Sender<Result<()>>,
+    },
+    /// Remove the adapter once no running or waiting request uses it.
+    Unload {
+        name: String,
+        done: oneshot::Sender<Result<()>>,
+    },
+}
+
 struct Queue {
     jobs: VecDeque<Job>,
+    changes: Vec<AdapterChange>,
     closing: bool,
 }
 
@@ -149,6 +168,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
+                changes: Vec::new(),
                 closing: false,
             }),
             wake: Condvar::new(),
@@ -186,6 +206,18 @@ impl Engine {
             });
         }
         q.jobs.push_back(job);
+        drop(q);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Asks the worker to load or unload an adapter between two decode steps.
+    pub fn change_adapter(&self, change: AdapterChange) -> Result<()> {
+        let mut q = self.shared.queue.lock().expect("queue lock");
+        if q.closing {
+            return Err(ServeError::ShuttingDown);
+        }
+        q.changes.push(change);
         drop(q);
         self.shared.wake.notify_one();
         Ok(())
@@ -239,6 +271,8 @@ struct Worker {
     /// Finished conversations by adapter (a cache belongs to the adapter that filled it),
     /// oldest first.
     prefixes: Vec<(Option<String>, Session)>,
+    /// Unloads waiting for the requests that use their adapter to finish.
+    unloading: Vec<(String, oneshot::Sender<Result<()>>)>,
 }
 
 impl Worker {
@@ -249,6 +283,58 @@ impl Worker {
             stop_ids,
             shared,
             prefixes: Vec::new(),
+            unloading: Vec::new(),
+        }
+    }
+
+    /// Loads adapters and takes in unloads; then removes every unloading adapter that no
+    /// running (`in_use`) or waiting request uses any more.
+    fn change_adapters(&mut self, changes: Vec<AdapterChange>, in_use: &[Option<String>]) {
+        for change in changes {
+            match change {
+                AdapterChange::Load { name, dir, done } => {
+                    let outcome = if self.model.adapter(&name).is_some() {
+                        Err(ServeError::invalid_value(
+                            format!("an adapter named `{name}` is already loaded"),
+                            "lora_name",
+                        ))
+                    } else {
+                        match self.model.load_adapter(&name, &dir) {
+                            Ok(_) => {
+                                tracing::info!(adapter = %name, dir = %dir.display(), "adapter loaded");
+                                Ok(())
+                            }
+                            Err(e) => Err(ServeError::invalid_value(
+                                format!("cannot load the adapter from {}: {e}", dir.display()),
+                                "lora_path",
+                            )),
+                        }
+                    };
+                    let _ = done.send(outcome);
+                }
+                AdapterChange::Unload { name, done } => self.unloading.push((name, done)),
+            }
+        }
+        if self.unloading.is_empty() {
+            return;
+        }
+        let queued: Vec<Option<String>> = {
+            let q = self.shared.queue.lock().expect("queue lock");
+            q.jobs.iter().map(|j| j.adapter.clone()).collect()
+        };
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unloading)
+            .into_iter()
+            .partition(|(name, _)| {
+                let used = |a: &Option<String>| a.as_deref() == Some(name.as_str());
+                !in_use.iter().any(used) && !queued.iter().any(used)
+            });
+        self.unloading = waiting;
+        for (name, done) in ready {
+            self.model.remove_adapter(&name);
+            self.prefixes
+                .retain(|(a, _)| a.as_deref() != Some(name.as_str()));
+            tracing::info!(adapter = %name, "adapter unloaded");
+            let _ = done.send(Ok(()));
         }
     }
 
@@ -260,8 +346,18 @@ impl Worker {
         let shared = self.shared.clone();
         let config = &shared.config;
         let mut batch = ContinuousBatch::new(stop_ids.clone(), config.prefill_chunk);
-        while let Some(jobs) = self.admit(batch.len()) {
+        while let Some((jobs, changes)) = self.admit(batch.len()) {
+            self.change_adapters(changes, &batch.adapters());
             for job in jobs {
+                // Unloaded between the request's check and now: it fails alone.
+                if let Some(name) = job
+                    .adapter
+                    .as_deref()
+                    .filter(|n| self.model.adapter(n).is_none())
+                {
+                    self.fail(&job.events, ServeError::ModelNotFound(name.to_string()));
+                    continue;
+                }
                 let session = match self.session_for(&job.adapter, &job.prompt) {
                     Ok(s) => s,
                     Err(e) => {
@@ -304,13 +400,18 @@ impl Worker {
                 }
             }
             c.running.store(batch.len(), Ordering::SeqCst);
+            // Rows that ended may have been the last users of an adapter being unloaded.
+            if !self.unloading.is_empty() {
+                self.change_adapters(Vec::new(), &batch.adapters());
+            }
         }
         tracing::debug!("model worker stopped");
     }
 
-    /// Waiting requests for the `live` rows' free places, oldest first; waits when nothing
-    /// runs. `None` once closing with nothing queued or running.
-    fn admit(&mut self, live: usize) -> Option<Vec<Job>> {
+    /// Waiting requests for the `live` rows' free places, oldest first, and the adapter
+    /// changes asked for; waits when nothing runs. `None` once closing with nothing queued or
+    /// running.
+    fn admit(&mut self, live: usize) -> Option<(Vec<Job>, Vec<AdapterChange>)> {
         let mut q = self.shared.queue.lock().expect("queue lock");
         loop {
             // Requests whose client left while waiting are dropped unanswered.
@@ -323,7 +424,7 @@ impl Worker {
                     .cancelled
                     .fetch_add(gone, Ordering::SeqCst);
             }
-            if live > 0 || !q.jobs.is_empty() {
+            if live > 0 || !q.jobs.is_empty() || !q.changes.is_empty() {
                 break;
             }
             if q.closing {
@@ -333,7 +434,8 @@ impl Worker {
         }
         let free = self.shared.config.max_batch.saturating_sub(live);
         let take = free.min(q.jobs.len());
-        Some(q.jobs.drain(..take).collect())
+        let changes = std::mem::take(&mut q.changes);
+        Some((q.jobs.drain(..take).collect(), changes))
     }
 
     fn fail(&self, events: &UnboundedSender<Event>, e: ServeError) {

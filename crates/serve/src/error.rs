@@ -35,6 +35,9 @@ pub enum ServeError {
     /// Missing or wrong bearer token (401).
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A route the server's flags turned off (403).
+    #[error("{0}")]
+    Forbidden(&'static str),
     /// The queue of waiting requests is full (429, Retry-After).
     #[error("the server is busy: {waiting} requests are waiting; retry after {retry_after_s} s")]
     QueueFull { waiting: usize, retry_after_s: u64 },
@@ -72,6 +75,7 @@ impl ServeError {
             ServeError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ServeError::UnknownRoute { status, .. } => *status,
             ServeError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
             ServeError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ServeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -86,7 +90,8 @@ impl ServeError {
             | ServeError::BodyTooLarge { .. }
             | ServeError::ModelNotFound(_)
             | ServeError::UnknownRoute { .. }
-            | ServeError::Unauthorized(_) => "invalid_request_error",
+            | ServeError::Unauthorized(_)
+            | ServeError::Forbidden(_) => "invalid_request_error",
             ServeError::QueueFull { .. } => "rate_limit_error",
             ServeError::ShuttingDown | ServeError::Internal(_) => "server_error",
         }
@@ -109,17 +114,23 @@ impl ServeError {
             ServeError::ModelNotFound(_) => Some("model_not_found"),
             ServeError::UnknownRoute { .. } => Some("unknown_url"),
             ServeError::Unauthorized(_) => Some("invalid_api_key"),
+            ServeError::Forbidden(_) => Some("forbidden"),
             ServeError::QueueFull { .. } => Some("rate_limit_exceeded"),
             ServeError::ShuttingDown => Some("server_shutting_down"),
             ServeError::Internal(_) => Some("internal_error"),
         }
     }
 
-    /// The OpenAI error body.
+    /// The OpenAI error body. An internal error's details stay in the server's log: they may
+    /// name files and internal state a client has no business seeing.
     pub fn body(&self) -> Value {
+        let message = match self {
+            ServeError::Internal(_) => "internal error (the server's log has the details)".into(),
+            other => other.to_string(),
+        };
         json!({
             "error": {
-                "message": self.to_string(),
+                "message": message,
                 "type": self.kind(),
                 "param": self.param(),
                 "code": self.code(),

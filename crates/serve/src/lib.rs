@@ -48,6 +48,9 @@ pub struct ServeConfig {
     pub default_format: Option<DefaultFormat>,
     /// The same per adapter (by served name), before `default_format`.
     pub adapter_formats: HashMap<String, DefaultFormat>,
+    /// Serve `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's API): a
+    /// client may then make the server read any adapter folder it can reach.
+    pub allow_runtime_lora: bool,
 }
 
 /// A JSON schema the server applies to requests that send no `response_format` (for agent
@@ -141,7 +144,8 @@ impl Server {
             tokenizer: assets.tokenizer.clone(),
             vocab,
             base_name: config.model_name.clone(),
-            adapters,
+            adapters: Mutex::new(adapters),
+            allow_runtime_lora: config.allow_runtime_lora,
             context,
             api_key: config.api_key.clone(),
             grammars: Mutex::new(HashMap::new()),
@@ -159,7 +163,7 @@ impl Server {
     /// The served model names: the base first, then the adapters.
     pub fn model_names(&self) -> Vec<String> {
         let mut names = vec![self.state.base_name.clone()];
-        names.extend(self.state.adapters.iter().cloned());
+        names.extend(self.state.adapter_names());
         names
     }
 

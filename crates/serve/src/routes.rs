@@ -16,6 +16,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use teamtune_data::{ChatTemplate, Message};
 use teamtune_guide::{prompt_tokens, PromptError, ReplyGrammar, TokenVocab};
@@ -24,7 +25,7 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::api::{self, Checked, Format, ResponseMeta};
-use crate::engine::{Engine, Event, Job};
+use crate::engine::{AdapterChange, Engine, Event, Job};
 use crate::error::{Result, ServeError};
 
 /// Largest request body accepted (a longer one is a 413).
@@ -43,7 +44,9 @@ pub struct AppState {
     pub vocab: TokenVocab,
     /// The base model's name; requests for it run without an adapter.
     pub base_name: String,
-    pub adapters: Vec<String>,
+    /// The adapters served now (runtime loads and unloads change it).
+    pub adapters: Mutex<Vec<String>>,
+    pub allow_runtime_lora: bool,
     /// The model's context in tokens: prompt + reply must fit.
     pub context: usize,
     pub api_key: Option<String>,
@@ -62,6 +65,8 @@ pub fn router(state: Shared) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
         .layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .merge(v1)
@@ -138,7 +143,7 @@ async fn list_models(State(state): State<Shared>) -> Json<Value> {
     let mut data = vec![model(&state.base_name, None)];
     data.extend(
         state
-            .adapters
+            .adapter_names()
             .iter()
             .map(|a| model(a, Some(&state.base_name))),
     );
@@ -149,15 +154,7 @@ async fn chat_completions(
     State(state): State<Shared>,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ServeError::BodyTooLarge {
-                limit: MAX_BODY_BYTES,
-            }
-        } else {
-            ServeError::invalid(format!("cannot read the body: {e}"), None)
-        }
-    })?;
+    let body = body.map_err(body_error)?;
     let checked = api::parse(&body)?.check()?;
     let adapter = state.adapter_of(&checked.model)?;
     let prompt = state.prompt_tokens(&checked.messages)?;
@@ -215,6 +212,101 @@ async fn chat_completions(
     }
 }
 
+#[derive(Deserialize)]
+struct LoadLora {
+    lora_name: String,
+    lora_path: String,
+}
+
+#[derive(Deserialize)]
+struct UnloadLora {
+    lora_name: String,
+}
+
+/// The body of an adapter route, or the 400 / 403 / 413 a bad one gets.
+fn adapter_request<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<T> {
+    if !state.allow_runtime_lora {
+        return Err(ServeError::Forbidden(
+            "loading and unloading adapters at run time is off: start the server with --allow-runtime-lora",
+        ));
+    }
+    let body = body.map_err(body_error)?;
+    api::parse_json(&body)
+}
+
+/// `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`: loads a PEFT adapter folder and
+/// serves it under the name at once.
+async fn load_lora_adapter(
+    State(state): State<Shared>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let req: LoadLora = adapter_request(&state, body)?;
+    let name = req.lora_name.trim().to_string();
+    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(ServeError::invalid_value(
+            "lora_name must be 1 to 256 printable characters",
+            "lora_name",
+        ));
+    }
+    if name == state.base_name || state.adapter_names().contains(&name) {
+        return Err(ServeError::invalid_value(
+            format!("the name `{name}` is already served"),
+            "lora_name",
+        ));
+    }
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    state.engine.change_adapter(AdapterChange::Load {
+        name: name.clone(),
+        dir: std::path::PathBuf::from(&req.lora_path),
+        done,
+    })?;
+    outcome.await.map_err(|_| ServeError::ShuttingDown)??;
+    state
+        .adapters
+        .lock()
+        .expect("adapter list")
+        .push(name.clone());
+    Ok(Json(json!({"status": "ok", "lora_name": name})).into_response())
+}
+
+/// `POST /v1/unload_lora_adapter {"lora_name"}`: stops serving the name at once, and removes
+/// the adapter when the requests using it have finished.
+async fn unload_lora_adapter(
+    State(state): State<Shared>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let req: UnloadLora = adapter_request(&state, body)?;
+    let removed = {
+        let mut list = state.adapters.lock().expect("adapter list");
+        let before = list.len();
+        list.retain(|a| *a != req.lora_name);
+        before != list.len()
+    };
+    if !removed {
+        return Err(ServeError::ModelNotFound(req.lora_name));
+    }
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    state.engine.change_adapter(AdapterChange::Unload {
+        name: req.lora_name.clone(),
+        done,
+    })?;
+    outcome.await.map_err(|_| ServeError::ShuttingDown)??;
+    Ok(Json(json!({"status": "ok", "lora_name": req.lora_name})).into_response())
+}
+
+fn body_error(e: BytesRejection) -> ServeError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ServeError::BodyTooLarge {
+            limit: MAX_BODY_BYTES,
+        }
+    } else {
+        ServeError::invalid(format!("cannot read the body: {e}"), None)
+    }
+}
+
 fn sampling(c: &Checked, id: u64) -> SamplingParams {
     SamplingParams {
         temperature: c.temperature,
@@ -232,11 +324,15 @@ fn sampling(c: &Checked, id: u64) -> SamplingParams {
 }
 
 impl AppState {
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters.lock().expect("adapter list").clone()
+    }
+
     /// `None` for the base model, the adapter's name for an adapter; 404 otherwise.
     fn adapter_of(&self, model: &str) -> Result<Option<String>> {
         if model == self.base_name {
             Ok(None)
-        } else if self.adapters.iter().any(|a| a == model) {
+        } else if self.adapter_names().iter().any(|a| a == model) {
             Ok(Some(model.to_string()))
         } else {
             Err(ServeError::ModelNotFound(model.to_string()))

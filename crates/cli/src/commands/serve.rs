@@ -48,6 +48,11 @@ pub struct Args {
     /// pauses for the others).
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Serve vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` and
+    /// `POST /v1/unload_lora_adapter {"lora_name"}`. Clients may then make the server read
+    /// any adapter folder it can reach: use with --api-key on a shared machine.
+    #[arg(long)]
+    pub allow_runtime_lora: bool,
     /// On SIGINT/SIGTERM, seconds the requests in flight may still run before they are
     /// cancelled.
     #[arg(long, default_value_t = 30.0)]
@@ -199,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace),
         default_format,
         adapter_formats,
+        allow_runtime_lora: args.allow_runtime_lora,
     };
     let server = Server::new(loaded.model, &loaded.assets, template, config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

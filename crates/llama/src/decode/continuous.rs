@@ -71,6 +71,11 @@ impl<F: TokenFilter> ContinuousBatch<F> {
         self.rows.is_empty()
     }
 
+    /// The adapter of every live row.
+    pub fn adapters(&self) -> Vec<Option<String>> {
+        self.rows.iter().map(|l| l.adapter.clone()).collect()
+    }
+
     /// Takes every live row out (ids and filters), e.g. to fail them all after a step failed.
     pub fn drain(&mut self) -> Vec<(u64, F)> {
         self.rows.drain(..).map(|l| (l.id, l.filter)).collect()
