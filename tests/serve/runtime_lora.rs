@@ -59,9 +59,8 @@ fn load_serve_and_unload_adapters_while_requests_run() {
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).unwrap();
-    for f in ["adapter_config.json"] {
-        std::fs::copy(lora.join(f), broken.join(f)).unwrap();
-    }
+    let config = "adapter_config.json";
+    std::fs::copy(lora.join(config), broken.join(config)).unwrap();
     std::fs::write(broken.join("adapter_model.safetensors"), b"not safetensors").unwrap();
     let missing = dir.path().join("missing");
     let cases = [
