@@ -27,6 +27,7 @@ mod formats;
 mod requests;
 mod runtime_lora;
 mod shutdown;
+mod tools;
 
 pub const ADAPTER: &str = "tuned";
 pub const BASE: &str = "tiny";

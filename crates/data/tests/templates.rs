@@ -148,3 +148,30 @@ fn for_model_prefers_the_model_template_then_a_matching_builtin() {
         .to_string();
     assert!(err.contains("no chat template"), "{err}");
 }
+
+#[test]
+fn llama31_renders_tools_calls_and_results_as_transformers() {
+    // scripts/make_tools_reference.py
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama31_tools.json");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let messages: Vec<teamtune_data::Message> =
+        serde_json::from_value(reference["messages"].clone()).unwrap();
+    let mut options = TemplateOptions::default();
+    options.bos_token = Some("<|begin_of_text|>".into());
+    options.eos_token = Some("<|eot_id|>".into());
+    let t = ChatTemplate::builtin(BuiltinTemplate::Llama31, options).unwrap();
+    assert!(t.renders_tools());
+    let text = t
+        .render_with_tools(&messages, Some(&reference["tools"]), true)
+        .unwrap();
+    assert_eq!(text, reference["text"].as_str().unwrap());
+    // Without tools: as before, the plain render.
+    assert_eq!(
+        t.render_with_tools(&messages[..2], None, true).unwrap(),
+        t.render(&messages[..2], true).unwrap()
+    );
+    let chatml = ChatTemplate::builtin(BuiltinTemplate::ChatMl, Default::default()).unwrap();
+    assert!(!chatml.renders_tools());
+}

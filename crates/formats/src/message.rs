@@ -5,13 +5,15 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// The role of a message. Only these three are accepted.
+/// The role of a message. `tool` is a function's result, answering an assistant message's
+/// `tool_calls` (its `tool_call_id` among the extra fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
     User,
     Assistant,
+    Tool,
 }
 
 impl Role {
@@ -20,6 +22,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 
@@ -28,6 +31,7 @@ impl Role {
             "system" => Some(Role::System),
             "user" => Some(Role::User),
             "assistant" => Some(Role::Assistant),
+            "tool" => Some(Role::Tool),
             _ => None,
         }
     }
@@ -106,9 +110,13 @@ mod tests {
 
     #[test]
     fn unknown_roles_are_refused() {
-        assert!(serde_json::from_str::<Message>(r#"{"role":"tool","content":""}"#).is_err());
-        assert_eq!(Role::parse("tool"), None);
-        for r in [Role::System, Role::User, Role::Assistant] {
+        assert!(serde_json::from_str::<Message>(r#"{"role":"robot","content":""}"#).is_err());
+        assert_eq!(Role::parse("ipython"), None);
+        let tool: Message =
+            serde_json::from_str(r#"{"role":"tool","content":"21 C","tool_call_id":"c1"}"#)
+                .unwrap();
+        assert_eq!(tool.role, Role::Tool);
+        for r in [Role::System, Role::User, Role::Assistant, Role::Tool] {
             assert_eq!(Role::parse(r.as_str()), Some(r));
         }
     }

@@ -16,7 +16,7 @@ fn main() {
                 for m in &c.messages {
                     match m.role {
                         Role::System => sys += m.content.len(),
-                        Role::User => {
+                        Role::User | Role::Tool => {
                             user += m.content.len();
                             nu += 1
                         }

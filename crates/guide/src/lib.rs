@@ -24,7 +24,7 @@ mod vocab;
 pub use constraint::{ConstraintError, JsonStyle, ReplyConstraint, ReplyGrammar, TokenMask};
 pub use filter::ConstraintFilter;
 pub use prompt::{
-    common_prefix, model_template, prompt_tokens, reuse_prefix, stop_tokens, NoEndOfTurn,
-    PromptError,
+    common_prefix, model_template, prompt_tokens, prompt_tokens_with_tools, reuse_prefix,
+    stop_tokens, NoEndOfTurn, PromptError,
 };
 pub use vocab::TokenVocab;

@@ -75,7 +75,17 @@ pub fn prompt_tokens(
     tokenizer: &Tokenizer,
     messages: &[Message],
 ) -> Result<Vec<u32>, PromptError> {
-    let text = template.render(messages, true)?;
+    prompt_tokens_with_tools(template, tokenizer, messages, None)
+}
+
+/// [`prompt_tokens`] with function definitions (OpenAI's `tools`) given to the template.
+pub fn prompt_tokens_with_tools(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    tools: Option<&serde_json::Value>,
+) -> Result<Vec<u32>, PromptError> {
+    let text = template.render_with_tools(messages, tools, true)?;
     let encode = |tok: &Tokenizer, piece: &str| -> Result<Vec<u32>, PromptError> {
         Ok(tok
             .encode(piece, false)

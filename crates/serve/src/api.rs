@@ -2,14 +2,15 @@
 //! runs; the response and stream-chunk bodies.
 //!
 //! Fields this server does not implement are refused when they ask for something (`n` > 1,
-//! `logprobs`, tools, penalties other than 0) and ignored when they do not (`user`,
-//! `metadata`, `store`, ...), as vLLM does.
+//! `logprobs`, penalties other than 0) and ignored when they do not (`user`, `metadata`,
+//! `store`, `parallel_tool_calls`, ...), as vLLM does. `tools` are checked in [`crate::tools`].
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use teamtune_data::{Message, Role};
 
 use crate::error::{Result, ServeError};
+use crate::tools::{ToolChoiceIn, ToolIn, Tools};
 
 /// The most stop sequences a request may give (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
@@ -34,13 +35,31 @@ pub struct ChatRequest {
     pub presence_penalty: Option<f64>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
-    pub tools: Option<Vec<Value>>,
+    pub tools: Option<Vec<ToolIn>>,
+    pub tool_choice: Option<ToolChoiceIn>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct MessageIn {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant's earlier function calls.
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ToolCallIn {
+    pub id: Option<String>,
+    pub function: CalledFunction,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CalledFunction {
+    pub name: String,
+    /// The arguments as a JSON string (OpenAI's form) or an object.
+    pub arguments: Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +145,8 @@ pub struct Checked {
     /// What the request asked for; `None` when it sent no `response_format` (the server's
     /// default format for the model applies then).
     pub format: Option<Format>,
+    /// The functions the reply may call, if any.
+    pub tools: Option<Tools>,
 }
 
 /// Parses a chat-completions body: invalid JSON or a field of the wrong type is a 400 naming
@@ -246,12 +267,7 @@ impl ChatRequest {
                 "logprobs",
             ));
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ServeError::invalid_value(
-                "tools are not supported; use response_format with a JSON schema",
-                "tools",
-            ));
-        }
+        let tools = crate::tools::check(self.tools, self.tool_choice)?;
         let format = match self.response_format {
             None => None,
             Some(f) => Some(Format::checked(f)?),
@@ -266,6 +282,7 @@ impl ChatRequest {
             seed: self.seed.map(|s| s as u64),
             stream: self.stream.unwrap_or(false),
             format,
+            tools,
         })
     }
 }
@@ -309,7 +326,7 @@ impl MessageIn {
             other => Role::parse(other).ok_or_else(|| {
                 ServeError::invalid_value(
                     format!(
-                        "messages[{i}].role `{other}` is not one of system, developer, user, assistant"
+                        "messages[{i}].role `{other}` is not one of system, developer, user, assistant, tool"
                     ),
                     &format!("messages[{i}].role"),
                 )
@@ -334,6 +351,8 @@ impl MessageIn {
                 }
                 text
             }
+            // An assistant message that only calls functions has no content.
+            None if role == Role::Assistant && self.tool_calls.is_some() => String::new(),
             None => {
                 return Err(ServeError::invalid_value(
                     format!("messages[{i}] has no content"),
@@ -341,7 +360,36 @@ impl MessageIn {
                 ))
             }
         };
-        Ok(Message::new(role, content))
+        let mut message = Message::new(role, content);
+        if let Some(calls) = self.tool_calls {
+            if role != Role::Assistant {
+                return Err(ServeError::invalid_value(
+                    format!("messages[{i}]: only assistant messages have tool_calls"),
+                    &format!("messages[{i}].tool_calls"),
+                ));
+            }
+            // Templates read the arguments as an object (OpenAI sends a JSON string).
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .map(|c| {
+                    let arguments = match c.function.arguments {
+                        Value::String(s) => serde_json::from_str(&s).unwrap_or(Value::String(s)),
+                        other => other,
+                    };
+                    json!({"id": c.id, "type": "function",
+                           "function": {"name": c.function.name, "arguments": arguments}})
+                })
+                .collect();
+            message
+                .extra
+                .insert("tool_calls".into(), Value::Array(calls));
+        }
+        if let Some(id) = self.tool_call_id {
+            message
+                .extra
+                .insert("tool_call_id".into(), Value::String(id));
+        }
+        Ok(message)
     }
 }
 
@@ -352,6 +400,8 @@ pub enum FinishReason {
     Stop,
     /// The token limit.
     Length,
+    /// The reply is a function call.
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -359,6 +409,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -390,8 +441,13 @@ pub struct ResponseMeta {
     pub model: String,
 }
 
-/// The body of a non-streamed answer.
-pub fn completion(meta: &ResponseMeta, text: &str, finish: FinishReason, usage: Usage) -> Value {
+/// The body of a non-streamed answer: `message` is `{"role": "assistant", ...}`.
+pub fn completion(
+    meta: &ResponseMeta,
+    message: Value,
+    finish: FinishReason,
+    usage: Usage,
+) -> Value {
     json!({
         "id": meta.id,
         "object": "chat.completion",
@@ -400,7 +456,7 @@ pub fn completion(meta: &ResponseMeta, text: &str, finish: FinishReason, usage: 
         "system_fingerprint": null,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": null,
             "finish_reason": finish.as_str(),
         }],

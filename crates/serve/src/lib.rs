@@ -9,6 +9,7 @@
 //! - `error`: every refusal with its status and OpenAI error body.
 //! - `engine`: the model worker thread, its bounded queue and batched decoding.
 //! - `routes`: the axum routes, bearer-token check and server-sent events.
+//! - `tools`: function calling (`tools`, `tool_choice`, `tool_calls`).
 //!
 //! [`Server::new`] takes a loaded model (adapters loaded, none active), its tokenizer and chat
 //! template; [`Server::run`] serves on a bound listener until the shutdown future resolves,
@@ -19,6 +20,7 @@ mod api;
 mod engine;
 mod error;
 mod routes;
+mod tools;
 
 use std::collections::HashMap;
 use std::future::Future;

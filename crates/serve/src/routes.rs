@@ -2,7 +2,7 @@
 //! checks, and OpenAI error bodies for everything else (unknown routes and methods, bodies
 //! too large).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,14 +19,15 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use teamtune_data::{ChatTemplate, Message};
-use teamtune_guide::{prompt_tokens, PromptError, ReplyGrammar, TokenVocab};
+use teamtune_guide::{prompt_tokens_with_tools, PromptError, ReplyGrammar, TokenVocab};
 use teamtune_llama::SamplingParams;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::api::{self, Checked, Format, ResponseMeta};
+use crate::api::{self, Checked, FinishReason, Format, ResponseMeta};
 use crate::engine::{AdapterChange, Engine, Event, Job};
 use crate::error::{Result, ServeError};
+use crate::tools::{self, Tools};
 
 /// Largest request body accepted (a longer one is a 413).
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -157,11 +158,28 @@ async fn chat_completions(
     let body = body.map_err(body_error)?;
     let checked = api::parse(&body)?.check()?;
     let adapter = state.adapter_of(&checked.model)?;
-    let prompt = state.prompt_tokens(&checked.messages)?;
+    let tools = checked.tools.clone().filter(Tools::shown).map(Arc::new);
+    let renders_tools = state.template.renders_tools();
+    let messages = tools::messages_for_template(&checked.messages, tools.as_deref(), renders_tools);
+    let definitions = tools
+        .as_ref()
+        .filter(|_| renders_tools)
+        .map(|t| &t.definitions);
+    let prompt = state.prompt_tokens(&messages, definitions)?;
     let max_tokens = state.token_budget(prompt.len(), checked.max_tokens)?;
-    let grammar = match &checked.format {
-        Some(format) => state.grammar(format)?,
-        None => state.default_grammar(adapter.as_deref()),
+    // A required or named call is decoded under its schema; with functions on offer, the
+    // server's default format would rule out calling them, so it does not apply.
+    let grammar = match (&tools, &checked.format) {
+        (Some(t), format) => match state.tool_grammar(t)? {
+            Some(g) => Some(g),
+            None => format
+                .as_ref()
+                .map(|f| state.grammar(f))
+                .transpose()?
+                .flatten(),
+        },
+        (None, Some(format)) => state.grammar(format)?,
+        (None, None) => state.default_grammar(adapter.as_deref()),
     };
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let meta = ResponseMeta {
@@ -178,14 +196,19 @@ async fn chat_completions(
         max_tokens,
         stop: checked.stop.clone(),
         grammar,
-        stream: checked.stream,
+        // A reply that may be a call is known only whole: it streams at its end.
+        stream: checked.stream && tools.is_none(),
         events: tx,
     })?;
+    let call_id = format!("call_{:x}_{id}", state.started);
     if checked.stream {
         let stream = SseStream {
             rx,
             meta,
             state: SseState::Start,
+            tools,
+            call_id,
+            pending: VecDeque::new(),
         };
         let mut response = Body::from_stream(stream).into_response();
         let h = response.headers_mut();
@@ -205,7 +228,10 @@ async fn chat_completions(
                 text,
                 finish,
                 usage,
-            }) => return Ok(Json(api::completion(&meta, &text, finish, usage)).into_response()),
+            }) => {
+                let (message, finish) = reply_message(&text, finish, tools.as_deref(), &call_id);
+                return Ok(Json(api::completion(&meta, message, finish, usage)).into_response());
+            }
             Some(Event::Failed(e)) => return Err(e),
             None => return Err(ServeError::ShuttingDown),
         }
@@ -339,19 +365,22 @@ impl AppState {
         }
     }
 
-    /// The conversation rendered with the generation prompt and tokenised (the template
-    /// writes the special tokens: none are added again), as `teamtune generate` does.
-    fn prompt_tokens(&self, messages: &[Message]) -> Result<Vec<u32>> {
-        prompt_tokens(&self.template, &self.tokenizer, messages).map_err(|e| match e {
-            PromptError::Template(e) => ServeError::invalid(
-                format!("the chat template refused the messages: {e}"),
-                Some("messages"),
-            ),
-            PromptError::SpecialText => {
-                ServeError::invalid(PromptError::SpecialText.to_string(), Some("messages"))
-            }
-            PromptError::Tokenizer(e) => {
-                ServeError::Internal(format!("tokenizing the prompt: {e}"))
+    /// The conversation rendered with the generation prompt (and the function definitions,
+    /// for a template that shows them) and tokenised (the template writes the special
+    /// tokens: none are added again), as `teamtune generate` does.
+    fn prompt_tokens(&self, messages: &[Message], tools: Option<&Value>) -> Result<Vec<u32>> {
+        prompt_tokens_with_tools(&self.template, &self.tokenizer, messages, tools).map_err(|e| {
+            match e {
+                PromptError::Template(e) => ServeError::invalid(
+                    format!("the chat template refused the messages: {e}"),
+                    Some("messages"),
+                ),
+                PromptError::SpecialText => {
+                    ServeError::invalid(PromptError::SpecialText.to_string(), Some("messages"))
+                }
+                PromptError::Tokenizer(e) => {
+                    ServeError::Internal(format!("tokenizing the prompt: {e}"))
+                }
             }
         })
     }
@@ -393,22 +422,54 @@ impl AppState {
         let Some((name, schema)) = format.schema() else {
             return Ok(None);
         };
-        let key = schema.to_string();
-        if let Some(g) = self.grammars.lock().expect("grammar cache").get(&key) {
-            return Ok(Some(g.clone()));
-        }
-        let g = ReplyGrammar::from_schema(&self.vocab, &name, &schema).map_err(|e| {
+        self.compiled(&name, &schema).map(Some).map_err(|e| {
             ServeError::invalid_value(
                 format!("the response format's JSON schema cannot be used: {e}"),
                 "response_format.json_schema.schema",
             )
-        })?;
+        })
+    }
+
+    /// Checks every function's schema (a 400 names the first unusable one), and returns the
+    /// grammar of a required or named call.
+    fn tool_grammar(&self, tools: &Tools) -> Result<Option<ReplyGrammar>> {
+        for (i, f) in tools.functions.iter().enumerate() {
+            self.compiled(&f.name, &tools::call_schema(f))
+                .map_err(|e| {
+                    ServeError::invalid_value(
+                        format!("tools[{i}].function.parameters is not a usable JSON schema: {e}"),
+                        &format!("tools[{i}].function.parameters"),
+                    )
+                })?;
+        }
+        let Some(schema) = tools.reply_schema() else {
+            return Ok(None);
+        };
+        self.compiled("tool call", &schema).map(Some).map_err(|e| {
+            ServeError::invalid_value(
+                format!("the functions' schemas cannot be combined: {e}"),
+                "tools",
+            )
+        })
+    }
+
+    /// The grammar of a schema, compiled once and kept (by schema text).
+    fn compiled(
+        &self,
+        name: &str,
+        schema: &Value,
+    ) -> std::result::Result<ReplyGrammar, teamtune_guide::ConstraintError> {
+        let key = schema.to_string();
+        if let Some(g) = self.grammars.lock().expect("grammar cache").get(&key) {
+            return Ok(g.clone());
+        }
+        let g = ReplyGrammar::from_schema(&self.vocab, name, schema)?;
         let mut cache = self.grammars.lock().expect("grammar cache");
         if cache.len() >= GRAMMAR_CACHE {
             cache.clear();
         }
         cache.insert(key, g.clone());
-        Ok(Some(g))
+        Ok(g)
     }
 }
 
@@ -426,6 +487,28 @@ struct SseStream {
     rx: UnboundedReceiver<Event>,
     meta: ResponseMeta,
     state: SseState,
+    /// With functions on offer the reply comes whole, then goes out as deltas.
+    tools: Option<Arc<Tools>>,
+    call_id: String,
+    /// Chunks made from the whole reply, still to send.
+    pending: VecDeque<Value>,
+}
+
+/// The answer's `message` and finish reason: a function call when the reply is one.
+fn reply_message(
+    text: &str,
+    finish: FinishReason,
+    tools: Option<&Tools>,
+    call_id: &str,
+) -> (Value, FinishReason) {
+    match tools.and_then(|t| t.read_call(text)) {
+        Some(call) => (
+            json!({"role": "assistant", "content": null,
+                   "tool_calls": tools::calls_json(&call, call_id)}),
+            FinishReason::ToolCalls,
+        ),
+        None => (json!({"role": "assistant", "content": text}), finish),
+    }
 }
 
 fn sse(v: &Value) -> Bytes {
@@ -455,10 +538,53 @@ impl futures_core::Stream for SseStream {
             SseState::Finished => return Poll::Ready(None),
             SseState::Streaming => {}
         }
+        if let Some(c) = this.pending.pop_front() {
+            if this.pending.is_empty() {
+                this.state = SseState::Done;
+            }
+            return Poll::Ready(Some(Ok(sse(&c))));
+        }
         let out = match this.rx.poll_recv(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Some(Event::Text(t))) => {
                 api::chunk(&this.meta, json!({"content": t}), None, None)
+            }
+            Poll::Ready(Some(Event::Done {
+                text,
+                finish,
+                usage,
+            })) if this.tools.is_some() => {
+                // The whole reply as deltas: the call's name, then its arguments (or the text).
+                let (message, finish) =
+                    reply_message(&text, finish, this.tools.as_deref(), &this.call_id);
+                let meta = &this.meta;
+                if let Some(calls) = message["tool_calls"].as_array() {
+                    let call = &calls[0];
+                    this.pending.push_back(api::chunk(
+                        meta,
+                        json!({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                               "function": {"name": call["function"]["name"], "arguments": ""}}]}),
+                        None,
+                        None,
+                    ));
+                    this.pending.push_back(api::chunk(
+                        meta,
+                        json!({"tool_calls": [{"index": 0,
+                               "function": {"arguments": call["function"]["arguments"]}}]}),
+                        None,
+                        None,
+                    ));
+                } else if !text.is_empty() {
+                    this.pending
+                        .push_back(api::chunk(meta, json!({"content": text}), None, None));
+                }
+                this.pending
+                    .push_back(api::chunk(meta, json!({}), Some(finish), Some(usage)));
+                let first = this.pending.pop_front().expect("at least the last chunk");
+                if this.pending.is_empty() {
+                    this.state = SseState::Done;
+                }
+                first
             }
             Poll::Ready(Some(Event::Done { finish, usage, .. })) => {
                 this.state = SseState::Done;

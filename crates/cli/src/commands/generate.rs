@@ -153,7 +153,7 @@ fn read_messages(path: &PathBuf) -> anyhow::Result<Vec<Message>> {
             match (role.and_then(teamtune_data::Role::parse), content) {
                 (Some(role), Some(content)) => Ok(Message::new(role, content)),
                 _ => bail!(
-                    "{}: message {i} needs a \"role\" (system, user, assistant) and a string \"content\"",
+                    "{}: message {i} needs a \"role\" (system, user, assistant, tool) and a string \"content\"",
                     path.display()
                 ),
             }

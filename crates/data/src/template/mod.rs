@@ -334,6 +334,40 @@ impl ChatTemplate {
         self.render_values(messages, add_generation_prompt, false)
     }
 
+    /// Renders with `tools` (OpenAI's list of function definitions) given to the template, as
+    /// `apply_chat_template(messages, tools=tools)` does; `None` renders as [`Self::render`].
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let Some(tools) = tools else {
+            return self.render(messages, add_generation_prompt);
+        };
+        let mut ctx = self.base_context.clone();
+        ctx.insert(
+            "messages".into(),
+            Value::from(Self::message_values(messages)),
+        );
+        ctx.insert("tools".into(), json_to_value(tools));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
+        let tmpl = self
+            .env
+            .get_template("chat_template")
+            .map_err(template_error)?;
+        tmpl.render(Value::from(ctx)).map_err(template_error)
+    }
+
+    /// Whether the template reads `tools` (Llama-3.1's does; ChatML templates do not), so that
+    /// function definitions given to it are shown to the model.
+    pub fn renders_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
     /// Renders a conversation like `tokenizer.apply_chat_template(messages, tokenize=False)`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         self.render_values(
