@@ -12,8 +12,8 @@ B), served as model `tuned` next to the base, behind an API key:
 1. `client.models.list()` lists the base and `tuned`.
 2. plain: a greedy answer equals what `teamtune generate` prints for the same request
    (system + user message, max tokens, temperature 0); usage counts add up.
-3. streamed: the deltas put together give the same text; the last chunk has the finish reason
-   and the usage.
+3. streamed (`stream_options={"include_usage": True}`): the deltas put together give the same
+   text; the finish reason comes last, then a chunk with the usage and no choices.
 4. JSON schema (`response_format={"type": "json_schema", ...}`): the reply parses and has the
    schema's required fields with their types; JSON mode gives a JSON object.
 5. adapter by model name: `model="tuned"` answers differently from the base, and equals
@@ -156,13 +156,16 @@ def main() -> None:
 
         # 3. streamed
         chunks = list(client.chat.completions.create(model="base", messages=messages, temperature=0,
-                                                     max_tokens=MAX_TOKENS, stream=True))
+                                                     max_tokens=MAX_TOKENS, stream=True,
+                                                     stream_options={"include_usage": True}))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         check(streamed == text, f"streamed deltas ({len(chunks)} chunks) give the same text")
-        last = chunks[-1]
-        check(last.choices[0].finish_reason == r.choices[0].finish_reason and last.usage is not None
+        last, finish = chunks[-1], chunks[-2]
+        check(finish.choices[0].finish_reason == r.choices[0].finish_reason,
+              f"the last choice chunk has the finish reason: {finish.choices[0].finish_reason}")
+        check(not last.choices and last.usage is not None
               and last.usage.completion_tokens == u.completion_tokens,
-              f"the last chunk has the finish reason and the usage: {last.usage}")
+              f"then a chunk with the usage and no choices: {last.usage}")
 
         # 4. JSON schema and JSON mode
         schema = {

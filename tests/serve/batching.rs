@@ -91,10 +91,15 @@ fn batched_replies_equal_replies_alone_and_teamtune_generate() {
         }
     }
 
-    // Streamed: the same text in pieces, then the finish reason and usage, then [DONE].
+    // Streamed: the same text in pieces, then the finish reason, then (when asked for with
+    // stream_options.include_usage) a chunk of the usage with no choices, then [DONE].
     for (i, r) in requests.iter().enumerate().take(3) {
         let mut s = r.clone();
         s["stream"] = json!(true);
+        let with_usage = i != 1;
+        if with_usage {
+            s["stream_options"] = json!({"include_usage": true});
+        }
         let resp = server.chat(&s);
         assert_eq!(resp.status, 200);
         assert!(resp
@@ -111,16 +116,28 @@ fn batched_replies_equal_replies_alone_and_teamtune_generate() {
             .iter()
             .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
             .collect();
-        let last = chunks.last().unwrap();
+        let (finish, usage) = if with_usage {
+            let usage = chunks.last().unwrap();
+            assert_eq!(usage["choices"], json!([]), "stream {i}");
+            assert_eq!(usage["usage"], alone[i]["usage"]);
+            // Every other chunk says "usage": null.
+            assert!(chunks[..chunks.len() - 1]
+                .iter()
+                .all(|c| c.get("usage") == Some(&Value::Null)));
+            (&chunks[chunks.len() - 2], Some(usage))
+        } else {
+            assert!(chunks.iter().all(|c| c.get("usage").is_none()));
+            (chunks.last().unwrap(), None)
+        };
+        assert_eq!(usage.is_some(), with_usage);
         assert_eq!(
             text, alone[i]["choices"][0]["message"]["content"],
             "stream {i}"
         );
         assert_eq!(
-            last["choices"][0]["finish_reason"],
+            finish["choices"][0]["finish_reason"],
             alone[i]["choices"][0]["finish_reason"]
         );
-        assert_eq!(last["usage"], alone[i]["usage"]);
         assert!(chunks
             .iter()
             .all(|c| c["object"] == "chat.completion.chunk"));

@@ -247,12 +247,14 @@ fn parse_message(i: usize, m: Value) -> Result<Message, FieldError> {
         None => return Err(FieldError::at(at(".role"), "missing")),
         Some(Value::String(s)) => match Role::parse(&s) {
             Some(r) => r,
-            None => return Err(FieldError::at(
-                at(".role"),
-                format!(
+            None => {
+                return Err(FieldError::at(
+                    at(".role"),
+                    format!(
                     "unknown role {s:?} (expected \"system\", \"user\", \"assistant\" or \"tool\")"
                 ),
-            )),
+                ))
+            }
         },
         Some(other) => {
             return Err(FieldError::at(

@@ -27,8 +27,6 @@ pub struct ChatRequest {
     pub seed: Option<i64>,
     pub n: Option<i64>,
     pub stream: Option<bool>,
-    /// Accepted (and its shape checked) but not read: the last chunk always has the usage.
-    #[allow(dead_code)]
     pub stream_options: Option<StreamOptions>,
     pub response_format: Option<ResponseFormat>,
     pub frequency_penalty: Option<f64>,
@@ -85,7 +83,6 @@ pub enum Stop {
 
 #[derive(Debug, Deserialize)]
 pub struct StreamOptions {
-    #[allow(dead_code)]
     pub include_usage: Option<bool>,
 }
 
@@ -142,6 +139,8 @@ pub struct Checked {
     pub stop: Vec<String>,
     pub seed: Option<u64>,
     pub stream: bool,
+    /// A streamed reply ends with a chunk of the usage (`stream_options.include_usage`).
+    pub include_usage: bool,
     /// What the request asked for; `None` when it sent no `response_format` (the server's
     /// default format for the model applies then).
     pub format: Option<Format>,
@@ -281,6 +280,10 @@ impl ChatRequest {
             stop,
             seed: self.seed.map(|s| s as u64),
             stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
             format,
             tools,
         })
@@ -464,12 +467,27 @@ pub fn completion(
     })
 }
 
-/// One stream chunk: a delta, and on the last one the finish reason and the usage.
+/// The chunk after the last one when `stream_options.include_usage` asks for it: no choices,
+/// the usage.
+pub fn usage_chunk(meta: &ResponseMeta, usage: Usage) -> Value {
+    json!({
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": null,
+        "choices": [],
+        "usage": usage.to_json(),
+    })
+}
+
+/// One stream chunk: a delta, and on the last one the finish reason. `usage`: `None` leaves the
+/// field out, `Some(None)` writes `null` (every chunk, when the usage comes at the end).
 pub fn chunk(
     meta: &ResponseMeta,
     delta: Value,
     finish: Option<FinishReason>,
-    usage: Option<Usage>,
+    usage: Option<Option<Usage>>,
 ) -> Value {
     let mut c = json!({
         "id": meta.id,
@@ -485,7 +503,7 @@ pub fn chunk(
         }],
     });
     if let Some(u) = usage {
-        c["usage"] = u.to_json();
+        c["usage"] = u.map_or(Value::Null, Usage::to_json);
     }
     c
 }

@@ -8,7 +8,8 @@
 //! - `api`: the request as OpenAI defines it, checked; response and stream-chunk bodies.
 //! - `error`: every refusal with its status and OpenAI error body.
 //! - `engine`: the model worker thread, its bounded queue and batched decoding.
-//! - `routes`: the axum routes, bearer-token check and server-sent events.
+//! - `routes`: the axum routes and the bearer-token check.
+//! - `sse`: a streamed reply as server-sent events.
 //! - `tools`: function calling (`tools`, `tool_choice`, `tool_calls`).
 //!
 //! [`Server::new`] takes a loaded model (adapters loaded, none active), its tokenizer and chat
@@ -20,6 +21,7 @@ mod api;
 mod engine;
 mod error;
 mod routes;
+mod sse;
 mod tools;
 
 use std::collections::HashMap;

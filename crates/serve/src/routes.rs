@@ -2,11 +2,9 @@
 //! checks, and OpenAI error bodies for everything else (unknown routes and methods, bodies
 //! too large).
 
-use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
@@ -22,11 +20,12 @@ use teamtune_data::{ChatTemplate, Message};
 use teamtune_guide::{prompt_tokens_with_tools, PromptError, ReplyGrammar, TokenVocab};
 use teamtune_llama::SamplingParams;
 use tokenizers::Tokenizer;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::unbounded_channel;
 
 use crate::api::{self, Checked, FinishReason, Format, ResponseMeta};
 use crate::engine::{AdapterChange, Engine, Event, Job};
 use crate::error::{Result, ServeError};
+use crate::sse::SseStream;
 use crate::tools::{self, Tools};
 
 /// Largest request body accepted (a longer one is a 413).
@@ -202,14 +201,7 @@ async fn chat_completions(
     })?;
     let call_id = format!("call_{:x}_{id}", state.started);
     if checked.stream {
-        let stream = SseStream {
-            rx,
-            meta,
-            state: SseState::Start,
-            tools,
-            call_id,
-            pending: VecDeque::new(),
-        };
+        let stream = SseStream::new(rx, meta, tools, call_id, checked.include_usage);
         let mut response = Body::from_stream(stream).into_response();
         let h = response.headers_mut();
         h.insert(
@@ -473,29 +465,8 @@ impl AppState {
     }
 }
 
-enum SseState {
-    Start,
-    Streaming,
-    Done,
-    Finished,
-}
-
-/// The server-sent events of one streamed reply: a first chunk with the role, one per text
-/// delta, a last one with the finish reason and the usage, then `data: [DONE]`. Dropped when
-/// the client goes away, which drops the receiver and so ends the row's decode.
-struct SseStream {
-    rx: UnboundedReceiver<Event>,
-    meta: ResponseMeta,
-    state: SseState,
-    /// With functions on offer the reply comes whole, then goes out as deltas.
-    tools: Option<Arc<Tools>>,
-    call_id: String,
-    /// Chunks made from the whole reply, still to send.
-    pending: VecDeque<Value>,
-}
-
 /// The answer's `message` and finish reason: a function call when the reply is one.
-fn reply_message(
+pub(crate) fn reply_message(
     text: &str,
     finish: FinishReason,
     tools: Option<&Tools>,
@@ -508,97 +479,5 @@ fn reply_message(
             FinishReason::ToolCalls,
         ),
         None => (json!({"role": "assistant", "content": text}), finish),
-    }
-}
-
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-impl futures_core::Stream for SseStream {
-    type Item = std::result::Result<Bytes, std::convert::Infallible>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        match this.state {
-            SseState::Start => {
-                this.state = SseState::Streaming;
-                let first = api::chunk(
-                    &this.meta,
-                    json!({"role": "assistant", "content": ""}),
-                    None,
-                    None,
-                );
-                return Poll::Ready(Some(Ok(sse(&first))));
-            }
-            SseState::Done => {
-                this.state = SseState::Finished;
-                return Poll::Ready(Some(Ok(Bytes::from_static(b"data: [DONE]\n\n"))));
-            }
-            SseState::Finished => return Poll::Ready(None),
-            SseState::Streaming => {}
-        }
-        if let Some(c) = this.pending.pop_front() {
-            if this.pending.is_empty() {
-                this.state = SseState::Done;
-            }
-            return Poll::Ready(Some(Ok(sse(&c))));
-        }
-        let out = match this.rx.poll_recv(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Event::Text(t))) => {
-                api::chunk(&this.meta, json!({"content": t}), None, None)
-            }
-            Poll::Ready(Some(Event::Done {
-                text,
-                finish,
-                usage,
-            })) if this.tools.is_some() => {
-                // The whole reply as deltas: the call's name, then its arguments (or the text).
-                let (message, finish) =
-                    reply_message(&text, finish, this.tools.as_deref(), &this.call_id);
-                let meta = &this.meta;
-                if let Some(calls) = message["tool_calls"].as_array() {
-                    let call = &calls[0];
-                    this.pending.push_back(api::chunk(
-                        meta,
-                        json!({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
-                               "function": {"name": call["function"]["name"], "arguments": ""}}]}),
-                        None,
-                        None,
-                    ));
-                    this.pending.push_back(api::chunk(
-                        meta,
-                        json!({"tool_calls": [{"index": 0,
-                               "function": {"arguments": call["function"]["arguments"]}}]}),
-                        None,
-                        None,
-                    ));
-                } else if !text.is_empty() {
-                    this.pending
-                        .push_back(api::chunk(meta, json!({"content": text}), None, None));
-                }
-                this.pending
-                    .push_back(api::chunk(meta, json!({}), Some(finish), Some(usage)));
-                let first = this.pending.pop_front().expect("at least the last chunk");
-                if this.pending.is_empty() {
-                    this.state = SseState::Done;
-                }
-                first
-            }
-            Poll::Ready(Some(Event::Done { finish, usage, .. })) => {
-                this.state = SseState::Done;
-                api::chunk(&this.meta, json!({}), Some(finish), Some(usage))
-            }
-            Poll::Ready(Some(Event::Failed(e))) => {
-                this.state = SseState::Done;
-                e.body()
-            }
-            Poll::Ready(None) => {
-                this.state = SseState::Done;
-                ServeError::ShuttingDown.body()
-            }
-        };
-        Poll::Ready(Some(Ok(sse(&out))))
     }
 }

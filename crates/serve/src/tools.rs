@@ -142,17 +142,18 @@ pub fn check(tools: Option<Vec<ToolIn>>, choice: Option<ToolChoiceIn>) -> Result
                 &at(".function.name"),
             ));
         }
-        let parameters =
-            match f.parameters {
-                None => json!({"type": "object", "properties": {}}),
-                Some(p @ Value::Object(_)) => p,
-                Some(other) => return Err(ServeError::invalid_value(
+        let parameters = match f.parameters {
+            None => json!({"type": "object", "properties": {}}),
+            Some(p @ Value::Object(_)) => p,
+            Some(other) => {
+                return Err(ServeError::invalid_value(
                     format!(
                         "tools[{i}].function.parameters must be a JSON schema object, not {other}"
                     ),
                     &at(".function.parameters"),
-                )),
-            };
+                ))
+            }
+        };
         let mut def = Map::new();
         def.insert("name".into(), Value::String(f.name.clone()));
         if let Some(d) = f.description {
@@ -171,12 +172,14 @@ pub fn check(tools: Option<Vec<ToolIn>>, choice: Option<ToolChoiceIn>) -> Result
             "auto" => ToolChoice::Auto,
             "none" => ToolChoice::None,
             "required" => ToolChoice::Required,
-            other => return Err(ServeError::invalid_value(
-                format!(
+            other => {
+                return Err(ServeError::invalid_value(
+                    format!(
                     "tool_choice `{other}` is not one of auto, none, required, or a named function"
                 ),
-                "tool_choice",
-            )),
+                    "tool_choice",
+                ))
+            }
         },
         Some(ToolChoiceIn::Named { function }) => {
             if !functions.iter().any(|f| f.name == function.name) {
