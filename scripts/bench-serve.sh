@@ -10,8 +10,15 @@
 #
 # Env: CLIENTS, REQUESTS, MAX_TOKENS, DURATION_S, QUEUE (--queue-size), BATCH (batched mode's
 # --max-batch), MODES (default "batched:$BATCH one-at-a-time:1": label:max-batch pairs), MODEL (--model, default: the default model), EXTRA (more serve flags, e.g.
-# "--quantize q8_0"), PORT (default 8931), RETRY_429 (times a client resends a refused request
-# after its Retry-After, default 0).
+# "--quantize q8_0" or "--adapter a0=/tmp/adapters/a0"), PORT (default 8931), RETRY_429 (times a
+# client resends a refused request after its Retry-After, default 0), BIN (the teamtune binary,
+# default target/release/teamtune built here: another build, e.g. an older commit's, to compare),
+# SERVED (the model names clients send to, comma-separated, client c to the (c mod n)-th;
+# default: the first /v1/models lists).
+#
+#   # 4 adapters x 4 clients against 1 adapter x 16 clients (adapters: scripts/random_adapters.py)
+#   EXTRA="--adapter a0=/tmp/adapters/a0 --adapter a1=/tmp/adapters/a1 ..." SERVED=a0,a1,a2,a3 \
+#     CLIENTS=16 MODES=continuous:16 scripts/bench-serve.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,9 +35,13 @@ model_flag=()
 extra=(${EXTRA:-})
 
 scripts/fetch-default-model.sh >/dev/null
-nice -n 10 cargo build --release -q -p teamtune
+if [ -z "${BIN:-}" ]; then
+  nice -n 10 cargo build --release -q -p teamtune
+fi
 nice -n 10 cargo bench -q -p teamtune-serve --bench load --no-run 2>/dev/null
-bin=target/release/teamtune
+bin="${BIN:-target/release/teamtune}"
+served=()
+[ -n "${SERVED:-}" ] && served=(--model "$SERVED")
 
 server=""
 cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true; }
@@ -52,7 +63,7 @@ for mode in "${modes[@]}"; do
   echo "== $label (--max-batch $max_batch, --queue-size $queue): ${clients} clients, $requests requests, max_tokens $max_tokens, at $url" >&2
   cargo bench -q -p teamtune-serve --bench load -- --url "$url" --clients "$clients" \
     --requests "$requests" --max-tokens "$max_tokens" --duration-s "$duration" --label "$label" \
-    --retry-429 "${RETRY_429:-0}"
+    --retry-429 "${RETRY_429:-0}" "${served[@]}"
   kill -TERM "$server"
   wait "$server"
   server=""

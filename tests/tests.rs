@@ -6,6 +6,7 @@
 
 mod util;
 
+mod chat;
 mod collect;
 mod demo;
 mod errors;

@@ -56,6 +56,9 @@ enum Command {
     Compare(commands::compare::Args),
     /// Serve the model and its adapters behind an OpenAI-compatible chat-completions API.
     Serve(commands::serve::Args),
+    /// Talk with the model (and an adapter) in the terminal: a line is a turn; /reset,
+    /// /save FILE, /quit.
+    Chat(commands::chat::Args),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Plot(args) => commands::plot::run(args),
         Command::Compare(args) => commands::compare::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Chat(args) => commands::chat::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,18 +1,21 @@
 //! Load test for `teamtune serve` (run by scripts/bench-serve.sh): N concurrent clients on
-//! loopback send chat completions until a request count or a time limit is reached, and the
-//! bench reports requests/s, completion tokens/s and p50/p99 latency. Every request must be
-//! answered (200) or refused (429): anything else, or a request left without an answer, makes
-//! the bench fail.
+//! loopback send streamed chat completions until a request count or a time limit is reached,
+//! and the bench reports requests/s, completion tokens/s, p50/p99 latency and p50/p99 time to
+//! the first token. Every request must be answered (200) or refused (429): anything else, or a
+//! request left without an answer, makes the bench fail.
 //!
-//! `cargo bench -p teamtune-serve --bench load -- --url http://127.0.0.1:8000/v1 [--model M]
-//!  [--clients 8] [--requests 32] [--max-tokens 64] [--duration-s 600] [--api-key K]
-//!  [--label NAME] [--retry-429 N]`
+//! `cargo bench -p teamtune-serve --bench load -- --url http://127.0.0.1:8000/v1
+//!  [--model M[,M2,...]] [--clients 8] [--requests 32] [--max-tokens 64] [--duration-s 600]
+//!  [--api-key K] [--label NAME] [--retry-429 N]`
+//!
+//! With several models (e.g. adapters), client `c` sends to the `c mod n`-th.
 //!
 //! A refused request is sent again up to N times (default 0) after its Retry-After; the
 //! figures count requests, not attempts.
 //!
 //! Prints a table line and, last, one JSON line with the figures.
 
+use std::io::BufRead;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -81,6 +84,8 @@ fn parse_args() -> Args {
 enum Outcome {
     Ok {
         latency: f64,
+        /// Seconds to the first chunk with reply text.
+        first_token: f64,
         tokens: u64,
     },
     /// 429, with the Retry-After it gave (seconds).
@@ -102,6 +107,8 @@ fn call(agent: &ureq::Agent, args: &Args, model: &str, i: usize) -> Outcome {
         "messages": [{"role": "user", "content": PROMPTS[i % PROMPTS.len()]}],
         "temperature": 0,
         "max_tokens": args.max_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
     });
     let mut req = agent
         .post(format!("{}/chat/completions", args.url))
@@ -111,21 +118,49 @@ fn call(agent: &ureq::Agent, args: &Args, model: &str, i: usize) -> Outcome {
     }
     let started = Instant::now();
     match req.send(body.to_string()) {
+        Ok(mut resp) if resp.status().as_u16() == 200 => {
+            // Server-sent events: the first text delta, the usage (a chunk of its own, or on
+            // the last one from servers that always send it), then [DONE].
+            let mut first_token = None;
+            let mut tokens = None;
+            let reader = std::io::BufReader::new(resp.body_mut().as_reader());
+            for line in reader.lines() {
+                let line = match line {
+                    Ok(l) => l,
+                    Err(e) => return Outcome::Failed(format!("reading: {e}")),
+                };
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    break;
+                }
+                let v: Value = match serde_json::from_str(data) {
+                    Ok(v) => v,
+                    Err(e) => return Outcome::Failed(format!("not JSON ({e}): {data:.200}")),
+                };
+                if v.get("error").is_some() {
+                    return Outcome::Failed(format!("error event: {data:.200}"));
+                }
+                let text = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+                if first_token.is_none() && !text.is_empty() {
+                    first_token = Some(started.elapsed().as_secs_f64());
+                }
+                if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                    tokens = Some(n);
+                }
+            }
+            let latency = started.elapsed().as_secs_f64();
+            Outcome::Ok {
+                latency,
+                first_token: first_token.unwrap_or(latency),
+                tokens: tokens.unwrap_or(0),
+            }
+        }
         Ok(mut resp) => {
             let status = resp.status().as_u16();
-            let text = match resp.body_mut().read_to_string() {
-                Ok(t) => t,
-                Err(e) => return Outcome::Failed(format!("reading: {e}")),
-            };
-            let latency = started.elapsed().as_secs_f64();
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
             match status {
-                200 => match serde_json::from_str::<Value>(&text) {
-                    Ok(v) => Outcome::Ok {
-                        latency,
-                        tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
-                    },
-                    Err(e) => Outcome::Failed(format!("not JSON ({e}): {text:.200}")),
-                },
                 429 => Outcome::Refused(
                     resp.headers()
                         .get("retry-after")
@@ -151,8 +186,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn main() {
     let args = parse_args();
     let setup = agent(Duration::from_secs(30));
-    let model = match &args.model {
-        Some(m) => m.clone(),
+    let models: Vec<String> = match &args.model {
+        Some(m) => m.split(',').map(str::to_string).collect(),
         None => {
             let mut req = setup.get(format!("{}/models", args.url));
             if let Some(k) = &args.api_key {
@@ -165,18 +200,18 @@ fn main() {
                 .read_to_string()
                 .expect("read /models");
             let v: Value = serde_json::from_str(&text).expect("/models is JSON");
-            v["data"][0]["id"]
+            vec![v["data"][0]["id"]
                 .as_str()
                 .expect("a served model")
-                .to_string()
+                .to_string()]
         }
     };
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
     let outcomes: Vec<(Outcome, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.clients)
-            .map(|_| {
-                let (args, model, next) = (&args, &model, &next);
+            .map(|c| {
+                let (args, model, next) = (&args, &models[c % models.len()], &next);
                 s.spawn(move || {
                     let agent = agent(args.duration + Duration::from_secs(60));
                     let mut mine = Vec::new();
@@ -212,14 +247,20 @@ fn main() {
     let wall = started.elapsed().as_secs_f64();
     let sent = outcomes.len();
     let mut latencies = Vec::new();
+    let mut first_tokens = Vec::new();
     let mut tokens = 0;
     let mut refused = 0;
     let mut failures = Vec::new();
     let retries: usize = outcomes.iter().map(|(_, r)| r).sum();
     for (o, _) in outcomes {
         match o {
-            Outcome::Ok { latency, tokens: t } => {
+            Outcome::Ok {
+                latency,
+                first_token,
+                tokens: t,
+            } => {
                 latencies.push(latency);
+                first_tokens.push(first_token);
                 tokens += t;
             }
             Outcome::Refused(_) => refused += 1,
@@ -227,10 +268,11 @@ fn main() {
         }
     }
     latencies.sort_by(f64::total_cmp);
+    first_tokens.sort_by(f64::total_cmp);
     let ok = latencies.len();
     let figures = json!({
         "label": args.label,
-        "model": model,
+        "models": models,
         "clients": args.clients,
         "max_tokens": args.max_tokens,
         "sent": sent,
@@ -244,9 +286,11 @@ fn main() {
         "tokens_per_s": tokens as f64 / wall,
         "p50_s": percentile(&latencies, 50.0),
         "p99_s": percentile(&latencies, 99.0),
+        "ttft_p50_s": percentile(&first_tokens, 50.0),
+        "ttft_p99_s": percentile(&first_tokens, 99.0),
     });
     println!(
-        "{:<12} clients {:>3}  sent {:>4}  ok {:>4}  429 {:>3} (retried {:>3})  failed {:>3}  {:>6.1} s  {:>6.2} req/s  {:>7.1} tok/s  p50 {:>6.2} s  p99 {:>6.2} s",
+        "{:<12} clients {:>3}  sent {:>4}  ok {:>4}  429 {:>3} (retried {:>3})  failed {:>3}  {:>6.1} s  {:>6.2} req/s  {:>7.1} tok/s  p50 {:>6.2} s  p99 {:>6.2} s  first token p50 {:>6.2} s  p99 {:>6.2} s",
         args.label,
         args.clients,
         sent,
@@ -259,6 +303,8 @@ fn main() {
         figures["tokens_per_s"].as_f64().unwrap(),
         figures["p50_s"].as_f64().unwrap_or(f64::NAN),
         figures["p99_s"].as_f64().unwrap_or(f64::NAN),
+        figures["ttft_p50_s"].as_f64().unwrap_or(f64::NAN),
+        figures["ttft_p99_s"].as_f64().unwrap_or(f64::NAN),
     );
     println!("{figures}");
     for f in failures.iter().take(5) {

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use teamtune_data::Message;
-use teamtune_llama::{generate, SamplingParams, StopReason, TextStream};
+use teamtune_llama::{generate, StopReason, TextStream};
 
 use super::model_args::{chat_template, ModelArgs};
-use super::policy_args::check_sampling;
+use super::sampling_args::{check_adapter_dir, SamplingArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -26,29 +26,20 @@ pub struct Args {
     /// Feed --prompt as is, without the chat template.
     #[arg(long)]
     pub raw: bool,
-    #[arg(long, default_value_t = 256)]
-    pub max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    #[arg(long, default_value_t = 299792458)]
-    pub seed: u64,
+    /// A LoRA adapter folder (PEFT format, e.g. a `teamtune train` run's adapter) to answer
+    /// with.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Arguments and the messages file are checked before the model loads.
-    check_sampling(
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        Some(args.repetition_penalty),
-    )?;
+    args.sampling.check()?;
+    if let Some(dir) = &args.adapter {
+        check_adapter_dir(dir)?;
+    }
     let raw_prompt = if args.raw {
         Some(args.prompt.clone().context("--raw needs --prompt")?)
     } else {
@@ -69,7 +60,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("nothing to answer: give --prompt or --messages");
         }
     }
-    let loaded = args.model.load()?;
+    let mut loaded = args.model.load()?;
+    if let Some(dir) = &args.adapter {
+        loaded
+            .model
+            .load_adapter("adapter", dir)
+            .with_context(|| format!("--adapter {}", dir.display()))?;
+        loaded.model.set_active_adapter(Some("adapter"))?;
+    }
     let prompt_text = match raw_prompt {
         Some(text) => text,
         None => chat_template(&loaded.assets)?.render(&messages, true)?,
@@ -77,14 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The template already wrote BOS and the special tokens: do not add them again.
     let prompt = loaded.assets.encode(&prompt_text, args.raw)?;
     tracing::debug!(tokens = prompt.len(), "prompt");
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-        ..Default::default()
-    };
+    let params = args.sampling.params();
     let mut stream = TextStream::new(&loaded.assets.tokenizer);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
@@ -93,7 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &loaded.model,
         &prompt,
         &params,
-        args.max_tokens,
+        args.sampling.max_tokens,
         &loaded.assets.eos_token_ids,
         |tok| match stream.push(tok) {
             Ok(Some(piece)) => {
@@ -136,7 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_messages(path: &PathBuf) -> anyhow::Result<Vec<Message>> {
+pub fn read_messages(path: &PathBuf) -> anyhow::Result<Vec<Message>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)

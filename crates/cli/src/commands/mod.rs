@@ -1,3 +1,4 @@
+pub mod chat;
 pub mod collect;
 pub mod compare;
 pub mod data;
@@ -11,5 +12,6 @@ pub mod plot;
 pub mod policy_args;
 pub mod recipe;
 pub mod replay;
+pub mod sampling_args;
 pub mod serve;
 pub mod train;
