@@ -51,6 +51,7 @@ mod cross_entropy;
 pub(crate) mod decode_attention;
 pub(crate) mod dropout;
 mod lora_matmul;
+pub(crate) mod lora_rows;
 mod norm_rope;
 mod rows;
 pub(crate) mod skinny;

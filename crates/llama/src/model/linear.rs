@@ -11,6 +11,7 @@ use super::llama::Mode;
 use crate::error::{LlamaError, Result};
 use crate::kernels::bf16_matmul::PackedBf16;
 use crate::kernels::dropout::seeded_dropout;
+use crate::kernels::lora_rows::{add_lora_rows, RowGroup};
 use crate::kernels::{self as train_ops, FrozenMatmul};
 use crate::lora::adapter::ActiveLora;
 
@@ -155,6 +156,10 @@ impl Linear {
         let Some(lora) = lora else {
             return Ok(y);
         };
+        if mode == Mode::Inference && fast_lora_rows(x, &y) {
+            let rows = (x.elem_count() / x.dim(D::Minus1)?.max(1)) as u32;
+            return self.add_lora_rows(x, y, &[(&lora, (0..rows).collect())]);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let xf = match (mode, lora.dropout_seed) {
             (Mode::Training, _) if lora.dropout == 0.0 => xf,
@@ -194,6 +199,13 @@ impl Linear {
         groups: &[(ActiveLora<'_>, &Tensor)],
     ) -> Result<Tensor> {
         let y = self.forward(x)?;
+        if fast_lora_rows(x, &y) {
+            let groups: Vec<_> = groups
+                .iter()
+                .map(|(l, rows)| Ok((l, rows.to_vec1::<u32>()?)))
+                .collect::<Result<_>>()?;
+            return self.add_lora_rows(x, y, &groups);
+        }
         let (dims, inner, out) = (y.dims().to_vec(), x.dim(D::Minus1)?, y.dim(D::Minus1)?);
         let xf = x.to_dtype(DType::F32)?;
         let x2 = xf.reshape((xf.elem_count() / inner.max(1), inner))?;
@@ -208,6 +220,35 @@ impl Linear {
             y2 = y2.index_add(rows, &h, 0)?;
         }
         Ok(y2.reshape(dims)?)
+    }
+
+    /// `y` plus each group's `scale * B(A x)` on its rows, in one CPU pass
+    /// ([`lora_rows`](crate::kernels::lora_rows)): the inference path on the CPU, alone or
+    /// batched, so that a row's arithmetic does not depend on what shares its step.
+    fn add_lora_rows(
+        &self,
+        x: &Tensor,
+        y: Tensor,
+        groups: &[(&ActiveLora<'_>, Vec<u32>)],
+    ) -> Result<Tensor> {
+        let (inner, out) = (x.dim(D::Minus1)?, y.dim(D::Minus1)?);
+        let dims = y.dims().to_vec();
+        let x2 = x
+            .reshape((x.elem_count() / inner.max(1), inner))?
+            .contiguous()?;
+        let y2 = y
+            .reshape((y.elem_count() / out.max(1), out))?
+            .contiguous()?;
+        let groups = groups
+            .iter()
+            .map(|(l, rows)| RowGroup {
+                a: l.pair.a.as_tensor().detach(),
+                b: l.pair.b.as_tensor().detach(),
+                scale: l.scale as f32,
+                rows: rows.clone(),
+            })
+            .collect();
+        Ok(add_lora_rows(&y2, &x2, groups)?.reshape(dims)?)
     }
 
     /// The training forward of `forward_lora` with an adapter: the same values, from two ops
@@ -229,4 +270,10 @@ impl Linear {
         *out.last_mut().unwrap() = self.weight.dim(0)?;
         Ok(y.reshape(out)?)
     }
+}
+
+/// Whether the inference LoRA term can take the one-pass CPU loop: f32 input and output on the
+/// CPU (other dtypes and devices compose candle ops).
+fn fast_lora_rows(x: &Tensor, y: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && y.dtype() == DType::F32
 }
