@@ -20,7 +20,14 @@ B), served as model `tuned` next to the base, behind an API key:
    `teamtune generate` on the folder `teamtune merge` writes for that adapter.
 6. errors come back as the client's exceptions: unknown model (NotFoundError), n=2
    (BadRequestError), wrong key (AuthenticationError).
-7. SIGTERM: the server exits 0.
+7. tools: `tool_choice="required"` and a named function give `message.tool_calls` whose
+   arguments parse and follow the function's schema, `finish_reason == "tool_calls"`; streamed,
+   the client's tool-call deltas add up to the same call; a next request with the call and a
+   `tool` result is answered.
+8. adapters at run time (`--allow-runtime-lora`): `load_lora_adapter` serves a second copy of
+   the adapter as `again`, which answers as `tuned`; `unload_lora_adapter` removes it from
+   `models.list()`.
+9. SIGTERM: the server exits 0.
 
 Exits non-zero on the first failure.
 """
@@ -125,7 +132,7 @@ def main() -> None:
     adapter = tmp / "adapter"
     make_adapter(adapter)
     cmd = [args.teamtune, "serve", "--port", "0", "--api-key", KEY, "--served-model-name", "base",
-           "--adapter", f"tuned={adapter}"]
+           "--adapter", f"tuned={adapter}", "--allow-runtime-lora"]
     if args.model:
         cmd += ["--model", args.model]
     cmd += shlex.split(args.serve_args)
@@ -233,7 +240,57 @@ def main() -> None:
                 body = e.body if isinstance(e.body, dict) else {}
                 check(bool(body.get("message")), f"{what}: {type(e).__name__} ({e.status_code}) {body.get('message')!r}")
 
-        # 7. SIGTERM
+        # 7. tools
+        tools = [{"type": "function", "function": {
+            "name": "get_weather", "description": "The current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+                           "required": ["city", "unit"], "additionalProperties": False}}}]
+        ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            r = client.chat.completions.create(model="base", messages=ask, tools=tools, tool_choice=choice,
+                                               temperature=0, max_tokens=60)
+            calls = r.choices[0].message.tool_calls or []
+            log(f"tool call ({choice}): {calls} ({r.choices[0].finish_reason})")
+            check(r.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+                  and calls[0].function.name == "get_weather", f"tool_choice={choice} gives one call")
+            a = json.loads(calls[0].function.arguments)
+            check(set(a) == {"city", "unit"} and a["unit"] in ("celsius", "fahrenheit"),
+                  f"the arguments follow the schema: {a}")
+        stream = client.chat.completions.create(model="base", messages=ask, tools=tools, tool_choice="required",
+                                                temperature=0, max_tokens=60, stream=True)
+        name, arguments, finish = "", "", None
+        for c in stream:
+            if not c.choices:
+                continue
+            for d in c.choices[0].delta.tool_calls or []:
+                name += d.function.name or ""
+                arguments += d.function.arguments or ""
+            finish = c.choices[0].finish_reason or finish
+        check(name == "get_weather" and json.loads(arguments) == a and finish == "tool_calls",
+              f"streamed tool-call deltas add up to the same call: {name} {arguments} ({finish})")
+        follow = ask + [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+                        {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, light rain"}]
+        r = client.chat.completions.create(model="base", messages=follow, tools=tools, temperature=0, max_tokens=40)
+        log(f"after the tool result: {r.choices[0].message.content!r} ({r.choices[0].finish_reason})")
+        check(r.choices[0].finish_reason in ("stop", "length", "tool_calls"), "the next turn is answered")
+
+        # 8. adapters at run time
+        http = client._client  # the client's own httpx session, with the key
+        loaded = http.post(f"{url}/load_lora_adapter", json={"lora_name": "again", "lora_path": str(adapter)},
+                           headers={"Authorization": f"Bearer {KEY}"})
+        check(loaded.status_code == 200, f"load_lora_adapter: {loaded.status_code} {loaded.text}")
+        ids = [m.id for m in client.models.list().data]
+        check(ids == ["base", "tuned", "again"], f"the loaded adapter is listed: {ids}")
+        again = client.chat.completions.create(model="again", messages=messages, temperature=0,
+                                               max_tokens=MAX_TOKENS).choices[0].message.content
+        check(again == tuned, f"the adapter loaded at run time answers as at start: {again!r}")
+        gone = http.post(f"{url}/unload_lora_adapter", json={"lora_name": "again"},
+                         headers={"Authorization": f"Bearer {KEY}"})
+        check(gone.status_code == 200 and [m.id for m in client.models.list().data] == ["base", "tuned"],
+              f"unload_lora_adapter: {gone.status_code} {gone.text}")
+
+        # 9. SIGTERM
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
         check(code == 0, f"SIGTERM: the server exited with {code}")
