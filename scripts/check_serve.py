@@ -18,7 +18,7 @@ B), served as model `tuned` next to the base, behind an API key:
    schema's required fields with their types; JSON mode gives a JSON object.
 5. adapter by model name: `model="tuned"` answers differently from the base, and equals
    `teamtune generate` on the folder `teamtune merge` writes for that adapter.
-6. errors come back as the client's exceptions: unknown model (NotFoundError), n=2
+6. errors come back as the client's exceptions: unknown model (NotFoundError), n=99
    (BadRequestError), wrong key (AuthenticationError).
 7. tools: `tool_choice="required"` and a named function give `message.tool_calls` whose
    arguments parse and follow the function's schema, `finish_reason == "tool_calls"`; streamed,
@@ -227,8 +227,8 @@ def main() -> None:
         for what, exc, call in [
             ("unknown model", openai.NotFoundError,
              lambda: client.chat.completions.create(model="nope", messages=messages)),
-            ("n=2", openai.BadRequestError,
-             lambda: client.chat.completions.create(model="base", messages=messages, n=2)),
+            ("n=99", openai.BadRequestError,
+             lambda: client.chat.completions.create(model="base", messages=messages, n=99)),
             ("wrong key", openai.AuthenticationError,
              lambda: OpenAI(base_url=url, api_key="wrong", max_retries=0).chat.completions.create(
                  model="base", messages=messages)),

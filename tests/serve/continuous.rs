@@ -60,3 +60,70 @@ fn requests_join_a_running_batch_and_leave_it_with_their_replies_alone() {
     let h = server.health();
     assert!(h["largest_batch"].as_u64().unwrap() >= 3, "{h}");
 }
+
+/// `n` choices fork from one prefill: greedy, every choice is the reply alone; sampled, each
+/// choice samples with its own seed (choice i with seed + i), streamed or not.
+#[test]
+fn n_choices_fork_from_one_prompt() {
+    let server = Server::start(&["--max-batch", "8"]);
+    let mut greedy = ask(ADAPTER, "the cat sat on the mat", 10);
+    let alone = server.chat(&greedy).json();
+    greedy["n"] = json!(3);
+    let three = server.chat(&greedy).json();
+    let choices = three["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["message"], alone["choices"][0]["message"], "choice {i}");
+    }
+    // The prompt counts once, every reply's tokens count.
+    let (u1, u3) = (&alone["usage"], &three["usage"]);
+    assert_eq!(u3["prompt_tokens"], u1["prompt_tokens"]);
+    assert_eq!(
+        u3["completion_tokens"].as_u64().unwrap(),
+        3 * u1["completion_tokens"].as_u64().unwrap()
+    );
+
+    // Sampled: choice i is the single reply with seed + i.
+    let sampled = |seed: u64, n: u64| {
+        let mut r = ask(BASE, "hello", 12);
+        r["temperature"] = json!(1.0);
+        r["seed"] = json!(seed);
+        r["n"] = json!(n);
+        r
+    };
+    let two = server.chat(&sampled(40, 2)).json();
+    for i in 0..2 {
+        let single = server.chat(&sampled(40 + i, 1)).json();
+        assert_eq!(
+            two["choices"][i as usize]["message"], single["choices"][0]["message"],
+            "choice {i}"
+        );
+    }
+    assert_ne!(two["choices"][0]["message"], two["choices"][1]["message"]);
+
+    // Streamed: each choice's deltas carry its index and add up to its reply; one usage chunk.
+    let mut streamed = sampled(40, 2);
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = server.chat(&streamed).events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    for i in 0..2u64 {
+        let of_i = chunks.iter().filter(|c| c["choices"][0]["index"] == i);
+        let text: String = of_i
+            .clone()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, two["choices"][i as usize]["message"]["content"]);
+        assert_eq!(
+            of_i.filter(|c| !c["choices"][0]["finish_reason"].is_null())
+                .count(),
+            1
+        );
+    }
+    assert_eq!(chunks.last().unwrap()["usage"], two["usage"]);
+}

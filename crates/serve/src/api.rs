@@ -14,6 +14,8 @@ use crate::tools::{ToolChoiceIn, ToolIn, Tools};
 
 /// The most stop sequences a request may give (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
+/// The most choices (`n`) a request may ask for.
+pub const MAX_N: i64 = 16;
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
@@ -139,6 +141,8 @@ pub struct Checked {
     pub stop: Vec<String>,
     pub seed: Option<u64>,
     pub stream: bool,
+    /// How many replies (choices) to give.
+    pub n: usize,
     /// A streamed reply ends with a chunk of the usage (`stream_options.include_usage`).
     pub include_usage: bool,
     /// What the request asked for; `None` when it sent no `response_format` (the server's
@@ -180,13 +184,12 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
 impl ChatRequest {
     /// Checks the values; the first problem is the error.
     pub fn check(self) -> Result<Checked> {
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(ServeError::invalid_value(
-                    format!("n = {n}: this server returns exactly one choice (n = 1)"),
-                    "n",
-                ));
-            }
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ServeError::invalid_value(
+                format!("n = {n}: give 1 to {MAX_N} choices"),
+                "n",
+            ));
         }
         if self.messages.is_empty() {
             return Err(ServeError::invalid_value(
@@ -280,6 +283,7 @@ impl ChatRequest {
             stop,
             seed: self.seed.map(|s| s as u64),
             stream: self.stream.unwrap_or(false),
+            n: n as usize,
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
@@ -444,27 +448,37 @@ pub struct ResponseMeta {
     pub model: String,
 }
 
-/// The body of a non-streamed answer: `message` is `{"role": "assistant", ...}`.
-pub fn completion(
-    meta: &ResponseMeta,
-    message: Value,
-    finish: FinishReason,
-    usage: Usage,
-) -> Value {
+/// The body of a non-streamed answer: each choice's `message` (`{"role": "assistant", ...}`)
+/// and finish reason, in order.
+pub fn completion(meta: &ResponseMeta, choices: Vec<(Value, FinishReason)>, usage: Usage) -> Value {
+    let choices: Vec<Value> = choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, (message, finish))| {
+            json!({"index": index, "message": message, "logprobs": null,
+                   "finish_reason": finish.as_str()})
+        })
+        .collect();
     json!({
         "id": meta.id,
         "object": "chat.completion",
         "created": meta.created,
         "model": meta.model,
         "system_fingerprint": null,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": null,
-            "finish_reason": finish.as_str(),
-        }],
+        "choices": choices,
         "usage": usage.to_json(),
     })
+}
+
+impl Usage {
+    /// The usage of a request's choices together: the prompt once, every choice's reply.
+    pub fn of_choices(choices: &[Usage]) -> Usage {
+        Usage {
+            prompt_tokens: choices.first().map_or(0, |u| u.prompt_tokens),
+            completion_tokens: choices.iter().map(|u| u.completion_tokens).sum(),
+            cached_tokens: choices.first().map_or(0, |u| u.cached_tokens),
+        }
+    }
 }
 
 /// The chunk after the last one when `stream_options.include_usage` asks for it: no choices,
@@ -485,6 +499,7 @@ pub fn usage_chunk(meta: &ResponseMeta, usage: Usage) -> Value {
 /// field out, `Some(None)` writes `null` (every chunk, when the usage comes at the end).
 pub fn chunk(
     meta: &ResponseMeta,
+    index: usize,
     delta: Value,
     finish: Option<FinishReason>,
     usage: Option<Option<Usage>>,
@@ -496,7 +511,7 @@ pub fn chunk(
         "model": meta.model,
         "system_fingerprint": null,
         "choices": [{
-            "index": 0,
+            "index": index,
             "delta": delta,
             "logprobs": null,
             "finish_reason": finish.map(FinishReason::as_str),
@@ -553,7 +568,8 @@ mod tests {
             (base(r#","temperature":"hot""#), "temperature"),
             (base(r#","temperature":3"#), "temperature"),
             (base(r#","top_p":0"#), "top_p"),
-            (base(r#","n":2"#), "n"),
+            (base(r#","n":0"#), "n"),
+            (base(r#","n":17"#), "n"),
             (base(r#","max_tokens":0"#), "max_tokens"),
             (base(r#","stop":["a","b","c","d","e"]"#), "stop"),
             (base(r#","logprobs":true"#), "logprobs"),

@@ -70,16 +70,23 @@ pub struct Job {
     pub grammar: Option<ReplyGrammar>,
     /// Send text deltas as they come (streamed requests); otherwise only [`Event::Done`].
     pub stream: bool,
+    /// Replies to the prompt (OpenAI's `n`, at least 1): the prompt runs once and the choices
+    /// fork from it; choice `i` samples with the seed plus `i`.
+    pub n: usize,
     pub events: UnboundedSender<Event>,
 }
 
 /// What the worker tells a request's handler.
 #[derive(Debug)]
 pub enum Event {
-    /// New text of the reply (streamed requests only).
-    Text(String),
-    /// The reply is complete: all of its text, why it ended, the token counts.
+    /// New text of a choice's reply (streamed requests only).
+    Text {
+        choice: usize,
+        text: String,
+    },
+    /// A choice's reply is complete: all of its text, why it ended, the token counts.
     Done {
+        choice: usize,
         text: String,
         finish: FinishReason,
         usage: Usage,
@@ -365,11 +372,19 @@ impl Worker {
                         continue;
                     }
                 };
-                let (params, max, adapter) =
-                    (job.params.clone(), job.max_tokens, job.adapter.clone());
-                let filter = RowFilter::new(job, &tokenizer, &stop_ids, &shared.cancel_all);
-                if let Err(e) = batch.add(session, filter, params, max, adapter) {
-                    tracing::error!(error = %e, "a request could not join the batch");
+                let choices = (0..job.n.max(1))
+                    .map(|choice| {
+                        let mut params = job.params.clone();
+                        params.seed = params.seed.wrapping_add(choice as u64);
+                        let filter =
+                            RowFilter::new(&job, choice, &tokenizer, &stop_ids, &shared.cancel_all);
+                        (filter, params)
+                    })
+                    .collect();
+                if let Err(e) =
+                    batch.add_choices(session, choices, job.max_tokens, job.adapter.clone())
+                {
+                    self.fail(&job.events, ServeError::from(e));
                 }
             }
             if batch.is_empty() {
@@ -472,10 +487,12 @@ impl Worker {
                 cached_tokens: d.cached_tokens,
             };
             let events = filter.events.clone();
+            let filter_choice = filter.choice;
             match filter.finish() {
                 Ok(text) => {
                     c.completed.fetch_add(1, Ordering::SeqCst);
                     let _ = events.send(Event::Done {
+                        choice: filter_choice,
                         text,
                         finish,
                         usage,
@@ -539,6 +556,8 @@ struct RowFilter<'a> {
     stop_ids: &'a [u32],
     stops: Vec<String>,
     prompt_tokens: usize,
+    /// Which of the request's choices this row answers.
+    choice: usize,
     /// Longest stop sequence in bytes: text that might be the start of one is held back.
     hold: usize,
     /// The reply's text so far (cut at a stop sequence once one is found).
@@ -554,7 +573,8 @@ struct RowFilter<'a> {
 
 impl<'a> RowFilter<'a> {
     fn new(
-        job: Job,
+        job: &Job,
+        choice: usize,
         tokenizer: &'a Tokenizer,
         stop_ids: &'a [u32],
         cancel_all: &'a AtomicBool,
@@ -564,13 +584,14 @@ impl<'a> RowFilter<'a> {
             text_stream: TextStream::new(tokenizer),
             stop_ids,
             hold: job.stop.iter().map(String::len).max().unwrap_or(0),
-            stops: job.stop,
+            stops: job.stop.clone(),
             prompt_tokens: job.prompt.len(),
+            choice,
             text: String::new(),
             sent: 0,
             stopped: false,
             stream: job.stream,
-            events: job.events,
+            events: job.events.clone(),
             cancel_all,
         }
     }
@@ -615,9 +636,10 @@ impl<'a> RowFilter<'a> {
     fn send_upto(&mut self, end: usize) {
         if end > self.sent {
             if self.stream {
-                let _ = self
-                    .events
-                    .send(Event::Text(self.text[self.sent..end].to_string()));
+                let _ = self.events.send(Event::Text {
+                    choice: self.choice,
+                    text: self.text[self.sent..end].to_string(),
+                });
             }
             self.sent = end;
         }

@@ -197,11 +197,12 @@ async fn chat_completions(
         grammar,
         // A reply that may be a call is known only whole: it streams at its end.
         stream: checked.stream && tools.is_none(),
+        n: checked.n,
         events: tx,
     })?;
     let call_id = format!("call_{:x}_{id}", state.started);
     if checked.stream {
-        let stream = SseStream::new(rx, meta, tools, call_id, checked.include_usage);
+        let stream = SseStream::new(rx, meta, tools, call_id, checked.n, checked.include_usage);
         let mut response = Body::from_stream(stream).into_response();
         let h = response.headers_mut();
         h.insert(
@@ -213,21 +214,39 @@ async fn chat_completions(
     }
     // Dropping `rx` (the client left, so hyper dropped this future) ends the decode.
     let mut rx = rx;
-    loop {
+    let mut done: Vec<Option<(String, FinishReason, api::Usage)>> = vec![None; checked.n];
+    while done.iter().any(Option::is_none) {
         match rx.recv().await {
-            Some(Event::Text(_)) => continue,
+            Some(Event::Text { .. }) => continue,
             Some(Event::Done {
+                choice,
                 text,
                 finish,
                 usage,
             }) => {
-                let (message, finish) = reply_message(&text, finish, tools.as_deref(), &call_id);
-                return Ok(Json(api::completion(&meta, message, finish, usage)).into_response());
+                if let Some(slot) = done.get_mut(choice) {
+                    *slot = Some((text, finish, usage));
+                }
             }
             Some(Event::Failed(e)) => return Err(e),
             None => return Err(ServeError::ShuttingDown),
         }
     }
+    let done: Vec<_> = done.into_iter().flatten().collect();
+    let usage = api::Usage::of_choices(&done.iter().map(|d| d.2).collect::<Vec<_>>());
+    let choices = done
+        .iter()
+        .enumerate()
+        .map(|(i, (text, finish, _))| {
+            reply_message(
+                text,
+                *finish,
+                tools.as_deref(),
+                &choice_call_id(&call_id, i),
+            )
+        })
+        .collect();
+    Ok(Json(api::completion(&meta, choices, usage)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -462,6 +481,15 @@ impl AppState {
         }
         cache.insert(key, g.clone());
         Ok(g)
+    }
+}
+
+/// The id of choice `i`'s function call (the request's id, then the choice).
+pub(crate) fn choice_call_id(call_id: &str, choice: usize) -> String {
+    if choice == 0 {
+        call_id.to_string()
+    } else {
+        format!("{call_id}_{choice}")
     }
 }
 

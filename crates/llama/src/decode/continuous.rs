@@ -30,6 +30,9 @@ struct Live<F> {
     filter: F,
     adapter: Option<String>,
     row: Row,
+    /// Rows to fork from this one once its prompt has run (more choices of one request):
+    /// their ids, filters and sampling parameters.
+    forks: Vec<(u64, F, SamplingParams)>,
 }
 
 /// A row that left the batch: its session (holding the reply), its filter, and what it
@@ -76,9 +79,15 @@ impl<F: TokenFilter> ContinuousBatch<F> {
         self.rows.iter().map(|l| l.adapter.clone()).collect()
     }
 
-    /// Takes every live row out (ids and filters), e.g. to fail them all after a step failed.
+    /// Takes every live row out (ids and filters, rows still to fork included), e.g. to fail
+    /// them all after a step failed.
     pub fn drain(&mut self) -> Vec<(u64, F)> {
-        self.rows.drain(..).map(|l| (l.id, l.filter)).collect()
+        let mut out = Vec::new();
+        for l in self.rows.drain(..) {
+            out.extend(l.forks.into_iter().map(|(id, f, _)| (id, f)));
+            out.push((l.id, l.filter));
+        }
+        out
     }
 
     /// Adds a row that decodes a reply to `session` (its pending tokens are fed from the next
@@ -93,6 +102,23 @@ impl<F: TokenFilter> ContinuousBatch<F> {
         max_new: usize,
         adapter: Option<String>,
     ) -> Result<u64> {
+        let ids = self.add_choices(session, vec![(filter, params)], max_new, adapter)?;
+        Ok(ids[0])
+    }
+
+    /// Adds several rows answering the same `session` (OpenAI's `n`), one per filter and
+    /// sampling parameters: the prompt runs once, in the first row, and the others fork from
+    /// it (its KV cache and logits) before anything is sampled. Returns their ids in order.
+    pub fn add_choices(
+        &mut self,
+        session: Session,
+        choices: Vec<(F, SamplingParams)>,
+        max_new: usize,
+        adapter: Option<String>,
+    ) -> Result<Vec<u64>> {
+        if choices.is_empty() {
+            return Ok(Vec::new());
+        }
         let logits = match session.last_logits() {
             Some(l) => Some(l.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None if session.pending().is_empty() => {
@@ -102,8 +128,10 @@ impl<F: TokenFilter> ContinuousBatch<F> {
             }
             None => None,
         };
-        let id = self.next_id;
-        self.next_id += 1;
+        let ids: Vec<u64> = (self.next_id..self.next_id + choices.len() as u64).collect();
+        self.next_id += choices.len() as u64;
+        let mut choices = ids.iter().copied().zip(choices);
+        let (id, (filter, params)) = choices.next().expect("at least one choice");
         let row = Row {
             sampler: Sampler::new(params),
             max_new,
@@ -118,14 +146,19 @@ impl<F: TokenFilter> ContinuousBatch<F> {
             },
             finished: false,
         };
-        self.rows.push(Live {
+        let mut live = Live {
             id,
             session,
             filter,
             adapter,
             row,
-        });
-        Ok(id)
+            forks: choices.map(|(id, (f, p))| (id, f, p)).collect(),
+        };
+        // Nothing to run first: the choices fork now.
+        let forked = live.fork_if_ready();
+        self.rows.push(live);
+        self.rows.extend(forked);
+        Ok(ids)
     }
 
     /// One step: every row that has run all its tokens picks what follows (rows that end
@@ -158,6 +191,7 @@ impl<F: TokenFilter> ContinuousBatch<F> {
                 filter,
                 adapter,
                 row,
+                ..
             } = live;
             // The logits after the last token stay with the session (a next turn may start
             // from them) when they are all it holds.
@@ -214,12 +248,49 @@ impl<F: TokenFilter> ContinuousBatch<F> {
             .forward_ragged_mixed(&mut ragged, &adapters)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
+        let mut forked = Vec::new();
         for ((i, len), l) in fed.into_iter().zip(logits) {
             let live = &mut self.rows[i];
             live.row.fed += len;
             live.session.fed = live.row.fed;
             live.row.logits = (live.row.fed == live.session.len()).then_some(l);
+            forked.extend(live.fork_if_ready());
         }
+        self.rows.extend(forked);
         Ok(())
+    }
+}
+
+impl<F> Live<F> {
+    /// Once the prompt has run (logits, nothing sampled yet): the rows of the other choices,
+    /// each with a copy of the cache and the logits.
+    fn fork_if_ready(&mut self) -> Vec<Live<F>> {
+        if self.forks.is_empty() || self.row.logits.is_none() || !self.row.out.tokens.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.forks)
+            .into_iter()
+            .map(|(id, filter, params)| Live {
+                id,
+                session: self.session.fork(),
+                filter,
+                adapter: self.adapter.clone(),
+                row: Row {
+                    sampler: Sampler::new(params),
+                    max_new: self.row.max_new,
+                    fed: self.row.fed,
+                    logits: self.row.logits.clone(),
+                    out: Decoded {
+                        tokens: Vec::new(),
+                        stop: StopReason::MaxTokens,
+                        prompt_tokens: self.row.out.prompt_tokens,
+                        cached_tokens: self.row.out.cached_tokens,
+                        forced_tokens: 0,
+                    },
+                    finished: false,
+                },
+                forks: Vec::new(),
+            })
+            .collect()
     }
 }
