@@ -41,7 +41,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ("schema llguidance refuses", with(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}})).to_string().into(), 400, Some("response_format.json_schema.schema"), None),
         ("too many stop sequences", with(json!({"stop": ["a", "b", "c", "d", "e"]})).to_string().into(), 400, Some("stop"), None),
         ("prompt over the context", with(json!({"messages": [{"role": "user", "content": long_prompt}]})).to_string().into(), 413, Some("messages"), Some("context_length_exceeded")),
-        ("logprobs asked", with(json!({"logprobs": true})).to_string().into(), 400, Some("logprobs"), None),
+        ("logprobs streamed", with(json!({"logprobs": true, "stream": true})).to_string().into(), 400, Some("logprobs"), None),
     ];
     assert!(cases.len() >= 12);
     for (case, body, status, param, code) in &cases {
@@ -174,5 +174,44 @@ fn an_empty_api_key_is_refused_at_start() {
             err.contains("--api-key (or TEAMTUNE_API_KEY) is empty"),
             "{err}"
         );
+    }
+}
+
+/// `logprobs` / `top_logprobs`: one entry per reply token; greedy, each token is its step's most
+/// likely one, so its log-probability is the first alternative's; alternatives sorted.
+#[test]
+fn logprobs_follow_the_greedy_tokens() {
+    let server = Server::start(&[]);
+    let mut r = crate::serve::ask(BASE, "the cat sat on the mat", 8);
+    r["logprobs"] = json!(true);
+    r["top_logprobs"] = json!(3);
+    r["n"] = json!(2);
+    let v = server.chat(&r).json();
+    let plain = server
+        .chat(&crate::serve::ask(BASE, "the cat sat on the mat", 8))
+        .json();
+    assert!(plain["choices"][0]["logprobs"].is_null());
+    for choice in v["choices"].as_array().unwrap() {
+        assert_eq!(choice["message"], plain["choices"][0]["message"]);
+        let content = choice["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(
+            content.len() as u64,
+            v["usage"]["completion_tokens"].as_u64().unwrap() / 2,
+            "{v}"
+        );
+        for t in content {
+            let lp = t["logprob"].as_f64().unwrap();
+            assert!(lp <= 0.0, "{t}");
+            let top = t["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 3);
+            assert_eq!(
+                top[0]["token"], t["token"],
+                "greedy takes the most likely: {t}"
+            );
+            assert_eq!(top[0]["logprob"].as_f64().unwrap(), lp);
+            let lps: Vec<f64> = top.iter().map(|a| a["logprob"].as_f64().unwrap()).collect();
+            assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{lps:?}");
+            assert!(lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-6);
+        }
     }
 }

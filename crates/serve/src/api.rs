@@ -1,8 +1,8 @@
 //! The chat-completions request as OpenAI defines it, parsed and checked into what the engine
 //! runs; the response and stream-chunk bodies.
 //!
-//! Fields this server does not implement are refused when they ask for something (`n` > 1,
-//! `logprobs`, penalties other than 0) and ignored when they do not (`user`, `metadata`,
+//! Fields this server does not implement are refused when they ask for something (`logprobs`
+//! on a streamed request, penalties other than 0) and ignored when they do not (`user`, `metadata`,
 //! `store`, `parallel_tool_calls`, ...), as vLLM does. `tools` are checked in [`crate::tools`].
 
 use serde::Deserialize;
@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use teamtune_data::{Message, Role};
 
 use crate::error::{Result, ServeError};
+use crate::logprobs::MAX_TOP_LOGPROBS;
 use crate::tools::{ToolChoiceIn, ToolIn, Tools};
 
 /// The most stop sequences a request may give (OpenAI's limit).
@@ -143,6 +144,8 @@ pub struct Checked {
     pub stream: bool,
     /// How many replies (choices) to give.
     pub n: usize,
+    /// `logprobs` asked for, with this many alternatives per token.
+    pub logprobs: Option<usize>,
     /// A streamed reply ends with a chunk of the usage (`stream_options.include_usage`).
     pub include_usage: bool,
     /// What the request asked for; `None` when it sent no `response_format` (the server's
@@ -263,12 +266,28 @@ impl ChatRequest {
                 ));
             }
         }
-        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(ServeError::invalid_value(
-                "logprobs are not supported",
-                "logprobs",
-            ));
-        }
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (_, Some(t)) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&t) => {
+                return Err(ServeError::invalid_value(
+                    format!("top_logprobs = {t}: give 0 to {MAX_TOP_LOGPROBS}"),
+                    "top_logprobs",
+                ))
+            }
+            (false, Some(t)) if t > 0 => {
+                return Err(ServeError::invalid_value(
+                    "top_logprobs needs logprobs: true",
+                    "top_logprobs",
+                ))
+            }
+            (true, _) if self.stream == Some(true) => {
+                return Err(ServeError::invalid_value(
+                    "logprobs are not streamed yet: ask without stream",
+                    "logprobs",
+                ))
+            }
+            (true, top) => Some(top.unwrap_or(0) as usize),
+            (false, _) => None,
+        };
         let tools = crate::tools::check(self.tools, self.tool_choice)?;
         let format = match self.response_format {
             None => None,
@@ -284,6 +303,7 @@ impl ChatRequest {
             seed: self.seed.map(|s| s as u64),
             stream: self.stream.unwrap_or(false),
             n: n as usize,
+            logprobs,
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
@@ -448,14 +468,18 @@ pub struct ResponseMeta {
     pub model: String,
 }
 
-/// The body of a non-streamed answer: each choice's `message` (`{"role": "assistant", ...}`)
-/// and finish reason, in order.
-pub fn completion(meta: &ResponseMeta, choices: Vec<(Value, FinishReason)>, usage: Usage) -> Value {
+/// The body of a non-streamed answer: each choice's `message` (`{"role": "assistant", ...}`),
+/// finish reason and log-probabilities (`null` when not asked for), in order.
+pub fn completion(
+    meta: &ResponseMeta,
+    choices: Vec<(Value, FinishReason, Option<Value>)>,
+    usage: Usage,
+) -> Value {
     let choices: Vec<Value> = choices
         .into_iter()
         .enumerate()
-        .map(|(index, (message, finish))| {
-            json!({"index": index, "message": message, "logprobs": null,
+        .map(|(index, (message, finish, logprobs))| {
+            json!({"index": index, "message": message, "logprobs": logprobs,
                    "finish_reason": finish.as_str()})
         })
         .collect();
@@ -572,7 +596,12 @@ mod tests {
             (base(r#","n":17"#), "n"),
             (base(r#","max_tokens":0"#), "max_tokens"),
             (base(r#","stop":["a","b","c","d","e"]"#), "stop"),
-            (base(r#","logprobs":true"#), "logprobs"),
+            (base(r#","logprobs":true,"stream":true"#), "logprobs"),
+            (base(r#","top_logprobs":3"#), "top_logprobs"),
+            (
+                base(r#","logprobs":true,"top_logprobs":21"#),
+                "top_logprobs",
+            ),
             (base(r#","presence_penalty":0.5"#), "presence_penalty"),
             (
                 base(

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use teamtune_guide::{common_prefix, reuse_prefix, ConstraintFilter, ReplyGrammar};
+use teamtune_guide::{common_prefix, reuse_prefix, ConstraintFilter, ReplyGrammar, TokenVocab};
 use teamtune_llama::{
     ContinuousBatch, Finished, Llama, SamplingParams, Session, StopReason, TextStream, TokenFilter,
 };
@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::api::{FinishReason, Usage};
 use crate::error::{Result, ServeError};
+use crate::logprobs::TokenLogprobs;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -73,6 +74,8 @@ pub struct Job {
     /// Replies to the prompt (OpenAI's `n`, at least 1): the prompt runs once and the choices
     /// fork from it; choice `i` samples with the seed plus `i`.
     pub n: usize,
+    /// Report each token's log-probability, with this many alternatives.
+    pub logprobs: Option<usize>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -90,6 +93,8 @@ pub enum Event {
         text: String,
         finish: FinishReason,
         usage: Usage,
+        /// OpenAI's `logprobs` object, when asked for.
+        logprobs: Option<serde_json::Value>,
     },
     Failed(ServeError),
 }
@@ -162,9 +167,11 @@ pub struct Engine {
 impl Engine {
     /// Starts the worker thread; it owns `model` (with its adapters loaded) from now on.
     /// `stop_ids` end a reply (the first is the turn end the grammars append).
+    /// `vocab` gives the tokens' bytes (for `logprobs`).
     pub fn start(
         model: Llama,
         tokenizer: Tokenizer,
+        vocab: TokenVocab,
         stop_ids: Vec<u32>,
         config: EngineConfig,
     ) -> Self {
@@ -187,7 +194,7 @@ impl Engine {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("model-worker".into())
-                .spawn(move || Worker::new(model, tokenizer, stop_ids, shared).run())
+                .spawn(move || Worker::new(model, tokenizer, vocab, stop_ids, shared).run())
                 .expect("spawn the model worker thread")
         };
         Engine {
@@ -273,6 +280,7 @@ impl Drop for Engine {
 struct Worker {
     model: Llama,
     tokenizer: Tokenizer,
+    vocab: TokenVocab,
     stop_ids: Vec<u32>,
     shared: Arc<Shared>,
     /// Finished conversations by adapter (a cache belongs to the adapter that filled it),
@@ -283,10 +291,17 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(model: Llama, tokenizer: Tokenizer, stop_ids: Vec<u32>, shared: Arc<Shared>) -> Self {
+    fn new(
+        model: Llama,
+        tokenizer: Tokenizer,
+        vocab: TokenVocab,
+        stop_ids: Vec<u32>,
+        shared: Arc<Shared>,
+    ) -> Self {
         Worker {
             model,
             tokenizer,
+            vocab,
             stop_ids,
             shared,
             prefixes: Vec::new(),
@@ -349,6 +364,7 @@ impl Worker {
     /// the rows that ended; until closing with nothing left.
     fn run(mut self) {
         let tokenizer = self.tokenizer.clone();
+        let vocab = self.vocab.clone();
         let stop_ids = self.stop_ids.clone();
         let shared = self.shared.clone();
         let config = &shared.config;
@@ -376,8 +392,14 @@ impl Worker {
                     .map(|choice| {
                         let mut params = job.params.clone();
                         params.seed = params.seed.wrapping_add(choice as u64);
-                        let filter =
-                            RowFilter::new(&job, choice, &tokenizer, &stop_ids, &shared.cancel_all);
+                        let filter = RowFilter::new(
+                            &job,
+                            choice,
+                            &tokenizer,
+                            &vocab,
+                            &stop_ids,
+                            &shared.cancel_all,
+                        );
                         (filter, params)
                     })
                     .collect();
@@ -473,7 +495,7 @@ impl Worker {
             .fetch_add(d.tokens.len(), Ordering::SeqCst);
         c.cached_prompt_tokens
             .fetch_add(d.cached_tokens, Ordering::SeqCst);
-        let filter = f.filter;
+        let mut filter = f.filter;
         if filter.cancelled() {
             c.cancelled.fetch_add(1, Ordering::SeqCst);
         } else {
@@ -488,11 +510,15 @@ impl Worker {
             };
             let events = filter.events.clone();
             let filter_choice = filter.choice;
+            let vocab = filter.vocab;
+            let logprobs = filter.logprobs.take();
             match filter.finish() {
                 Ok(text) => {
                     c.completed.fetch_add(1, Ordering::SeqCst);
+                    let logprobs = logprobs.map(|l| l.to_json(vocab, text.len()));
                     let _ = events.send(Event::Done {
                         choice: filter_choice,
+                        logprobs,
                         text,
                         finish,
                         usage,
@@ -558,6 +584,8 @@ struct RowFilter<'a> {
     prompt_tokens: usize,
     /// Which of the request's choices this row answers.
     choice: usize,
+    vocab: &'a TokenVocab,
+    logprobs: Option<TokenLogprobs>,
     /// Longest stop sequence in bytes: text that might be the start of one is held back.
     hold: usize,
     /// The reply's text so far (cut at a stop sequence once one is found).
@@ -576,6 +604,7 @@ impl<'a> RowFilter<'a> {
         job: &Job,
         choice: usize,
         tokenizer: &'a Tokenizer,
+        vocab: &'a TokenVocab,
         stop_ids: &'a [u32],
         cancel_all: &'a AtomicBool,
     ) -> Self {
@@ -587,6 +616,8 @@ impl<'a> RowFilter<'a> {
             stops: job.stop.clone(),
             prompt_tokens: job.prompt.len(),
             choice,
+            vocab,
+            logprobs: job.logprobs.map(TokenLogprobs::new),
             text: String::new(),
             sent: 0,
             stopped: false,
@@ -675,6 +706,9 @@ impl TokenFilter for RowFilter<'_> {
     }
 
     fn mask(&mut self, logits: &mut [f32]) -> teamtune_llama::Result<()> {
+        if let Some(l) = &mut self.logprobs {
+            l.observe(logits);
+        }
         match &mut self.constrained {
             Some(c) => c.mask(logits),
             None => Ok(()),
@@ -687,6 +721,9 @@ impl TokenFilter for RowFilter<'_> {
         }
         if self.stop_ids.contains(&token) || self.stopped {
             return Ok(());
+        }
+        if let Some(l) = &mut self.logprobs {
+            l.record(token);
         }
         if let Some(piece) = self.text_stream.push(token)? {
             self.add_text(&piece);

@@ -10,6 +10,7 @@
 //! - `engine`: the model worker thread, its bounded queue and batched decoding.
 //! - `routes`: the axum routes and the bearer-token check.
 //! - `sse`: a streamed reply as server-sent events.
+//! - `logprobs`: the log-probabilities of a reply's tokens.
 //! - `tools`: function calling (`tools`, `tool_choice`, `tool_calls`).
 //!
 //! [`Server::new`] takes a loaded model (adapters loaded, none active), its tokenizer and chat
@@ -20,6 +21,7 @@
 mod api;
 mod engine;
 mod error;
+mod logprobs;
 mod routes;
 mod sse;
 mod tools;
@@ -135,6 +137,7 @@ impl Server {
         let engine = Arc::new(Engine::start(
             model,
             assets.tokenizer.clone(),
+            vocab.clone(),
             stop_ids,
             config.engine.clone(),
         ));

@@ -198,6 +198,7 @@ async fn chat_completions(
         // A reply that may be a call is known only whole: it streams at its end.
         stream: checked.stream && tools.is_none(),
         n: checked.n,
+        logprobs: checked.logprobs,
         events: tx,
     })?;
     let call_id = format!("call_{:x}_{id}", state.started);
@@ -214,7 +215,7 @@ async fn chat_completions(
     }
     // Dropping `rx` (the client left, so hyper dropped this future) ends the decode.
     let mut rx = rx;
-    let mut done: Vec<Option<(String, FinishReason, api::Usage)>> = vec![None; checked.n];
+    let mut done: Vec<Option<Answered>> = (0..checked.n).map(|_| None).collect();
     while done.iter().any(Option::is_none) {
         match rx.recv().await {
             Some(Event::Text { .. }) => continue,
@@ -223,27 +224,30 @@ async fn chat_completions(
                 text,
                 finish,
                 usage,
+                logprobs,
             }) => {
                 if let Some(slot) = done.get_mut(choice) {
-                    *slot = Some((text, finish, usage));
+                    *slot = Some(Answered {
+                        text,
+                        finish,
+                        usage,
+                        logprobs,
+                    });
                 }
             }
             Some(Event::Failed(e)) => return Err(e),
             None => return Err(ServeError::ShuttingDown),
         }
     }
-    let done: Vec<_> = done.into_iter().flatten().collect();
-    let usage = api::Usage::of_choices(&done.iter().map(|d| d.2).collect::<Vec<_>>());
+    let done: Vec<Answered> = done.into_iter().flatten().collect();
+    let usage = api::Usage::of_choices(&done.iter().map(|d| d.usage).collect::<Vec<_>>());
     let choices = done
-        .iter()
+        .into_iter()
         .enumerate()
-        .map(|(i, (text, finish, _))| {
-            reply_message(
-                text,
-                *finish,
-                tools.as_deref(),
-                &choice_call_id(&call_id, i),
-            )
+        .map(|(i, a)| {
+            let call_id = choice_call_id(&call_id, i);
+            let (message, finish) = reply_message(&a.text, a.finish, tools.as_deref(), &call_id);
+            (message, finish, a.logprobs)
         })
         .collect();
     Ok(Json(api::completion(&meta, choices, usage)).into_response())
@@ -482,6 +486,14 @@ impl AppState {
         cache.insert(key, g.clone());
         Ok(g)
     }
+}
+
+/// One choice's finished reply, as the worker sent it.
+struct Answered {
+    text: String,
+    finish: FinishReason,
+    usage: api::Usage,
+    logprobs: Option<Value>,
 }
 
 /// The id of choice `i`'s function call (the request's id, then the choice).

@@ -146,6 +146,7 @@ impl futures_core::Stream for SseStream {
                     text,
                     finish,
                     usage,
+                    ..
                 })) => this.end(choice, text, finish, usage),
                 Poll::Ready(Some(Event::Failed(e))) => {
                     this.queue.push_back(sse(&e.body()));
