@@ -1,6 +1,7 @@
 //! The server's reply format for clients that send none (`--json-schema`, `--json-schema-file`,
-//! `--adapter-schema`): every such reply parses and follows the schema, streamed or not; a
-//! request's own `response_format` wins; bad flags are refused before the model loads.
+//! `--adapter-schema`): every such reply parses and follows the schema, streamed or not, even
+//! under a token limit too small for it; a request's own `response_format` wins; bad flags are
+//! refused before the model loads.
 
 use serde_json::{json, Value};
 
@@ -82,6 +83,12 @@ fn requests_without_a_format_get_the_servers_schema_and_their_own_format_wins() 
         sampled["seed"] = json!(7);
         follows(&content(&server.chat(&sampled)), &verdict_schema());
     }
+    // A token limit too small for the schema is raised to its bound: never cut JSON.
+    let mut tight = ask(BASE, "hello", 2);
+    tight["messages"] = json!([{"role": "user", "content": "hello"}]);
+    let r = server.chat(&tight);
+    follows(&content(&r), &verdict_schema());
+    assert!(r.json()["usage"]["completion_tokens"].as_u64().unwrap() > 2);
     // Streamed: the deltas put together are the same JSON.
     let mut streamed = ask(BASE, "hello", 64);
     streamed["stream"] = json!(true);

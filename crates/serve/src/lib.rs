@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use teamtune_data::{ChatTemplate, EncodeOptions, Encoder};
-use teamtune_guide::{stop_tokens, ReplyGrammar, TokenVocab};
+use teamtune_guide::{max_json_bytes, stop_tokens, ReplyGrammar, TokenVocab};
 use teamtune_llama::{ChatAssets, Llama};
 
 pub use engine::{Engine, EngineConfig, Stats};
@@ -118,9 +118,20 @@ impl Server {
             .map_err(|e| SetupError::Config(e.to_string()))?;
         let vocab = TokenVocab::new(&assets.tokenizer, &stop_ids)?;
         let compile = |f: &DefaultFormat| {
-            ReplyGrammar::from_schema(&vocab, "server default", &f.schema).map_err(|e| {
-                SetupError::Config(format!("{}: the JSON schema cannot be used: {e}", f.source))
-            })
+            let grammar =
+                ReplyGrammar::from_schema(&vocab, "server default", &f.schema).map_err(|e| {
+                    SetupError::Config(format!("{}: the JSON schema cannot be used: {e}", f.source))
+                })?;
+            // Replies under it are never cut: their token limit is raised to the schema's
+            // bound (one byte a token at least, and the end of turn).
+            let bound = max_json_bytes(&f.schema).map(|b| b + 1);
+            if bound.is_none() {
+                tracing::warn!(
+                    "{}: the schema does not bound its replies (give every string maxLength, every array maxItems, every integer minimum and maximum, every object additionalProperties false), so a reply can be cut at the token limit",
+                    f.source
+                );
+            }
+            Ok::<_, SetupError>(routes::DefaultGrammar { grammar, bound })
         };
         let default_grammar = config.default_format.as_ref().map(compile).transpose()?;
         let mut adapter_grammars = HashMap::new();

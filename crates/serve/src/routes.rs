@@ -35,6 +35,13 @@ const GRAMMAR_CACHE: usize = 64;
 /// The sampling seed of requests that give none: `teamtune generate`'s default.
 const DEFAULT_SEED: u64 = 299792458;
 
+/// A server-side reply format: its grammar and, when the schema bounds its replies, the most
+/// tokens one can take (the token limit of its requests is raised to it).
+pub struct DefaultGrammar {
+    pub grammar: ReplyGrammar,
+    pub bound: Option<usize>,
+}
+
 /// Everything a request handler needs.
 pub struct AppState {
     pub engine: Arc<Engine>,
@@ -53,8 +60,8 @@ pub struct AppState {
     pub grammars: Mutex<HashMap<String, ReplyGrammar>>,
     /// For requests without `response_format`: the server-wide schema's grammar, and the
     /// adapters' own ones, which come first.
-    pub default_grammar: Option<ReplyGrammar>,
-    pub adapter_grammars: HashMap<String, ReplyGrammar>,
+    pub default_grammar: Option<DefaultGrammar>,
+    pub adapter_grammars: HashMap<String, DefaultGrammar>,
     pub next_id: AtomicU64,
     pub started: u64,
 }
@@ -165,7 +172,7 @@ async fn chat_completions(
         .filter(|_| renders_tools)
         .map(|t| &t.definitions);
     let prompt = state.prompt_tokens(&messages, definitions)?;
-    let max_tokens = state.token_budget(prompt.len(), checked.max_tokens)?;
+    let mut max_tokens = state.token_budget(prompt.len(), checked.max_tokens)?;
     // A required or named call is decoded under its schema; with functions on offer, the
     // server's default format would rule out calling them, so it does not apply.
     let grammar = match (&tools, &checked.format) {
@@ -178,7 +185,18 @@ async fn chat_completions(
                 .flatten(),
         },
         (None, Some(format)) => state.grammar(format)?,
-        (None, None) => state.default_grammar(adapter.as_deref()),
+        (None, None) => match state.default_grammar(adapter.as_deref()) {
+            Some(d) => {
+                // The agents' rule: a reply under the server's schema is never cut into
+                // invalid JSON by a token limit (as far as the context allows).
+                if let Some(bound) = d.bound {
+                    let left = state.context - prompt.len();
+                    max_tokens = max_tokens.max(bound.min(left));
+                }
+                Some(d.grammar.clone())
+            }
+            None => None,
+        },
     };
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let meta = ResponseMeta {
@@ -426,11 +444,10 @@ impl AppState {
 
     /// The server's format for a request that asked for none: the adapter's, else the
     /// server-wide one, else free text.
-    fn default_grammar(&self, adapter: Option<&str>) -> Option<ReplyGrammar> {
+    fn default_grammar(&self, adapter: Option<&str>) -> Option<&DefaultGrammar> {
         adapter
             .and_then(|a| self.adapter_grammars.get(a))
             .or(self.default_grammar.as_ref())
-            .cloned()
     }
 
     fn grammar(&self, format: &Format) -> Result<Option<ReplyGrammar>> {
