@@ -131,7 +131,7 @@ fn an_adapter_answers_as_generate_with_it() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
         assert!(
-            err.contains("--adapter /nonexistent/lora: not a LoRA adapter folder"),
+            err.contains("--adapter /nonexistent/lora: not a LoRA adapter"),
             "{extra:?}: {err}"
         );
     }

@@ -10,6 +10,7 @@ mod chat;
 mod collect;
 mod demo;
 mod errors;
+mod export;
 mod merge;
 mod play_replay;
 mod plot_compare;

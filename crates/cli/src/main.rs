@@ -56,6 +56,8 @@ enum Command {
     Compare(commands::compare::Args),
     /// Serve the model and its adapters behind an OpenAI-compatible chat-completions API.
     Serve(commands::serve::Args),
+    /// Write a LoRA adapter for llama.cpp and Ollama: a LoRA GGUF and a Modelfile.
+    Export(commands::export::Args),
     /// Talk with the model (and an adapter) in the terminal: a line is a turn; /reset,
     /// /save FILE, /quit.
     Chat(commands::chat::Args),
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => commands::compare::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Chat(args) => commands::chat::run(args),
+        Command::Export(args) => commands::export::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

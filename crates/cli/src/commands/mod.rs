@@ -4,6 +4,7 @@ pub mod compare;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod merge;
 pub mod model_args;

@@ -10,6 +10,7 @@
 //! folder that is renamed into place at the end, so a failure never leaves a half folder.
 
 mod metadata;
+pub(crate) mod modelfile;
 mod shards;
 
 use std::path::{Path, PathBuf};

@@ -238,6 +238,16 @@ impl GgufWeights {
     }
 }
 
+/// llama.cpp's `permute(w, n_head)` (`convert_hf_to_gguf.py`): the rows of every head go from
+/// HF's two rotary halves to interleaved pairs, row `h*d + j*d/2 + i` to `h*d + 2i + j`.
+pub(crate) fn permute(w: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((n_heads, 2, rows / n_heads / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
 /// Inverse of llama.cpp's `permute(w, n_head)`: rows `h*d + 2i + j` go back to `h*d + j*d/2 + i`.
 pub(crate) fn unpermute(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;

@@ -185,10 +185,15 @@ impl Llama {
         Ok(self.insert_adapter(name, adapter))
     }
 
-    /// Loads a PEFT LoRA adapter folder (`adapter_config.json`, `adapter_model.safetensors`)
-    /// as `name`; errors name the file and tensor that do not fit this model.
+    /// Loads a LoRA adapter as `name`: a PEFT folder (`adapter_config.json`,
+    /// `adapter_model.safetensors`) or a llama.cpp LoRA GGUF file (`*.gguf`); errors name the
+    /// file and tensor that do not fit this model.
     pub fn load_adapter(&mut self, name: &str, dir: &Path) -> Result<&LoraAdapter> {
-        let adapter = LoraAdapter::load(&self.config, dir, &self.device)?;
+        let adapter = if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+            LoraAdapter::load_gguf(&self.config, dir, &self.device)?
+        } else {
+            LoraAdapter::load(&self.config, dir, &self.device)?
+        };
         Ok(self.insert_adapter(name, adapter))
     }
 

@@ -1,0 +1,124 @@
+//! `teamtune export`: a LoRA adapter out to llama.cpp and Ollama: a llama.cpp LoRA GGUF and an
+//! Ollama `Modelfile` beside it.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use teamtune_data::BuiltinTemplate;
+use teamtune_llama::{
+    load_chat_assets, load_config, AdapterGgufType, ChatFormat, LoraAdapter, ModelFiles, Modelfile,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The base model the adapter was trained on (a HF folder, a .gguf file or a hub id; it
+    /// gives the heads the q and k factors are permuted by). Default: the default model.
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// The adapter: a PEFT folder (e.g. a `teamtune train` run's adapter) or a LoRA GGUF.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// The output format; `gguf` (llama.cpp's LoRA adapter file) is the one there is.
+    #[arg(long, default_value = "gguf")]
+    pub format: String,
+    /// The adapter file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Tensor type: f32, f16, bf16, or q8_0 (f16 for tensors whose rows do not split into
+    /// blocks of 32, as llama.cpp's converter does).
+    #[arg(long = "type", default_value = "f32")]
+    pub ty: String,
+    /// The Ollama Modelfile to write (default: `Modelfile` beside --out).
+    #[arg(long, value_name = "FILE")]
+    pub modelfile: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Everything is checked before anything is read or written.
+    if args.format != "gguf" {
+        bail!(
+            "--format `{}`: the one format there is is gguf",
+            args.format
+        );
+    }
+    let Some(ty) = AdapterGgufType::parse(&args.ty) else {
+        bail!("--type `{}` is not one of f32, f16, bf16, q8_0", args.ty);
+    };
+    let modelfile = match &args.modelfile {
+        Some(p) => p.clone(),
+        None => args
+            .out
+            .parent()
+            .map(|d| d.join("Modelfile"))
+            .unwrap_or_else(|| PathBuf::from("Modelfile")),
+    };
+    for (flag, path) in [("--out", &args.out), ("--modelfile", &modelfile)] {
+        if path.exists() {
+            bail!(
+                "{flag} {}: the file exists; give a new path",
+                path.display()
+            );
+        }
+    }
+    if teamtune_formats::same_path(&args.out, &modelfile) {
+        bail!("--out and --modelfile are the same file");
+    }
+    let is_gguf = args.adapter.extension().is_some_and(|e| e == "gguf");
+    if !is_gguf && !args.adapter.join("adapter_config.json").is_file() {
+        bail!(
+            "--adapter {}: not a LoRA adapter (a PEFT folder with adapter_config.json, or a .gguf)",
+            args.adapter.display()
+        );
+    }
+    let name = if args.model.is_empty() {
+        "(default)"
+    } else {
+        &args.model
+    };
+    let files = ModelFiles::resolve(&args.model).with_context(|| format!("model {name}"))?;
+    let config = load_config(&files).with_context(|| format!("model {name}"))?;
+    let device = candle_core::Device::Cpu;
+    let adapter = if is_gguf {
+        LoraAdapter::load_gguf(&config, &args.adapter, &device)
+    } else {
+        LoraAdapter::load(&config, &args.adapter, &device)
+    }
+    .with_context(|| format!("--adapter {}", args.adapter.display()))?;
+    adapter
+        .save_gguf(&config, &args.out, ty)
+        .with_context(|| format!("--out {}", args.out.display()))?;
+
+    let assets = load_chat_assets(&args.model).with_context(|| format!("model {name}"))?;
+    let has = |t: &str| assets.tokenizer.token_to_id(t).is_some();
+    let (format, stops) = match BuiltinTemplate::guess(has) {
+        Some(BuiltinTemplate::ChatMl) => (ChatFormat::ChatMl, vec!["<|im_end|>".to_string()]),
+        Some(BuiltinTemplate::Llama31) => (
+            ChatFormat::Llama3,
+            vec!["<|eot_id|>".to_string(), "<|end_of_text|>".to_string()],
+        ),
+        _ => (
+            ChatFormat::Other,
+            assets.eos_token.iter().cloned().collect(),
+        ),
+    };
+    let from = std::fs::canonicalize(files.describe()).unwrap_or_else(|_| files.describe().into());
+    let out = std::fs::canonicalize(&args.out).unwrap_or_else(|_| args.out.clone());
+    let text = Modelfile {
+        from: &from,
+        adapter: Some(&out),
+        format,
+        stops: &stops,
+    }
+    .render();
+    teamtune_formats::write_atomic(&modelfile, text.as_bytes())
+        .with_context(|| format!("--modelfile {}", modelfile.display()))?;
+    println!("{}", args.out.display());
+    tracing::info!(
+        adapter = %args.out.display(),
+        modelfile = %modelfile.display(),
+        rank = adapter.config().rank,
+        "written: ollama create NAME -f {}",
+        modelfile.display()
+    );
+    Ok(())
+}
