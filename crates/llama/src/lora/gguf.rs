@@ -48,7 +48,7 @@ impl AdapterGgufType {
             Self::F32 => GgmlDType::F32,
             Self::F16 => GgmlDType::F16,
             Self::Bf16 => GgmlDType::BF16,
-            Self::Q8_0 if row_len % 32 == 0 => GgmlDType::Q8_0,
+            Self::Q8_0 if row_len.is_multiple_of(32) => GgmlDType::Q8_0,
             Self::Q8_0 => GgmlDType::F16,
         }
     }
