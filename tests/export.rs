@@ -121,3 +121,70 @@ fn exports_an_adapter_gguf_and_a_modelfile_that_answer_as_the_peft_folder() {
     );
     assert!(!other.exists());
 }
+
+#[test]
+fn merge_to_gguf_needs_a_gguf_base_and_writes_a_modelfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = fixtures().join("tiny-lora");
+    let gguf_base = fixtures().join("tiny-llama31.gguf");
+    let out = dir.path().join("merged.gguf");
+    output_ok(
+        teamtune()
+            .args(["merge", "--format", "gguf", "--model"])
+            .arg(&gguf_base)
+            .arg("--adapter")
+            .arg(&lora)
+            .arg("--out")
+            .arg(&out)
+            .env("RUST_LOG", "warn"),
+    );
+    let modelfile = std::fs::read_to_string(dir.path().join("Modelfile")).unwrap();
+    let merged = std::fs::canonicalize(&out).unwrap();
+    assert!(
+        modelfile.contains(&format!("\nFROM {}\n", merged.display())),
+        "{modelfile}"
+    );
+    assert!(!modelfile.contains("ADAPTER"), "{modelfile}");
+    // The merged file answers as the base with the adapter.
+    let answer = |model: &std::path::Path, adapter: Option<&std::path::Path>| {
+        let mut cmd = teamtune();
+        cmd.args([
+            "generate",
+            "--raw",
+            "--prompt",
+            "the cat sat",
+            "--max-tokens",
+            "12",
+            "--model",
+        ])
+        .arg(model)
+        .env("RUST_LOG", "warn");
+        if let Some(a) = adapter {
+            cmd.arg("--adapter").arg(a);
+        }
+        String::from_utf8(output_ok(&mut cmd).stdout).unwrap()
+    };
+    assert_eq!(answer(&out, None), answer(&gguf_base, Some(&lora)));
+
+    // A Hugging Face folder base is refused, naming the way out; nothing is written.
+    let hf = tiny_model(dir.path());
+    let o = teamtune()
+        .args(["merge", "--format", "gguf", "--model"])
+        .arg(&hf)
+        .arg("--adapter")
+        .arg(&lora)
+        .arg("--out")
+        .arg(dir.path().join("other.gguf"))
+        .arg("--modelfile")
+        .arg(dir.path().join("M2"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--format gguf needs a GGUF base model"),
+        "{err}"
+    );
+    assert!(!dir.path().join("other.gguf").exists() && !dir.path().join("M2").exists());
+}

@@ -34,6 +34,7 @@ pub use decode::session::{Decoded, NoFilter, Session, TokenFilter};
 pub use decode::stream::TextStream;
 pub use device::{park_idle_candle_workers, parse_device, parse_dtype, parse_quantization};
 pub use error::{LlamaError, Result};
+pub use export::gguf_model::{export_merged_gguf, GgufReport, ModelGgufType};
 pub use export::modelfile::{ChatFormat, Modelfile};
 pub use export::{export_merged, parse_size, ExportOptions, ExportReport};
 pub use kernels::mix_seed;

@@ -324,3 +324,88 @@ fn files_that_do_not_fit_are_refused_naming_the_tensor() {
         assert!(err.contains("bad.gguf"), "{what}: the file is named: {err}");
     }
 }
+
+/// `teamtune merge --format gguf`: the tiny GGUF with the adapter merged, as one GGUF, gives the
+/// logits of the base GGUF with the adapter applied (f32), keeps the base's tokenizer and chat
+/// template, and in q8_0 holds the same matrices within Q8_0's rounding.
+#[test]
+fn a_merged_gguf_gives_the_adapted_logits() {
+    use teamtune_llama::{export_merged_gguf, LoadedModel, ModelGgufType};
+    let base = common::fixtures().join("tiny-llama31.gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = (0..50).map(|i| (i * 11 % 300) as u32).collect();
+    let logits = |m: &teamtune_llama::Llama| {
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        teamtune_testkit::flat(
+            &m.forward(
+                &input,
+                &TokenLayout::contiguous(1, ids.len(), 0),
+                None,
+                Mode::Inference,
+            )
+            .unwrap(),
+        )
+    };
+    let mut adapted = LoadedModel::load(base.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    adapted.model.load_adapter("a", &peft_dir()).unwrap();
+    adapted.model.set_active_adapter(Some("a")).unwrap();
+    let want = logits(&adapted.model);
+    let adapter = adapted.model.adapter("a").unwrap().clone();
+    let f32_path = dir.path().join("merged-f32.gguf");
+    let report = export_merged_gguf(
+        &base,
+        Some(&adapter),
+        &f32_path,
+        ModelGgufType::F32,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(report.merged, 7 * 2);
+    let merged = LoadedModel::load(f32_path.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    // |a - b| / max(|b|, 1): merging rounds W + BA once, the adapter adds Wx and B(Ax).
+    let worst = teamtune_testkit::max_rel_err(&logits(&merged.model), &want, 1.0);
+    assert!(worst <= 1e-5, "max relative difference {worst}");
+    // The base's tokenizer and template came along.
+    assert_eq!(
+        merged.assets.tokenizer.get_vocab_size(true),
+        adapted.assets.tokenizer.get_vocab_size(true)
+    );
+    assert_eq!(merged.assets.chat_template, adapted.assets.chat_template);
+    // q8_0: every matrix within its blocks' rounding of the f32 merge (scale max|block| / 127).
+    let q8_path = dir.path().join("merged-q8_0.gguf");
+    export_merged_gguf(
+        &base,
+        Some(&adapter),
+        &q8_path,
+        ModelGgufType::Q8_0,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let (content, _) = read(&q8_path);
+    let mut quantised = 0;
+    for (name, info) in &content.tensor_infos {
+        let (q, f) = (tensor(&q8_path, name), tensor(&f32_path, name));
+        let (q, f) = (teamtune_testkit::flat(&q), teamtune_testkit::flat(&f));
+        let worst = q
+            .iter()
+            .zip(&f)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = f.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(worst <= scale / 127.0, "{name}: {worst} of {scale}");
+        quantised += usize::from(info.ggml_dtype == GgmlDType::Q8_0);
+    }
+    assert!(quantised >= 7 * 2, "{quantised} tensors in q8_0");
+    // Without the adapter's q/k permutation the logits would differ: the base alone is far.
+    let plain = LoadedModel::load(base.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let base_logits = logits(&plain.model);
+    let moved = base_logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-2, "the adapter changes the logits by {moved}");
+}

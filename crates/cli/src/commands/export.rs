@@ -1,7 +1,7 @@
 //! `teamtune export`: a LoRA adapter out to llama.cpp and Ollama: a llama.cpp LoRA GGUF and an
-//! Ollama `Modelfile` beside it.
+//! Ollama `Modelfile` beside it. (`teamtune merge --format gguf` writes a whole model.)
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use teamtune_data::BuiltinTemplate;
@@ -33,62 +33,36 @@ pub struct Args {
     pub modelfile: Option<PathBuf>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    // Everything is checked before anything is read or written.
-    if args.format != "gguf" {
-        bail!(
-            "--format `{}`: the one format there is is gguf",
-            args.format
-        );
-    }
-    let Some(ty) = AdapterGgufType::parse(&args.ty) else {
-        bail!("--type `{}` is not one of f32, f16, bf16, q8_0", args.ty);
-    };
-    let modelfile = match &args.modelfile {
+/// `Modelfile` beside `out` unless given; refused when it exists or is `out`.
+pub fn modelfile_path(given: Option<&PathBuf>, out: &Path) -> anyhow::Result<PathBuf> {
+    let path = match given {
         Some(p) => p.clone(),
-        None => args
-            .out
+        None => out
             .parent()
             .map(|d| d.join("Modelfile"))
             .unwrap_or_else(|| PathBuf::from("Modelfile")),
     };
-    for (flag, path) in [("--out", &args.out), ("--modelfile", &modelfile)] {
-        if path.exists() {
-            bail!(
-                "{flag} {}: the file exists; give a new path",
-                path.display()
-            );
-        }
-    }
-    if teamtune_formats::same_path(&args.out, &modelfile) {
-        bail!("--out and --modelfile are the same file");
-    }
-    let is_gguf = args.adapter.extension().is_some_and(|e| e == "gguf");
-    if !is_gguf && !args.adapter.join("adapter_config.json").is_file() {
+    if path.exists() {
         bail!(
-            "--adapter {}: not a LoRA adapter (a PEFT folder with adapter_config.json, or a .gguf)",
-            args.adapter.display()
+            "--modelfile {}: the file exists; give a new path",
+            path.display()
         );
     }
-    let name = if args.model.is_empty() {
-        "(default)"
-    } else {
-        &args.model
-    };
-    let files = ModelFiles::resolve(&args.model).with_context(|| format!("model {name}"))?;
-    let config = load_config(&files).with_context(|| format!("model {name}"))?;
-    let device = candle_core::Device::Cpu;
-    let adapter = if is_gguf {
-        LoraAdapter::load_gguf(&config, &args.adapter, &device)
-    } else {
-        LoraAdapter::load(&config, &args.adapter, &device)
+    if teamtune_formats::same_path(out, &path) {
+        bail!("--out and --modelfile are the same file");
     }
-    .with_context(|| format!("--adapter {}", args.adapter.display()))?;
-    adapter
-        .save_gguf(&config, &args.out, ty)
-        .with_context(|| format!("--out {}", args.out.display()))?;
+    Ok(path)
+}
 
-    let assets = load_chat_assets(&args.model).with_context(|| format!("model {name}"))?;
+/// Writes the Ollama Modelfile for `model`'s chat format: `FROM from`, `ADAPTER adapter`
+/// (absolute paths), the template and its stop tokens.
+pub fn write_modelfile(
+    model: &str,
+    modelfile: &Path,
+    from: &Path,
+    adapter: Option<&Path>,
+) -> anyhow::Result<()> {
+    let assets = load_chat_assets(model).context("reading the model's tokenizer")?;
     let has = |t: &str| assets.tokenizer.token_to_id(t).is_some();
     let (format, stops) = match BuiltinTemplate::guess(has) {
         Some(BuiltinTemplate::ChatMl) => (ChatFormat::ChatMl, vec!["<|im_end|>".to_string()]),
@@ -101,17 +75,69 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             assets.eos_token.iter().cloned().collect(),
         ),
     };
-    let from = std::fs::canonicalize(files.describe()).unwrap_or_else(|_| files.describe().into());
-    let out = std::fs::canonicalize(&args.out).unwrap_or_else(|_| args.out.clone());
+    let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (from, adapter) = (absolute(from), adapter.map(absolute));
     let text = Modelfile {
         from: &from,
-        adapter: Some(&out),
+        adapter: adapter.as_deref(),
         format,
         stops: &stops,
     }
     .render();
-    teamtune_formats::write_atomic(&modelfile, text.as_bytes())
-        .with_context(|| format!("--modelfile {}", modelfile.display()))?;
+    teamtune_formats::write_atomic(modelfile, text.as_bytes())
+        .with_context(|| format!("--modelfile {}", modelfile.display()))
+}
+
+/// A PEFT folder or a LoRA GGUF, or an error naming `--adapter`.
+pub fn check_adapter(path: &Path) -> anyhow::Result<()> {
+    let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
+    if !is_gguf && !path.join("adapter_config.json").is_file() {
+        bail!(
+            "--adapter {}: not a LoRA adapter (a PEFT folder with adapter_config.json, or a .gguf)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Everything is checked before anything is read or written.
+    if args.format != "gguf" {
+        bail!(
+            "--format `{}`: the one format there is is gguf",
+            args.format
+        );
+    }
+    let Some(ty) = AdapterGgufType::parse(&args.ty) else {
+        bail!("--type `{}` is not one of f32, f16, bf16, q8_0", args.ty);
+    };
+    if args.out.exists() {
+        bail!(
+            "--out {}: the file exists; give a new path",
+            args.out.display()
+        );
+    }
+    let modelfile = modelfile_path(args.modelfile.as_ref(), &args.out)?;
+    check_adapter(&args.adapter)?;
+    let name = if args.model.is_empty() {
+        "(default)"
+    } else {
+        &args.model
+    };
+    let files = ModelFiles::resolve(&args.model).with_context(|| format!("model {name}"))?;
+    let config = load_config(&files).with_context(|| format!("model {name}"))?;
+    let device = candle_core::Device::Cpu;
+    let adapter = LoraAdapter::open(&config, &args.adapter, &device)
+        .with_context(|| format!("--adapter {}", args.adapter.display()))?;
+    adapter
+        .save_gguf(&config, &args.out, ty)
+        .with_context(|| format!("--out {}", args.out.display()))?;
+    write_modelfile(
+        &args.model,
+        &modelfile,
+        Path::new(&files.describe()),
+        Some(&args.out),
+    )?;
     println!("{}", args.out.display());
     tracing::info!(
         adapter = %args.out.display(),

@@ -9,6 +9,7 @@
 //! about one tensor whatever the model's size. Everything is written into a temporary sibling
 //! folder that is renamed into place at the end, so a failure never leaves a half folder.
 
+pub(crate) mod gguf_model;
 mod metadata;
 pub(crate) mod modelfile;
 mod shards;
@@ -196,7 +197,7 @@ pub fn export_merged(
     // Everything that can be checked before writing is checked first: the adapter's shapes,
     // the output folder, the dtype and the config's expressibility.
     let adapter = adapter
-        .map(|dir| LoraAdapter::load(&config, dir, &Device::Cpu))
+        .map(|dir| LoraAdapter::open(&config, dir, &Device::Cpu))
         .transpose()?;
     if non_empty(out)? && !options.force {
         return Err(LlamaError::Config {

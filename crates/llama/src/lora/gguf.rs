@@ -78,6 +78,15 @@ fn rotary_heads(target: LoraTarget, model: &LlamaConfig) -> Option<usize> {
 }
 
 impl LoraAdapter {
+    /// Reads an adapter in either form: a llama.cpp LoRA GGUF (a `.gguf` file) or a PEFT folder.
+    pub fn open(model: &LlamaConfig, path: &Path, device: &Device) -> Result<Self> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            Self::load_gguf(model, path, device)
+        } else {
+            Self::load(model, path, device)
+        }
+    }
+
     /// Writes the adapter as a llama.cpp LoRA GGUF for a base model with `model` (through a
     /// temporary file and a rename).
     pub fn save_gguf(&self, model: &LlamaConfig, path: &Path, ty: AdapterGgufType) -> Result<()> {

@@ -189,11 +189,7 @@ impl Llama {
     /// `adapter_model.safetensors`) or a llama.cpp LoRA GGUF file (`*.gguf`); errors name the
     /// file and tensor that do not fit this model.
     pub fn load_adapter(&mut self, name: &str, dir: &Path) -> Result<&LoraAdapter> {
-        let adapter = if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
-            LoraAdapter::load_gguf(&self.config, dir, &self.device)?
-        } else {
-            LoraAdapter::load(&self.config, dir, &self.device)?
-        };
+        let adapter = LoraAdapter::open(&self.config, dir, &self.device)?;
         Ok(self.insert_adapter(name, adapter))
     }
 
