@@ -215,3 +215,39 @@ fn logprobs_follow_the_greedy_tokens() {
         }
     }
 }
+
+/// A recursive schema (`$ref` to itself) fails its own request with a 400 naming
+/// `response_format` and no internal state, never the innocent requests decoding beside it.
+#[test]
+fn a_hostile_schema_fails_alone() {
+    let server = Server::start(&["--max-batch", "8"]);
+    let innocent = crate::serve::ask(BASE, "hello", 24);
+    let alone = server.chat(&innocent).json();
+    let mut hostile = crate::serve::ask(BASE, "hello", 24);
+    hostile["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "loop",
+        "schema": {"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]}}});
+    let (h, a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| server.chat(&innocent));
+        let h = s.spawn(|| server.chat(&hostile));
+        let b = s.spawn(|| server.chat(&innocent));
+        (h.join().unwrap(), a.join().unwrap(), b.join().unwrap())
+    });
+    for r in [&a, &b] {
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["choices"], alone["choices"]);
+    }
+    eprintln!("hostile: {} {}", h.status, h.body);
+    assert!(h.status == 400 || h.status == 200, "{}", h.body);
+    if h.status == 400 {
+        assert!(h.body.contains("response_format"), "{}", h.body);
+    } else {
+        // Decodable after all (the recursion bottoms out): then the reply is its JSON.
+        let v = h.json();
+        assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+    }
+    assert!(
+        !h.body.contains("Parser") && !h.body.contains("<state>"),
+        "{}",
+        h.body
+    );
+}

@@ -456,7 +456,10 @@ impl AppState {
         };
         self.compiled(&name, &schema).map(Some).map_err(|e| {
             ServeError::invalid_value(
-                format!("the response format's JSON schema cannot be used: {e}"),
+                format!(
+                    "the response format's JSON schema cannot be used: {}",
+                    first_line(&e)
+                ),
                 "response_format.json_schema.schema",
             )
         })
@@ -469,7 +472,10 @@ impl AppState {
             self.compiled(&f.name, &tools::call_schema(f))
                 .map_err(|e| {
                     ServeError::invalid_value(
-                        format!("tools[{i}].function.parameters is not a usable JSON schema: {e}"),
+                        format!(
+                            "tools[{i}].function.parameters is not a usable JSON schema: {}",
+                            first_line(&e)
+                        ),
                         &format!("tools[{i}].function.parameters"),
                     )
                 })?;
@@ -479,7 +485,10 @@ impl AppState {
         };
         self.compiled("tool call", &schema).map(Some).map_err(|e| {
             ServeError::invalid_value(
-                format!("the functions' schemas cannot be combined: {e}"),
+                format!(
+                    "the functions' schemas cannot be combined: {}",
+                    first_line(&e)
+                ),
                 "tools",
             )
         })
@@ -496,6 +505,12 @@ impl AppState {
             return Ok(g.clone());
         }
         let g = ReplyGrammar::from_schema(&self.vocab, name, schema)?;
+        // Some schemas compile and then fail on their first token (a `$ref` to itself that
+        // nothing ends): find out now, so that it is this request's 400 and not a failure in
+        // the middle of a decode.
+        let mut probe = g.constraint();
+        probe.allowed()?;
+        probe.fast_forward()?;
         let mut cache = self.grammars.lock().expect("grammar cache");
         if cache.len() >= GRAMMAR_CACHE {
             cache.clear();
@@ -503,6 +518,13 @@ impl AppState {
         cache.insert(key, g.clone());
         Ok(g)
     }
+}
+
+/// An error's first line: the grammar compiler appends its parser state (internal, long) on
+/// the lines after.
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or("").trim().to_string()
 }
 
 /// One choice's finished reply, as the worker sent it.
