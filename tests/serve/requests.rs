@@ -251,3 +251,49 @@ fn a_hostile_schema_fails_alone() {
         h.body
     );
 }
+
+/// Templating and tokenising run off the async threads: while four near-limit bodies are
+/// being tokenised, `/health` still answers at once.
+#[test]
+fn big_bodies_do_not_stall_the_server() {
+    let server = Server::start(&[]);
+    let text = "the cat sat on the mat and ".repeat(7_000_000 / 27);
+    let mut big = crate::serve::ask(BASE, &text, 4);
+    big["messages"] = json!([{"role": "user", "content": text}]);
+    let body = big.to_string();
+    assert!(body.len() < 8 << 20);
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| server.request("POST", "/v1/chat/completions", "", body.as_bytes()))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut slowest = Duration::ZERO;
+        while !handles.iter().all(|h| h.is_finished()) {
+            let t = std::time::Instant::now();
+            assert_eq!(server.request("GET", "/health", "", b"").status, 200);
+            slowest = slowest.max(t.elapsed());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for h in handles {
+            let r = h.join().unwrap();
+            // Far over the tiny model's context.
+            r.assert_error(
+                413,
+                Some("messages"),
+                Some("context_length_exceeded"),
+                "big body",
+            );
+        }
+        eprintln!(
+            "big bodies took {:?}; slowest /health {slowest:?}",
+            started.elapsed()
+        );
+        assert!(
+            slowest < Duration::from_millis(500),
+            "/health took {slowest:?}"
+        );
+    });
+}

@@ -37,6 +37,10 @@ use teamtune_guide::{max_json_bytes, stop_tokens, ReplyGrammar, TokenVocab};
 use teamtune_llama::{ChatAssets, Llama};
 
 pub use engine::{Engine, EngineConfig, Stats};
+
+/// Requests templated, tokenised and grammar-compiled at once (on the blocking pool): more
+/// wait, without holding a thread.
+const PREPARING_AT_ONCE: usize = 4;
 pub use error::{Result, ServeError};
 
 /// How the server runs.
@@ -167,6 +171,7 @@ impl Server {
             context,
             api_key: config.api_key.clone(),
             grammars: Mutex::new(HashMap::new()),
+            prep_slots: tokio::sync::Semaphore::new(PREPARING_AT_ONCE),
             default_grammar,
             adapter_grammars,
             next_id: AtomicU64::new(0),

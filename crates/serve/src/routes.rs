@@ -58,6 +58,8 @@ pub struct AppState {
     pub context: usize,
     pub api_key: Option<String>,
     pub grammars: Mutex<HashMap<String, ReplyGrammar>>,
+    /// Requests being prepared (templated, tokenised, grammar compiled) at once, at most.
+    pub prep_slots: tokio::sync::Semaphore,
     /// For requests without `response_format`: the server-wide schema's grammar, and the
     /// adapters' own ones, which come first.
     pub default_grammar: Option<DefaultGrammar>,
@@ -157,12 +159,19 @@ async fn list_models(State(state): State<Shared>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-async fn chat_completions(
-    State(state): State<Shared>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<Response> {
-    let body = body.map_err(body_error)?;
-    let checked = api::parse(&body)?.check()?;
+/// A request checked and turned into what the engine runs: the CPU work of a request
+/// (parsing, the chat template, tokenising, compiling a grammar).
+struct Prepared {
+    checked: Checked,
+    adapter: Option<String>,
+    tools: Option<Arc<Tools>>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    grammar: Option<ReplyGrammar>,
+}
+
+fn prepare(state: &AppState, body: &[u8]) -> Result<Prepared> {
+    let checked = api::parse(body)?.check()?;
     let adapter = state.adapter_of(&checked.model)?;
     let tools = checked.tools.clone().filter(Tools::shown).map(Arc::new);
     let renders_tools = state.template.renders_tools();
@@ -198,6 +207,42 @@ async fn chat_completions(
             None => None,
         },
     };
+    Ok(Prepared {
+        checked,
+        adapter,
+        tools,
+        prompt,
+        max_tokens,
+        grammar,
+    })
+}
+
+async fn chat_completions(
+    State(state): State<Shared>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response> {
+    let body = body.map_err(body_error)?;
+    // The CPU work runs on the blocking pool, a bounded number at a time, so that the async
+    // threads keep answering (`/health`, streams, other clients) whatever the bodies are.
+    let prepared = {
+        let _slot = state
+            .prep_slots
+            .acquire()
+            .await
+            .map_err(|_| ServeError::ShuttingDown)?;
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || prepare(&state, &body))
+            .await
+            .map_err(|_| ServeError::Internal("preparing a request panicked".into()))??
+    };
+    let Prepared {
+        checked,
+        adapter,
+        tools,
+        prompt,
+        max_tokens,
+        grammar,
+    } = prepared;
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let meta = ResponseMeta {
         id: format!("chatcmpl-{:x}-{id}", state.started),
