@@ -130,3 +130,53 @@ fn missing_tokenizer_is_named() {
     let err = load_err(dir.path());
     assert!(err.contains("tokenizer.json"), "{err}");
 }
+
+/// `num_hidden_layers` 0 (blank output) or fewer than the weights hold (the rest silently
+/// dropped) is refused, naming the file.
+#[test]
+fn layer_counts_that_do_not_fit_the_weights() {
+    for (layers, file, want) in [
+        ("0", "config.json", "num_hidden_layers is 0"),
+        ("1", "model.safetensors", "more layers than num_hidden_layers = 1 (there is `model.layers.1.input_layernorm.weight`)"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_tiny(dir.path());
+        let cfg = dir.path().join("config.json");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("\"num_hidden_layers\": 2", &format!("\"num_hidden_layers\": {layers}"));
+        std::fs::write(&cfg, text).unwrap();
+        let err = model_err(dir.path());
+        assert!(err.contains(file) && err.contains(want), "{layers}: {err}");
+    }
+}
+
+/// An adapter with a NaN or an infinity would merge into a model that writes nothing: refused
+/// at load, naming the tensor.
+#[test]
+fn adapter_weights_that_are_not_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = common::fixtures().join("tiny-lora");
+    std::fs::copy(
+        lora.join("adapter_config.json"),
+        dir.path().join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(lora.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let name = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight";
+    let t = &tensors[name];
+    let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    v[3] = f32::NAN;
+    let bad = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+    tensors.insert(name.to_string(), bad);
+    candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors")).unwrap();
+    let mut m = teamtune_testkit::tiny_model(DType::F32);
+    let err = m
+        .load_adapter("a", dir.path())
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(name) && err.contains("not finite"), "{err}");
+}

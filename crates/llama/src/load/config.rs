@@ -238,6 +238,15 @@ impl Fields<'_> {
             });
         }
         let (rope_theta, rope_scaling) = self.rope()?;
+        // Zero layers load and write blank text: refused here, where the file is known.
+        for field in ["num_hidden_layers", "vocab_size", "intermediate_size"] {
+            if self.usize_req(field)? == 0 {
+                return Err(LlamaError::Config {
+                    path: self.path(),
+                    message: format!("{field} is 0"),
+                });
+            }
+        }
         let cfg = LlamaConfig {
             vocab_size: self.usize_req("vocab_size")?,
             hidden_size,

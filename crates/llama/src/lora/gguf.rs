@@ -184,6 +184,11 @@ impl LoraAdapter {
                 .tensor(&mut file, name, &Device::Cpu)
                 .map_err(|e| err(format!("tensor `{name}` is missing or unreadable: {e}")))?;
             let t = q.dequantize(&Device::Cpu)?;
+            if !super::peft::all_finite(&t)? {
+                return Err(err(format!(
+                    "tensor `{name}` holds values that are not finite (NaN or infinity)"
+                )));
+            }
             if t.dims() != shape {
                 return Err(err(format!(
                     "tensor `{name}` has shape {:?}, the base model implies {:?} (adapter made for another base model?)",

@@ -119,7 +119,13 @@ impl LoraAdapter {
                             shape
                         )));
                     }
-                    Ok(Var::from_tensor(&tensor.to_dtype(DType::F32)?)?)
+                    let tensor = tensor.to_dtype(DType::F32)?;
+                    if !all_finite(&tensor)? {
+                        return Err(err(format!(
+                            "tensor `{name}` holds values that are not finite (NaN or infinity)"
+                        )));
+                    }
+                    Ok(Var::from_tensor(&tensor)?)
                 };
                 let a = take('A', [r, inp])?;
                 let b = take('B', [out, r])?;
@@ -141,6 +147,16 @@ impl LoraAdapter {
         }
         Ok(LoraAdapter { config, layers })
     }
+}
+
+/// Whether every value is a finite number (an adapter with a NaN merges into a model that
+/// writes nothing).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|x| x.is_finite()))
 }
 
 /// Parses and checks a PEFT `adapter_config.json`: LoRA only, features that change the

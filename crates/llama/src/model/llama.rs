@@ -67,6 +67,28 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let c = config;
+        // A config that says fewer layers than the weights hold would silently drop the rest
+        // (and zero layers give blank output): both are refused, naming the file. (config.json
+        // is checked where it is read; this also covers GGUF metadata and configs made in code.)
+        if c.num_hidden_layers == 0 {
+            return Err(LlamaError::Config {
+                path: weights.origin().to_path_buf(),
+                message: "num_hidden_layers is 0: the model would have no layers".into(),
+            });
+        }
+        let next = format!(
+            "model.layers.{}.input_layernorm.weight",
+            c.num_hidden_layers
+        );
+        if weights.contains(&next) {
+            return Err(LlamaError::Config {
+                path: weights.origin().to_path_buf(),
+                message: format!(
+                    "the weights hold more layers than num_hidden_layers = {} (there is `{next}`)",
+                    c.num_hidden_layers
+                ),
+            });
+        }
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, dtype, device);
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (nq, nkv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
