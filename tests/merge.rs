@@ -144,3 +144,39 @@ fn an_output_that_is_or_holds_or_sits_in_an_input_is_refused_even_with_force() {
         assert!(!adapter.join("merged").exists());
     }
 }
+
+/// A merge killed mid-write leaves `.NAME.partial-PID`; the next merge into NAME removes the
+/// ones whose process is gone (and says so) and leaves a running one's alone.
+#[test]
+fn partial_folders_of_dead_merges_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    // A pid no process has (above the kernel's pid_max), and a live one (this test's).
+    let stale = dir.path().join(".merged.partial-4294967");
+    let live = dir
+        .path()
+        .join(format!(".merged.partial-{}", std::process::id()));
+    for p in [&stale, &live] {
+        std::fs::create_dir(p).unwrap();
+        std::fs::write(p.join("model.safetensors"), vec![0u8; 1000]).unwrap();
+    }
+    let o = teamtune()
+        .args(["merge", "--model"])
+        .arg(fixtures().join("tiny-llama31.gguf"))
+        .arg("--adapter")
+        .arg(fixtures().join("tiny-lora"))
+        .arg("--out")
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!stale.exists(), "{err}");
+    assert!(
+        err.contains("removed the partial folder of an interrupted merge"),
+        "{err}"
+    );
+    assert!(live.exists());
+    assert!(out.join("config.json").exists());
+}

@@ -168,6 +168,48 @@ fn open_source(files: &ModelFiles) -> Result<(LlamaConfig, WeightSource, Option<
 
 /// Merges the PEFT adapter in `adapter` (if any) into the model `files` and writes the HF
 /// folder `out`. `progress(done, total)` is called with bytes of tensor data written.
+/// Removes the `.NAME.partial-PID` folders that merges into `NAME` killed before they finished
+/// left behind (their process is gone), saying so; a running merge's folder is left alone.
+fn remove_stale_partials(parent: &Path, out_name: &str) {
+    let prefix = format!(".{out_name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || process_alive(pid) != Some(false) {
+            if pid != std::process::id() {
+                tracing::warn!(folder = %entry.path().display(), "a merge into the same folder may be running (or was interrupted): its partial folder is left");
+            }
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => tracing::warn!(
+                folder = %entry.path().display(),
+                "removed the partial folder of an interrupted merge"
+            ),
+            Err(e) => {
+                tracing::warn!(folder = %entry.path().display(), error = %e, "cannot remove an interrupted merge's partial folder")
+            }
+        }
+    }
+}
+
+/// Whether process `pid` runs; `None` where this cannot be told.
+fn process_alive(pid: u32) -> Option<bool> {
+    if cfg!(target_os = "linux") {
+        Some(Path::new(&format!("/proc/{pid}")).exists())
+    } else {
+        None
+    }
+}
+
 pub fn export_merged(
     files: &ModelFiles,
     adapter: Option<&Path>,
@@ -228,6 +270,7 @@ pub fn export_merged(
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| LlamaError::io(&parent, e))?;
+    remove_stale_partials(&parent, &out_name);
     let tmp = parent.join(format!(".{out_name}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| LlamaError::io(&tmp, e))?;
