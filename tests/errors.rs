@@ -171,3 +171,52 @@ fn an_adapter_larger_than_memory_is_refused_by_its_flag() {
     assert!(err.contains("--rank 1000000000000 needs about"), "{err}");
     assert!(!run.join("adapter").exists());
 }
+
+/// `data render --index` past the last conversation says how many there are (it said "fewer
+/// than 0 conversations" for the largest index).
+#[test]
+fn data_render_names_the_indices_there_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::util::tiny_model(dir.path());
+    let file = dir.path().join("two.jsonl");
+    let conv = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+    std::fs::write(&file, format!("{conv}\n{conv}\n")).unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    for (f, index, want) in [
+        (
+            &file,
+            usize::MAX.to_string(),
+            format!(
+                "--index {}: {} has 2 conversations, indices 0 to 1",
+                usize::MAX,
+                file.display()
+            ),
+        ),
+        (
+            &file,
+            "2".to_string(),
+            format!(
+                "--index 2: {} has 2 conversations, indices 0 to 1",
+                file.display()
+            ),
+        ),
+        (
+            &empty,
+            "0".to_string(),
+            format!("{} has no conversations", empty.display()),
+        ),
+    ] {
+        let o = crate::util::teamtune()
+            .args(["data", "render", "--model"])
+            .arg(&model)
+            .arg(f)
+            .args(["--index", &index])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(&want), "{err}");
+    }
+}

@@ -163,6 +163,25 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest> {
 
 /// Parses any request body as [`parse`] does.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    // A body that is JSON but not an object would be reported by the first field serde looks
+    // for (`invalid [0]` for an array): say what it is instead.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        if let Ok(v) = serde_json::from_slice::<Value>(body) {
+            let kind = match v {
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                Value::Bool(_) => "a boolean",
+                Value::Null => "null",
+                Value::Object(_) => "an object",
+            };
+            return Err(ServeError::invalid(
+                format!("the body must be a JSON object, not {kind}"),
+                None,
+            ));
+        }
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -625,6 +644,18 @@ mod tests {
             assert_eq!(got.as_deref(), Some(want), "{body}");
         }
         assert_eq!(param(check("{not json").unwrap_err()), None);
+        for (body, kind) in [
+            ("[1, 2]", "an array"),
+            (" \"x\"", "a string"),
+            ("null", "null"),
+        ] {
+            let e = check(body).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("the body must be a JSON object, not {kind}"),
+                "{body}"
+            );
+        }
         let e = check(&base(r#","response_format":{"type":"xml"}"#)).unwrap_err();
         assert!(e.to_string().contains("xml"), "{e}");
     }

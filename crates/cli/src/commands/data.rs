@@ -332,20 +332,27 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     let reader =
         ConversationReader::open(std::slice::from_ref(&args.file), ReadOptions::default())?;
     let mut found = None;
+    let mut count = 0usize;
     for (i, c) in reader.enumerate() {
         let c = c?;
+        count = i + 1;
         if i == args.index {
             found = Some(c);
             break;
         }
     }
-    let conv = found.with_context(|| {
-        format!(
-            "{} has fewer than {} conversations",
-            args.file.display(),
-            args.index + 1
-        )
-    })?;
+    let Some(conv) = found else {
+        match count {
+            0 => bail!("{} has no conversations", args.file.display()),
+            n => bail!(
+                "--index {}: {} has {n} conversation{}, indices 0 to {}",
+                args.index,
+                args.file.display(),
+                if n == 1 { "" } else { "s" },
+                n - 1
+            ),
+        }
+    };
     let e = encoder.encode_messages(&conv.messages, &conv.source)?;
     let color = !args.no_color && std::io::stdout().is_terminal();
     let (open, close) = if color {
