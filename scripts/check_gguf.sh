@@ -8,7 +8,8 @@
 #    scripts/random_adapters.py) with `teamtune export --format gguf`;
 # 4. greedy text, 64 tokens, the same prompt: `teamtune generate --adapter` against llama.cpp's
 #    `llama-completion` on the base with `--lora adapter.gguf`, on the model llama.cpp's own
-#    `llama-export-lora` merges from our file, and on `teamtune merge --format gguf`'s model;
+#    `llama-export-lora` merges from our file, and on `teamtune merge --format gguf`'s models
+#    (from the GGUF base, and from the same weights as a Hugging Face folder);
 # 5. our adapter file against llama.cpp's `convert_lora_to_gguf.py` output for the same PEFT
 #    adapter, tensor by tensor (names, shapes, max |difference|).
 #
@@ -80,9 +81,14 @@ report "llama-completion --lora adapter.gguf" "$lora_text"
 report "llama-export-lora's merged model" "$merged_text"
 report "teamtune merge --format gguf's model in llama.cpp" "$ours_merged_text"
 
+# From a Hugging Face folder (the same weights): our GGUF writer's metadata and tokenizer.
+RUST_LOG=warn "$tt" merge --model "$base" --no-adapter --out "$work/base-hf" >/dev/null 2>&1
+RUST_LOG=warn "$tt" merge --format gguf --model "$work/base-hf" --adapter "$adapter" \
+  --out "$work/ours-from-hf.gguf" --modelfile "$work/Modelfile.hf" >/dev/null 2>&1
+report "teamtune merge --format gguf from the HF folder, in llama.cpp" "$(theirs -m "$work/ours-from-hf.gguf")"
+
 # llama.cpp's own converter on the same PEFT adapter (it reads the base's config.json).
 if [ -f "$adapter/adapter_config.json" ]; then
-  RUST_LOG=warn "$tt" merge --model "$base" --no-adapter --out "$work/base-hf" >/dev/null 2>&1
   PYTHONPATH="$src/gguf-py" "$py" "$src/convert_lora_to_gguf.py" --base "$work/base-hf" \
     --outtype f32 --outfile "$work/theirs.gguf" "$adapter" >/dev/null 2>&1
   PYTHONPATH="$src/gguf-py" "$py" - "$work/adapter.gguf" "$work/theirs.gguf" <<'PY' || status=1

@@ -123,7 +123,7 @@ fn exports_an_adapter_gguf_and_a_modelfile_that_answer_as_the_peft_folder() {
 }
 
 #[test]
-fn merge_to_gguf_needs_a_gguf_base_and_writes_a_modelfile() {
+fn merge_to_gguf_from_a_gguf_or_hf_base_answers_as_base_plus_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let lora = fixtures().join("tiny-lora");
     let gguf_base = fixtures().join("tiny-llama31.gguf");
@@ -166,25 +166,20 @@ fn merge_to_gguf_needs_a_gguf_base_and_writes_a_modelfile() {
     };
     assert_eq!(answer(&out, None), answer(&gguf_base, Some(&lora)));
 
-    // A Hugging Face folder base is refused, naming the way out; nothing is written.
+    // From a Hugging Face folder too (its tokenizer written as GGUF metadata).
     let hf = tiny_model(dir.path());
-    let o = teamtune()
-        .args(["merge", "--format", "gguf", "--model"])
-        .arg(&hf)
-        .arg("--adapter")
-        .arg(&lora)
-        .arg("--out")
-        .arg(dir.path().join("other.gguf"))
-        .arg("--modelfile")
-        .arg(dir.path().join("M2"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("--format gguf needs a GGUF base model"),
-        "{err}"
+    let from_hf = dir.path().join("from-hf.gguf");
+    output_ok(
+        teamtune()
+            .args(["merge", "--format", "gguf", "--model"])
+            .arg(&hf)
+            .arg("--adapter")
+            .arg(&lora)
+            .arg("--out")
+            .arg(&from_hf)
+            .arg("--modelfile")
+            .arg(dir.path().join("Modelfile.hf"))
+            .env("RUST_LOG", "warn"),
     );
-    assert!(!dir.path().join("other.gguf").exists() && !dir.path().join("M2").exists());
+    assert_eq!(answer(&from_hf, None), answer(&hf, Some(&lora)));
 }

@@ -330,8 +330,9 @@ fn files_that_do_not_fit_are_refused_naming_the_tensor() {
 /// template, and in q8_0 holds the same matrices within Q8_0's rounding.
 #[test]
 fn a_merged_gguf_gives_the_adapted_logits() {
-    use teamtune_llama::{export_merged_gguf, LoadedModel, ModelGgufType};
+    use teamtune_llama::{export_merged_gguf, LoadedModel, ModelFiles, ModelGgufType};
     let base = common::fixtures().join("tiny-llama31.gguf");
+    let files = ModelFiles::Gguf { path: base.clone() };
     let dir = tempfile::tempdir().unwrap();
     let ids: Vec<u32> = (0..50).map(|i| (i * 11 % 300) as u32).collect();
     let logits = |m: &teamtune_llama::Llama| {
@@ -356,7 +357,7 @@ fn a_merged_gguf_gives_the_adapted_logits() {
     let adapter = adapted.model.adapter("a").unwrap().clone();
     let f32_path = dir.path().join("merged-f32.gguf");
     let report = export_merged_gguf(
-        &base,
+        &files,
         Some(&adapter),
         &f32_path,
         ModelGgufType::F32,
@@ -377,7 +378,7 @@ fn a_merged_gguf_gives_the_adapted_logits() {
     // q8_0: every matrix within its blocks' rounding of the f32 merge (scale max|block| / 127).
     let q8_path = dir.path().join("merged-q8_0.gguf");
     export_merged_gguf(
-        &base,
+        &files,
         Some(&adapter),
         &q8_path,
         ModelGgufType::Q8_0,
@@ -408,4 +409,86 @@ fn a_merged_gguf_gives_the_adapted_logits() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(moved > 1e-2, "the adapter changes the logits by {moved}");
+}
+
+/// From a Hugging Face folder, `merge --format gguf` writes what `convert_hf_to_gguf.py` wrote
+/// for the tiny fixture (tiny-llama31.gguf): the same `llama.*` and tokenizer metadata, the same
+/// tensors (q and k permuted, llama3 rope as `rope_freqs`); with the adapter, the logits of the
+/// folder with the adapter applied.
+#[test]
+fn a_hugging_face_folder_becomes_the_gguf_llama_cpp_converts_it_to() {
+    use teamtune_llama::{export_merged_gguf, LoadedModel, ModelFiles, ModelGgufType};
+    let dir = tempfile::tempdir().unwrap();
+    let hf = teamtune_testkit::tiny_chat_model(dir.path());
+    let files = ModelFiles::resolve(hf.to_str().unwrap()).unwrap();
+    let out = dir.path().join("plain.gguf");
+    export_merged_gguf(&files, None, &out, ModelGgufType::F32, &mut |_, _| {}).unwrap();
+    let reference = common::fixtures().join("tiny-llama31.gguf");
+    let ((ours, _), (theirs, _)) = (read(&out), read(&reference));
+    for (key, want) in &theirs.metadata {
+        // The name is the folder's; the template is the one given to the tiny chat model.
+        if ["general.name", "tokenizer.chat_template"].contains(&key.as_str()) {
+            continue;
+        }
+        let got = ours
+            .metadata
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} missing"));
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "{key}");
+    }
+    let mut names: Vec<_> = theirs.tensor_infos.keys().collect();
+    names.sort();
+    let mut ours_names: Vec<_> = ours.tensor_infos.keys().collect();
+    ours_names.sort();
+    assert_eq!(ours_names, names);
+    for name in names {
+        let (a, b) = (tensor(&out, name), tensor(&reference, name));
+        assert_eq!(a.dims(), b.dims(), "{name}");
+        let worst = teamtune_testkit::max_rel_err(
+            &teamtune_testkit::flat(&a),
+            &teamtune_testkit::flat(&b),
+            1.0,
+        );
+        assert!(worst <= 1e-6, "{name}: {worst}");
+    }
+
+    // With the adapter: the logits of the folder with the adapter applied.
+    let with = dir.path().join("merged.gguf");
+    let mut adapted = LoadedModel::load(hf.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    adapted.model.load_adapter("a", &peft_dir()).unwrap();
+    adapted.model.set_active_adapter(Some("a")).unwrap();
+    let adapter = adapted.model.adapter("a").unwrap().clone();
+    export_merged_gguf(
+        &files,
+        Some(&adapter),
+        &with,
+        ModelGgufType::F32,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let merged = LoadedModel::load(with.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| (i * 13 % 300) as u32).collect();
+    let logits = |m: &teamtune_llama::Llama| {
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        teamtune_testkit::flat(
+            &m.forward(
+                &input,
+                &TokenLayout::contiguous(1, ids.len(), 0),
+                None,
+                Mode::Inference,
+            )
+            .unwrap(),
+        )
+    };
+    let worst = teamtune_testkit::max_rel_err(&logits(&merged.model), &logits(&adapted.model), 1.0);
+    assert!(worst <= 1e-5, "max relative difference {worst}");
+    assert_eq!(merged.assets.chat_template, adapted.assets.chat_template);
+    let text = "hello world, and you?";
+    assert_eq!(
+        merged.assets.encode(text, true).unwrap(),
+        adapted.assets.encode(text, true).unwrap()
+    );
 }

@@ -36,8 +36,8 @@ pub struct Args {
     /// Replace a non-empty output folder.
     #[arg(long)]
     pub force: bool,
-    /// `hf` (a Hugging Face folder) or `gguf` (one file llama.cpp and Ollama load; the base must
-    /// be a GGUF, whose tokenizer and metadata it keeps).
+    /// `hf` (a Hugging Face folder) or `gguf` (one file llama.cpp and Ollama load: a GGUF base's
+    /// metadata and tokenizer kept, an HF base's written as llama.cpp's converter writes them).
     #[arg(long, default_value = "hf")]
     pub format: String,
     /// With --format gguf: the matrices' type, f32, f16, bf16, q8_0 or q4_0.
@@ -72,12 +72,7 @@ fn run_gguf(args: &Args) -> anyhow::Result<()> {
         &args.model
     };
     let files = ModelFiles::resolve(&args.model).with_context(|| format!("model {name}"))?;
-    let ModelFiles::Gguf { path: base } = &files else {
-        bail!(
-            "--format gguf needs a GGUF base model (its tokenizer is carried over); {} is a Hugging Face folder: convert it with llama.cpp's convert_hf_to_gguf.py first, or merge to --format hf",
-            files.describe()
-        );
-    };
+    let base = PathBuf::from(files.describe());
     for input in std::iter::once(base.as_path()).chain(args.adapter.as_deref()) {
         if teamtune_formats::overlaps(&args.out, input) {
             bail!(
@@ -103,10 +98,16 @@ fn run_gguf(args: &Args) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.set_message("merging");
-    let report = export_merged_gguf(base, adapter.as_ref(), &args.out, ty, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })
+    let report = export_merged_gguf(
+        &files,
+        adapter.as_ref(),
+        &args.out,
+        ty,
+        &mut |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    )
     .with_context(|| format!("merging into {}", args.out.display()))?;
     bar.finish_and_clear();
     super::export::write_modelfile(&args.model, &modelfile, &args.out, None)?;

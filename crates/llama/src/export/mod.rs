@@ -9,6 +9,7 @@
 //! about one tensor whatever the model's size. Everything is written into a temporary sibling
 //! folder that is renamed into place at the end, so a failure never leaves a half folder.
 
+mod gguf_from_hf;
 pub(crate) mod gguf_model;
 mod metadata;
 pub(crate) mod modelfile;
