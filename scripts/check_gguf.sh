@@ -62,8 +62,11 @@ prompt=$'<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|
 ours=$(RUST_LOG=warn "$tt" generate --model "$base" --adapter "$adapter" --raw --prompt "$prompt" \
   --max-tokens 64 --temperature 0)
 theirs() {
-  "$bin/llama-completion" "$@" -p "$prompt" -n 64 --temp 0 -t 2 -no-cnv --no-display-prompt \
-    -c 512 --no-warmup 2>/dev/null
+  # llama-completion says " [end of text]" after a reply that ended before -n tokens.
+  local out
+  out=$("$bin/llama-completion" "$@" -p "$prompt" -n 64 --temp 0 -t 2 -no-cnv --no-display-prompt \
+    -c 512 --no-warmup 2>/dev/null)
+  printf '%s' "${out% \[end of text\]}"
 }
 lora_text=$(theirs -m "$base" --lora "$work/adapter.gguf")
 "$bin/llama-export-lora" -m "$base" --lora "$work/adapter.gguf" -o "$work/merged.gguf" -t 2 >/dev/null 2>&1
