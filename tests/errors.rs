@@ -220,3 +220,32 @@ fn data_render_names_the_indices_there_are() {
         assert!(err.contains(&want), "{err}");
     }
 }
+
+/// `data stats` reads lines up to `--max-line-mb`: a longer one (an endless stream) is an error
+/// naming the file and line; 0 is refused.
+#[test]
+fn data_stats_bounds_the_line_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::util::tiny_model(dir.path());
+    let file = dir.path().join("long.jsonl");
+    std::fs::write(&file, format!("{}\n", "x".repeat(3 << 20))).unwrap();
+    for (mb, want) in [
+        (
+            "1",
+            format!("{}: line 1 is longer than 1 MiB", file.display()),
+        ),
+        ("0", "--max-line-mb 0: give 1 or more".to_string()),
+    ] {
+        let o = crate::util::teamtune()
+            .args(["data", "stats", "--model"])
+            .arg(&model)
+            .arg(&file)
+            .args(["--max-line-mb", mb])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(&want), "{mb}: {err}");
+    }
+}

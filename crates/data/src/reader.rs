@@ -17,10 +17,25 @@ use crate::error::{DataError, InvalidRecord, Result};
 /// How many invalid records a report keeps with their reasons (all are counted).
 pub const MAX_REPORTED_INVALID: usize = 20;
 
-#[derive(Debug, Clone, Default)]
+/// The longest line read by default: a trajectory of 12k tokens is ~50 KB; an endless stream
+/// (`/dev/zero`, a file without newlines) must not fill the memory.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Clone)]
 pub struct ReadOptions {
     /// Count and skip invalid records instead of failing on the first one.
     pub skip_invalid: bool,
+    /// A longer line is an error naming the file and line (not skipped: it is not a record).
+    pub max_line_bytes: usize,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            skip_invalid: false,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+        }
+    }
 }
 
 /// What reading saw.
@@ -71,11 +86,12 @@ fn io_err(path: &Path, source: std::io::Error) -> DataError {
 /// name); a folder contributes its `*.jsonl` and `*.jsonl.gz` files, recursively, in sorted order.
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for p in paths {
         let meta = std::fs::metadata(p).map_err(|e| io_err(p, e))?;
         if meta.is_dir() {
             let before = out.len();
-            walk(p, &mut out)?;
+            walk(p, &mut out, &mut seen)?;
             if out.len() == before {
                 return Err(DataError::NoFiles(p.clone()));
             }
@@ -86,7 +102,18 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// `seen`: the folders already walked (their real paths), so that a symlink loop, or a link to
+/// a folder also given, is read once.
+fn walk(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<PathBuf>,
+) -> Result<()> {
+    let real = std::fs::canonicalize(dir).map_err(|e| io_err(dir, e))?;
+    if !seen.insert(real) {
+        tracing::debug!(dir = %dir.display(), "already read (a symlink to a folder read before)");
+        return Ok(());
+    }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| io_err(dir, e))?
         .map(|e| e.map(|e| e.path()).map_err(|e| io_err(dir, e)))
@@ -94,7 +121,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     entries.sort();
     for p in entries {
         if p.is_dir() {
-            walk(&p, out)?;
+            walk(&p, out, seen)?;
         } else if is_conversation_file(&p) {
             out.push(p);
         }
@@ -196,10 +223,26 @@ impl ConversationReader {
             }
             let (path, reader, line) = self.current.as_mut().expect("set above");
             self.buf.clear();
-            match reader.read_until(b'\n', &mut self.buf) {
+            let limit = self.options.max_line_bytes;
+            match (&mut *reader)
+                .take(limit as u64 + 1)
+                .read_until(b'\n', &mut self.buf)
+            {
                 Ok(0) => {
                     self.current = None;
                     continue;
+                }
+                Ok(n) if n > limit && !self.buf.ends_with(b"\n") => {
+                    let msg = format!(
+                        "line {} is longer than {} MiB, the longest line read (the data \
+                         commands' --max-line-mb raises it)",
+                        *line + 1,
+                        limit >> 20
+                    );
+                    return Some(Err(io_err(
+                        path,
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, msg),
+                    )));
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -125,7 +125,14 @@ fn skip_invalid_counts_and_reports_every_bad_line() {
     let err = read_conversations(std::slice::from_ref(&p), &ReadOptions::default()).unwrap_err();
     assert!(err.to_string().contains("bad.jsonl:2"), "{err}");
 
-    let (convs, report) = read_conversations(&[p], &ReadOptions { skip_invalid: true }).unwrap();
+    let (convs, report) = read_conversations(
+        &[p],
+        &ReadOptions {
+            skip_invalid: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(convs.len(), 2);
     assert_eq!(report.invalid as usize, BAD.len() + 1);
     assert_eq!(report.conversations, 2);
@@ -159,7 +166,14 @@ fn truncated_gzip_is_an_error_naming_the_file() {
     let bytes = enc.finish().unwrap();
     let p = dir.path().join("cut.jsonl.gz");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    let err = read_conversations(&[p], &ReadOptions { skip_invalid: true }).unwrap_err();
+    let err = read_conversations(
+        &[p],
+        &ReadOptions {
+            skip_invalid: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("cut.jsonl.gz"), "{err}");
 }
 
@@ -276,7 +290,10 @@ fn render_failures_are_counted_with_skip_invalid() {
     let good =
         Conversation::new(vec![Message::user("u"), Message::assistant("b")]).with_score(90.0);
     let opts = PrepareOptions {
-        read: ReadOptions { skip_invalid: true },
+        read: ReadOptions {
+            skip_invalid: true,
+            ..Default::default()
+        },
         split: SplitOptions {
             validation_fraction: 0.0,
             ..Default::default()
@@ -290,6 +307,7 @@ fn render_failures_are_counted_with_skip_invalid() {
     let strict = PrepareOptions {
         read: ReadOptions {
             skip_invalid: false,
+            ..Default::default()
         },
         ..opts
     };

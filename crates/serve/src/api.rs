@@ -659,4 +659,70 @@ mod tests {
         let e = check(&base(r#","response_format":{"type":"xml"}"#)).unwrap_err();
         assert!(e.to_string().contains("xml"), "{e}");
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// JSON shaped like requests: the real field names, wrong types and nesting among them.
+        fn request_like() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|f| json!(f)),
+                "[a-z_<|>\\\\\"]{0,10}".prop_map(Value::String),
+                Just(json!("user")),
+                Just(json!("json_schema")),
+                Just(json!("function")),
+            ];
+            let key = prop_oneof![
+                Just("model"),
+                Just("messages"),
+                Just("role"),
+                Just("content"),
+                Just("n"),
+                Just("tools"),
+                Just("tool_choice"),
+                Just("function"),
+                Just("parameters"),
+                Just("response_format"),
+                Just("type"),
+                Just("json_schema"),
+                Just("schema"),
+                Just("stop"),
+                Just("max_tokens"),
+                Just("logprobs"),
+                Just("top_logprobs"),
+                Just("stream"),
+                Just("stream_options"),
+                Just("tool_calls"),
+                Just("name"),
+            ]
+            .prop_map(str::to_string);
+            leaf.prop_recursive(5, 96, 6, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                    prop::collection::vec((key.clone(), inner), 0..7)
+                        .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            /// Any bytes: an error or a request, never a panic.
+            #[test]
+            fn random_bodies_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse(&bytes).and_then(ChatRequest::check);
+            }
+
+            /// Request-shaped JSON with wrong types and nesting: the same.
+            #[test]
+            fn request_shaped_json_never_panics(v in request_like()) {
+                let _ = parse(v.to_string().as_bytes()).and_then(ChatRequest::check);
+            }
+        }
+    }
 }

@@ -93,6 +93,10 @@ pub struct StatsArgs {
     /// Count and skip invalid lines and conversations the template cannot render.
     #[arg(long)]
     pub skip_invalid: bool,
+    /// The longest line read, in MiB: a longer one is an error (an endless stream must not
+    /// fill the memory).
+    #[arg(long, default_value_t = 64)]
+    pub max_line_mb: usize,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -282,6 +286,7 @@ fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let prepare_options = PrepareOptions {
         read: ReadOptions {
             skip_invalid: args.skip_invalid,
+            max_line_bytes: max_line_bytes(args.max_line_mb)?,
         },
         prune: PruneOptions {
             min_score,
@@ -323,6 +328,14 @@ fn stats(args: StatsArgs) -> anyhow::Result<()> {
         print!("{}", report.render(&description, &settings, elapsed));
     }
     Ok(())
+}
+
+/// `--max-line-mb` in bytes, checked.
+fn max_line_bytes(mb: usize) -> anyhow::Result<usize> {
+    match mb.checked_mul(1 << 20) {
+        Some(b) if mb > 0 => Ok(b),
+        _ => bail!("--max-line-mb {mb}: give 1 or more (MiB)"),
+    }
 }
 
 fn render(args: RenderArgs) -> anyhow::Result<()> {
