@@ -249,3 +249,38 @@ fn data_stats_bounds_the_line_length() {
         assert!(err.contains(&want), "{mb}: {err}");
     }
 }
+
+/// A chat template that does not compile is named by its flag, the cause underneath (the
+/// headline said "give --chat-template or --template" even when one was given).
+#[test]
+fn a_bad_chat_template_is_named_by_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::util::tiny_model(dir.path());
+    let bad = dir.path().join("bad.jinja");
+    std::fs::write(&bad, "{% for m in messages %}{{ m.content }").unwrap();
+    let data = dir.path().join("x.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}"#,
+    )
+    .unwrap();
+    let o = crate::util::teamtune()
+        .args(["data", "stats", "--model"])
+        .arg(&model)
+        .arg("--chat-template")
+        .arg(&bad)
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let first = err.lines().next().unwrap_or("");
+    assert_eq!(
+        first,
+        format!("Error: --chat-template {}", bad.display()),
+        "{err}"
+    );
+    assert!(err.contains("syntax error"), "{err}");
+    assert!(!err.contains("give --chat-template"), "{err}");
+}

@@ -100,7 +100,11 @@ pub fn load(
         message: e.to_string(),
     })?;
     let wpath = dir.join("adapter").join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&wpath, model.device())?;
+    let tensors =
+        candle_core::safetensors::load(&wpath, model.device()).map_err(|e| TrainError::State {
+            path: wpath.clone(),
+            message: format!("cannot read the checkpoint's adapter (truncated or corrupt?): {e}"),
+        })?;
     for (name, var) in vars {
         let t = tensors.get(name).ok_or_else(|| TrainError::State {
             path: wpath.clone(),

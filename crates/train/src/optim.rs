@@ -127,7 +127,10 @@ impl AdamW {
     pub fn load(&mut self, dir: &Path, device: &Device) -> Result<()> {
         let jpath = dir.join("optimizer.json");
         let text = std::fs::read(&jpath).map_err(io_err(&jpath))?;
-        let json: StateJson = serde_json::from_slice(&text)?;
+        let json: StateJson = serde_json::from_slice(&text).map_err(|e| TrainError::State {
+            path: jpath.clone(),
+            message: format!("not a valid optimizer state (truncated or corrupt?): {e}"),
+        })?;
         let names: Vec<&String> = self.vars.iter().map(|(n, _)| n).collect();
         if json.names.iter().collect::<Vec<_>>() != names {
             return Err(TrainError::State {
@@ -136,7 +139,11 @@ impl AdamW {
             });
         }
         let path = dir.join("optimizer.safetensors");
-        let tensors = candle_core::safetensors::load(&path, device)?;
+        let tensors =
+            candle_core::safetensors::load(&path, device).map_err(|e| TrainError::State {
+                path: path.clone(),
+                message: format!("cannot read the optimizer state (truncated or corrupt?): {e}"),
+            })?;
         let mut m = Vec::with_capacity(names.len());
         let mut v = Vec::with_capacity(names.len());
         for (name, var) in &self.vars {
@@ -301,5 +308,27 @@ mod tests {
         let other = vec![("x".to_owned(), var(&[0.0, 0.0]))];
         let mut c = AdamW::new(other, AdamWParams::default()).unwrap();
         assert!(c.load(dir.path(), &Device::Cpu).is_err());
+    }
+
+    /// A truncated or corrupt state names its file (it said "incomplete metadata").
+    #[test]
+    fn a_truncated_state_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = vec![("w".to_owned(), var(&[1.0, -2.0]))];
+        let mut a = AdamW::new(vars.clone(), AdamWParams::default()).unwrap();
+        a.step(&grads_for(&vars, &[&[0.5, -1.0]]), 0.1).unwrap();
+        a.save(dir.path()).unwrap();
+        for file in ["optimizer.safetensors", "optimizer.json"] {
+            let path = dir.path().join(file);
+            let whole = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+            let mut b = AdamW::new(vars.clone(), AdamWParams::default()).unwrap();
+            let err = b.load(dir.path(), &Device::Cpu).unwrap_err().to_string();
+            assert!(
+                err.contains(file) && err.contains("truncated or corrupt"),
+                "{err}"
+            );
+            std::fs::write(&path, whole).unwrap();
+        }
     }
 }

@@ -227,11 +227,22 @@ fn load(args: &TokenizerArgs) -> anyhow::Result<Loaded> {
             ChatTemplate::builtin(b, options)?
         }
         None => {
+            // The headline says where the template came from; the cause says what is wrong.
+            let headline = match (&args.chat_template, &template_src) {
+                (Some(path), _) => format!("--chat-template {}", path.display()),
+                (None, Some(_)) => {
+                    "the model's chat template (give another with --chat-template or --template)"
+                        .to_string()
+                }
+                (None, None) => {
+                    "the model has no chat template: give --chat-template or --template".to_string()
+                }
+            };
             let (template, guessed) =
                 ChatTemplate::for_model(template_src.as_deref(), options, |t| {
                     tokenizer.token_to_id(t).is_some()
                 })
-                .context("give --chat-template or --template")?;
+                .context(headline)?;
             if let Some(b) = guessed {
                 what.push_str(&format!(", built-in {b:?} template"));
             }
