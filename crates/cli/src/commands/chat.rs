@@ -12,8 +12,9 @@ use teamtune_data::Message;
 use teamtune_guide::{prompt_tokens, reuse_prefix};
 use teamtune_llama::{Session, TextStream, TokenFilter};
 
+use super::adapter_args::{check_adapter, load_with_adapter};
 use super::model_args::{chat_template, ModelArgs};
-use super::sampling_args::{check_adapter_dir, SamplingArgs};
+use super::sampling_args::SamplingArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -35,16 +36,9 @@ list of messages, the form `teamtune generate --messages` reads), /help, /quit";
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.sampling.check()?;
     if let Some(dir) = &args.adapter {
-        check_adapter_dir(dir)?;
+        check_adapter(dir)?;
     }
-    let mut loaded = args.model.load()?;
-    if let Some(dir) = &args.adapter {
-        loaded
-            .model
-            .load_adapter("adapter", dir)
-            .with_context(|| format!("--adapter {}", dir.display()))?;
-        loaded.model.set_active_adapter(Some("adapter"))?;
-    }
+    let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
     let template = chat_template(&loaded.assets)?;
     let model = &loaded.model;
     let context = model.config().max_position_embeddings;

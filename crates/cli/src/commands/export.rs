@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use teamtune_data::BuiltinTemplate;
+
+use super::adapter_args::check_adapter;
 use teamtune_llama::{
     load_chat_assets, load_config, AdapterGgufType, ChatFormat, LoraAdapter, ModelFiles, Modelfile,
 };
@@ -86,18 +88,6 @@ pub fn write_modelfile(
     .render();
     teamtune_formats::write_atomic(modelfile, text.as_bytes())
         .with_context(|| format!("--modelfile {}", modelfile.display()))
-}
-
-/// A PEFT folder or a LoRA GGUF, or an error naming `--adapter`.
-pub fn check_adapter(path: &Path) -> anyhow::Result<()> {
-    let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
-    if !is_gguf && !path.join("adapter_config.json").is_file() {
-        bail!(
-            "--adapter {}: not a LoRA adapter (a PEFT folder with adapter_config.json, or a .gguf)",
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

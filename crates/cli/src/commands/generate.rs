@@ -7,8 +7,9 @@ use anyhow::{bail, Context};
 use teamtune_data::Message;
 use teamtune_llama::{generate, StopReason, TextStream};
 
+use super::adapter_args::{check_adapter, load_with_adapter};
 use super::model_args::{chat_template, ModelArgs};
-use super::sampling_args::{check_adapter_dir, SamplingArgs};
+use super::sampling_args::SamplingArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -38,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Arguments and the messages file are checked before the model loads.
     args.sampling.check()?;
     if let Some(dir) = &args.adapter {
-        check_adapter_dir(dir)?;
+        check_adapter(dir)?;
     }
     let raw_prompt = if args.raw {
         Some(args.prompt.clone().context("--raw needs --prompt")?)
@@ -60,14 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("nothing to answer: give --prompt or --messages");
         }
     }
-    let mut loaded = args.model.load()?;
-    if let Some(dir) = &args.adapter {
-        loaded
-            .model
-            .load_adapter("adapter", dir)
-            .with_context(|| format!("--adapter {}", dir.display()))?;
-        loaded.model.set_active_adapter(Some("adapter"))?;
-    }
+    let loaded = load_with_adapter(&args.model, args.adapter.as_deref())?;
     let prompt_text = match raw_prompt {
         Some(text) => text,
         None => chat_template(&loaded.assets)?.render(&messages, true)?,

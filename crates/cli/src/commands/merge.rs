@@ -64,7 +64,7 @@ fn run_gguf(args: &Args) -> anyhow::Result<()> {
     }
     let modelfile = super::export::modelfile_path(args.modelfile.as_ref(), &args.out)?;
     if let Some(a) = &args.adapter {
-        super::export::check_adapter(a)?;
+        super::adapter_args::check_adapter(a)?;
     }
     let name = if args.model.is_empty() {
         "(default)"

@@ -1,3 +1,4 @@
+pub mod adapter_args;
 pub mod chat;
 pub mod collect;
 pub mod compare;

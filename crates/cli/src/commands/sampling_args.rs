@@ -47,16 +47,3 @@ impl SamplingArgs {
         }
     }
 }
-
-/// A LoRA adapter (PEFT folder or llama.cpp GGUF) for `generate` and `chat`, checked before the
-/// model loads.
-pub fn check_adapter_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    let gguf = dir.is_file() && dir.extension().is_some_and(|e| e == "gguf");
-    if !gguf && !dir.join("adapter_config.json").is_file() {
-        anyhow::bail!(
-            "--adapter {}: not a LoRA adapter folder (no adapter_config.json in it) nor a LoRA .gguf",
-            dir.display()
-        );
-    }
-    Ok(())
-}

@@ -9,11 +9,12 @@
 
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf_from_hf;
+use super::gguf_write::write_gguf;
 use crate::error::{LlamaError, Result};
 use crate::load::assets::ChatAssets;
 use crate::load::config::LlamaConfig;
@@ -106,26 +107,6 @@ fn quantized(t: &Tensor, ty: ModelGgufType) -> Result<QTensor> {
     Ok(QTensor::quantize(&t.to_device(&Device::Cpu)?, ggml)?)
 }
 
-/// Writes the file through a temporary file and a rename; returns its size.
-fn write_gguf(
-    out: &Path,
-    metadata: &[(String, Value)],
-    tensors: &[(String, QTensor)],
-) -> Result<u64> {
-    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    teamtune_formats::write_atomic_with(out, |tmp| {
-        let mut f = std::fs::File::create(tmp)?;
-        gguf_file::write(&mut f, &meta, &refs).map_err(std::io::Error::other)?;
-        f.sync_all()
-    })
-    .map_err(|e| LlamaError::Weights {
-        path: out.to_path_buf(),
-        message: format!("cannot write the merged GGUF: {e}"),
-    })?;
-    Ok(std::fs::metadata(out).map(|m| m.len()).unwrap_or(0))
-}
-
 /// The HF shape of a weight of `config`.
 fn hf_shape(c: &LlamaConfig, hf: &str) -> Result<Vec<usize>> {
     let (h, i) = (c.hidden_size, c.intermediate_size);
@@ -209,7 +190,7 @@ fn from_hf(
         tensors.push((gguf.clone(), quantized(&t, ty)?));
         progress(k as u64 + 1, total);
     }
-    let bytes = write_gguf(out, &metadata, &tensors)?;
+    let bytes = write_gguf(out, &metadata, &tensors, "the merged GGUF")?;
     Ok(GgufReport {
         tensors: tensors.len(),
         merged,
@@ -290,7 +271,7 @@ fn from_gguf(
     if !metadata.iter().any(|(k, _)| k == "general.file_type") {
         metadata.push(("general.file_type".into(), Value::U32(ty.file_type())));
     }
-    let bytes = write_gguf(out, &metadata, &tensors)?;
+    let bytes = write_gguf(out, &metadata, &tensors, "the merged GGUF")?;
     Ok(GgufReport {
         tensors: tensors.len(),
         merged,

@@ -11,6 +11,7 @@
 
 mod gguf_from_hf;
 pub(crate) mod gguf_model;
+pub(crate) mod gguf_write;
 mod metadata;
 pub(crate) mod modelfile;
 mod shards;

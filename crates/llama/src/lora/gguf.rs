@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::adapter::{LoraAdapter, LoraPair};
 use super::config::{LoraConfig, LoraTarget};
 use crate::error::{LlamaError, Result};
+use crate::export::gguf_write::write_gguf;
 use crate::load::config::LlamaConfig;
 use crate::load::weights::{permute, unpermute};
 
@@ -113,25 +114,15 @@ impl LoraAdapter {
             .base_model_name_or_path
             .clone()
             .unwrap_or_else(|| "teamtune LoRA adapter".into());
-        let metadata: Vec<(&str, Value)> = vec![
-            ("general.type", Value::String("adapter".into())),
-            ("general.architecture", Value::String("llama".into())),
-            ("general.name", Value::String(name)),
-            ("adapter.type", Value::String("lora".into())),
-            ("adapter.lora.alpha", Value::F32(alpha)),
+        let metadata: Vec<(String, Value)> = vec![
+            ("general.type".into(), Value::String("adapter".into())),
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("general.name".into(), Value::String(name)),
+            ("adapter.type".into(), Value::String("lora".into())),
+            ("adapter.lora.alpha".into(), Value::F32(alpha)),
         ];
-        let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-        let tensor_refs: Vec<(&str, &QTensor)> =
-            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        teamtune_formats::write_atomic_with(path, |tmp| {
-            let mut f = std::fs::File::create(tmp)?;
-            gguf_file::write(&mut f, &meta, &tensor_refs).map_err(std::io::Error::other)?;
-            f.sync_all()
-        })
-        .map_err(|e| LlamaError::Weights {
-            path: path.to_path_buf(),
-            message: format!("cannot write the GGUF adapter: {e}"),
-        })
+        write_gguf(path, &metadata, &tensors, "the GGUF adapter")?;
+        Ok(())
     }
 
     /// Reads a llama.cpp LoRA GGUF for a base model with `model`: the adapted projections are
