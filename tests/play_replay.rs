@@ -121,3 +121,58 @@ fn replay_refuses_an_empty_file_and_a_record_of_another_format() {
         "{err}"
     );
 }
+
+/// `--png` draws PNG or SVG by its extension; another is refused before the episode is played
+/// (it failed after, with the image library's Debug error).
+#[test]
+fn a_drawing_of_another_format_is_refused_before_playing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("episodes.jsonl");
+    let gif = dir.path().join("x.gif");
+    let o = teamtune()
+        .args([
+            "play",
+            "--task",
+            "single_nav",
+            "--policy",
+            "expert",
+            "--out",
+        ])
+        .arg(&out)
+        .arg("--png")
+        .arg(&gif)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "--png {}: give a .png or .svg file",
+            gif.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("BackendError"), "{err}");
+    assert!(
+        !out.exists() && !gif.exists(),
+        "the episode was played anyway"
+    );
+    // The same name in upper case is fine.
+    let png = dir.path().join("x.PNG");
+    let o = teamtune()
+        .args([
+            "play",
+            "--task",
+            "single_nav",
+            "--policy",
+            "expert",
+            "--png",
+        ])
+        .arg(&png)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(png.exists());
+}

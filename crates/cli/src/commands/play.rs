@@ -52,7 +52,22 @@ fn indent(text: &str) -> String {
         .join("\n")
 }
 
+/// `--png FILE` draws PNG or SVG, chosen by the extension: anything else is refused before the
+/// episode is played (it surfaced as the image library's Debug error after it).
+pub fn check_drawing(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        let ext = p
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        if !matches!(ext.as_deref(), Some("png") | Some("svg")) {
+            anyhow::bail!("--png {}: give a .png or .svg file", p.display());
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    check_drawing(args.png.as_deref())?;
     let reg = registry(args.tasks.as_ref())?;
     let spec = reg.get(&args.task)?.clone();
     let mut ep = Episode::new(&spec, args.seed)?;

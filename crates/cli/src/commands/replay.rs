@@ -74,6 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         None => records.iter().enumerate().collect(),
     };
+    super::play::check_drawing(args.png.as_deref())?;
     if args.png.is_some() && chosen.len() != 1 {
         bail!("--png draws one episode: give --index");
     }
