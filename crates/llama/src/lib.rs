@@ -34,7 +34,8 @@ pub use decode::session::{Decoded, NoFilter, Session, TokenFilter};
 pub use decode::stream::TextStream;
 pub use device::{park_idle_candle_workers, parse_device, parse_dtype, parse_quantization};
 pub use error::{LlamaError, Result};
-pub use export::gguf_model::{export_merged_gguf, GgufReport, ModelGgufType};
+pub use export::gguf_model::{export_merged_gguf, GgufReport};
+pub use export::gguf_write::GgufType;
 pub use export::modelfile::{ChatFormat, Modelfile};
 pub use export::{export_merged, parse_size, ExportOptions, ExportReport};
 pub use kernels::mix_seed;
@@ -45,7 +46,7 @@ pub use load::source::{default_model_path, teamtune_home, ModelFiles};
 pub use load::weights::{GgufWeights, WeightSource};
 pub use lora::adapter::{LoraAdapter, LoraPair};
 pub use lora::config::{LoraConfig, LoraTarget};
-pub use lora::gguf::{gguf_projection, AdapterGgufType};
+pub use lora::gguf::gguf_projection;
 // PEFT's file layout, for code that reads or writes adapter folders itself.
 pub use lora::peft::{peft_tensor_name, read_peft_config};
 pub use model::cache::KvCache;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use teamtune_llama::{AdapterGgufType, LoraAdapter, LoraTarget, Mode, TokenLayout};
+use teamtune_llama::{GgufType, LoraAdapter, LoraTarget, Mode, TokenLayout};
 
 fn peft_dir() -> PathBuf {
     common::fixtures().join("tiny-lora")
@@ -65,8 +65,7 @@ fn written_as_llama_cpp_names_permutes_and_reads_it() {
     let peft = LoraAdapter::load(&config, &peft_dir(), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("adapter.gguf");
-    peft.save_gguf(&config, &path, AdapterGgufType::F32)
-        .unwrap();
+    peft.save_gguf(&config, &path, GgufType::F32).unwrap();
 
     let (content, _) = read(&path);
     let meta = |k: &str| content.metadata[k].to_string().unwrap().clone();
@@ -171,8 +170,7 @@ fn rslora_keeps_its_scale_and_smaller_types_stay_close() {
     let peft = LoraAdapter::load(&config, &rs, &Device::Cpu).unwrap();
     assert_eq!(peft.config().scale(), 8.0 / 2.0); // alpha / sqrt(4)
     let path = dir.path().join("rs.gguf");
-    peft.save_gguf(&config, &path, AdapterGgufType::F32)
-        .unwrap();
+    peft.save_gguf(&config, &path, GgufType::F32).unwrap();
     let (content, _) = read(&path);
     // llama.cpp's alpha / r must give rsLoRA's alpha / sqrt(r): alpha' = 4 * 4.
     assert_eq!(
@@ -183,9 +181,9 @@ fn rslora_keeps_its_scale_and_smaller_types_stay_close() {
     assert_eq!(back.config().scale(), peft.config().scale());
 
     for (ty, tol) in [
-        (AdapterGgufType::F16, 1e-3),
-        (AdapterGgufType::Bf16, 1e-2),
-        (AdapterGgufType::Q8_0, 2e-2),
+        (GgufType::F16, 1e-3),
+        (GgufType::Bf16, 1e-2),
+        (GgufType::Q8_0, 2e-2),
     ] {
         let p = dir.path().join(format!("{ty:?}.gguf"));
         peft.save_gguf(&config, &p, ty).unwrap();
@@ -194,10 +192,10 @@ fn rslora_keeps_its_scale_and_smaller_types_stay_close() {
         let b_type = content.tensor_infos["blk.0.attn_q.weight.lora_b"].ggml_dtype;
         match ty {
             // A's rows (64) split into blocks of 32, B's (4) do not: f16, as llama.cpp falls back.
-            AdapterGgufType::Q8_0 => {
+            GgufType::Q8_0 => {
                 assert_eq!((a_type, b_type), (GgmlDType::Q8_0, GgmlDType::F16))
             }
-            AdapterGgufType::F16 => assert_eq!(a_type, GgmlDType::F16),
+            GgufType::F16 => assert_eq!(a_type, GgmlDType::F16),
             _ => assert_eq!(a_type, GgmlDType::BF16),
         }
         let back = LoraAdapter::load_gguf(&config, &p, &Device::Cpu).unwrap();
@@ -253,8 +251,7 @@ fn files_that_do_not_fit_are_refused_naming_the_tensor() {
     let peft = LoraAdapter::load(&config, &peft_dir(), &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.gguf");
-    peft.save_gguf(&config, &good, AdapterGgufType::F32)
-        .unwrap();
+    peft.save_gguf(&config, &good, GgufType::F32).unwrap();
     let set = |key: &'static str, v: &'static str| {
         move |meta: &mut Vec<(String, Value)>, _: &mut Vec<(String, QTensor)>| {
             for (k, val) in meta.iter_mut() {
@@ -330,7 +327,7 @@ fn files_that_do_not_fit_are_refused_naming_the_tensor() {
 /// template, and in q8_0 holds the same matrices within Q8_0's rounding.
 #[test]
 fn a_merged_gguf_gives_the_adapted_logits() {
-    use teamtune_llama::{export_merged_gguf, LoadedModel, ModelFiles, ModelGgufType};
+    use teamtune_llama::{export_merged_gguf, GgufType, LoadedModel, ModelFiles};
     let base = common::fixtures().join("tiny-llama31.gguf");
     let files = ModelFiles::Gguf { path: base.clone() };
     let dir = tempfile::tempdir().unwrap();
@@ -360,7 +357,7 @@ fn a_merged_gguf_gives_the_adapted_logits() {
         &files,
         Some(&adapter),
         &f32_path,
-        ModelGgufType::F32,
+        GgufType::F32,
         &mut |_, _| {},
     )
     .unwrap();
@@ -381,7 +378,7 @@ fn a_merged_gguf_gives_the_adapted_logits() {
         &files,
         Some(&adapter),
         &q8_path,
-        ModelGgufType::Q8_0,
+        GgufType::Q8_0,
         &mut |_, _| {},
     )
     .unwrap();
@@ -417,12 +414,12 @@ fn a_merged_gguf_gives_the_adapted_logits() {
 /// folder with the adapter applied.
 #[test]
 fn a_hugging_face_folder_becomes_the_gguf_llama_cpp_converts_it_to() {
-    use teamtune_llama::{export_merged_gguf, LoadedModel, ModelFiles, ModelGgufType};
+    use teamtune_llama::{export_merged_gguf, GgufType, LoadedModel, ModelFiles};
     let dir = tempfile::tempdir().unwrap();
     let hf = teamtune_testkit::tiny_chat_model(dir.path());
     let files = ModelFiles::resolve(hf.to_str().unwrap()).unwrap();
     let out = dir.path().join("plain.gguf");
-    export_merged_gguf(&files, None, &out, ModelGgufType::F32, &mut |_, _| {}).unwrap();
+    export_merged_gguf(&files, None, &out, GgufType::F32, &mut |_, _| {}).unwrap();
     let reference = common::fixtures().join("tiny-llama31.gguf");
     let ((ours, _), (theirs, _)) = (read(&out), read(&reference));
     for (key, want) in &theirs.metadata {
@@ -458,14 +455,7 @@ fn a_hugging_face_folder_becomes_the_gguf_llama_cpp_converts_it_to() {
     adapted.model.load_adapter("a", &peft_dir()).unwrap();
     adapted.model.set_active_adapter(Some("a")).unwrap();
     let adapter = adapted.model.adapter("a").unwrap().clone();
-    export_merged_gguf(
-        &files,
-        Some(&adapter),
-        &with,
-        ModelGgufType::F32,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    export_merged_gguf(&files, Some(&adapter), &with, GgufType::F32, &mut |_, _| {}).unwrap();
     let merged = LoadedModel::load(with.to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let ids: Vec<u32> = (0..40).map(|i| (i * 13 % 300) as u32).collect();
     let logits = |m: &teamtune_llama::Llama| {

@@ -8,7 +8,7 @@ use teamtune_data::BuiltinTemplate;
 
 use super::adapter_args::check_adapter;
 use teamtune_llama::{
-    load_chat_assets, load_config, AdapterGgufType, ChatFormat, LoraAdapter, ModelFiles, Modelfile,
+    load_chat_assets, load_config, ChatFormat, GgufType, LoraAdapter, ModelFiles, Modelfile,
 };
 
 #[derive(clap::Args, Debug)]
@@ -98,7 +98,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.format
         );
     }
-    let Some(ty) = AdapterGgufType::parse(&args.ty) else {
+    // q4_0 is for merged models: an adapter's small factors lose too much in 4 bits.
+    let Some(ty) = GgufType::parse(&args.ty).filter(|t| *t != GgufType::Q4_0) else {
         bail!("--type `{}` is not one of f32, f16, bf16, q8_0", args.ty);
     };
     if args.out.exists() {

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use teamtune_llama::{
     export_merged, export_merged_gguf, load_config, parse_dtype, parse_size, ExportOptions,
-    LoraAdapter, ModelFiles, ModelGgufType,
+    GgufType, LoraAdapter, ModelFiles,
 };
 
 #[derive(clap::Args, Debug)]
@@ -50,7 +50,7 @@ pub struct Args {
 
 /// `--format gguf`: the merged model as one GGUF file and an Ollama Modelfile.
 fn run_gguf(args: &Args) -> anyhow::Result<()> {
-    let Some(ty) = ModelGgufType::parse(&args.ty) else {
+    let Some(ty) = GgufType::parse(&args.ty) else {
         bail!(
             "--type `{}` is not one of f32, f16, bf16, q8_0, q4_0",
             args.ty

@@ -11,10 +11,10 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use super::gguf_from_hf;
-use super::gguf_write::write_gguf;
+use super::gguf_write::{write_gguf, GgufType};
 use crate::error::{LlamaError, Result};
 use crate::load::assets::ChatAssets;
 use crate::load::config::LlamaConfig;
@@ -23,50 +23,6 @@ use crate::load::weights::{permute, GgufWeights, WeightSource};
 use crate::lora::adapter::LoraAdapter;
 use crate::lora::config::LoraTarget;
 use crate::lora::gguf::gguf_projection;
-
-/// The element type of a merged model's matrices (vectors, e.g. norms, stay f32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelGgufType {
-    F32,
-    F16,
-    Bf16,
-    Q8_0,
-    Q4_0,
-}
-
-impl ModelGgufType {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" => Some(Self::F32),
-            "f16" => Some(Self::F16),
-            "bf16" => Some(Self::Bf16),
-            "q8_0" => Some(Self::Q8_0),
-            "q4_0" => Some(Self::Q4_0),
-            _ => None,
-        }
-    }
-
-    fn ggml(self) -> GgmlDType {
-        match self {
-            Self::F32 => GgmlDType::F32,
-            Self::F16 => GgmlDType::F16,
-            Self::Bf16 => GgmlDType::BF16,
-            Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4_0 => GgmlDType::Q4_0,
-        }
-    }
-
-    /// llama.cpp's `general.file_type` (`llama_ftype`).
-    fn file_type(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q4_0 => 2,
-            Self::Q8_0 => 7,
-            Self::Bf16 => 32,
-        }
-    }
-}
 
 /// What was written.
 #[derive(Debug, Clone)]
@@ -83,7 +39,7 @@ pub fn export_merged_gguf(
     files: &ModelFiles,
     adapter: Option<&LoraAdapter>,
     out: &Path,
-    ty: ModelGgufType,
+    ty: GgufType,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<GgufReport> {
     match files {
@@ -92,19 +48,6 @@ pub fn export_merged_gguf(
             from_hf(files, dir, weights, adapter, out, ty, progress)
         }
     }
-}
-
-/// The type a tensor is written in: vectors (norms) stay f32, as llama.cpp keeps them; a matrix
-/// whose rows do not split into the type's blocks falls back to f16.
-fn quantized(t: &Tensor, ty: ModelGgufType) -> Result<QTensor> {
-    let ggml = if t.rank() < 2 {
-        GgmlDType::F32
-    } else if t.dim(t.rank() - 1)? % ty.ggml().block_size() != 0 {
-        GgmlDType::F16
-    } else {
-        ty.ggml()
-    };
-    Ok(QTensor::quantize(&t.to_device(&Device::Cpu)?, ggml)?)
 }
 
 /// The HF shape of a weight of `config`.
@@ -143,7 +86,7 @@ fn from_hf(
     weights: &[std::path::PathBuf],
     adapter: Option<&LoraAdapter>,
     out: &Path,
-    ty: ModelGgufType,
+    ty: GgufType,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<GgufReport> {
     let config = LlamaConfig::from_file(&dir.join("config.json"))?;
@@ -187,7 +130,7 @@ fn from_hf(
             Some(LoraTarget::K) => t = permute(&t, config.num_key_value_heads)?,
             _ => {}
         }
-        tensors.push((gguf.clone(), quantized(&t, ty)?));
+        tensors.push((gguf.clone(), ty.quantize(&t)?));
         progress(k as u64 + 1, total);
     }
     let bytes = write_gguf(out, &metadata, &tensors, "the merged GGUF")?;
@@ -202,7 +145,7 @@ fn from_gguf(
     base: &Path,
     adapter: Option<&LoraAdapter>,
     out: &Path,
-    ty: ModelGgufType,
+    ty: GgufType,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<GgufReport> {
     let weights = GgufWeights::open(base)?;
@@ -254,7 +197,7 @@ fn from_gguf(
             t = (t + delta)?;
             merged += 1;
         }
-        tensors.push(((*name).clone(), quantized(&t, ty)?));
+        tensors.push(((*name).clone(), ty.quantize(&t)?));
         progress(i as u64 + 1, total);
     }
     let mut metadata: Vec<(String, Value)> = content

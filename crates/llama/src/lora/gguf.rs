@@ -12,48 +12,15 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::adapter::{LoraAdapter, LoraPair};
 use super::config::{LoraConfig, LoraTarget};
 use crate::error::{LlamaError, Result};
-use crate::export::gguf_write::write_gguf;
+use crate::export::gguf_write::{write_gguf, GgufType};
 use crate::load::config::LlamaConfig;
 use crate::load::weights::{permute, unpermute};
-
-/// The element type of an exported adapter's tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdapterGgufType {
-    F32,
-    F16,
-    Bf16,
-    /// Q8_0 where a tensor's rows are a multiple of 32 values (A's); f16 elsewhere (B's rows
-    /// are `r` long), as llama.cpp's converter falls back.
-    Q8_0,
-}
-
-impl AdapterGgufType {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" => Some(Self::F32),
-            "f16" => Some(Self::F16),
-            "bf16" => Some(Self::Bf16),
-            "q8_0" => Some(Self::Q8_0),
-            _ => None,
-        }
-    }
-
-    fn ggml(self, row_len: usize) -> GgmlDType {
-        match self {
-            Self::F32 => GgmlDType::F32,
-            Self::F16 => GgmlDType::F16,
-            Self::Bf16 => GgmlDType::BF16,
-            Self::Q8_0 if row_len.is_multiple_of(32) => GgmlDType::Q8_0,
-            Self::Q8_0 => GgmlDType::F16,
-        }
-    }
-}
 
 /// llama.cpp's name of a projection in block `layer`.
 pub fn gguf_projection(layer: usize, target: LoraTarget) -> String {
@@ -90,7 +57,7 @@ impl LoraAdapter {
 
     /// Writes the adapter as a llama.cpp LoRA GGUF for a base model with `model` (through a
     /// temporary file and a rename).
-    pub fn save_gguf(&self, model: &LlamaConfig, path: &Path, ty: AdapterGgufType) -> Result<()> {
+    pub fn save_gguf(&self, model: &LlamaConfig, path: &Path, ty: GgufType) -> Result<()> {
         let c = &self.config;
         // llama.cpp applies alpha / r.
         let alpha = (c.scale() * c.rank as f64) as f32;
@@ -104,9 +71,7 @@ impl LoraAdapter {
                     b = permute(&b, heads)?;
                 }
                 for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
-                    let row = t.dim(1)?;
-                    let q = QTensor::quantize(&t, ty.ggml(row))?;
-                    tensors.push((format!("{name}.{suffix}"), q));
+                    tensors.push((format!("{name}.{suffix}"), ty.quantize(&t)?));
                 }
             }
         }
