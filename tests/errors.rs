@@ -284,3 +284,88 @@ fn a_bad_chat_template_is_named_by_its_flag() {
     assert!(err.contains("syntax error"), "{err}");
     assert!(!err.contains("give --chat-template"), "{err}");
 }
+
+/// The flags this round of serve, chat, export and merge work added: a bad value is an error
+/// naming the flag, before any model is read (`--model` names nothing here).
+#[test]
+fn new_flags_refuse_bad_values_before_loading() {
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["serve", "--port", "0", "--prefill-chunk", "0"],
+            "--prefill-chunk must be at least 1",
+        ),
+        (
+            &["generate", "--prompt", "x", "--max-tokens", "0"],
+            "--max-tokens must be at least 1",
+        ),
+        (
+            &["chat", "--max-tokens", "0"],
+            "--max-tokens must be at least 1",
+        ),
+        (
+            &[
+                "merge",
+                "--no-adapter",
+                "--out",
+                "/tmp/never",
+                "--format",
+                "onnx",
+            ],
+            "--format `onnx` is not one of hf, gguf",
+        ),
+        (
+            &[
+                "merge",
+                "--no-adapter",
+                "--out",
+                "/tmp/never.gguf",
+                "--format",
+                "gguf",
+                "--type",
+                "q2_k",
+            ],
+            "--type `q2_k` is not one of f32, f16, bf16, q8_0, q4_0",
+        ),
+        (
+            &[
+                "export",
+                "--adapter",
+                "/tmp",
+                "--out",
+                "/tmp/never.gguf",
+                "--type",
+                "q4_0",
+            ],
+            "--type `q4_0` is not one of f32, f16, bf16, q8_0",
+        ),
+        (
+            &[
+                "serve",
+                "--port",
+                "0",
+                "--json-schema",
+                "{}",
+                "--json-schema-file",
+                "x.json",
+            ],
+            "--json-schema",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = crate::util::teamtune()
+            .args(args)
+            .args(["--model", "/nonexistent/model"])
+            .env("RUST_LOG", "warn")
+            .env_remove("TEAMTUNE_API_KEY")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(
+            !err.contains("nonexistent"),
+            "{args:?} read the model first: {err}"
+        );
+    }
+}
