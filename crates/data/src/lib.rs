@@ -28,6 +28,7 @@ mod error;
 mod filter;
 mod pipeline;
 mod reader;
+mod special_text;
 mod split;
 mod stats;
 mod summary;
@@ -47,9 +48,11 @@ pub use pipeline::{
     prepare, prepare_conversations, PrepareOptions, PrepareReport, Prepared, TaskCounts,
 };
 pub use reader::{discover, read_conversations, ConversationReader, ReadOptions, ReadReport};
+pub use special_text::{SpecialText, TokensWithOffsets};
 pub use split::{assign_splits, conversation_key, Split, SplitBy, SplitOptions};
 pub use stats::{percentile, Percentiles, TokenStats};
 pub use summary::StatsSettings;
 pub use template::{
-    options_from_tokenizer_config, BuiltinTemplate, ChatTemplate, FixedDate, TemplateOptions,
+    options_from_tokenizer_config, BuiltinTemplate, ChatTemplate, ContentSpans, FixedDate,
+    TemplateOptions,
 };

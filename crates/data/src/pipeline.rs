@@ -31,6 +31,9 @@ pub struct TaskCounts {
     pub dropped_overlong: usize,
     /// Kept after cutting at a turn boundary (also counted in train/validation).
     pub cut: usize,
+    /// Kept with special-token text in a message's content, tokenised as plain text (also
+    /// counted in train/validation).
+    pub special_text: usize,
     pub train: usize,
     pub validation: usize,
 }
@@ -50,6 +53,7 @@ impl TaskCounts {
         self.render_failed += o.render_failed;
         self.dropped_overlong += o.dropped_overlong;
         self.cut += o.cut;
+        self.special_text += o.special_text;
         self.train += o.train;
         self.validation += o.validation;
     }
@@ -121,6 +125,7 @@ pub fn prepare_conversations(
         match outcome {
             Ok(EncodeOutcome::Kept(e)) => {
                 counts.cut += e.cut as usize;
+                counts.special_text += encoder.holds_special_text(c) as usize;
                 match split {
                     Split::Train => {
                         counts.train += 1;

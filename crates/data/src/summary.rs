@@ -51,6 +51,7 @@ fn counts_json(c: &TaskCounts) -> serde_json::Value {
         "render_failed": c.render_failed,
         "dropped_overlong": c.dropped_overlong,
         "cut": c.cut,
+        "special_text": c.special_text,
         "train": c.train,
         "validation": c.validation,
     })
@@ -228,6 +229,14 @@ impl PrepareReport {
             "over {} tokens: {} dropped, {} cut at a turn boundary",
             args.max_len, t.dropped_overlong, t.cut
         )?;
+        if t.special_text > 0 {
+            writeln!(
+                w,
+                "{} kept conversations quote special-token text (such as <|im_start|>) in a \
+                 message; it is tokenised as plain text, not as control tokens",
+                t.special_text
+            )?;
+        }
         if t.read > 0 && t.pruned_missing_score == t.read {
             writeln!(
                 w,
@@ -303,5 +312,17 @@ mod tests {
         let json = report.to_json("toy");
         assert_eq!(json["total"]["kept"], 2);
         assert_eq!(json["per_task"]["single_nav"]["pruned_low_score"], 1);
+
+        // Conversations quoting special-token text are counted in a line of their own.
+        report.per_task.get_mut("single_nav").unwrap().special_text = 1;
+        let text = report.render("toy", &settings(), 0.5);
+        assert!(
+            text.ends_with(
+                "1 kept conversations quote special-token text (such as <|im_start|>) in a \
+                 message; it is tokenised as plain text, not as control tokens\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(report.to_json("toy")["total"]["special_text"], 1);
     }
 }

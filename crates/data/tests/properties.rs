@@ -114,6 +114,19 @@ proptest! {
         }
     }
 
+    /// Spans read from one rendering are the spans of rendering every prefix, whitespace,
+    /// quoted special tokens and templates that trim included.
+    #[test]
+    fn one_rendering_finds_the_spans_of_every_prefix(conv in conversation()) {
+        for config in Config::ALL {
+            let prefixes = Config::encoder(config, EncodeOptions { mask_method: MaskMethod::PrefixDiff, ..Default::default() });
+            let one = config.encoder(Default::default());
+            let a = one.encode_messages(&conv.messages, &conv.source).unwrap();
+            let b = prefixes.encode_messages(&conv.messages, &conv.source).unwrap();
+            prop_assert_eq!(&a, &b, "{:?}", config);
+        }
+    }
+
     #[test]
     fn last_assistant_trains_only_the_last_reply(conv in conversation()) {
         let all = Config::SmolLm2.encoder(Default::default());

@@ -2,7 +2,7 @@
 //! reply, a conversation's prompt tokens, and keeping the part of a session's KV cache that a
 //! new prompt shares with it.
 
-use teamtune_data::{ChatTemplate, DataError, Message, TemplateOptions};
+use teamtune_data::{ChatTemplate, DataError, Message, SpecialText, TemplateOptions};
 use teamtune_llama::{ChatAssets, Session};
 use tokenizers::Tokenizer;
 
@@ -53,8 +53,8 @@ pub enum PromptError {
     /// The tokenizer failed on the rendered text (its message).
     #[error("{0}")]
     Tokenizer(String),
-    /// A message holds special-token text that the chat template changes, so its text cannot
-    /// be told apart from the template's own tokens.
+    /// A message holds special-token text and the chat template changes message content, so
+    /// where the content is in the rendering is not known exactly.
     #[error(
         "a message holds special-token text that the chat template changes; it cannot be kept \
          apart from the template's own tokens"
@@ -68,8 +68,8 @@ pub enum PromptError {
 ///
 /// Message content is text: a special token's string inside it (`<|im_start|>system` in a user
 /// message) is tokenised as plain text, never as the control token, so that no client can forge
-/// a turn. Conversations whose content holds no such string are tokenised exactly as before, in
-/// one piece.
+/// a turn (the training data is tokenised the same way, see [`SpecialText`]). Conversations whose
+/// content holds no such string are tokenised exactly as before, in one piece.
 pub fn prompt_tokens(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
@@ -85,59 +85,27 @@ pub fn prompt_tokens_with_tools(
     messages: &[Message],
     tools: Option<&serde_json::Value>,
 ) -> Result<Vec<u32>, PromptError> {
-    let text = template.render_with_tools(messages, tools, true)?;
-    let encode = |tok: &Tokenizer, piece: &str| -> Result<Vec<u32>, PromptError> {
-        Ok(tok
-            .encode(piece, false)
-            .map_err(|e| PromptError::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec())
-    };
-    let specials: Vec<String> = tokenizer
-        .get_added_tokens_decoder()
-        .into_values()
-        .filter(|t| t.special && !t.content.is_empty())
-        .map(|t| t.content)
-        .collect();
-    let holds_special = |c: &str| specials.iter().any(|s| c.contains(s.as_str()));
-    if !messages.iter().any(|m| holds_special(&m.content)) {
-        return encode(tokenizer, &text);
+    let special = SpecialText::of(tokenizer);
+    if !special.in_any(messages) {
+        let text = template.render_with_tools(messages, tools, true)?;
+        return encode(&special, tokenizer, &text, &[]);
     }
-    // Where each such content sits in the rendered text (messages render in order; templates
-    // may trim the content).
-    let mut spans = Vec::new();
-    let mut from = 0;
-    for m in messages {
-        let content = m.content.as_str();
-        let found = [content, content.trim()]
-            .into_iter()
-            .filter(|c| !c.is_empty())
-            .find_map(|c| {
-                text[from..]
-                    .find(c)
-                    .map(|at| (from + at, from + at + c.len()))
-            });
-        match found {
-            Some((start, end)) => {
-                if holds_special(content) {
-                    spans.push((start, end));
-                }
-                from = end;
-            }
-            None if holds_special(content) => return Err(PromptError::SpecialText),
-            None => {}
-        }
-    }
-    let mut plain = tokenizer.clone();
-    plain.set_encode_special_tokens(true);
-    let mut ids = Vec::new();
-    let mut at = 0;
-    for (start, end) in spans {
-        ids.extend(encode(tokenizer, &text[at..start])?);
-        ids.extend(encode(&plain, &text[start..end])?);
-        at = end;
-    }
-    ids.extend(encode(tokenizer, &text[at..])?);
+    let rendered = template.render_content_spans(messages, tools, true)?;
+    let as_text = special
+        .spans_to_read_as_text(messages, rendered.spans.as_deref())
+        .map_err(|_| PromptError::SpecialText)?;
+    encode(&special, tokenizer, &rendered.text, &as_text)
+}
+
+fn encode(
+    special: &SpecialText,
+    tokenizer: &Tokenizer,
+    text: &str,
+    as_text: &[std::ops::Range<usize>],
+) -> Result<Vec<u32>, PromptError> {
+    let (ids, _) = special
+        .encode(tokenizer, text, as_text)
+        .map_err(PromptError::Tokenizer)?;
     Ok(ids)
 }
 

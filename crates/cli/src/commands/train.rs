@@ -136,6 +136,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             totals.dropped_overlong
         );
     }
+    if totals.special_text > 0 {
+        tracing::warn!(
+            "{} conversations quote special-token text (such as <|im_start|>) in a message; it \
+             is trained as plain text, not as control tokens",
+            totals.special_text
+        );
+    }
     if prepared.train.is_empty() {
         bail!(
             "no training conversations left after pruning below {}",

@@ -25,9 +25,11 @@ use minijinja::{Environment, Error, ErrorKind, State};
 use crate::conversation::Message;
 use crate::error::{DataError, Result};
 
+mod content_spans;
 mod date;
 mod python;
 
+pub use content_spans::ContentSpans;
 pub use date::FixedDate;
 use python::{py_float_repr, py_title, py_tojson};
 
@@ -342,14 +344,20 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.render_values_with_tools(Self::message_values(messages), tools, add_generation_prompt)
+    }
+
+    fn render_values_with_tools(
+        &self,
+        messages: Vec<Value>,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let Some(tools) = tools else {
-            return self.render(messages, add_generation_prompt);
+            return self.render_values(&messages, add_generation_prompt, false);
         };
         let mut ctx = self.base_context.clone();
-        ctx.insert(
-            "messages".into(),
-            Value::from(Self::message_values(messages)),
-        );
+        ctx.insert("messages".into(), Value::from(messages));
         ctx.insert("tools".into(), json_to_value(tools));
         ctx.insert(
             "add_generation_prompt".into(),

@@ -8,9 +8,12 @@
 //!   `return_assistant_tokens_mask` computes them, or
 //! - for templates without them (most stock templates), the prefix difference: assistant turn `i`
 //!   spans from the end of `render(messages[..i], add_generation_prompt=true)` to the end of
-//!   `render(messages[..=i])`, checked to be prefixes of the full rendering. Tokens after the last
-//!   end-of-turn token of a span (ChatML's `\n` after `<|im_end|>`) are not trained: the model
-//!   never generates them.
+//!   `render(messages[..=i])`, checked to be prefixes of the full rendering (found in linear
+//!   time, see `spans.rs`). Tokens after the last end-of-turn token of a span (ChatML's `\n`
+//!   after `<|im_end|>`) are not trained: the model never generates them.
+//!
+//! Message content is text: special-token strings in it are tokenised as plain text
+//! ([`SpecialText`]), unlike transformers, which reads them as control tokens.
 //!
 //! A token is trained when its byte range overlaps a span (transformers' rule). The first token of
 //! a sequence is never trained: nothing predicts it.
@@ -22,7 +25,11 @@ use tokenizers::Tokenizer;
 
 use crate::conversation::{Conversation, Message, Role, Source};
 use crate::error::{DataError, Result};
-use crate::template::{ChatTemplate, GEN_END, GEN_START};
+use crate::special_text::SpecialText;
+use crate::template::ChatTemplate;
+
+mod spans;
+use spans::{span_tokens, Rendered};
 
 /// Which tokens carry loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,12 +57,14 @@ impl TrainOn {
 /// How the assistant spans are found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MaskMethod {
-    /// `{% generation %}` blocks when the template has them, else the prefix difference.
+    /// `{% generation %}` blocks when the template has them, else the prefix difference, read
+    /// from one rendering when the template shows content as given (checked against rendering
+    /// prefixes on two turns; on any doubt every prefix is rendered).
     #[default]
     Auto,
     /// Only `{% generation %}` blocks (an error for templates without them).
     GenerationMarkers,
-    /// Always the prefix difference.
+    /// Always the prefix difference, rendering every prefix (quadratic in the turns).
     PrefixDiff,
 }
 
@@ -175,6 +184,7 @@ pub struct Encoder {
     template: ChatTemplate,
     options: EncodeOptions,
     end_of_turn: Vec<u32>,
+    special: SpecialText,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -236,11 +246,13 @@ impl Encoder {
                 "mask method `generation` needs a template with {% generation %} blocks".into(),
             ));
         }
+        let special = SpecialText::of(&tokenizer);
         Ok(Encoder {
             tokenizer,
             template,
             options,
             end_of_turn,
+            special,
         })
     }
 
@@ -258,146 +270,96 @@ impl Encoder {
         &self.end_of_turn
     }
 
-    fn use_markers(&self) -> bool {
-        match self.options.mask_method {
-            MaskMethod::Auto | MaskMethod::GenerationMarkers => {
-                self.template.has_generation_markers()
-            }
-            MaskMethod::PrefixDiff => false,
+    /// Renders, tokenises and masks a list of messages (no length handling).
+    ///
+    /// Content holding special-token strings is tokenised as plain text (see
+    /// [`SpecialText`]); a template that rewrites such content, so that it cannot be found in
+    /// the rendering, is an error for that conversation.
+    pub fn encode_messages(&self, messages: &[Message], source: &Source) -> Result<Encoded> {
+        let special = self.special.in_any(messages);
+        let rendered = self.render_spans(messages, source, special, true)?;
+        if let Some(e) = self.encode_rendered(rendered, messages, source)? {
+            return Ok(e);
         }
+        // The spans read from the content disagreed with the prefix difference: render every
+        // prefix.
+        let rendered = self.render_spans(messages, source, special, false)?;
+        Ok(self
+            .encode_rendered(rendered, messages, source)?
+            .expect("prefix spans have nothing to check"))
     }
 
-    /// Renders the messages and returns the text with the byte span of every assistant turn, and
-    /// whether the spans should be cut after their last end-of-turn token.
-    fn render_spans(
+    /// Tokenises and masks a rendering; `None` when its checks fail.
+    fn encode_rendered(
         &self,
+        rendered: Rendered,
         messages: &[Message],
         source: &Source,
-    ) -> Result<(String, Vec<Range<usize>>, bool)> {
-        let vals = ChatTemplate::message_values(messages);
-        let wrap = |e: DataError| match e {
-            DataError::Template(m) => conv_err(source, format!("chat template: {m}")),
-            other => other,
-        };
-        if self.use_markers() {
-            if messages
-                .iter()
-                .any(|m| m.content.contains([GEN_START, GEN_END]))
-            {
-                return Err(conv_err(
-                    source,
-                    "content holds U+E000/U+E001, reserved for marking {% generation %} blocks",
-                ));
-            }
-            let (text, spans) = self
-                .template
-                .render_with_generation_spans(&vals, false)
-                .map_err(wrap)?;
-            return Ok((text, spans, false));
-        }
-        let full = self.template.render_prepared(&vals, false).map_err(wrap)?;
-        let mut spans = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            if m.role != Role::Assistant {
-                continue;
-            }
-            let pre = self
-                .template
-                .render_prepared(&vals[..i], true)
-                .map_err(|e| {
-                    conv_err(
-                        source,
-                        format!(
-                            "rendering the {i} messages before assistant turn {i} with the \
-                             generation prompt failed ({}); the template cannot render this \
-                             prefix, so its assistant span is unknown (add {{% generation %}} \
-                             blocks to the template)",
-                            wrap(e)
-                        ),
-                    )
-                })?;
-            let post_owned;
-            let post: &str = if i + 1 == messages.len() {
-                &full
-            } else {
-                post_owned = self
-                    .template
-                    .render_prepared(&vals[..=i], false)
-                    .map_err(wrap)?;
-                &post_owned
-            };
-            if !full.starts_with(post) {
-                return Err(conv_err(
+    ) -> Result<Option<Encoded>> {
+        let Rendered {
+            text,
+            mut spans,
+            cut_after_end_of_turn,
+            content,
+            checks,
+        } = rendered;
+        let as_text = self
+            .special
+            .spans_to_read_as_text(messages, content.as_deref())
+            .map_err(|i| {
+                let found = self.special.found_in(&messages[i].content).unwrap_or("");
+                conv_err(
                     source,
                     format!(
-                        "the chat template is not prefix-stable: the first {} messages do not \
-                         render as a prefix of the whole conversation (it rewrites earlier \
-                         turns); add {{% generation %}} blocks to the template",
-                        i + 1
+                        "message {i} holds the special-token text {found:?}, and the chat \
+                         template changes message content, so it cannot be tokenised as plain \
+                         text; remove it from the data"
                     ),
-                ));
-            }
-            if !post.starts_with(pre.as_str()) {
-                return Err(conv_err(
-                    source,
-                    format!(
-                        "the chat template's generation prompt is not how it renders assistant \
-                         turn {i}; add {{% generation %}} blocks to the template"
-                    ),
-                ));
-            }
-            spans.push(pre.len()..post.len());
-        }
-        Ok((full, spans, true))
-    }
-
-    /// Renders, tokenises and masks a list of messages (no length handling).
-    pub fn encode_messages(&self, messages: &[Message], source: &Source) -> Result<Encoded> {
-        let (text, spans, trim) = self.render_spans(messages, source)?;
-        let enc = self
-            .tokenizer
-            .encode(text.as_str(), false)
+                )
+            })?;
+        let (input_ids, offsets) = self
+            .special
+            .encode(&self.tokenizer, &text, &as_text)
             .map_err(|e| DataError::Tokenizer(format!("{source}: {e}")))?;
-        let input_ids = enc.get_ids().to_vec();
-        let offsets = enc.get_offsets().to_vec();
-        drop(enc);
-        let n = input_ids.len();
-        let mut loss_mask = vec![0u8; n];
-        // transformers' pass: a token is in a span when its byte range overlaps it.
-        let mut ranges: Vec<Option<(usize, usize)>> = vec![None; spans.len()];
-        let mut si = 0;
-        for (t, &(ts, te)) in offsets.iter().enumerate() {
-            while si < spans.len() && ts >= spans[si].end {
-                si += 1;
-            }
-            if si == spans.len() {
-                break;
-            }
-            if te > spans[si].start {
-                loss_mask[t] = 1;
-                ranges[si] = Some(match ranges[si] {
-                    None => (t, t + 1),
-                    Some((a, _)) => (a, t + 1),
+        let mut ranges = span_tokens(&offsets, &spans);
+        if cut_after_end_of_turn {
+            self.cut_after_end_of_turn(&input_ids, &mut ranges);
+            if !checks.is_empty() {
+                // Turns found in one rendering end at the next message's content: each must
+                // hold an end-of-turn token, and the checked ones must equal the prefix
+                // difference.
+                let ends_at_turn_end = ranges.iter().flatten().all(|&(_, b)| {
+                    self.end_of_turn.binary_search(&input_ids[b - 1]).is_ok()
+                        || offsets[b - 1].1 >= text.len()
                 });
+                let exact: Vec<Range<usize>> = checks.iter().map(|(_, s)| s.clone()).collect();
+                let mut exact_ranges = span_tokens(&offsets, &exact);
+                self.cut_after_end_of_turn(&input_ids, &mut exact_ranges);
+                let agree = checks
+                    .iter()
+                    .zip(&exact_ranges)
+                    .all(|((k, _), r)| ranges[*k] == *r);
+                if !ends_at_turn_end || !agree {
+                    return Ok(None);
+                }
             }
-        }
-        if trim {
-            for r in ranges.iter_mut().flatten() {
-                if let Some(last) = (r.0..r.1)
-                    .rev()
-                    .find(|&t| self.end_of_turn.binary_search(&input_ids[t]).is_ok())
-                {
-                    loss_mask[last + 1..r.1].fill(0);
-                    r.1 = last + 1;
+            // Each span ends with its trained tokens.
+            for (span, r) in spans.iter_mut().zip(&ranges) {
+                if let Some((_, b)) = r {
+                    span.end = span.end.min(offsets[b - 1].1);
                 }
             }
         }
+        let n = input_ids.len();
+        let mut loss_mask = vec![0u8; n];
         match self.options.train_on {
-            TrainOn::AllAssistant => {}
+            TrainOn::AllAssistant => {
+                for &(a, b) in ranges.iter().flatten() {
+                    loss_mask[a..b].fill(1);
+                }
+            }
             TrainOn::LastAssistant => {
-                let keep = ranges.iter().rev().flatten().next().copied();
-                loss_mask.fill(0);
-                if let Some((a, b)) = keep {
+                if let Some(&(a, b)) = ranges.iter().rev().flatten().next() {
                     loss_mask[a..b].fill(1);
                 }
             }
@@ -406,13 +368,32 @@ impl Encoder {
         if let Some(first) = loss_mask.first_mut() {
             *first = 0;
         }
-        Ok(Encoded {
+        Ok(Some(Encoded {
             text,
             input_ids,
             offsets,
             loss_mask,
             assistant_spans: spans,
-        })
+        }))
+    }
+
+    /// Cuts each token range after its last end-of-turn token (ChatML's `\n` after
+    /// `<|im_end|>` is never generated).
+    fn cut_after_end_of_turn(&self, ids: &[u32], ranges: &mut [Option<(usize, usize)>]) {
+        for r in ranges.iter_mut().flatten() {
+            if let Some(last) = (r.0..r.1)
+                .rev()
+                .find(|&t| self.end_of_turn.binary_search(&ids[t]).is_ok())
+            {
+                r.1 = last + 1;
+            }
+        }
+    }
+
+    /// Whether any message of the conversation holds special-token text (tokenised as plain
+    /// text, see [`SpecialText`]).
+    pub fn holds_special_text(&self, conv: &Conversation) -> bool {
+        self.special.in_any(&conv.messages)
     }
 
     fn example(&self, conv: &Conversation, e: Encoded, cut: bool) -> Example {
