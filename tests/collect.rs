@@ -116,6 +116,30 @@ fn bad_collect_and_eval_arguments_fail_before_any_episode() {
             ],
             "--episodes must be between 1 and",
         ),
+        (
+            vec![
+                "eval".into(),
+                "--policy".into(),
+                "expert".into(),
+                "--episodes".into(),
+                "0".into(),
+                "--out".into(),
+                s(&dir.path().join("e")),
+            ],
+            "--episodes must be between 1 and",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "--policy".into(),
+                "expert".into(),
+                "--parallel".into(),
+                "18446744073709551615".into(),
+                "--out".into(),
+                s(&dir.path().join("e")),
+            ],
+            "--parallel must be between 1 and 1024",
+        ),
     ];
     for (args, want) in cases {
         let out = crate::util::teamtune().args(&args).output().unwrap();
@@ -126,4 +150,5 @@ fn bad_collect_and_eval_arguments_fail_before_any_episode() {
         assert!(!file.exists(), "{args:?}");
     }
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "keep me\n");
+    assert!(!dir.path().join("e").exists());
 }

@@ -53,13 +53,17 @@ fn a_bad_setting_is_one_plain_line_without_a_backtrace() {
 
 #[test]
 fn sampling_settings_are_checked_before_the_model_loads() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--temperature", "NaN"], "--temperature must be a number"),
         (&["--temperature=-1"], "--temperature must be a number"),
         (&["--top-k", "0"], "--top-k must be at least 1"),
         (&["--top-p", "1.5"], "--top-p must be above 0 and at most 1"),
         (
             &["--repetition-penalty", "0"],
+            "--repetition-penalty must be a positive number",
+        ),
+        (
+            &["--repetition-penalty=-1.5"],
             "--repetition-penalty must be a positive number",
         ),
     ];
@@ -366,6 +370,76 @@ fn new_flags_refuse_bad_values_before_loading() {
         assert!(
             !err.contains("nonexistent"),
             "{args:?} read the model first: {err}"
+        );
+    }
+}
+
+/// An empty data file is named before any work, and no run folder is made for it.
+#[test]
+fn train_on_an_empty_data_file_says_so_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let run = dir.path().join("run");
+    let out = teamtune()
+        .args(["train", "--data", empty.to_str().unwrap()])
+        .args(["--out", run.to_str().unwrap(), "--model", "/no/such/model"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("empty.jsonl holds no conversations (empty)") && !err.contains("/no/such"),
+        "{err}"
+    );
+    assert!(!run.exists(), "no run folder for nothing");
+}
+
+/// `serve --host` that is not an address is refused by its flag before the model loads.
+#[test]
+fn serve_refuses_a_bad_host_before_the_model_loads() {
+    let out = teamtune()
+        .args(["serve", "--host", "not a host", "--model", "/no/such/model"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--host") && !err.contains("/no/such"), "{err}");
+}
+
+/// A device given as a file (`/dev/zero`, an endless stream) is refused by name before it is
+/// read, for every flag that takes a text file.
+#[test]
+fn a_device_given_as_a_file_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "").unwrap();
+    let d = data.to_str().unwrap();
+    let cases: [&[&str]; 4] = [
+        &["data", "stats", d, "--tokenizer", "/dev/zero"],
+        &["data", "stats", d, "--chat-template", "/dev/zero"],
+        &[
+            "generate",
+            "--messages",
+            "/dev/zero",
+            "--model",
+            "/no/such/model",
+        ],
+        &[
+            "serve",
+            "--json-schema-file",
+            "/dev/zero",
+            "--model",
+            "/no/such/model",
+        ],
+    ];
+    for args in cases {
+        let out = teamtune().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("/dev/zero") && err.contains("not a regular file"),
+            "{args:?}: {err}"
         );
     }
 }

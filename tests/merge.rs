@@ -143,6 +143,31 @@ fn an_output_that_is_or_holds_or_sits_in_an_input_is_refused_even_with_force() {
         assert!(adapter.join("adapter_model.safetensors").is_file());
         assert!(!adapter.join("merged").exists());
     }
+    // The base model's folder is an input too.
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for f in std::fs::read_dir(fixtures().join("tiny-llama31")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, base.join(f.file_name().unwrap())).unwrap();
+    }
+    let files = |d: &std::path::Path| std::fs::read_dir(d).unwrap().count();
+    let before = files(&base);
+    for out in [base.clone(), base.join("merged")] {
+        let err = merge_fails(&[
+            "--model",
+            &s(&base),
+            "--adapter",
+            &s(&adapter),
+            "--out",
+            &s(&out),
+            "--force",
+        ]);
+        assert!(
+            err.contains("is, contains or is inside the input") && err.contains("base"),
+            "{err}"
+        );
+        assert_eq!(files(&base), before);
+    }
 }
 
 /// A merge killed mid-write leaves `.NAME.partial-PID`; the next merge into NAME removes the

@@ -12,6 +12,9 @@ pub enum LlamaError {
     },
     #[error("{path}: invalid config: {message}")]
     Config { path: PathBuf, message: String },
+    /// A model file that cannot be read as one (a device, a folder, far too large).
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
     #[error("{path}: missing required config field `{field}`")]
     MissingField { path: PathBuf, field: String },
     #[error("{path}: {message}")]

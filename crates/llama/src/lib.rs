@@ -43,6 +43,7 @@ pub use load::assets::{load_chat_assets, ChatAssets};
 pub use load::config::{LlamaConfig, RopeScaling};
 pub use load::open::{load_config, load_model, LoadedModel};
 pub use load::source::{default_model_path, teamtune_home, ModelFiles};
+pub use load::text_file::{read_text_file, MAX_TEXT_FILE_BYTES};
 pub use load::weights::{GgufWeights, WeightSource};
 pub use lora::adapter::{LoraAdapter, LoraPair};
 pub use lora::config::{LoraConfig, LoraTarget};

@@ -40,7 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seq: usize = env_or("TEAMTUNE_BENCH_SEQ", 512);
     let steps: usize = env_or("TEAMTUNE_BENCH_STEPS", 3);
     let checkpointing = env_or("TEAMTUNE_BENCH_CHECKPOINTING", 0u8) == 1;
-    // As `teamtune train` does.
+    // As `teamtune train` does: candle's idle workers park instead of spinning against ours
+    // (first, before any thread starts), and freed memory stays in the process.
+    teamtune_llama::park_idle_candle_workers();
     keep_freed_memory();
     let mut loaded = LoadedModel::load("", DType::F32, &Device::Cpu)?;
     let model = &mut loaded.model;

@@ -137,8 +137,7 @@ struct Loaded {
 }
 
 fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = teamtune_llama::read_text_file(path)?;
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
@@ -147,7 +146,8 @@ fn load(args: &TokenizerArgs) -> anyhow::Result<Loaded> {
         .with_context(|| format!("--date {:?} is not a date YYYY-MM-DD", args.date))?;
     let (tokenizer, mut template_src, mut options, eos_ids, mut what) = match &args.tokenizer {
         Some(path) => {
-            let tok = teamtune_data::tokenizers::Tokenizer::from_file(path)
+            let tok = teamtune_llama::read_text_file(path)?
+                .parse::<teamtune_data::tokenizers::Tokenizer>()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             // Special tokens (and maybe the template) from a tokenizer_config.json beside it.
             let cfg = path.with_file_name("tokenizer_config.json");
@@ -204,10 +204,7 @@ fn load(args: &TokenizerArgs) -> anyhow::Result<Loaded> {
             options.bos_token = opts.bos_token.or(options.bos_token);
             options.eos_token = opts.eos_token.or(options.eos_token);
         } else {
-            template_src = Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?,
-            );
+            template_src = Some(teamtune_llama::read_text_file(path)?);
         }
         what.push_str(&format!(", template {}", path.display()));
     } else if let Some(name) = &args.template {

@@ -21,7 +21,8 @@ pub struct Args {
     /// A system message placed before the prompt.
     #[arg(long)]
     pub system: Option<String>,
-    /// A JSON list of chat messages ({"role", "content"}) for multi-turn prompts.
+    /// A JSON file holding a list of chat messages ({"role", "content"}) for multi-turn
+    /// prompts.
     #[arg(long, conflicts_with = "raw")]
     pub messages: Option<PathBuf>,
     /// Feed --prompt as is, without the chat template.
@@ -122,8 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 pub fn read_messages(path: &PathBuf) -> anyhow::Result<Vec<Message>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = teamtune_llama::read_text_file(path)?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", path.display()))?;
     let items = value

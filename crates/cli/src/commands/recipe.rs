@@ -164,7 +164,7 @@ pub struct RecipeFlags {
 impl Recipe {
     /// Reads a recipe file; fields it leaves out keep the study's values.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let text = teamtune_llama::read_text_file(path)
             .with_context(|| format!("reading the training config {}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }

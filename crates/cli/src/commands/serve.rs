@@ -83,7 +83,7 @@ fn schema_from(text: &str, source: String) -> anyhow::Result<DefaultFormat> {
 
 fn schema_file(path: &Path, flag: &str) -> anyhow::Result<DefaultFormat> {
     let source = format!("{flag} {}", path.display());
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+    let text = teamtune_llama::read_text_file(path).with_context(|| source.clone())?;
     schema_from(&text, source)
 }
 

@@ -103,6 +103,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The run folder is checked and locked before any work: one process at a time, a finished
     // run only replaced with --force, a resume only on the data the run was made with.
     let files = teamtune_data::discover(&args.data).context("reading --data")?;
+    if files
+        .iter()
+        .all(|f| std::fs::metadata(f).is_ok_and(|m| m.len() == 0))
+    {
+        bail!(
+            "--data: {} holds no conversations (empty)",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let data = DataFingerprint::of(&files)?;
     let mode = match (args.resume.is_some(), args.force) {
         (false, false) => OpenMode::Fresh,
@@ -144,9 +157,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if prepared.train.is_empty() {
+        if totals.read == 0 {
+            bail!("--data holds no conversations");
+        }
         bail!(
-            "no training conversations left after pruning below {}",
-            r.min_score
+            "no training conversations left: {} read, {} scored below --min-score {}, {} had no \
+             score, {} were longer than {max_len} tokens",
+            totals.read,
+            totals.pruned_low_score,
+            r.min_score,
+            totals.pruned_missing_score,
+            totals.dropped_overlong
         );
     }
     let eos = encoder.end_of_turn_ids().to_vec();

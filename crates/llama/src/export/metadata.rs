@@ -37,7 +37,7 @@ fn read_json_object(path: &Path) -> Result<Option<Map<String, Value>>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
+    let text = crate::load::text_file::read_text_file(path)?;
     match serde_json::from_str(&text) {
         Ok(Value::Object(m)) => Ok(Some(m)),
         _ => Err(LlamaError::Config {

@@ -8,6 +8,7 @@ use tokenizers::Tokenizer;
 
 use crate::error::{LlamaError, Result};
 use crate::load::source::ModelFiles;
+use crate::load::text_file::read_text_file;
 use crate::load::weights::GgufWeights;
 
 /// Tokens that end an assistant turn in the chat formats we know; generation stops on any of
@@ -57,12 +58,13 @@ impl ChatAssets {
             }
             ModelFiles::HfFolder { dir, .. } => {
                 let tok_path = dir.join("tokenizer.json");
-                let tokenizer = Tokenizer::from_file(&tok_path)
+                let tokenizer = read_text_file(&tok_path)?
+                    .parse::<Tokenizer>()
                     .map_err(|e| LlamaError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
                 let cfg = read_json_opt(&dir.join("tokenizer_config.json"))?;
                 let jinja = dir.join("chat_template.jinja");
                 let template = if jinja.exists() {
-                    Some(std::fs::read_to_string(&jinja).map_err(|e| LlamaError::io(&jinja, e))?)
+                    Some(read_text_file(&jinja)?)
                 } else {
                     cfg.as_ref()
                         .and_then(|c| template_from_config(c.get("chat_template")?))
@@ -167,7 +169,7 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
+    let text = read_text_file(path)?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| LlamaError::Tokenizer(format!("{}: not valid JSON: {e}", path.display())))

@@ -48,7 +48,7 @@ pub struct LlamaConfig {
 
 impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
+        let text = crate::load::text_file::read_text_file(path)?;
         Self::from_json_str(&text, path)
     }
 

@@ -8,4 +8,5 @@ pub(crate) mod gguf;
 pub(crate) mod hub;
 pub(crate) mod open;
 pub(crate) mod source;
+pub(crate) mod text_file;
 pub(crate) mod weights;

@@ -47,7 +47,7 @@ impl WeightSource {
 
     /// The safetensors shards listed in `model.safetensors.index.json`, in a stable order.
     pub fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
-        let text = std::fs::read_to_string(index).map_err(|e| LlamaError::io(index, e))?;
+        let text = crate::load::text_file::read_text_file(index)?;
         let value: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| LlamaError::Weights {
                 path: index.to_path_buf(),

@@ -162,7 +162,7 @@ pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
 /// Parses and checks a PEFT `adapter_config.json`: LoRA only, features that change the
 /// forward (DoRA, bias, per-layer ranks, ...) are refused with the field's name.
 pub fn read_peft_config(path: &Path) -> Result<LoraConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
+    let text = crate::load::text_file::read_text_file(path)?;
     let bad = |message: String| LlamaError::Config {
         path: path.to_path_buf(),
         message,
