@@ -166,17 +166,23 @@ fn adapter_weights_that_are_not_finite() {
         candle_core::safetensors::load(lora.join("adapter_model.safetensors"), &Device::Cpu)
             .unwrap();
     let name = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight";
-    let t = &tensors[name];
-    let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    v[3] = f32::NAN;
-    let bad = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
-    tensors.insert(name.to_string(), bad);
-    candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors")).unwrap();
-    let mut m = teamtune_testkit::tiny_model(DType::F32);
-    let err = m
-        .load_adapter("a", dir.path())
-        .map(|_| ())
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains(name) && err.contains("not finite"), "{err}");
+    let good = tensors[name].clone();
+    for bad_value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut v: Vec<f32> = good.flatten_all().unwrap().to_vec1().unwrap();
+        v[3] = bad_value;
+        let bad = Tensor::from_vec(v, good.dims(), &Device::Cpu).unwrap();
+        tensors.insert(name.to_string(), bad);
+        candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors"))
+            .unwrap();
+        let mut m = teamtune_testkit::tiny_model(DType::F32);
+        let err = m
+            .load_adapter("a", dir.path())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(name) && err.contains("not finite"),
+            "{bad_value}: {err}"
+        );
+    }
 }
