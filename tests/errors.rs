@@ -49,6 +49,20 @@ fn a_bad_setting_is_one_plain_line_without_a_backtrace() {
         .unwrap();
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("backtrace"), "{err}");
+    // And with -v, whatever the environment says.
+    let run = teamtune()
+        .arg("-v")
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env_remove("TEAMTUNE_BACKTRACE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("backtrace") && err.contains("--micro-batch (4)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -24,6 +24,10 @@ use clap::{Parser, Subcommand};
     about = "Fine-tune LLaMA-3.x chat models with LoRA on multi-agent trajectories"
 )]
 struct Cli {
+    /// Debug logs, and a backtrace with an error (as TEAMTUNE_BACKTRACE=1; RUST_BACKTRACE
+    /// alone, which many machines set, does not print one).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,17 +68,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
     // Before anything starts a thread.
     teamtune_llama::park_idle_candle_workers();
+    if cli.verbose {
+        // anyhow captures a backtrace only when asked to by the environment.
+        std::env::set_var("RUST_LIB_BACKTRACE", "1");
+        std::env::set_var("TEAMTUNE_BACKTRACE", "1");
+    }
     // Logs go to stderr so that stdout carries only what a command produces.
+    let level = if cli.verbose { "debug" } else { "info" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .init();
-    let result = match Cli::parse().command {
+    let result = match cli.command {
         Command::Demo(args) => commands::demo::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Data(args) => commands::data::run(args),
@@ -101,7 +112,7 @@ fn main() -> ExitCode {
 
 /// An error for people: its message and causes. anyhow captures a backtrace whenever
 /// RUST_BACKTRACE is set, which many machines set for every program; it is printed only when
-/// the user asks for it with TEAMTUNE_BACKTRACE=1.
+/// the user asks for it with `-v` or TEAMTUNE_BACKTRACE=1.
 fn print_error(err: &anyhow::Error) {
     if std::env::var_os("TEAMTUNE_BACKTRACE").is_some_and(|v| v == "1") {
         eprintln!("Error: {err:?}");
