@@ -176,6 +176,20 @@ fn silu_mul_gradients_equal_the_composed_ones() -> Result<()> {
             assert_close(&got[i], &want[i], rel, &format!("{dtype:?} {name}"))?;
         }
     }
+    // f32 long enough for the one-pass backward to split over threads, with gates far into
+    // both tails of the sigmoid.
+    let gate = uniform(&[3, 7, 1000], 30.0, 123, DType::F32)?;
+    let up = uniform(&[3, 7, 1000], 2.0, 124, DType::F32)?;
+    let r = uniform(gate.dims(), 1.0, 125, DType::F32)?;
+    let got = grads_of(&[gate.clone(), up.clone()], &r, &|v| {
+        Ok(kernels::silu_mul(&v[0], &v[1])?)
+    })?;
+    let want = grads_of(&[gate.clone(), up.clone()], &r, &|v| {
+        ref_silu_mul(&v[0], &v[1])
+    })?;
+    for (i, name) in ["dgate", "dup"].iter().enumerate() {
+        assert_close(&got[i], &want[i], 1e-6, &format!("F32 long {name}"))?;
+    }
     Ok(())
 }
 

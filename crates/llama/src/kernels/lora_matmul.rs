@@ -3,7 +3,11 @@
 //! up projection ([`lora_linear`]).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
+};
+
+use crate::kernels::dropout::apply_dropout;
 
 use super::cpu::{
     add_in_place, contiguous_slice, copy_as, each_float, grad_of, mul_in_place, scale_in_place,
@@ -77,22 +81,19 @@ impl CustomOp2 for DropoutMatmul {
                 a.dtype()
             )
         }
-        let mask = crate::kernels::dropout::dropout_mask(
-            lx.shape(),
-            self.p,
-            self.seed,
-            &candle_core::Device::Cpu,
-        )
-        .map_err(candle_core::Error::wrap)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
         let dropped = match copy_as(x, lx, x.dtype())? {
             CpuStorage::F32(mut v) => {
-                mul_in_place(&mut v, &mask);
+                apply_dropout(&mut v, self.p, self.seed);
                 CpuStorage::F32(v)
             }
             CpuStorage::F64(mut v) => {
-                let mask: Vec<f64> = mask.iter().map(|&m| m as f64).collect();
+                let mask = self.mask(&Tensor::zeros(lx.shape(), DType::F32, &Device::Cpu)?)?;
+                let mask: Vec<f64> = mask
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|&m| m as f64)
+                    .collect();
                 mul_in_place(&mut v, &mask);
                 CpuStorage::F64(v)
             }
@@ -115,9 +116,20 @@ impl CustomOp2 for DropoutMatmul {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ga = grad.matmul(a)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 && ga.dtype() == DType::F32 {
+            // The mask applied in place where it is needed, never stored.
+            let dropped = |t: &Tensor| -> Result<Tensor> {
+                let mut v = t.flatten_all()?.to_vec1::<f32>()?;
+                apply_dropout(&mut v, self.p, self.seed);
+                Tensor::from_vec(v, t.shape(), t.device())
+            };
+            let da = grad.t()?.matmul(&dropped(x)?)?;
+            return Ok((grad_of(dropped(&ga)?), grad_of(da)));
+        }
         let mask = self.mask(x)?;
         let da = grad.t()?.matmul(&x.mul(&mask)?)?;
-        let dx = grad.matmul(a)?.mul(&mask)?;
+        let dx = ga.mul(&mask)?;
         Ok((grad_of(dx), grad_of(da)))
     }
 }

@@ -60,7 +60,7 @@ mod tiled_attention;
 
 pub use attention::attention_probs;
 pub use cross_entropy::linear_cross_entropy;
-pub use dropout::{dropout_mask, mix_seed, seeded_dropout};
+pub use dropout::{apply_dropout, dropout_mask, mix_seed, seeded_dropout};
 pub use lora_matmul::{dropout_matmul, lora_linear, FrozenMatmul};
 pub use norm_rope::{rms_norm, rope};
 pub use swiglu::silu_mul;
