@@ -70,7 +70,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before anything starts a thread.
-    teamtune_llama::park_idle_candle_workers();
+    teamtune_llama::share_cores_with_candle();
     if cli.verbose {
         // anyhow captures a backtrace only when asked to by the environment.
         std::env::set_var("RUST_LIB_BACKTRACE", "1");

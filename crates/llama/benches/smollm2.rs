@@ -15,6 +15,8 @@ const PREFILL_TOKENS: usize = 512;
 const DECODE_TOKENS: usize = 128;
 
 fn main() -> anyhow::Result<()> {
+    // As the binary does, before any thread starts.
+    teamtune_llama::share_cores_with_candle();
     let path = std::env::var("TEAMTUNE_BENCH_MODEL")
         .unwrap_or_else(|_| default_model_path().display().to_string());
     let dtype_name = std::env::var("TEAMTUNE_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());

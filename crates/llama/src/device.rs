@@ -6,18 +6,31 @@ use candle_core::{DType, Device};
 use crate::error::{LlamaError, Result};
 
 /// candle's elementwise ops run on its own barrier pool, whose idle workers spin for 25 000
-/// pauses before parking; our kernels (projections, attention, SwiGLU) run on rayon's pool over
-/// the same cores, so on a small machine those spinning workers take a core from them between
-/// every pair of ops. Parking after a short spin costs a wake-up (microseconds) per candle op
-/// instead: on 2 cores a bf16 evaluation ran 17% faster, an f32 one 3% (docs/BENCHMARKS.md).
+/// pauses before parking; our kernels (projections, attention, SwiGLU) and the matmuls run on
+/// rayon's pool over the same cores, so on a small machine those spinning workers take a core
+/// from them between every pair of ops. Parking after a short spin costs a wake-up
+/// (microseconds) per candle op instead: on 2 cores a bf16 evaluation ran 17% faster, an f32
+/// one 3% (docs/BENCHMARKS.md).
 const CANDLE_SPIN_LIMIT: &str = "100";
 
-/// Makes candle's idle CPU workers park after a short spin (`CANDLE_BARRIER_POOL_SPIN_LIMIT`,
-/// unless the user set it). Call it first in `main`, before anything starts a thread: candle
-/// reads the variable when its pool first starts.
-pub fn park_idle_candle_workers() {
+/// Up to this many cores, candle's elementwise ops run on the calling thread alone (no pool
+/// worker): the two pools then never take turns on a core. On 2 cores this made a LoRA
+/// training step 13% faster and an f32 prefill 11%, decode unchanged (docs/BENCHMARKS.md);
+/// larger machines are unmeasured and keep candle's pool.
+const SMALL_MACHINE_CORES: usize = 4;
+
+/// Makes candle's CPU pool share the cores with rayon's: its idle workers park after a short
+/// spin (`CANDLE_BARRIER_POOL_SPIN_LIMIT`), and on machines of at most
+/// [`SMALL_MACHINE_CORES`] cores it has no worker besides the caller (`CANDLE_NUM_THREADS=1`);
+/// a variable the user set is kept. Call it first in `main`, before anything starts a thread:
+/// candle reads the variables when its pool first starts.
+pub fn share_cores_with_candle() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() && cores <= SMALL_MACHINE_CORES {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
 

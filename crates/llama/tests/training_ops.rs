@@ -256,6 +256,15 @@ fn tiled_attention_equals_the_composed_ops_forward_and_backward() -> Result<()> 
         1e-5,
         "bias shared by the batch",
     )?;
+    // Longer, with wide tiles (up to 600 keys): a second conversation starting at 37, right
+    // padding.
+    let (b, g, n_rep, t, d) = (2, 1, 2, 600, 16);
+    let q = uniform(&[b, g, n_rep * t, d], 2.0, 58, DType::F32)?;
+    let k = uniform(&[b, g, t, d], 2.0, 59, DType::F32)?;
+    let v = uniform(&[b, g, t, d], 1.0, 60, DType::F32)?;
+    let bias = packed_bias(b, t, 70)?;
+    check_tiled(&q, &k, &v, Some(&bias), 1e-5, "600 keys")?;
+    check_tiled(&q, &k, &v, None, 1e-5, "600 keys, no mask")?;
     // Other dtypes take the composed path, with the same results as the composed ops.
     let c = attn_case(DType::F64, true, 56)?;
     let v = uniform(c.k.dims(), 1.0, 57, DType::F64)?;

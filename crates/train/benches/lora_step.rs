@@ -40,9 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seq: usize = env_or("TEAMTUNE_BENCH_SEQ", 512);
     let steps: usize = env_or("TEAMTUNE_BENCH_STEPS", 3);
     let checkpointing = env_or("TEAMTUNE_BENCH_CHECKPOINTING", 0u8) == 1;
-    // As `teamtune train` does: candle's idle workers park instead of spinning against ours
-    // (first, before any thread starts), and freed memory stays in the process.
-    teamtune_llama::park_idle_candle_workers();
+    // As `teamtune train` does: candle's pool shares the cores with rayon's (first, before
+    // any thread starts), and freed memory stays in the process.
+    teamtune_llama::share_cores_with_candle();
     keep_freed_memory();
     let mut loaded = LoadedModel::load("", DType::F32, &Device::Cpu)?;
     let model = &mut loaded.model;

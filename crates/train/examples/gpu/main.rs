@@ -52,7 +52,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     // candle's idle workers park after a short spin, as in the `teamtune` binary.
-    teamtune_llama::park_idle_candle_workers();
+    teamtune_llama::share_cores_with_candle();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
