@@ -161,36 +161,39 @@ fn silu_mul_forward_is_bit_identical_to_the_composed_product() -> Result<()> {
     Ok(())
 }
 
+/// The gradients of the fused op against the composed ops', within `rel` of the largest.
+fn check_silu_mul_gradients(
+    gate: &Tensor,
+    up: &Tensor,
+    r: &Tensor,
+    rel: f64,
+    what: &str,
+) -> Result<()> {
+    let got = grads_of(&[gate.clone(), up.clone()], r, &|v| {
+        Ok(kernels::silu_mul(&v[0], &v[1])?)
+    })?;
+    let want = grads_of(&[gate.clone(), up.clone()], r, &|v| {
+        ref_silu_mul(&v[0], &v[1])
+    })?;
+    for (i, name) in ["dgate", "dup"].iter().enumerate() {
+        assert_close(&got[i], &want[i], rel, &format!("{what} {name}"))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn silu_mul_gradients_equal_the_composed_ones() -> Result<()> {
     for (dtype, rel) in [(DType::F64, 1e-12), (DType::F32, 1e-6), (DType::BF16, 1e-2)] {
         let (gate, up) = mlp_case(dtype, 121)?;
         let r = uniform(gate.dims(), 1.0, 122, upcast(dtype))?;
-        let got = grads_of(&[gate.clone(), up.clone()], &r, &|v| {
-            Ok(kernels::silu_mul(&v[0], &v[1])?)
-        })?;
-        let want = grads_of(&[gate.clone(), up.clone()], &r, &|v| {
-            ref_silu_mul(&v[0], &v[1])
-        })?;
-        for (i, name) in ["dgate", "dup"].iter().enumerate() {
-            assert_close(&got[i], &want[i], rel, &format!("{dtype:?} {name}"))?;
-        }
+        check_silu_mul_gradients(&gate, &up, &r, rel, &format!("{dtype:?}"))?;
     }
     // f32 long enough for the one-pass backward to split over threads, with gates far into
     // both tails of the sigmoid.
     let gate = uniform(&[3, 7, 1000], 30.0, 123, DType::F32)?;
     let up = uniform(&[3, 7, 1000], 2.0, 124, DType::F32)?;
     let r = uniform(gate.dims(), 1.0, 125, DType::F32)?;
-    let got = grads_of(&[gate.clone(), up.clone()], &r, &|v| {
-        Ok(kernels::silu_mul(&v[0], &v[1])?)
-    })?;
-    let want = grads_of(&[gate.clone(), up.clone()], &r, &|v| {
-        ref_silu_mul(&v[0], &v[1])
-    })?;
-    for (i, name) in ["dgate", "dup"].iter().enumerate() {
-        assert_close(&got[i], &want[i], 1e-6, &format!("F32 long {name}"))?;
-    }
-    Ok(())
+    check_silu_mul_gradients(&gate, &up, &r, 1e-6, "F32 long")
 }
 
 #[test]
