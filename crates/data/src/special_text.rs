@@ -11,6 +11,7 @@
 use std::ops::Range;
 use std::sync::OnceLock;
 
+use aho_corasick::AhoCorasick;
 use tokenizers::Tokenizer;
 
 use crate::conversation::Message;
@@ -19,6 +20,8 @@ use crate::conversation::Message;
 #[derive(Debug)]
 pub struct SpecialText {
     strings: Vec<String>,
+    /// All the strings searched for in one pass over a text (Llama 3 has 256).
+    search: Option<AhoCorasick>,
     /// The same tokenizer with special-token strings read as text; cloned on first use.
     plain: OnceLock<Tokenizer>,
 }
@@ -35,18 +38,26 @@ impl SpecialText {
             .map(|t| t.content)
             .collect();
         strings.sort();
+        let search = AhoCorasick::new(&strings).ok();
         SpecialText {
             strings,
+            search,
             plain: OnceLock::new(),
         }
     }
 
     /// The first special-token string in `content`, if any.
     pub fn found_in(&self, content: &str) -> Option<&str> {
-        self.strings
-            .iter()
-            .find(|s| content.contains(s.as_str()))
-            .map(String::as_str)
+        match &self.search {
+            Some(search) => search
+                .find(content)
+                .map(|m| self.strings[m.pattern().as_usize()].as_str()),
+            None => self
+                .strings
+                .iter()
+                .find(|s| content.contains(s.as_str()))
+                .map(String::as_str),
+        }
     }
 
     /// Whether any message's content holds a special-token string.

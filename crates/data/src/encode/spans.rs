@@ -74,6 +74,14 @@ fn assistant_spans_from_content(
     Some(spans)
 }
 
+/// A template error names the conversation.
+fn template_err(source: &Source, e: DataError) -> DataError {
+    match e {
+        DataError::Template(m) => conv_err(source, format!("chat template: {m}")),
+        other => other,
+    }
+}
+
 impl Encoder {
     pub(super) fn use_markers(&self) -> bool {
         match self.options.mask_method {
@@ -100,10 +108,7 @@ impl Encoder {
         fast: bool,
     ) -> Result<Rendered> {
         let vals = ChatTemplate::message_values(messages);
-        let wrap = |e: DataError| match e {
-            DataError::Template(m) => conv_err(source, format!("chat template: {m}")),
-            other => other,
-        };
+        let wrap = |e| template_err(source, e);
         if self.use_markers() {
             if messages
                 .iter()
@@ -194,10 +199,7 @@ impl Encoder {
         full: &str,
         source: &Source,
     ) -> Result<Range<usize>> {
-        let wrap = |e: DataError| match e {
-            DataError::Template(m) => conv_err(source, format!("chat template: {m}")),
-            other => other,
-        };
+        let wrap = |e| template_err(source, e);
         let pre = self
             .template
             .render_prepared(&vals[..i], true)
