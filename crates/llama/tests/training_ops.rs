@@ -256,6 +256,13 @@ fn tiled_attention_equals_the_composed_ops_forward_and_backward() -> Result<()> 
         1e-5,
         "bias shared by the batch",
     )?;
+    // Five query heads per group: blocks of 38 time steps (190 rows), the last one short.
+    let (b, g, n_rep, t, d) = (2, 2, 5, 100, 8);
+    let q = uniform(&[b, g, n_rep * t, d], 2.0, 71, DType::F32)?;
+    let k = uniform(&[b, g, t, d], 2.0, 72, DType::F32)?;
+    let v = uniform(&[b, g, t, d], 1.0, 73, DType::F32)?;
+    let bias = packed_bias(b, t, 7)?;
+    check_tiled(&q, &k, &v, Some(&bias), 1e-5, "five heads per group")?;
     // Longer, with wide tiles (up to 600 keys): a second conversation starting at 37, right
     // padding.
     let (b, g, n_rep, t, d) = (2, 1, 2, 600, 16);

@@ -3,10 +3,13 @@
 //! the probabilities are stored for the backward, which recomputes them block by block from two
 //! numbers per query row (the row's maximum and its sum of exponentials).
 //!
-//! A block of at most [`QUERY_BLOCK`] query rows takes its scores against the keys it may see at
-//! once (one `[rows, keys]` tile, at most `64 x context` floats per thread), so its softmax is
+//! A block of query rows takes its scores against the keys it may see at once (one
+//! `[rows, keys]` tile, about `QUERY_BLOCK x context` floats per thread), so its softmax is
 //! exact in two passes and needs none of flash attention's running rescaling; on a CPU the wider
-//! tile makes fewer, larger products. Keys a block cannot see (the future of a causal mask, other
+//! tile makes fewer, larger products. The query heads of one grouped-query group share their
+//! keys and values, so a block holds the same time steps of every head of the group: one
+//! product against the keys serves them all, and the key and value gradients sum over the
+//! whole group in one product (three times the depth of a single head's). Keys a block cannot see (the future of a causal mask, other
 //! conversations of a packed row, padding at either end) are never multiplied: each query row's
 //! visible keys are a range read from the bias once per forward.
 //!
@@ -27,8 +30,8 @@ use super::attention::{attention_probs, bias_rows};
 use super::cpu::{contiguous_slice, gemm_f32};
 use super::rows as simd;
 
-/// Query rows per tile.
-pub const QUERY_BLOCK: usize = 64;
+/// Query rows per tile (all heads of a group together; at least one time step per block).
+pub const QUERY_BLOCK: usize = 192;
 
 /// Query rows whose key and value gradients share one partial sum in the backward: several
 /// chunks per head give the threads balanced work under a causal mask, and the number of
@@ -86,22 +89,30 @@ struct Plan {
     r: usize,
     s: usize,
     d: usize,
-    /// Rows of the bias (`t`) and whether it has one per batch row.
+    /// Time steps (`t`, the rows of the bias), query heads per group (`r / t`) and whether the
+    /// bias has one row set per batch row.
     t: usize,
+    n_rep: usize,
     bias_per_batch: bool,
     /// `[lo, hi)` of the visible keys of each bias row (`[bias batch, t]`).
     ranges: Vec<(usize, usize)>,
     blocks: Vec<Block>,
 }
 
-/// Up to [`QUERY_BLOCK`] consecutive query rows of one head that share a bias batch row.
+/// The query rows of consecutive time steps of every head of one group, head by head: row `i`
+/// of a block is time step `time0 + i % times` of the group's head `i / times`, which is row
+/// `(i / times) * t + time0 + i % times` of `q`. The blocks' rows, one block after the other,
+/// are the op's "block order", in which its tiles, statistics and `dq` are kept.
 #[derive(Clone, Copy)]
 struct Block {
     /// `batch * g + group`.
     head: usize,
-    /// First query row (within `r`) and row count.
-    row0: usize,
+    /// First time step and how many.
+    time0: usize,
+    times: usize,
+    /// Rows (`times * n_rep`) and the first of them in block order.
     rows: usize,
+    offset: usize,
     /// The union of the rows' visible keys.
     keys: (usize, usize),
 }
@@ -126,24 +137,29 @@ impl Plan {
                 (t, bb == b && b > 1, ranges)
             }
         };
+        let n_rep = r / t;
+        let step = (QUERY_BLOCK / n_rep.max(1)).max(1);
         let mut blocks = Vec::new();
+        let mut offset = 0;
         for head in 0..b * g {
             let bias_row0 = if bias_per_batch { head / g * t } else { 0 };
-            for rep in 0..r / t {
-                for time0 in (0..t).step_by(QUERY_BLOCK) {
-                    let rows = QUERY_BLOCK.min(t - time0);
-                    let keys = ranges[bias_row0 + time0..bias_row0 + time0 + rows]
-                        .iter()
-                        .filter(|(lo, hi)| lo < hi)
-                        .fold((s, 0), |(lo, hi), &(l, h)| (lo.min(l), hi.max(h)));
-                    let keys = if keys.0 < keys.1 { keys } else { (0, 0) };
-                    blocks.push(Block {
-                        head,
-                        row0: rep * t + time0,
-                        rows,
-                        keys,
-                    });
-                }
+            for time0 in (0..t).step_by(step) {
+                let times = step.min(t - time0);
+                let keys = ranges[bias_row0 + time0..bias_row0 + time0 + times]
+                    .iter()
+                    .filter(|(lo, hi)| lo < hi)
+                    .fold((s, 0), |(lo, hi), &(l, h)| (lo.min(l), hi.max(h)));
+                let keys = if keys.0 < keys.1 { keys } else { (0, 0) };
+                let rows = times * n_rep;
+                blocks.push(Block {
+                    head,
+                    time0,
+                    times,
+                    rows,
+                    offset,
+                    keys,
+                });
+                offset += rows;
             }
         }
         Ok(Self {
@@ -153,20 +169,59 @@ impl Plan {
             s,
             d,
             t,
+            n_rep,
             bias_per_batch,
             ranges,
             blocks,
         })
     }
 
-    /// The bias row and visible keys of query row `row` of head `head`.
-    fn row_mask(&self, head: usize, row: usize) -> (usize, (usize, usize)) {
+    /// The bias row and visible keys of time step `time` of head `head`.
+    fn row_mask(&self, head: usize, time: usize) -> (usize, (usize, usize)) {
         let bias_row = if self.bias_per_batch {
             head / self.g * self.t
         } else {
             0
-        } + row % self.t;
+        } + time;
         (bias_row, self.ranges[bias_row])
+    }
+
+    /// Where the rows of `block` lie in a `[b, g, r, d]` tensor: one run of `times * d`
+    /// values per head of the group, in block order.
+    fn runs(&self, block: &Block) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let Block {
+            head, time0, times, ..
+        } = *block;
+        let len = times * self.d;
+        (0..self.n_rep).map(move |rep| {
+            let at = (head * self.r + rep * self.t + time0) * self.d;
+            at..at + len
+        })
+    }
+
+    /// The rows of `block` copied out of `x` (`[b, g, r, d]`) into `tile`, in block order.
+    fn gather<'a>(&self, block: &Block, x: &[f32], tile: &'a mut Vec<f32>) -> &'a [f32] {
+        let tile = self::tile(tile, block.rows * self.d);
+        let mut at = 0;
+        for run in self.runs(block) {
+            tile[at..at + run.len()].copy_from_slice(&x[run.clone()]);
+            at += run.len();
+        }
+        tile
+    }
+
+    /// `x` in block order (every block's rows, one block after the other) laid out as
+    /// `[b, g, r, d]`.
+    fn from_block_order(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for block in &self.blocks {
+            let mut at = block.offset * self.d;
+            for run in self.runs(block) {
+                out[run.clone()].copy_from_slice(&x[at..at + run.len()]);
+                at += run.len();
+            }
+        }
+        out
     }
 }
 
@@ -183,8 +238,11 @@ fn visible_range(row: &[f32]) -> (usize, usize) {
 }
 
 thread_local! {
-    /// Two score-sized tiles per thread, reused across blocks and calls.
-    static TILES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per thread, reused across blocks and calls: two score-sized tiles, and two for a
+    /// block's query rows and output gradients gathered from their heads.
+    static TILES: RefCell<[Vec<f32>; 4]> = const {
+        RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()])
+    };
 }
 
 impl TiledAttention {
@@ -233,8 +291,8 @@ impl TiledAttention {
         );
         let mut stats = stats;
         for i in 0..block.rows {
-            let row = block.row0 + i;
-            let (bias_row, (lo, hi)) = plan.row_mask(block.head, row);
+            let time = block.time0 + i % block.times;
+            let (bias_row, (lo, hi)) = plan.row_mask(block.head, time);
             let x = &mut p[i * width..(i + 1) * width];
             if lo >= hi {
                 x.fill(0.0);
@@ -245,7 +303,7 @@ impl TiledAttention {
             x[hi..].fill(0.0);
             let x = &mut x[lo..hi];
             let bias = bias.map(|v| &v[bias_row * plan.s + klo + lo..bias_row * plan.s + klo + hi]);
-            let global = block.head * plan.r + row;
+            let global = block.offset + i;
             match (saved, stats.as_mut()) {
                 (Some(saved), _) => {
                     simd::scaled_exp(x, self.scale, bias, saved.max[global], saved.sum[global]);
@@ -283,6 +341,7 @@ impl CustomOp3 for TiledAttention {
             let bias = bias.map(|(values, _)| values);
             let (r, s, d) = (plan.r, plan.s, plan.d);
             let rows = plan.b * plan.g * r;
+            // In block order; laid out as q at the end.
             let mut out = vec![0f32; rows * d];
             let mut max = vec![0f32; rows];
             let mut sum = vec![1f32; rows];
@@ -302,10 +361,10 @@ impl CustomOp3 for TiledAttention {
                 if width == 0 {
                     return;
                 }
-                let qb = &q[(block.head * r + block.row0) * d..][..block.rows * d];
                 let kb = &k[(block.head * s + klo) * d..][..width * d];
                 let vb = &v[(block.head * s + klo) * d..][..width * d];
-                TILES.with_borrow_mut(|(p, _)| {
+                TILES.with_borrow_mut(|[p, _, qt, _]| {
+                    let qb = plan.gather(block, q, qt);
                     let p = tile(p, block.rows * width);
                     self.probabilities(&plan, block, bias, (qb, kb), p, None, Some((m, sm)));
                     // o = p v
@@ -324,6 +383,7 @@ impl CustomOp3 for TiledAttention {
             });
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Arc::new(Saved { max, sum }));
+            let out = plan.from_block_order(&out);
             Ok((CpuStorage::F32(out), lq.shape().clone()))
         })
     }
@@ -399,6 +459,7 @@ impl TiledAttention {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (r, s, d) = (plan.r, plan.s, plan.d);
         let heads = plan.b * plan.g;
+        // In block order, like the statistics.
         let mut dq = vec![0f32; heads * r * d];
         // Chunks in order, each a run of blocks of one head with at most CHUNK_ROWS rows.
         let mut chunks: Vec<Chunk> = Vec::new();
@@ -446,14 +507,13 @@ impl TiledAttention {
                     if width == 0 {
                         continue;
                     }
-                    let at = (block.head * r + block.row0) * d;
-                    let qb = &q[at..][..block.rows * d];
-                    let gb = &dout[at..][..block.rows * d];
                     let kb = &k[(block.head * s + klo) * d..][..width * d];
                     let vb = &v[(block.head * s + klo) * d..][..width * d];
                     let dk_b = &mut dk[(klo - clo) * d..][..width * d];
                     let dv_b = &mut dv[(klo - clo) * d..][..width * d];
-                    TILES.with_borrow_mut(|(p, dp)| {
+                    TILES.with_borrow_mut(|[p, dp, qt, gt]| {
+                        let qb = plan.gather(block, q, qt);
+                        let gb = plan.gather(block, dout, gt);
                         let n = block.rows * width;
                         let p = tile(p, n);
                         let dp = tile(dp, n);
@@ -536,7 +596,7 @@ impl TiledAttention {
                     }
                 }
             });
-        (dq, dk, dv)
+        (plan.from_block_order(&dq), dk, dv)
     }
 }
 
