@@ -53,6 +53,7 @@ pub(crate) mod dropout;
 mod lora_matmul;
 pub(crate) mod lora_rows;
 mod norm_rope;
+pub(crate) mod quant_rows;
 mod rows;
 pub(crate) mod skinny;
 mod swiglu;

@@ -49,10 +49,21 @@ pub(crate) fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Ve
     out
 }
 
+/// Whether the AVX2 + FMA kernels run on this CPU.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// The horizontal sum of the AVX kernel's accumulators, for kernels that must add up in the
+/// same order.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx::hsum as hsum_avx;
+
 /// `out_t[j * m + r] = w[j] . x[r]` for the weight rows of `w`.
 pub(crate) fn dot_rows(x: &[f32], m: usize, w: &[f32], k: usize, out_t: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if has_avx2_fma() {
         // SAFETY: the CPU has the features; the kernel reads only inside the slices' lengths
         // (checked by the debug assertions above and the tiling bounds below).
         unsafe { avx::dot_rows(x, m, w, k, out_t) };
@@ -160,7 +171,7 @@ mod avx {
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));

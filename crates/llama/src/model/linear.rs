@@ -12,6 +12,7 @@ use crate::error::{LlamaError, Result};
 use crate::kernels::bf16_matmul::PackedBf16;
 use crate::kernels::dropout::seeded_dropout;
 use crate::kernels::lora_rows::{add_lora_rows, RowGroup};
+use crate::kernels::quant_rows::{QuantFormat, QuantRows};
 use crate::kernels::{self as train_ops, FrozenMatmul};
 use crate::lora::adapter::ActiveLora;
 
@@ -19,11 +20,14 @@ use crate::lora::adapter::ActiveLora;
 const QUANTIZED_MAX_ROWS: usize = 16;
 
 /// A frozen projection `y = x W^T` (no bias in Llama-3.x): dense, or (inference only) with
-/// the weight kept quantised so that decoding reads a quarter of the bytes, or kept in bf16
-/// for the CPU's bf16 dot products.
+/// the weight kept quantised so that decoding reads a quarter or an eighth of the bytes, or
+/// kept in bf16 for the CPU's bf16 dot products.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub(super) weight: Tensor,
+    /// Quantised for the decode steps on the CPU: 8 or 4-bit weights, f32 activations.
+    quant_rows: Option<Arc<QuantRows>>,
+    /// Quantised off the CPU (candle's kernels: activations quantised too).
     quantized: Option<QMatMul>,
     bf16: Option<Arc<PackedBf16>>,
 }
@@ -32,6 +36,7 @@ impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Linear {
             weight,
+            quant_rows: None,
             quantized: None,
             bf16: None,
         }
@@ -58,12 +63,31 @@ impl Linear {
             self.bf16 = Some(Arc::new(PackedBf16::new(&values, n, k)));
             return Ok(());
         }
-        self.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?);
+        let format = match dtype {
+            GgmlDType::Q8_0 => Some(QuantFormat::Int8),
+            GgmlDType::Q4_0 => Some(QuantFormat::Int4),
+            _ => None,
+        };
+        match format {
+            Some(format) if w.device().is_cpu() => self.quantize_rows(format)?,
+            _ => self.quantized = Some(QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?),
+        }
+        Ok(())
+    }
+
+    /// Keeps the weight quantised in `format` for the decode steps on the CPU (f32 activations).
+    pub(super) fn quantize_rows(&mut self, format: QuantFormat) -> Result<()> {
+        self.dequantize();
+        let w = self.weight.to_dtype(DType::F32)?;
+        let (n, k) = w.dims2()?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        self.quant_rows = Some(Arc::new(QuantRows::new(format, &values, n, k)));
         Ok(())
     }
 
     /// Back to the dense weight only (after it changed, e.g. an adapter merged into it).
     pub(super) fn dequantize(&mut self) {
+        self.quant_rows = None;
         self.quantized = None;
         self.bf16 = None;
     }
@@ -94,6 +118,32 @@ impl CustomOp1 for Bf16Matmul {
     }
 }
 
+/// `x W^T` through an 8 or 4-bit weight (CPU, f32 in and out, a few rows).
+struct QuantMatmul(Arc<QuantRows>);
+
+impl CustomOp1 for QuantMatmul {
+    fn name(&self) -> &'static str {
+        "quant-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        if k != self.0.cols() {
+            candle_core::bail!(
+                "{:?} matmul: input [{m}, {k}] does not fit weight [{}, {}]",
+                self.0.format(),
+                self.0.rows(),
+                self.0.cols()
+            );
+        }
+        let (CpuStorage::F32(xs), Some((x0, x1))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("quantised matmul: needs a contiguous f32 input");
+        };
+        let out = self.0.matmul_t(&xs[x0..x1], m);
+        Ok((CpuStorage::F32(out), Shape::from((m, self.0.rows()))))
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
@@ -113,6 +163,21 @@ impl Module for Linear {
         }
         // Few rows (decoding) are bound by weight bytes: the quantised weight wins. Many rows
         // (prefill) are bound by arithmetic, where the dense GEMM is faster.
+        if let Some(q) = self
+            .quant_rows
+            .as_ref()
+            .filter(|_| rows <= QUANTIZED_MAX_ROWS && rows > 0)
+        {
+            let dtype = x.dtype();
+            let x2 = x
+                .to_dtype(DType::F32)?
+                .reshape((rows, inner))?
+                .contiguous()?;
+            let y = x2.apply_op1_no_bwd(&QuantMatmul(q.clone()))?;
+            let mut out = dims.to_vec();
+            *out.last_mut().unwrap() = q.rows();
+            return y.reshape(out)?.to_dtype(dtype);
+        }
         if let Some(q) = self
             .quantized
             .as_ref()
