@@ -6,8 +6,13 @@
 //! it comes. The slice is round-robin over the flat plan (episode i of the plan belongs to
 //! shard i mod N): every episode is in exactly one shard, shard sizes differ by at most one,
 //! and every shard plays every task when there are at least N episodes per task, so no shard
-//! is stuck with the slowest task. An episode's course depends only on its own task and seed
-//! (and the run's flags), never on which shard or batch plays it.
+//! is stuck with the slowest task.
+//!
+//! What makes a shard's episodes those of the whole run: every source of randomness is seeded
+//! per episode (the experts from the episode's seed; the model's sampler per turn from the
+//! run's seed, the episode's seed, the agent and the turn, one sampler per batch row), so no
+//! draw depends on the shard or on the episodes batched beside it. The model's logits can
+//! still differ by float rounding with the batch (see the README's "Past one machine").
 
 use std::fmt;
 use std::str::FromStr;
