@@ -15,6 +15,7 @@ mod merge;
 mod play_replay;
 mod plot_compare;
 mod serve;
+mod shard;
 
 /// Tests that need the downloaded default model.
 mod default_model {

@@ -1,7 +1,8 @@
 //! The agent runtime of teamtune (issue 6): the agents' prompts and the JSON schema of a reply
 //! in each task ([`reply_schema`], compiled for a tokenizer by [`reply_grammar`]), the
 //! policies that answer turns (the in-process model, the scripted experts, an
-//! OpenAI-compatible endpoint), the episode runner and evaluation.
+//! OpenAI-compatible endpoint), the episode runner and evaluation, and the split of a run's
+//! episodes across machines ([`Shard`]) with the merge of their outputs ([`merge_shards`]).
 //!
 //! A model reply is usable by construction: it is decoded under its task's schema, so every
 //! reply a constrained model can write parses with [`teamtune_gridworld::parse_reply`] and
@@ -18,6 +19,8 @@ mod openai;
 mod policy;
 mod runner;
 mod schema;
+mod shard;
+mod shard_merge;
 
 pub use error::{AgentError, Result};
 pub use eval::{EvalReport, TaskResult, EVAL_FORMAT};
@@ -26,3 +29,5 @@ pub use openai::{OpenAiConfig, OpenAiPolicy};
 pub use policy::{ExpertPolicy, Policy, PolicyReply, TurnRequest};
 pub use runner::{plan, run_episodes, EpisodePlan, PlayedEpisode, RunOptions};
 pub use schema::{reply_grammar, reply_schema, schema_actions, SchemaError, SchemaOptions, FIELDS};
+pub use shard::{Shard, ShardError};
+pub use shard_merge::{merge_shards, MergedRun, RunIdentity, ShardEpisode, ShardManifest};

@@ -16,4 +16,5 @@ pub mod recipe;
 pub mod replay;
 pub mod sampling_args;
 pub mod serve;
+pub mod shard_args;
 pub mod train;
