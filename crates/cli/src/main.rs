@@ -86,6 +86,24 @@ fn main() -> ExitCode {
         )
         .init();
     let result = match cli.command {
+        // The server's model thread runs its own steps on rayon's workers; its HTTP threads
+        // must not wait behind a worker parked in the server's accept loop.
+        Command::Serve(args) => commands::serve::run(args),
+        // Everything else runs on one of rayon's workers, the calling thread asleep
+        // (teamtune_llama::on_compute_threads says why).
+        command => teamtune_llama::on_compute_threads(|| run(command)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            print_error(&err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Demo(args) => commands::demo::run(args),
         Command::Generate(args) => commands::generate::run(args),
         Command::Data(args) => commands::data::run(args),
@@ -100,13 +118,6 @@ fn main() -> ExitCode {
         Command::Serve(args) => commands::serve::run(args),
         Command::Chat(args) => commands::chat::run(args),
         Command::Export(args) => commands::export::run(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            print_error(&err);
-            ExitCode::FAILURE
-        }
     }
 }
 

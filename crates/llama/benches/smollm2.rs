@@ -4,7 +4,8 @@
 //!
 //! cargo bench -p teamtune-llama --bench smollm2  (threads: RAYON_NUM_THREADS, default all cores;
 //! TEAMTUNE_BENCH_DTYPE=bf16 for half-width weights, TEAMTUNE_BENCH_QUANTIZE=q8_0 for the
-//! quantised inference path)
+//! quantised inference path, TEAMTUNE_BENCH_DECODE_TOKENS for another number of decoded tokens,
+//! default 128)
 
 use std::time::Instant;
 
@@ -13,6 +14,13 @@ use teamtune_llama::{default_model_path, LoadedModel, TokenLayout};
 
 const PREFILL_TOKENS: usize = 512;
 const DECODE_TOKENS: usize = 128;
+
+fn decode_tokens() -> usize {
+    std::env::var("TEAMTUNE_BENCH_DECODE_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DECODE_TOKENS)
+}
 
 fn main() -> anyhow::Result<()> {
     // As the binary does, before any thread starts.
@@ -31,38 +39,48 @@ fn main() -> anyhow::Result<()> {
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ".repeat(64);
     let ids: Vec<u32> = m.assets.encode(&text, false)?[..PREFILL_TOKENS].to_vec();
 
-    let prefill = |cache: &mut teamtune_llama::KvCache| -> anyhow::Result<Tensor> {
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        Ok(m.model.forward_last(
-            &input,
-            &TokenLayout::contiguous(1, ids.len(), 0),
-            Some(cache),
-        )?)
-    };
-    // Warm-up, then best of 3.
-    prefill(&mut m.model.new_cache(1))?;
-    let mut best_prefill = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
+    // As the binary does: the model runs on one of rayon's workers, unless
+    // TEAMTUNE_BENCH_MAIN_THREAD=1 (the calling thread, for comparison).
+    let timed = || -> anyhow::Result<(f64, f64)> {
+        let prefill = |cache: &mut teamtune_llama::KvCache| -> anyhow::Result<Tensor> {
+            let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            Ok(m.model.forward_last(
+                &input,
+                &TokenLayout::contiguous(1, ids.len(), 0),
+                Some(cache),
+            )?)
+        };
+        // Warm-up, then best of 3.
         prefill(&mut m.model.new_cache(1))?;
-        best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
-    }
-
-    // Decode: greedy, one token at a time with the KV cache, after a 512-token prefill;
-    // the prefill is not counted.
-    let mut best_decode = f64::MAX;
-    for _ in 0..2 {
-        let mut cache = m.model.new_cache(1);
-        let mut logits = prefill(&mut cache)?;
-        let t = Instant::now();
-        for _ in 0..DECODE_TOKENS {
-            let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
-            let input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
-            let layout = TokenLayout::contiguous(1, 1, cache.next_positions()[0]);
-            logits = m.model.forward_last(&input, &layout, Some(&mut cache))?;
+        let mut best_prefill = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            prefill(&mut m.model.new_cache(1))?;
+            best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
         }
-        best_decode = best_decode.min(t.elapsed().as_secs_f64());
-    }
+
+        // Decode: greedy, one token at a time with the KV cache, after a 512-token prefill;
+        // the prefill is not counted.
+        let mut best_decode = f64::MAX;
+        for _ in 0..2 {
+            let mut cache = m.model.new_cache(1);
+            let mut logits = prefill(&mut cache)?;
+            let t = Instant::now();
+            for _ in 0..decode_tokens() {
+                let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+                let input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+                let layout = TokenLayout::contiguous(1, 1, cache.next_positions()[0]);
+                logits = m.model.forward_last(&input, &layout, Some(&mut cache))?;
+            }
+            best_decode = best_decode.min(t.elapsed().as_secs_f64());
+        }
+        Ok((best_prefill, best_decode))
+    };
+    let (best_prefill, best_decode) = if std::env::var_os("TEAMTUNE_BENCH_MAIN_THREAD").is_some() {
+        timed()?
+    } else {
+        teamtune_llama::on_compute_threads(timed)?
+    };
     let json = serde_json::json!({
         "impl": "teamtune",
         "threads": candle_core::utils::get_num_threads(),
@@ -70,8 +88,8 @@ fn main() -> anyhow::Result<()> {
         "quantize": quantize,
         "prefill_tokens": PREFILL_TOKENS,
         "prefill_tok_s": PREFILL_TOKENS as f64 / best_prefill,
-        "decode_tokens": DECODE_TOKENS,
-        "decode_tok_s": DECODE_TOKENS as f64 / best_decode,
+        "decode_tokens": decode_tokens(),
+        "decode_tok_s": decode_tokens() as f64 / best_decode,
         "decode_note": "manual greedy loop with KV cache after a 512-token prefill, prefill excluded, best of 2",
     });
     println!("{json}");

@@ -34,6 +34,22 @@ pub fn share_cores_with_candle() {
     }
 }
 
+/// Runs `work` on one of rayon's worker threads and waits for it there, asleep.
+///
+/// Our kernels split their work with rayon. Called from a thread outside rayon's pool (a
+/// program's main thread, a server's model thread), every parallel section hands its pieces to
+/// the pool's workers, and between sections those workers keep looking for work, yielding the
+/// core in a loop, while the calling thread runs the ops in between: one more busy thread than
+/// there are cores. On 2 cores the yields were a quarter of a decode step's time (the
+/// scheduler, `sched_yield`). Run from inside the pool, the thread that runs the ops is one
+/// of the workers, and the caller's thread sleeps until the result is ready.
+pub fn on_compute_threads<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return work();
+    }
+    rayon::scope(|_| work())
+}
+
 /// `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {

@@ -32,7 +32,9 @@ pub use decode::generate::{generate, Generated, StopReason};
 pub use decode::sampling::{Sampler, SamplingParams};
 pub use decode::session::{Decoded, NoFilter, Session, TokenFilter};
 pub use decode::stream::TextStream;
-pub use device::{parse_device, parse_dtype, parse_quantization, share_cores_with_candle};
+pub use device::{
+    on_compute_threads, parse_device, parse_dtype, parse_quantization, share_cores_with_candle,
+};
 pub use error::{LlamaError, Result};
 pub use export::gguf_model::{export_merged_gguf, GgufReport};
 pub use export::gguf_write::GgufType;

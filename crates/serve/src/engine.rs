@@ -416,8 +416,12 @@ impl Worker {
             c.running.store(batch.len(), Ordering::SeqCst);
             c.batches.fetch_add(1, Ordering::SeqCst);
             c.largest_batch.fetch_max(batch.len(), Ordering::SeqCst);
-            let outcome =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.step(&self.model)));
+            // The step runs on one of rayon's workers (teamtune_llama::on_compute_threads says
+            // why); this thread sleeps meanwhile.
+            let model = &self.model;
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                teamtune_llama::on_compute_threads(|| batch.step(model))
+            }));
             let failure = match outcome {
                 Ok(Ok(finished)) => {
                     for f in finished {

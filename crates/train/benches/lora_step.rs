@@ -74,16 +74,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         packed: false,
         examples: vec![vec![0]],
     };
-    let mut times = Vec::new();
-    for step in 0..=steps {
-        let started = Instant::now();
-        let (_, mut grads) = accumulate(model, std::slice::from_ref(&batch), &vars, &cfg, step)?;
-        clip_grad_norm(&mut grads, &vars, 0.3)?;
-        opt.step(&grads, 5e-5)?;
-        if step > 0 {
-            times.push(started.elapsed().as_secs_f64());
+    // As `teamtune train` does: the steps run on one of rayon's workers, unless
+    // TEAMTUNE_BENCH_MAIN_THREAD=1 (the calling thread, for comparison).
+    let mut timed = || -> Result<Vec<f64>, Box<dyn std::error::Error + Send + Sync>> {
+        let mut times = Vec::new();
+        for step in 0..=steps {
+            let started = Instant::now();
+            let (_, mut grads) =
+                accumulate(model, std::slice::from_ref(&batch), &vars, &cfg, step)?;
+            clip_grad_norm(&mut grads, &vars, 0.3)?;
+            opt.step(&grads, 5e-5)?;
+            if step > 0 {
+                times.push(started.elapsed().as_secs_f64());
+            }
         }
+        Ok(times)
+    };
+    let times = if std::env::var_os("TEAMTUNE_BENCH_MAIN_THREAD").is_some() {
+        timed()
+    } else {
+        teamtune_llama::on_compute_threads(timed)
     }
+    .map_err(|e| e.to_string())?;
     let best = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     println!(

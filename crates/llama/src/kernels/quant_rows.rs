@@ -231,21 +231,37 @@ mod avx {
         rows: usize,
         out_t: &mut [f32],
     ) {
+        match w.format {
+            QuantFormat::Int8 => rows_of::<false>(w, x, m, first, rows, out_t),
+            QuantFormat::Int4 => rows_of::<true>(w, x, m, first, rows, out_t),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_of<const INT4: bool>(
+        w: &QuantRows,
+        x: &[f32],
+        m: usize,
+        first: usize,
+        rows: usize,
+        out_t: &mut [f32],
+    ) {
         let mut j = 0;
         while j < rows {
             let wr = (rows - j).min(2);
             let mut r = 0;
             while r < m {
                 let xr = (m - r).min(4);
+                let at = (first, j, r);
                 match (wr, xr) {
-                    (2, 4) => tile::<2, 4>(w, x, m, first, j, r, out_t),
-                    (2, 3) => tile::<2, 3>(w, x, m, first, j, r, out_t),
-                    (2, 2) => tile::<2, 2>(w, x, m, first, j, r, out_t),
-                    (2, _) => tile::<2, 1>(w, x, m, first, j, r, out_t),
-                    (_, 4) => tile::<1, 4>(w, x, m, first, j, r, out_t),
-                    (_, 3) => tile::<1, 3>(w, x, m, first, j, r, out_t),
-                    (_, 2) => tile::<1, 2>(w, x, m, first, j, r, out_t),
-                    _ => tile::<1, 1>(w, x, m, first, j, r, out_t),
+                    (2, 4) => tile::<2, 4, INT4>(w, x, m, at, out_t),
+                    (2, 3) => tile::<2, 3, INT4>(w, x, m, at, out_t),
+                    (2, 2) => tile::<2, 2, INT4>(w, x, m, at, out_t),
+                    (2, _) => tile::<2, 1, INT4>(w, x, m, at, out_t),
+                    (_, 4) => tile::<1, 4, INT4>(w, x, m, at, out_t),
+                    (_, 3) => tile::<1, 3, INT4>(w, x, m, at, out_t),
+                    (_, 2) => tile::<1, 2, INT4>(w, x, m, at, out_t),
+                    _ => tile::<1, 1, INT4>(w, x, m, at, out_t),
                 }
                 r += xr;
             }
@@ -253,79 +269,82 @@ mod avx {
         }
     }
 
-    /// The 8 weights `p..p + 8` (a multiple of 8) of weight row `j` as f32: `q * d`.
+    /// The integers of values `8g..8g + 8` of a block: from its bytes at `at` (8-bit), or from
+    /// `raw`, the block's 16 bytes (4-bit: groups 0 and 1 are the low halves of bytes 0..8 and
+    /// 8..16, groups 2 and 3 their high halves).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn widen(w: &QuantRows, j: usize, p: usize) -> __m256 {
-        let b = p / BLOCK;
-        let d = _mm256_set1_ps(*w.scales.get_unchecked(j * w.blocks + b));
-        let within = p % BLOCK;
-        let ints = match w.format {
-            QuantFormat::Int8 => {
-                let at = w.bytes.as_ptr().add((j * w.blocks + b) * BLOCK + within);
-                _mm256_cvtepi8_epi32(_mm_loadl_epi64(at as *const __m128i))
-            }
-            QuantFormat::Int4 => {
-                let half = BLOCK / 2;
-                let at = w
-                    .bytes
-                    .as_ptr()
-                    .add((j * w.blocks + b) * half + within % half);
-                let raw = _mm_loadl_epi64(at as *const __m128i);
-                let nibbles = if within < half {
-                    _mm_and_si128(raw, _mm_set1_epi8(0x0F))
-                } else {
-                    _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F))
-                };
-                _mm256_sub_epi32(_mm256_cvtepu8_epi32(nibbles), _mm256_set1_epi32(8))
-            }
+    unsafe fn group<const INT4: bool>(at: *const u8, raw: __m128i, g: usize) -> __m256i {
+        if !INT4 {
+            return _mm256_cvtepi8_epi32(_mm_loadl_epi64(at.add(8 * g) as *const __m128i));
+        }
+        let halves = if g < 2 { raw } else { _mm_srli_epi16(raw, 4) };
+        let halves = if g % 2 == 0 {
+            halves
+        } else {
+            _mm_srli_si128(halves, 8)
         };
-        // q * d, rounded as dequantising rounds it.
-        _mm256_mul_ps(_mm256_cvtepi32_ps(ints), d)
+        let nibbles = _mm_and_si128(halves, _mm_set1_epi8(0x0F));
+        _mm256_sub_epi32(_mm256_cvtepu8_epi32(nibbles), _mm256_set1_epi32(8))
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn tile<const R: usize, const C: usize>(
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const R: usize, const C: usize, const INT4: bool>(
         w: &QuantRows,
         x: &[f32],
         m: usize,
-        first: usize,
-        j: usize,
-        r: usize,
+        (first, j, r): (usize, usize, usize),
         out_t: &mut [f32],
     ) {
         let k = w.k;
+        let per = w.format.bytes_per_block();
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let k8 = k / 8 * 8;
         let xp = x.as_ptr();
-        let mut p = 0;
-        while p < k8 {
-            let mut wv = [_mm256_setzero_ps(); R];
-            for (a, v) in wv.iter_mut().enumerate() {
-                *v = widen(w, first + j + a, p);
-            }
-            for b in 0..C {
-                let xv = _mm256_loadu_ps(xp.add((r + b) * k + p));
-                for a in 0..R {
-                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
+        for b in 0..k8.div_ceil(BLOCK) {
+            let mut d = [_mm256_setzero_ps(); R];
+            let mut at = [std::ptr::null::<u8>(); R];
+            let mut raw = [_mm_setzero_si128(); R];
+            for a in 0..R {
+                let block = (first + j + a) * w.blocks + b;
+                d[a] = _mm256_set1_ps(*w.scales.get_unchecked(block));
+                at[a] = w.bytes.as_ptr().add(block * per);
+                if INT4 {
+                    raw[a] = _mm_loadu_si128(at[a] as *const __m128i);
                 }
             }
-            p += 8;
+            for g in 0..BLOCK / 8 {
+                let p = b * BLOCK + 8 * g;
+                if p >= k8 {
+                    break;
+                }
+                let mut wv = [_mm256_setzero_ps(); R];
+                for a in 0..R {
+                    // q * d, rounded as dequantising rounds it.
+                    let ints = group::<INT4>(at[a], raw[a], g);
+                    wv[a] = _mm256_mul_ps(_mm256_cvtepi32_ps(ints), d[a]);
+                }
+                for c in 0..C {
+                    let xv = _mm256_loadu_ps(xp.add((r + c) * k + p));
+                    for a in 0..R {
+                        acc[a][c] = _mm256_fmadd_ps(wv[a], xv, acc[a][c]);
+                    }
+                }
+            }
         }
         for a in 0..R {
             let row = first + j + a;
-            for b in 0..C {
-                let mut s = super::super::skinny::hsum_avx(acc[a][b]);
+            for c in 0..C {
+                let mut s = super::super::skinny::hsum_avx(acc[a][c]);
                 for q in k8..k {
-                    let block =
-                        &w.bytes[(row * w.blocks + q / BLOCK) * w.format.bytes_per_block()..];
-                    let wq = w.format.value(block, q % BLOCK) as f32
-                        * w.scales[row * w.blocks + q / BLOCK];
-                    s += wq * x[(r + b) * k + q];
+                    let block = row * w.blocks + q / BLOCK;
+                    let wq =
+                        w.format.value(&w.bytes[block * per..], q % BLOCK) as f32 * w.scales[block];
+                    s += wq * x[(r + c) * k + q];
                 }
-                out_t[(j + a) * m + r + b] = s;
+                out_t[(j + a) * m + r + c] = s;
             }
         }
     }
