@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use teamtune_formats::{SHARD_FILE, SHARD_FORMAT};
-use teamtune_gridworld::EpisodeRecord;
+use teamtune_gridworld::{EpisodeRecord, TaskSpec};
 
 use crate::runner::PlayedEpisode;
 use crate::shard::{Shard, ShardError};
@@ -38,6 +38,28 @@ pub struct RunIdentity {
     /// Everything else the output depends on, as the command records it (for `eval`, the
     /// `settings` of its eval.json; for `collect`, also `--min-score` and `--history`).
     pub settings: BTreeMap<String, Value>,
+}
+
+impl RunIdentity {
+    /// The identity of a run of `tasks` x `episodes` from `seed` by the policy `policy`.
+    pub fn new(
+        policy: String,
+        tasks: &[TaskSpec],
+        episodes: u64,
+        seed: u64,
+        settings: BTreeMap<String, Value>,
+    ) -> serde_json::Result<Self> {
+        Ok(RunIdentity {
+            policy,
+            tasks: tasks
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<serde_json::Result<_>>()?,
+            episodes,
+            seed,
+            settings,
+        })
+    }
 }
 
 /// One episode a shard played.

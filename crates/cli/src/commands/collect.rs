@@ -137,13 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     if let Some(path) = &args.training_out {
         let lines: Vec<_> = per_record.iter().flatten().collect();
-        write_jsonl_atomic(path, &lines, false)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!(
-            "{} training conversations written to {}",
-            lines.len(),
-            path.display()
-        );
+        write_training(path, &lines)?;
     }
     if let (Some(shard), Some(dir)) = (shard, shard_dir) {
         let mut lines_of = per_record.iter().map(Vec::len);
@@ -170,16 +164,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format: SHARD_FORMAT.into(),
             command: "collect".into(),
             shard,
-            run: RunIdentity {
-                policy: policy.name(),
-                tasks: specs
-                    .iter()
-                    .map(serde_json::to_value)
-                    .collect::<Result<_, _>>()?,
-                episodes: args.episodes,
-                seed: args.seed,
-                settings: run_settings,
-            },
+            run: RunIdentity::new(
+                policy.name(),
+                &specs,
+                args.episodes,
+                args.seed,
+                run_settings,
+            )?,
             records: file_name(&args.out).expect("checked: a file name"),
             training: args.training_out.as_deref().and_then(file_name),
             episodes,
@@ -294,13 +285,7 @@ fn merge(args: &Args) -> anyhow::Result<()> {
         min_score,
     );
     if let Some((path, lines)) = training {
-        write_jsonl_atomic(path, &lines, false)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!(
-            "{} training conversations written to {}",
-            lines.len(),
-            path.display()
-        );
+        write_training(path, &lines)?;
     }
     println!("{} shards merged", merged.shards);
     Ok(())
@@ -311,4 +296,16 @@ fn append_records_raw(
     lines: &[Box<serde_json::value::RawValue>],
 ) -> anyhow::Result<()> {
     write_jsonl_atomic(out, lines, true).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Writes the training conversations (one JSON line each) and says how many.
+fn write_training<T: serde::Serialize>(path: &std::path::Path, lines: &[T]) -> anyhow::Result<()> {
+    write_jsonl_atomic(path, lines, false)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "{} training conversations written to {}",
+        lines.len(),
+        path.display()
+    );
+    Ok(())
 }

@@ -111,16 +111,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 format: SHARD_FORMAT.into(),
                 command: "eval".into(),
                 shard,
-                run: RunIdentity {
-                    policy: policy.name(),
-                    tasks: specs
-                        .iter()
-                        .map(serde_json::to_value)
-                        .collect::<Result<_, _>>()?,
-                    episodes: args.episodes,
-                    seed: args.seed,
-                    settings: run_settings,
-                },
+                run: RunIdentity::new(
+                    policy.name(),
+                    &specs,
+                    args.episodes,
+                    args.seed,
+                    run_settings,
+                )?,
                 records: "episodes.jsonl".into(),
                 training: None,
                 episodes: mine

@@ -13,8 +13,6 @@
 //! order: the result is bit for bit that of dequantising and multiplying in f32, and a sequence
 //! gets the same bits alone or in a batch.
 
-use rayon::prelude::*;
-
 use super::skinny;
 
 /// Values per scale.
@@ -95,10 +93,6 @@ impl QuantRows {
         self.k
     }
 
-    pub(crate) fn format(&self) -> QuantFormat {
-        self.format
-    }
-
     /// The f32 values the weight stands for, `[n, k]`.
     #[cfg(test)]
     pub(crate) fn dequantize(&self) -> Vec<f32> {
@@ -124,33 +118,10 @@ impl QuantRows {
 
     /// `x [m, k] @ W^T` as `[m, n]`.
     pub(crate) fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        assert_eq!(x.len(), m * k, "{m} rows of {k} values");
-        if m == 0 || n == 0 {
-            return vec![0.0; m * n];
-        }
-        // As in skinny::matmul_t: the transposed output, whole weight rows per thread.
-        let mut out_t = vec![0f32; n * m];
-        let threads = rayon::current_num_threads().max(1);
-        let rows_per_chunk = (n.div_ceil(threads * 4)).max(16).next_multiple_of(2);
-        out_t
-            .par_chunks_mut(rows_per_chunk * m)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let first = c * rows_per_chunk;
-                let rows = chunk.len() / m;
-                self.dot_rows(x, m, first, rows, chunk);
-            });
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * n];
-        for (j, row) in out_t.chunks_exact(m).enumerate() {
-            for (r, &v) in row.iter().enumerate() {
-                out[r * n + j] = v;
-            }
-        }
-        out
+        assert_eq!(x.len(), m * self.k, "{m} rows of {} values", self.k);
+        skinny::by_weight_rows(m, self.n, |first, rows, out_t| {
+            self.dot_rows(x, m, first, rows, out_t)
+        })
     }
 
     /// `out_t[i * m + r] = W[first + i] . x[r]` for `rows` weight rows.

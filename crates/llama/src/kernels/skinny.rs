@@ -19,6 +19,19 @@ pub(crate) const MAX_ROWS: usize = 16;
 pub(crate) fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
+    by_weight_rows(m, n, |first, rows, out_t| {
+        dot_rows(x, m, &w[first * k..(first + rows) * k], k, out_t)
+    })
+}
+
+/// The `[m, n]` output of a few-row product whose weight has `n` rows, split over rayon's
+/// threads by weight rows: `dot(first, rows, out_t)` fills `out_t[i * m + r]` with weight row
+/// `first + i` dotted with input row `r`, for `rows` weight rows.
+pub(crate) fn by_weight_rows(
+    m: usize,
+    n: usize,
+    dot: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     if m == 0 || n == 0 {
         return vec![0.0; m * n];
     }
@@ -30,12 +43,7 @@ pub(crate) fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Ve
     out_t
         .par_chunks_mut(rows_per_chunk * m)
         .enumerate()
-        .for_each(|(c, chunk)| {
-            let first = c * rows_per_chunk;
-            let rows = chunk.len() / m;
-            let w_rows = &w[first * k..(first + rows) * k];
-            dot_rows(x, m, w_rows, k, chunk);
-        });
+        .for_each(|(c, chunk)| dot(c * rows_per_chunk, chunk.len() / m, chunk));
     if m == 1 {
         // [n, 1] and [1, n] are the same buffer.
         return out_t;

@@ -93,55 +93,75 @@ impl Linear {
     }
 }
 
-/// `x W^T` through a packed bf16 weight (CPU, f32 in and out).
-struct Bf16Matmul(Arc<PackedBf16>);
+/// A weight kept in a CPU kernel's own layout (bf16 pairs, 8 or 4-bit blocks), for `x W^T`
+/// with f32 in and out.
+trait PackedWeight: Send + Sync {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32>;
+}
 
-impl CustomOp1 for Bf16Matmul {
+impl PackedWeight for PackedBf16 {
+    fn rows(&self) -> usize {
+        PackedBf16::rows(self)
+    }
+    fn cols(&self) -> usize {
+        PackedBf16::cols(self)
+    }
+    fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        PackedBf16::matmul_t(self, x, m)
+    }
+}
+
+impl PackedWeight for QuantRows {
+    fn rows(&self) -> usize {
+        QuantRows::rows(self)
+    }
+    fn cols(&self) -> usize {
+        QuantRows::cols(self)
+    }
+    fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        QuantRows::matmul_t(self, x, m)
+    }
+}
+
+/// `x W^T` through a [`PackedWeight`] (CPU, contiguous f32 `x [m, k]`).
+struct PackedMatmul<'a>(&'a dyn PackedWeight);
+
+impl CustomOp1 for PackedMatmul<'_> {
     fn name(&self) -> &'static str {
-        "bf16-matmul"
+        "packed-matmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (m, k) = l.shape().dims2()?;
         if k != self.0.cols() {
             candle_core::bail!(
-                "bf16 matmul: input [{m}, {k}] does not fit weight [{}, {}]",
+                "packed matmul: input [{m}, {k}] does not fit weight [{}, {}]",
                 self.0.rows(),
                 self.0.cols()
             );
         }
         let (CpuStorage::F32(xs), Some((x0, x1))) = (s, l.contiguous_offsets()) else {
-            candle_core::bail!("bf16 matmul: needs a contiguous f32 input");
+            candle_core::bail!("packed matmul: needs a contiguous f32 input");
         };
         let out = self.0.matmul_t(&xs[x0..x1], m);
         Ok((CpuStorage::F32(out), Shape::from((m, self.0.rows()))))
     }
 }
 
-/// `x W^T` through an 8 or 4-bit weight (CPU, f32 in and out, a few rows).
-struct QuantMatmul(Arc<QuantRows>);
-
-impl CustomOp1 for QuantMatmul {
-    fn name(&self) -> &'static str {
-        "quant-matmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
-        if k != self.0.cols() {
-            candle_core::bail!(
-                "{:?} matmul: input [{m}, {k}] does not fit weight [{}, {}]",
-                self.0.format(),
-                self.0.rows(),
-                self.0.cols()
-            );
-        }
-        let (CpuStorage::F32(xs), Some((x0, x1))) = (s, l.contiguous_offsets()) else {
-            candle_core::bail!("quantised matmul: needs a contiguous f32 input");
-        };
-        let out = self.0.matmul_t(&xs[x0..x1], m);
-        Ok((CpuStorage::F32(out), Shape::from((m, self.0.rows()))))
-    }
+/// `x W^T` for `x` `[.., inner]` of any float dtype through a packed weight, in the dtype of `x`.
+fn packed_forward(x: &Tensor, w: &dyn PackedWeight) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let x2 = x
+        .to_dtype(DType::F32)?
+        .reshape((x.elem_count() / inner, inner))?
+        .contiguous()?;
+    let y = x2.apply_op1_no_bwd(&PackedMatmul(w))?;
+    let mut out = dims.to_vec();
+    *out.last_mut().unwrap() = w.rows();
+    y.reshape(out)?.to_dtype(x.dtype())
 }
 
 impl Module for Linear {
@@ -151,15 +171,7 @@ impl Module for Linear {
         if let Some(packed) = &self.bf16 {
             // Every row count: bf16 products are twice an f32 FMA's per instruction, so the
             // prefill gains too, not only the weight-bound decode steps.
-            let dtype = x.dtype();
-            let x2 = x
-                .to_dtype(DType::F32)?
-                .reshape((rows, inner))?
-                .contiguous()?;
-            let y = x2.apply_op1_no_bwd(&Bf16Matmul(packed.clone()))?;
-            let mut out = dims.to_vec();
-            *out.last_mut().unwrap() = packed.rows();
-            return y.reshape(out)?.to_dtype(dtype);
+            return packed_forward(x, packed.as_ref());
         }
         // Few rows (decoding) are bound by weight bytes: the quantised weight wins. Many rows
         // (prefill) are bound by arithmetic, where the dense GEMM is faster.
@@ -168,15 +180,7 @@ impl Module for Linear {
             .as_ref()
             .filter(|_| rows <= QUANTIZED_MAX_ROWS && rows > 0)
         {
-            let dtype = x.dtype();
-            let x2 = x
-                .to_dtype(DType::F32)?
-                .reshape((rows, inner))?
-                .contiguous()?;
-            let y = x2.apply_op1_no_bwd(&QuantMatmul(q.clone()))?;
-            let mut out = dims.to_vec();
-            *out.last_mut().unwrap() = q.rows();
-            return y.reshape(out)?.to_dtype(dtype);
+            return packed_forward(x, q.as_ref());
         }
         if let Some(q) = self
             .quantized
