@@ -122,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn read_messages(path: &PathBuf) -> anyhow::Result<Vec<Message>> {
+pub fn read_messages(path: &std::path::Path) -> anyhow::Result<Vec<Message>> {
     let text = teamtune_llama::read_text_file(path)?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", path.display()))?;

@@ -250,7 +250,7 @@ mod avx {
             return _mm256_cvtepi8_epi32(_mm_loadl_epi64(at.add(8 * g) as *const __m128i));
         }
         let halves = if g < 2 { raw } else { _mm_srli_epi16(raw, 4) };
-        let halves = if g % 2 == 0 {
+        let halves = if g.is_multiple_of(2) {
             halves
         } else {
             _mm_srli_si128(halves, 8)

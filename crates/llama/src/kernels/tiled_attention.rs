@@ -212,7 +212,7 @@ impl Plan {
 
     /// `x` in block order (every block's rows, one block after the other) laid out as
     /// `[b, g, r, d]`.
-    fn from_block_order(&self, x: &[f32]) -> Vec<f32> {
+    fn to_tensor_order(&self, x: &[f32]) -> Vec<f32> {
         let mut out = vec![0f32; x.len()];
         for block in &self.blocks {
             let mut at = block.offset * self.d;
@@ -383,7 +383,7 @@ impl CustomOp3 for TiledAttention {
             });
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Arc::new(Saved { max, sum }));
-            let out = plan.from_block_order(&out);
+            let out = plan.to_tensor_order(&out);
             Ok((CpuStorage::F32(out), lq.shape().clone()))
         })
     }
@@ -596,7 +596,7 @@ impl TiledAttention {
                     }
                 }
             });
-        (plan.from_block_order(&dq), dk, dv)
+        (plan.to_tensor_order(&dq), dk, dv)
     }
 }
 
