@@ -1,17 +1,19 @@
 //! `x W^T` on the CPU for the few rows of a decode step, with `W` kept as 8-bit or 4-bit
-//! integers (a scale per block of 32 along `k`, as GGUF's Q8_0 and Q4_0) and `x` kept in f32.
+//! integers (a scale per block of 32 along `k`, as GGUF's Q8_0 and Q4_0).
 //!
 //! A decode step reads every weight once and is bound by those bytes: 8-bit weights are a
-//! quarter of f32's, 4-bit ones an eighth. candle's quantised matmul also rounds the activation
-//! to 8 bits (its dot products are integer ones), which moves logits enough to flip near ties
-//! between top tokens; and it runs on candle's own worker pool, which this crate keeps at one
-//! thread on small machines ([`crate::share_cores_with_candle`]). Here each weight is widened
-//! to the f32 it stands for (`q * d`, exactly what dequantising gives) right before its FMA,
-//! the activation is not rounded at all, and the rows are split over rayon's threads.
+//! quarter of f32's, 4-bit ones an eighth. candle's quantised matmul rounds the activation to
+//! 8 bits (its dot products are 8-bit integer ones), which moves logits enough to flip near
+//! ties between top tokens; and it runs on candle's own worker pool, which this crate keeps at
+//! one thread on small machines ([`crate::share_cores_with_candle`]). Here the activation is
+//! rounded to 16 bits per block of 32 (a scale per block: an error below 2^-16 of the block's
+//! largest value, far under the weights' own rounding), the integer products of a block are
+//! summed exactly in 32 bits (AVX2's `vpmaddwd`), and each block's sum is scaled and added in
+//! f32. Rows are split over rayon's threads.
 //!
-//! The products are the very ones of [`super::skinny`] on the dequantised weight, in the same
-//! order: the result is bit for bit that of dequantising and multiplying in f32, and a sequence
-//! gets the same bits alone or in a batch.
+//! Every output is one chain of the same operations in the same order whatever the number of
+//! rows: a sequence gets the same bits alone or in a batch, and the portable loop gives the
+//! bits of the AVX2 kernel.
 
 use super::skinny;
 
@@ -102,6 +104,7 @@ impl QuantRows {
     }
 
     /// Rows `first..first + count` dequantised into `out` (`[count, k]`).
+    #[cfg(test)]
     fn dequantize_rows(&self, first: usize, count: usize, out: &mut [f32]) {
         let per = self.format.bytes_per_block();
         for (i, row) in out.chunks_exact_mut(self.k).take(count).enumerate() {
@@ -119,25 +122,88 @@ impl QuantRows {
     /// `x [m, k] @ W^T` as `[m, n]`.
     pub(crate) fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "{m} rows of {} values", self.k);
+        let x = Activations::new(x, m, self.k);
         skinny::by_weight_rows(m, self.n, |first, rows, out_t| {
-            self.dot_rows(x, m, first, rows, out_t)
+            #[cfg(target_arch = "x86_64")]
+            if skinny::has_avx2_fma() {
+                // SAFETY: the CPU has the features; the kernel reads weight rows
+                // `first..first + rows` (inside `n`, by the chunking) and the `m` rows of `x`,
+                // each `blocks * 32` values long.
+                unsafe { avx::dot_rows(self, &x, first, rows, out_t) };
+                return;
+            }
+            portable::dot_rows(self, &x, first, rows, out_t)
         })
     }
+}
 
-    /// `out_t[i * m + r] = W[first + i] . x[r]` for `rows` weight rows.
-    fn dot_rows(&self, x: &[f32], m: usize, first: usize, rows: usize, out_t: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if skinny::has_avx2_fma() {
-            // SAFETY: the CPU has the features; the kernel reads the weight rows
-            // `first..first + rows` and `m` rows of `x`, all inside the slices (asserted in
-            // matmul_t and by the chunking).
-            unsafe { avx::dot_rows(self, x, m, first, rows, out_t) };
-            return;
+/// The rows of `x` rounded to 16 bits per block of 32: `x = q * d`, `d = max |x| / 32767`,
+/// zeros past `k`.
+struct Activations {
+    m: usize,
+    blocks: usize,
+    /// `[m, blocks * 32]`.
+    q: Vec<i16>,
+    /// `[m, blocks]`.
+    d: Vec<f32>,
+}
+
+impl Activations {
+    fn new(x: &[f32], m: usize, k: usize) -> Self {
+        let blocks = k.div_ceil(BLOCK);
+        let mut q = vec![0i16; m * blocks * BLOCK];
+        let mut d = vec![0f32; m * blocks];
+        for r in 0..m {
+            for b in 0..blocks {
+                let values = &x[r * k + b * BLOCK..r * k + ((b + 1) * BLOCK).min(k)];
+                let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let scale = amax / 32767.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                let out = &mut q[(r * blocks + b) * BLOCK..][..values.len()];
+                for (o, v) in out.iter_mut().zip(values) {
+                    *o = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
+                }
+                d[r * blocks + b] = scale;
+            }
         }
-        // Elsewhere: dequantise the rows, then the f32 kernel (the same products).
-        let mut w = vec![0f32; rows * self.k];
-        self.dequantize_rows(first, rows, &mut w);
-        skinny::dot_rows(x, m, &w, self.k, out_t);
+        Activations { m, blocks, q, d }
+    }
+}
+
+/// The same sums as the AVX2 kernel, in the same order: eight lanes, lane `l` of a block the
+/// integer sum of values `2l, 2l + 1, 16 + 2l, 17 + 2l` (`vpmaddwd` of each half, then added),
+/// scaled and added in f32 with a fused multiply-add, and the lanes added up as `hsum_avx`.
+mod portable {
+    use super::{Activations, QuantRows, BLOCK};
+
+    pub(super) fn dot_rows(
+        w: &QuantRows,
+        x: &Activations,
+        first: usize,
+        rows: usize,
+        out_t: &mut [f32],
+    ) {
+        let per = w.format.bytes_per_block();
+        for i in 0..rows {
+            let j = first + i;
+            for r in 0..x.m {
+                let mut lanes = [0f32; 8];
+                for b in 0..w.blocks {
+                    let bytes = &w.bytes[(j * w.blocks + b) * per..][..per];
+                    let xq = &x.q[(r * x.blocks + b) * BLOCK..][..BLOCK];
+                    let scale = w.scales[j * w.blocks + b] * x.d[r * x.blocks + b];
+                    for (l, lane) in lanes.iter_mut().enumerate() {
+                        let sum: i32 = [2 * l, 2 * l + 1, 16 + 2 * l, 17 + 2 * l]
+                            .iter()
+                            .map(|&p| w.format.value(bytes, p) * xq[p] as i32)
+                            .sum();
+                        *lane = (sum as f32).mul_add(scale, *lane);
+                    }
+                }
+                let [a, b, c, d, e, f, g, h] = lanes;
+                out_t[i * x.m + r] = ((a + e) + (c + g)) + ((b + f) + (d + h));
+            }
+        }
     }
 }
 
@@ -189,34 +255,33 @@ fn quantize_int4(w: &[f32; BLOCK], out: &mut [u8]) -> f32 {
 mod avx {
     use std::arch::x86_64::*;
 
-    use super::{QuantFormat, QuantRows, BLOCK};
+    use super::{Activations, QuantFormat, QuantRows, BLOCK};
 
-    /// Tiles of 2 weight rows x up to 4 input rows, as skinny's, with each group of 8 weights
-    /// widened to f32 once per tile.
+    /// Tiles of 2 weight rows x up to 4 input rows: each block of a weight row is widened to
+    /// 16-bit integers once per tile and multiplied with every input row's block.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_rows(
         w: &QuantRows,
-        x: &[f32],
-        m: usize,
+        x: &Activations,
         first: usize,
         rows: usize,
         out_t: &mut [f32],
     ) {
         match w.format {
-            QuantFormat::Int8 => rows_of::<false>(w, x, m, first, rows, out_t),
-            QuantFormat::Int4 => rows_of::<true>(w, x, m, first, rows, out_t),
+            QuantFormat::Int8 => rows_of::<false>(w, x, first, rows, out_t),
+            QuantFormat::Int4 => rows_of::<true>(w, x, first, rows, out_t),
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn rows_of<const INT4: bool>(
         w: &QuantRows,
-        x: &[f32],
-        m: usize,
+        x: &Activations,
         first: usize,
         rows: usize,
         out_t: &mut [f32],
     ) {
+        let m = x.m;
         let mut j = 0;
         while j < rows {
             let wr = (rows - j).min(2);
@@ -225,14 +290,14 @@ mod avx {
                 let xr = (m - r).min(4);
                 let at = (first, j, r);
                 match (wr, xr) {
-                    (2, 4) => tile::<2, 4, INT4>(w, x, m, at, out_t),
-                    (2, 3) => tile::<2, 3, INT4>(w, x, m, at, out_t),
-                    (2, 2) => tile::<2, 2, INT4>(w, x, m, at, out_t),
-                    (2, _) => tile::<2, 1, INT4>(w, x, m, at, out_t),
-                    (_, 4) => tile::<1, 4, INT4>(w, x, m, at, out_t),
-                    (_, 3) => tile::<1, 3, INT4>(w, x, m, at, out_t),
-                    (_, 2) => tile::<1, 2, INT4>(w, x, m, at, out_t),
-                    _ => tile::<1, 1, INT4>(w, x, m, at, out_t),
+                    (2, 4) => tile::<2, 4, INT4>(w, x, at, out_t),
+                    (2, 3) => tile::<2, 3, INT4>(w, x, at, out_t),
+                    (2, 2) => tile::<2, 2, INT4>(w, x, at, out_t),
+                    (2, _) => tile::<2, 1, INT4>(w, x, at, out_t),
+                    (_, 4) => tile::<1, 4, INT4>(w, x, at, out_t),
+                    (_, 3) => tile::<1, 3, INT4>(w, x, at, out_t),
+                    (_, 2) => tile::<1, 2, INT4>(w, x, at, out_t),
+                    _ => tile::<1, 1, INT4>(w, x, at, out_t),
                 }
                 r += xr;
             }
@@ -240,23 +305,24 @@ mod avx {
         }
     }
 
-    /// The integers of values `8g..8g + 8` of a block: from its bytes at `at` (8-bit), or from
-    /// `raw`, the block's 16 bytes (4-bit: groups 0 and 1 are the low halves of bytes 0..8 and
-    /// 8..16, groups 2 and 3 their high halves).
+    /// A block's 32 integers as two vectors of 16 (values 0..16 and 16..32).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn group<const INT4: bool>(at: *const u8, raw: __m128i, g: usize) -> __m256i {
-        if !INT4 {
-            return _mm256_cvtepi8_epi32(_mm_loadl_epi64(at.add(8 * g) as *const __m128i));
-        }
-        let halves = if g < 2 { raw } else { _mm_srli_epi16(raw, 4) };
-        let halves = if g.is_multiple_of(2) {
-            halves
+    unsafe fn block<const INT4: bool>(at: *const u8) -> (__m256i, __m256i) {
+        if INT4 {
+            // Byte i holds value i in its low half and value i + 16 in its high half.
+            let raw = _mm_loadu_si128(at as *const __m128i);
+            let mask = _mm_set1_epi8(0x0F);
+            let eight = _mm256_set1_epi16(8);
+            let low = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+            let high = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+            (_mm256_sub_epi16(low, eight), _mm256_sub_epi16(high, eight))
         } else {
-            _mm_srli_si128(halves, 8)
-        };
-        let nibbles = _mm_and_si128(halves, _mm_set1_epi8(0x0F));
-        _mm256_sub_epi32(_mm256_cvtepu8_epi32(nibbles), _mm256_set1_epi32(8))
+            (
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(at as *const __m128i)),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
+            )
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -264,58 +330,45 @@ mod avx {
     #[allow(clippy::needless_range_loop)]
     unsafe fn tile<const R: usize, const C: usize, const INT4: bool>(
         w: &QuantRows,
-        x: &[f32],
-        m: usize,
+        x: &Activations,
         (first, j, r): (usize, usize, usize),
         out_t: &mut [f32],
     ) {
-        let k = w.k;
         let per = w.format.bytes_per_block();
         let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let k8 = k / 8 * 8;
-        let xp = x.as_ptr();
-        for b in 0..k8.div_ceil(BLOCK) {
-            let mut d = [_mm256_setzero_ps(); R];
-            let mut at = [std::ptr::null::<u8>(); R];
-            let mut raw = [_mm_setzero_si128(); R];
+        for b in 0..w.blocks {
+            let mut lo = [_mm256_setzero_si256(); R];
+            let mut hi = [_mm256_setzero_si256(); R];
+            let mut dw = [0f32; R];
             for a in 0..R {
-                let block = (first + j + a) * w.blocks + b;
-                d[a] = _mm256_set1_ps(*w.scales.get_unchecked(block));
-                at[a] = w.bytes.as_ptr().add(block * per);
-                if INT4 {
-                    raw[a] = _mm_loadu_si128(at[a] as *const __m128i);
-                }
+                let at = (first + j + a) * w.blocks + b;
+                (lo[a], hi[a]) = block::<INT4>(w.bytes.as_ptr().add(at * per));
+                dw[a] = *w.scales.get_unchecked(at);
             }
-            for g in 0..BLOCK / 8 {
-                let p = b * BLOCK + 8 * g;
-                if p >= k8 {
-                    break;
-                }
-                let mut wv = [_mm256_setzero_ps(); R];
+            for c in 0..C {
+                let at = (r + c) * x.blocks + b;
+                let xp = x.q.as_ptr().add(at * BLOCK);
+                let x_lo = _mm256_loadu_si256(xp as *const __m256i);
+                let x_hi = _mm256_loadu_si256(xp.add(16) as *const __m256i);
+                let dx = *x.d.get_unchecked(at);
                 for a in 0..R {
-                    // q * d, rounded as dequantising rounds it.
-                    let ints = group::<INT4>(at[a], raw[a], g);
-                    wv[a] = _mm256_mul_ps(_mm256_cvtepi32_ps(ints), d[a]);
-                }
-                for c in 0..C {
-                    let xv = _mm256_loadu_ps(xp.add((r + c) * k + p));
-                    for a in 0..R {
-                        acc[a][c] = _mm256_fmadd_ps(wv[a], xv, acc[a][c]);
-                    }
+                    // At most 4 x 127 x 32767 < 2^24 per lane: exact in i32 and in f32.
+                    let sum = _mm256_add_epi32(
+                        _mm256_madd_epi16(lo[a], x_lo),
+                        _mm256_madd_epi16(hi[a], x_hi),
+                    );
+                    acc[a][c] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(sum),
+                        _mm256_set1_ps(dw[a] * dx),
+                        acc[a][c],
+                    );
                 }
             }
         }
+        let m = x.m;
         for a in 0..R {
-            let row = first + j + a;
             for c in 0..C {
-                let mut s = super::super::skinny::hsum_avx(acc[a][c]);
-                for q in k8..k {
-                    let block = row * w.blocks + q / BLOCK;
-                    let wq =
-                        w.format.value(&w.bytes[block * per..], q % BLOCK) as f32 * w.scales[block];
-                    s += wq * x[(r + c) * k + q];
-                }
-                out_t[(j + a) * m + r + c] = s;
+                out_t[(j + a) * m + r + c] = super::super::skinny::hsum_avx(acc[a][c]);
             }
         }
     }
@@ -336,8 +389,28 @@ mod tests {
 
     const FORMATS: [QuantFormat; 2] = [QuantFormat::Int8, QuantFormat::Int4];
 
+    /// `x W^T` in f64 from the dequantised weight and the unrounded `x`, with the bound the
+    /// activations' rounding allows (half a step of each block's scale, times the weights).
+    fn reference(q: &QuantRows, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+        let (n, k) = (q.n, q.k);
+        let w = q.dequantize();
+        let acts = Activations::new(x, m, k);
+        let mut want = vec![0f64; m * n];
+        let mut bound = vec![0f64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    let wp = w[j * k + p] as f64;
+                    want[r * n + j] += wp * x[r * k + p] as f64;
+                    bound[r * n + j] += wp.abs() * acts.d[r * acts.blocks + p / BLOCK] as f64 * 0.5;
+                }
+            }
+        }
+        (want, bound)
+    }
+
     #[test]
-    fn equals_dequantising_then_the_f32_kernel_bit_for_bit() {
+    fn within_the_activations_rounding_of_the_dequantised_product() {
         // k not a multiple of 8 or 32, a single weight row, and 16 input rows.
         for (m, n, k) in [
             (1, 1, 5),
@@ -350,8 +423,40 @@ mod tests {
                 let (x, w) = (values(m * k, 1), values(n * k, 2));
                 let q = QuantRows::new(format, &w, n, k);
                 let got = q.matmul_t(&x, m);
-                let want = skinny::matmul_t(&x, m, &q.dequantize(), n, k);
-                assert_eq!(got, want, "{format:?} {m}x{n}x{k}");
+                let (want, bound) = reference(&q, &x, m);
+                for i in 0..m * n {
+                    let err = (got[i] as f64 - want[i]).abs();
+                    // The rounding of the 16-bit activations, plus f32 sums.
+                    let allowed = bound[i] + 1e-6 * (1.0 + want[i].abs());
+                    assert!(
+                        err <= allowed,
+                        "{format:?} {m}x{n}x{k} [{i}]: {} vs {} (allowed {allowed:e})",
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_loop_gives_the_kernels_bits() {
+        let (m, n, k) = (6, 19, 200);
+        let (x, w) = (values(m * k, 5), values(n * k, 6));
+        for format in FORMATS {
+            let q = QuantRows::new(format, &w, n, k);
+            let acts = Activations::new(&x, m, k);
+            let mut portable_t = vec![0f32; n * m];
+            portable::dot_rows(&q, &acts, 0, n, &mut portable_t);
+            let got = q.matmul_t(&x, m);
+            for j in 0..n {
+                for r in 0..m {
+                    assert_eq!(
+                        got[r * n + j].to_bits(),
+                        portable_t[j * m + r].to_bits(),
+                        "{format:?} row {r} column {j}"
+                    );
+                }
             }
         }
     }
