@@ -25,7 +25,7 @@ const QUANTIZED_MAX_ROWS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub(super) weight: Tensor,
-    /// Quantised for the decode steps on the CPU: 8 or 4-bit weights, f32 activations.
+    /// Quantised for the decode steps on the CPU: 8 or 4-bit weights, activations rounded to 16 bits.
     quant_rows: Option<Arc<QuantRows>>,
     /// Quantised off the CPU (candle's kernels: activations quantised too).
     quantized: Option<QMatMul>,
@@ -75,7 +75,7 @@ impl Linear {
         Ok(())
     }
 
-    /// Keeps the weight quantised in `format` for the decode steps on the CPU (f32 activations).
+    /// Keeps the weight quantised in `format` for the decode steps on the CPU (activations rounded to 16 bits per block).
     pub(super) fn quantize_rows(&mut self, format: QuantFormat) -> Result<()> {
         self.dequantize();
         let w = self.weight.to_dtype(DType::F32)?;

@@ -178,9 +178,10 @@ impl Llama {
         }
         // The LM head is as many weights as a third of SmolLM2's decoder, and read at every
         // decode step. It is kept in 8 bits under Q8_0 and Q4_0 alike, with the final hidden
-        // state in f32: quantising that state too (candle's integer dot products) flipped
-        // near ties between top tokens (SmolLM2's first answer token on "What is the capital
-        // of France?" has a 0.08 margin). bf16 keeps 8 significant bits of every value.
+        // state rounded to 16 bits per block (kernels/quant_rows.rs): rounding that state to 8
+        // bits (candle's integer dot products) flipped near ties between top tokens (SmolLM2's
+        // first answer token on "What is the capital of France?" has a 0.08 margin). bf16
+        // keeps 8 significant bits of every value.
         match dtype {
             GgmlDType::BF16 => self.lm_head.quantize(dtype)?,
             GgmlDType::Q8_0 | GgmlDType::Q4_0 if self.device.is_cpu() => {
