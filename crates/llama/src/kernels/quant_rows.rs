@@ -157,6 +157,12 @@ impl Activations {
             for b in 0..blocks {
                 let values = &x[r * k + b * BLOCK..r * k + ((b + 1) * BLOCK).min(k)];
                 let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+                // A NaN or infinite activation makes its row's outputs NaN, as an f32 product
+                // would, instead of being rounded to some integer.
+                if !amax.is_finite() || values.iter().any(|v| v.is_nan()) {
+                    d[r * blocks + b] = f32::NAN;
+                    continue;
+                }
                 let scale = amax / 32767.0;
                 let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
                 let out = &mut q[(r * blocks + b) * BLOCK..][..values.len()];
@@ -499,6 +505,22 @@ mod tests {
             for r in 0..9 {
                 let alone = q.matmul_t(&x[r * k..(r + 1) * k], 1);
                 assert_eq!(alone, all[r * n..(r + 1) * n], "{format:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_finite_activation_gives_its_row_nan_and_leaves_the_others() {
+        let (m, n, k) = (3, 5, 70);
+        let w = values(n * k, 7);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x = values(m * k, 8);
+            x[k + 40] = bad;
+            for format in FORMATS {
+                let q = QuantRows::new(format, &w, n, k);
+                let got = q.matmul_t(&x, m);
+                assert!(got[n..2 * n].iter().all(|v| v.is_nan()), "{format:?} {bad}");
+                assert!(got[..n].iter().chain(&got[2 * n..]).all(|v| v.is_finite()));
             }
         }
     }
