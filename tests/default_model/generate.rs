@@ -83,6 +83,14 @@ fn quantized_inference_still_answers() {
         "What is the capital of France?",
     ]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    // The default model's file is Q4_1, which loads as f32: said once, not silent.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        log.matches("weights are dequantised to f32").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("Q4_1"), "{log}");
     let out = teamtune()
         .args(["generate", "--quantize", "q4_1", "--prompt", "hi"])
         .output()

@@ -47,6 +47,18 @@ fn read_weights(
     device: &Device,
 ) -> Result<Llama> {
     tracing::info!(model = %files.describe(), layers = config.num_hidden_layers, hidden = config.hidden_size, ?dtype, "loading model");
+    if let WeightSource::Gguf(g) = weights {
+        let types = g.quantised_types();
+        if !types.is_empty() {
+            // Said, not silent: the memory and the decoding speed differ from the file's.
+            tracing::info!(
+                "the file's {} weights are dequantised to {} as they load (--quantize q8_0 or \
+                 q4_0 keeps decoding in 8 or 4 bits)",
+                types.join(" and "),
+                format!("{dtype:?}").to_lowercase()
+            );
+        }
+    }
     Llama::load(config, weights, dtype, device)
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
@@ -200,6 +200,22 @@ impl GgufWeights {
         })
     }
 
+    /// The quantised GGUF types of the file's tensors (`Q4_1`, `Q8_0`, ...), sorted: no kernel
+    /// here multiplies them as stored, so they become f32 as they load.
+    pub(crate) fn quantised_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self
+            .content
+            .tensor_infos
+            .values()
+            .map(|info| info.ggml_dtype)
+            .filter(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+            .map(|t| format!("{t:?}"))
+            .collect();
+        types.sort();
+        types.dedup();
+        types
+    }
+
     /// Reads a tensor by its GGUF name, dequantised to f32 on the CPU.
     pub(crate) fn raw(&self, gguf: &str) -> Result<Tensor> {
         let mut file =
@@ -261,6 +277,19 @@ pub(crate) fn unpermute(w: &Tensor, n_heads: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quantised_types_of_a_gguf_are_named_for_the_load_notice() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let q8 = GgufWeights::open(&fixtures.join("tiny-llama31.q8_0.gguf")).unwrap();
+        assert_eq!(q8.quantised_types(), ["Q8_0"]);
+        let dense = GgufWeights::open(&fixtures.join("tiny-llama31.gguf")).unwrap();
+        assert!(
+            dense.quantised_types().is_empty(),
+            "{:?}",
+            dense.quantised_types()
+        );
+    }
 
     /// llama.cpp's forward permutation, written independently from its Python definition:
     /// `w.reshape(n_head, 2, rows//n_head//2, cols).swapaxes(1, 2).reshape(rows, cols)`.
