@@ -188,7 +188,7 @@ mod avx {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f64> {
@@ -203,7 +203,9 @@ mod tests {
         out
     }
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    /// `len` values in [-1, 1] in steps of 0.001, a fixed function of `seed` (no generator):
+    /// the inputs of the few-row kernels' tests.
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13);
