@@ -35,8 +35,10 @@ pub const QUERY_BLOCK: usize = 192;
 
 /// Query rows whose key and value gradients share one partial sum in the backward: several
 /// chunks per head give the threads balanced work under a causal mask, and the number of
-/// partials (hence the summation order) depends on the shapes only.
-const CHUNK_ROWS: usize = 256;
+/// partials (hence the summation order) depends on the shapes only. Four blocks of a group per
+/// chunk: at 4,096 tokens one block per chunk meant ~200 MB of fresh partials per layer, and
+/// their page faults and summing cost 4% of the op (`benches/attention.rs`).
+const CHUNK_ROWS: usize = 4 * QUERY_BLOCK;
 
 /// `softmax(q k^T * scale + bias) v` for `q` `[b, g, r, d]` and `k`, `v` `[b, g, s, d]`:
 /// `[b, g, r, d]`. `bias` (additive; 0 where a query may attend, `-inf` where not) is
