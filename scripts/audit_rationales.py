@@ -9,7 +9,20 @@ so DIR." (WAY like "2 east, 1 north" or "here"), checks, against the user messag
   rule   - DIR is WAY's first direction (any action when WAY is "here");
   act    - action_name is DIR;
 and, for single_nav, whether the action is a shortest-path step toward the goal's target.
-Prints one line per task and a total. Usage: audit_rationales.py EVAL_DIR/episodes.jsonl ...
+Prints one line per task and a total.
+
+Then the facts a search or a carry decision rests on (random_points and the carry tasks), each
+counted where it applies and checked against the prompt it answered:
+  hold     - the rationale's "holding X" / "holding nothing" is what the prompt says is held;
+  cell     - its "cell: ..." is what the prompt's Cell line shows;
+  first    - the cell or item it heads for is the first of the prompt's list (random_points:
+             the cells not stood on; carry: the items, or with an item held the empty targets);
+  on_item  - standing on an item (not on a target) while holding nothing, the reply picks (an
+             expert passes over items teammates claimed, so not every one);
+  on_tgt   - standing on an empty target while holding an item, the reply drops;
+  on_hid   - standing on a hidden target, the reply stays (skip);
+  memory, message - replies that write memory, that send a message.
+Usage: audit_rationales.py EVAL_DIR/episodes.jsonl ...
 """
 import json
 import re
@@ -42,8 +55,69 @@ def step(ax, ay, tx, ty):
     return None
 
 
+HOLD = re.compile(r"You hold (nothing|item (\w))\.")
+CELL = re.compile(r"Cell: (.*)\.\n")
+UNSTOOD = re.compile(r"Cells you have not stood on, nearest first: \((\d+),(\d+)\)")
+ITEMS = re.compile(r"Items: (.*?)\. Targets: (.*?)\.\n")
+FACT_COLS = ["hold", "hold_ok", "cell", "cell_ok", "first", "first_ok", "on_item", "picked",
+             "on_tgt", "dropped", "on_hid", "stayed", "memory", "message"]
+
+
+def decision_facts(task, user, reply, action, f):
+    """Counts the search and carry facts of one reply into f."""
+    rationale = reply.get("rationale", "")
+    f["memory"] += bool(reply.get("add_memory"))
+    f["message"] += bool(reply.get("message"))
+    hold = HOLD.search(user)
+    held = None if not hold or hold.group(1) == "nothing" else hold.group(2)
+    cell = CELL.search(user)
+    cell = cell.group(1) if cell else ""
+    said = re.search(r"holding (nothing|\w)\b", rationale)
+    if said and hold:
+        f["hold"] += 1
+        f["hold_ok"] += (said.group(1) == "nothing") == (held is None) and (
+            held is None or said.group(1) == held)
+    said_cell = re.search(r"cell: (hidden target|item \w|a target)", rationale)
+    if said_cell:
+        f["cell"] += 1
+        fact = said_cell.group(1)
+        f["cell_ok"] += ("a hidden target!" in cell) if fact == "hidden target" else fact in cell
+    if task == "random_points":
+        listed = UNSTOOD.search(user)
+        named = re.search(r"not stood on \((\d+),(\d+)\)", rationale)
+        if listed and named and "taken" not in rationale:
+            f["first"] += 1
+            f["first_ok"] += listed.groups() == named.groups()
+        if "a hidden target!" in cell:
+            f["on_hid"] += 1
+            f["stayed"] += action == "skip"
+        return
+    lists = ITEMS.search(user)
+    if lists:
+        items, targets = lists.groups()
+        if held is None:
+            ground = [e for e in items.split("; ") if " at (" in e]
+            named = re.search(r"holding nothing; item (\w) \(", rationale)
+            if ground and named and "taken" not in rationale:
+                f["first"] += 1
+                f["first_ok"] += ground[0].startswith(named.group(1))
+        else:
+            empty = [e for e in targets.split("; ") if e.startswith("empty ")]
+            named = re.search(r"holding \w; target (\(\d+,\d+\))", rationale)
+            if empty and named:
+                f["first"] += 1
+                f["first_ok"] += empty[0].startswith("empty " + named.group(1))
+    if held is None and "item " in cell and "a target" not in cell:
+        f["on_item"] += 1
+        f["picked"] += action == "pick"
+    if held is not None and "a target" in cell and "item " not in cell:
+        f["on_tgt"] += 1
+        f["dropped"] += action == "drop"
+
+
 def main(paths):
     stats = defaultdict(lambda: defaultdict(int))
+    facts_by_task = defaultdict(lambda: defaultdict(int))
     for path in paths:
         for line in open(path):
             rec = json.loads(line)
@@ -61,6 +135,8 @@ def main(paths):
                     except json.JSONDecodeError:
                         continue
                     action = reply.get("action_name") or reply.get("action")
+                    if task == "random_points" or "pick" in task:
+                        decision_facts(task, user, reply, action, facts_by_task[task])
                     you = YOU.search(user)
                     goal = GOAL.search(user)
                     if task == "single_nav" and you and goal:
@@ -97,6 +173,12 @@ def main(paths):
     print(f"of nav rationales: position {total['pos_ok']/n:.0%}, facts {total['facts_ok']/n:.0%}, "
           f"copied {total['copied']/n:.0%}, rule {total['rule_ok']/n:.0%}, action = rationale {total['act_ok']/n:.0%}; "
           f"single_nav good steps {total['nav_good']}/{total['nav_turns']}")
+    if facts_by_task:
+        print()
+        print(f"{'decision facts':16}" + "".join(f"{c:>9}" for c in FACT_COLS))
+        for task in sorted(facts_by_task):
+            f = facts_by_task[task]
+            print(f"{task:16}" + "".join(f"{f[c]:>9}" for c in FACT_COLS))
 
 
 if __name__ == "__main__":
