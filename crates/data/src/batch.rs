@@ -117,7 +117,7 @@ impl Batch {
     /// Tokens that carry loss. Normalise the loss of a gradient-accumulation window by the sum of
     /// this over all its micro-batches, not per micro-batch.
     pub fn trained_tokens(&self) -> usize {
-        self.loss_mask.iter().map(|&m| m as usize).sum()
+        self.loss_mask.iter().filter(|&&m| m != 0).count()
     }
 
     /// Labels in the transformers convention (-100 where not trained), row-major.
@@ -125,11 +125,34 @@ impl Batch {
         crate::encode::transformers_labels(&self.input_ids, &self.loss_mask)
     }
 
+    /// The sum of the training weights: trained tokens, decision tokens counted
+    /// `decision_weight` times (the sum of [`Batch::weighted_next_token_targets`]'s weights).
+    pub fn trained_weight(&self, decision_weight: f32) -> f64 {
+        self.loss_mask
+            .iter()
+            .map(|&m| match m {
+                0 => 0.0,
+                crate::DECISION => decision_weight as f64,
+                _ => 1.0,
+            })
+            .sum()
+    }
+
     /// Next-token targets, already shifted: for position `t` the target is the token at `t + 1`
     /// and the weight is 1 when that token is trained and belongs to the same example, else 0
     /// (target `pad_id`, safe to gather). The sum of the weights equals
     /// [`Batch::trained_tokens`], since the first token of an example is never trained.
     pub fn next_token_targets(&self, pad_id: u32) -> (Vec<u32>, Vec<f32>) {
+        self.weighted_next_token_targets(pad_id, 1.0)
+    }
+
+    /// [`Batch::next_token_targets`] with weight `decision_weight` instead of 1 where the
+    /// target token is a decision token ([`crate::DECISION`] in the loss mask).
+    pub fn weighted_next_token_targets(
+        &self,
+        pad_id: u32,
+        decision_weight: f32,
+    ) -> (Vec<u32>, Vec<f32>) {
         let n = self.positions();
         let mut targets = vec![pad_id; n];
         let mut weights = vec![0f32; n];
@@ -142,7 +165,11 @@ impl Batch {
                     && self.segment_ids[a] != 0
                 {
                     targets[a] = self.input_ids[b];
-                    weights[a] = 1.0;
+                    weights[a] = if self.loss_mask[b] == crate::DECISION {
+                        decision_weight
+                    } else {
+                        1.0
+                    };
                 }
             }
         }

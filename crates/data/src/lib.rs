@@ -41,6 +41,7 @@ pub use batch::{choose_pad_id, make_batches, Batch, BatchOptions};
 pub use conversation::{Conversation, FieldError, Message, Role, Source};
 pub use encode::{
     EncodeOptions, EncodeOutcome, Encoded, Encoder, Example, MaskMethod, Overlong, TrainOn,
+    DECISION,
 };
 pub use error::{DataError, InvalidRecord, Result};
 pub use filter::{MissingScore, PruneOptions, PruneReason, DEFAULT_MIN_SCORE};

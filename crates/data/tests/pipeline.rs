@@ -259,3 +259,59 @@ fn special_token_text_in_content_is_tokenised_as_text_and_counted() {
     let a = &p.report.per_task["a"];
     assert_eq!((a.train, a.special_text), (2, 1));
 }
+
+/// With decision fields, exactly the trained tokens inside those fields' values are marked
+/// `DECISION`; what is trained is unchanged, and their text is the values.
+#[test]
+fn decision_fields_mark_the_tokens_of_their_values() {
+    let reply = r#"{"reflection":"Moved to (1,0).","rationale":"At (1,0), target (3,0): 2 east, so east.","action_name":"east","action_parameters":{},"message":"Going east.","add_memory":""}"#;
+    let c = Conversation::new(vec![
+        Message::system("You are an agent."),
+        Message::user("You are at (1,0)."),
+        Message::assistant(reply),
+        Message::user("You are at (2,0)."),
+        Message::assistant(reply.replace("(1,0)", "(2,0)")),
+    ]);
+    for config in [Config::Llama31, Config::SmolLm2] {
+        let plain = config.encoder(EncodeOptions::default());
+        let marked = config.encoder(EncodeOptions {
+            decision_fields: vec!["rationale".into(), "action_name".into()],
+            ..Default::default()
+        });
+        let src = Source::new("test.jsonl", 1);
+        let p = plain.encode_messages(&c.messages, &src).unwrap();
+        let m = marked.encode_messages(&c.messages, &src).unwrap();
+        assert_eq!(p.input_ids, m.input_ids);
+        let trained = |mask: &[u8]| mask.iter().map(|&x| x != 0).collect::<Vec<_>>();
+        assert_eq!(trained(&p.loss_mask), trained(&m.loss_mask));
+        assert!(!p.loss_mask.contains(&DECISION));
+        // the marked tokens, run by run, cover the two values of each reply
+        let mut runs: Vec<String> = Vec::new();
+        let mut last = None;
+        for (t, &x) in m.loss_mask.iter().enumerate() {
+            if x == DECISION {
+                let (a, b) = m.offsets[t];
+                if last == Some(t - 1) {
+                    runs.last_mut().unwrap().push_str(&m.text[a..b]);
+                } else {
+                    runs.push(m.text[a..b].to_string());
+                }
+                last = Some(t);
+            }
+        }
+        assert_eq!(runs.len(), 4, "{config:?}: {runs:?}");
+        for (run, value) in runs.iter().zip([
+            "At (1,0), target (3,0): 2 east, so east.",
+            "east",
+            "At (2,0), target (3,0): 2 east, so east.",
+            "east",
+        ]) {
+            // tokens overlap the value: they may also hold a quote next to it
+            assert!(run.contains(value), "{config:?}: {run:?} lacks {value:?}");
+            assert!(
+                run.len() <= value.len() + 4,
+                "{config:?}: {run:?} is more than {value:?}"
+            );
+        }
+    }
+}

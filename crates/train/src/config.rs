@@ -42,6 +42,11 @@ pub struct TrainConfig {
     /// backward: activation memory of one layer instead of all, for about one more forward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// The training loss's weight of decision tokens (`teamtune_data::DECISION` in the loss
+    /// mask) against 1 for the other trained tokens; the loss is the weighted mean. The
+    /// evaluation loss stays unweighted, comparable across weights.
+    #[serde(default = "one")]
+    pub decision_weight: f32,
     /// Positions per LM-head chunk in the loss.
     pub loss_chunk: usize,
     /// Safe target id for untrained positions.
@@ -49,6 +54,10 @@ pub struct TrainConfig {
     /// Seed of the data order and of the dropout masks (recorded in checkpoints).
     pub seed: u64,
     pub progress: bool,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 impl TrainConfig {
@@ -70,6 +79,7 @@ impl TrainConfig {
             eval_every: None,
             checkpoint_every: None,
             gradient_checkpointing: false,
+            decision_weight: 1.0,
             loss_chunk: 1024,
             pad_id,
             seed: 0,

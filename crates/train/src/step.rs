@@ -10,7 +10,8 @@ use crate::error::{Result, TrainError};
 use crate::loss::{batch_inputs, masked_nll_sum};
 
 /// Forward and backward over the micro-batches of one accumulation window. Each micro-batch's
-/// loss is its summed token NLL divided by the trained tokens of the whole window, so the summed
+/// loss is its summed (weighted) token NLL divided by the trained tokens (their summed weights)
+/// of the whole window, so the summed
 /// gradients are those of the window as one batch. The dropout masks of micro-batch `i` derive
 /// from `(cfg.seed, step, i)`, so a step can be repeated exactly. Returns the window's mean token
 /// loss and the summed gradients of `vars`.
@@ -21,8 +22,11 @@ pub fn accumulate(
     cfg: &TrainConfig,
     step: usize,
 ) -> Result<(f64, GradStore)> {
-    let trained: usize = window.iter().map(Batch::trained_tokens).sum();
-    let denom = trained.max(1) as f64;
+    let weight: f64 = window
+        .iter()
+        .map(|b| b.trained_weight(cfg.decision_weight))
+        .sum();
+    let denom = if weight > 0.0 { weight } else { 1.0 };
     let mut acc: Option<GradStore> = None;
     let mut loss = 0f64;
     for (i, batch) in window.iter().enumerate() {
@@ -133,7 +137,7 @@ fn scaled_loss(
     cfg: &TrainConfig,
     denom: f64,
 ) -> Result<Tensor> {
-    let (targets, weights) = batch.next_token_targets(cfg.pad_id);
+    let (targets, weights) = batch.weighted_next_token_targets(cfg.pad_id, cfg.decision_weight);
     let nll = masked_nll_sum(model, hidden, &targets, &weights, cfg.loss_chunk)?;
     Ok((nll / denom)?)
 }

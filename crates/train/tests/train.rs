@@ -457,3 +457,67 @@ fn gradient_checkpointing_gives_the_same_loss_and_gradients_with_dropout() {
     let (l_other, _) = grads_of(&mut m, &window, &plain_cfg, 4);
     assert_ne!(l_other, l_plain);
 }
+
+/// A decision weight `w` makes the training loss the weighted mean of the token losses:
+/// decision tokens (`DECISION` in the mask) count `w` times, the others once; weight 1 gives
+/// today's loss, and the evaluation loss ignores the weight.
+#[test]
+fn decision_tokens_are_weighted_in_the_training_loss_only() {
+    let mut m = model(1);
+    for v in m.adapter("train").unwrap().vars() {
+        let t = Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap();
+        v.set(&t).unwrap();
+    }
+    let vars = m.adapter("train").unwrap().named_vars();
+    let mut b = batch(&[seq(1, 9), seq(2, 6)], 2, 10);
+    for i in [4, 5, 13] {
+        assert_eq!(b.loss_mask[i], 1);
+        b.loss_mask[i] = teamtune_data::DECISION;
+    }
+    // the per-position token losses, unweighted
+    let (ids, layout) = batch_inputs(&b, &Device::Cpu).unwrap();
+    let hidden = m
+        .forward_hidden(&ids, &layout, None, Mode::Inference)
+        .unwrap();
+    let (targets, ones) = b.next_token_targets(PAD);
+    let nll: Vec<f64> = (0..ones.len())
+        .map(|i| {
+            let mut w = vec![0f32; ones.len()];
+            w[i] = ones[i];
+            masked_nll_sum(&m, &hidden, &targets, &w, 64)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        })
+        .collect();
+    for w in [1.0f32, 3.0] {
+        let cfg = TrainConfig {
+            decision_weight: w,
+            ..config(1e-3)
+        };
+        let (_, weights) = b.weighted_next_token_targets(PAD, w);
+        // target position t-1 predicts token t: the decision tokens 4, 5 and 13
+        let weighted: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] == w).collect();
+        if w != 1.0 {
+            assert_eq!(weighted, vec![3, 4, 12]);
+        }
+        let want: f64 = nll
+            .iter()
+            .zip(&weights)
+            .map(|(l, &x)| l * x as f64)
+            .sum::<f64>()
+            / weights.iter().map(|&x| x as f64).sum::<f64>();
+        assert!(
+            (b.trained_weight(w) - weights.iter().map(|&x| x as f64).sum::<f64>()).abs() < 1e-9
+        );
+        // dropout is 0 in this model: Training mode computes the same forward
+        let (loss, _) = accumulate(&mut m, std::slice::from_ref(&b), &vars, &cfg, 0).unwrap();
+        assert!(
+            (loss - want).abs() < 1e-5 * want,
+            "weight {w}: {loss} vs {want}"
+        );
+    }
+    let eval = evaluate(&m, std::slice::from_ref(&b), PAD, 64).unwrap();
+    let plain = nll.iter().sum::<f64>() / b.trained_tokens() as f64;
+    assert!((eval - plain).abs() < 1e-5 * plain, "{eval} vs {plain}");
+}

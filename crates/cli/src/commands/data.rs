@@ -402,9 +402,9 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     let mut pos = 0;
     let mut t = 0;
     while t < e.len() {
-        let trained = e.loss_mask[t] == 1;
+        let trained = e.loss_mask[t] != 0;
         let start = t;
-        while t < e.len() && (e.loss_mask[t] == 1) == trained {
+        while t < e.len() && (e.loss_mask[t] != 0) == trained {
             t += 1;
         }
         let end = e.offsets[t - 1].1.max(pos);

@@ -28,7 +28,9 @@ use crate::error::{DataError, Result};
 use crate::special_text::SpecialText;
 use crate::template::ChatTemplate;
 
+mod decision;
 mod spans;
+pub use decision::DECISION;
 use spans::{span_tokens, Rendered};
 
 /// Which tokens carry loss.
@@ -91,6 +93,9 @@ pub struct EncodeOptions {
     /// vocabulary has (`<|eot_id|>`, `<|eom_id|>`, `<|im_end|>`, `<|end|>`, `<end_of_turn>`,
     /// `</s>`, `<|endoftext|>`, `<|end_of_text|>`).
     pub end_of_turn_ids: Vec<u32>,
+    /// JSON fields of an assistant reply whose string values are decision tokens: marked
+    /// [`DECISION`] in the loss mask, for a training loss that weights them (empty: none).
+    pub decision_fields: Vec<String>,
 }
 
 /// Well-known end-of-turn tokens, looked up in the vocabulary when none are given.
@@ -113,7 +118,8 @@ pub struct Encoded {
     pub input_ids: Vec<u32>,
     /// Byte range of each token in `text`.
     pub offsets: Vec<(usize, usize)>,
-    /// 1 where the token is a training target.
+    /// 1 where the token is a training target, [`DECISION`] where it is one inside a decision
+    /// field's value, 0 elsewhere.
     pub loss_mask: Vec<u8>,
     /// Byte span of each assistant turn in `text` (all turns, whatever `train_on` says).
     pub assistant_spans: Vec<Range<usize>>,
@@ -127,7 +133,7 @@ impl Encoded {
         self.input_ids.is_empty()
     }
     pub fn trained_tokens(&self) -> usize {
-        self.loss_mask.iter().map(|&m| m as usize).sum()
+        self.loss_mask.iter().filter(|&&m| m != 0).count()
     }
 }
 
@@ -135,7 +141,8 @@ impl Encoded {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub input_ids: Vec<u32>,
-    /// 1 where `input_ids[t]` is a training target (predicted from `input_ids[..t]`).
+    /// Non-zero where `input_ids[t]` is a training target (predicted from `input_ids[..t]`):
+    /// [`DECISION`] inside a decision field's value, else 1.
     pub loss_mask: Vec<u8>,
     pub task: Option<String>,
     pub score: Option<f64>,
@@ -152,7 +159,7 @@ impl Example {
         self.input_ids.is_empty()
     }
     pub fn trained_tokens(&self) -> usize {
-        self.loss_mask.iter().map(|&m| m as usize).sum()
+        self.loss_mask.iter().filter(|&&m| m != 0).count()
     }
     /// Labels in the transformers convention: the token id where trained, -100 elsewhere (the
     /// model shifts them).
@@ -368,6 +375,13 @@ impl Encoder {
         if let Some(first) = loss_mask.first_mut() {
             *first = 0;
         }
+        decision::mark_decisions(
+            &text,
+            &spans,
+            &offsets,
+            &self.options.decision_fields,
+            &mut loss_mask,
+        );
         Ok(Some(Encoded {
             text,
             input_ids,
