@@ -18,7 +18,7 @@ fn a_line_past_the_limit_is_an_error_naming_file_and_line() {
         max_line_bytes: 1000,
         ..Default::default()
     };
-    let err = read_conversations(&[p.clone()], &options)
+    let err = read_conversations(std::slice::from_ref(&p), &options)
         .unwrap_err()
         .to_string();
     assert!(
