@@ -77,18 +77,18 @@ def decision_facts(task, user, reply, action, f):
         f["hold"] += 1
         f["hold_ok"] += (said.group(1) == "nothing") == (held is None) and (
             held is None or said.group(1) == held)
-    said_cell = re.search(r"cell: (hidden target|item \w|a target)", rationale)
+    said_cell = re.search(r"cell: (a hidden target|empty|item \w|a target)", rationale)
     if said_cell:
         f["cell"] += 1
         fact = said_cell.group(1)
-        f["cell_ok"] += ("a hidden target!" in cell) if fact == "hidden target" else fact in cell
+        f["cell_ok"] += fact in cell
     if task == "random_points":
         listed = UNSTOOD.search(user)
         named = re.search(r"not stood on \((\d+),(\d+)\)", rationale)
         if listed and named and "taken" not in rationale:
             f["first"] += 1
             f["first_ok"] += listed.groups() == named.groups()
-        if "a hidden target!" in cell:
+        if "a hidden target" in cell:
             f["on_hid"] += 1
             f["stayed"] += action == "skip"
         return

@@ -463,7 +463,7 @@ impl CellView {
             parts.push("a target".to_string());
         }
         if self.hidden_target {
-            parts.push("a hidden target!".to_string());
+            parts.push("a hidden target".to_string());
         }
         if parts.is_empty() {
             "empty".to_string()

@@ -99,7 +99,13 @@ mod tests {
         let mut mask: Vec<u8> = offsets.iter().map(|&(a, _)| (a >= 4) as u8).collect();
         let fields = vec!["action_name".to_string()];
         let span = 4..text.len();
-        mark_decisions(text, std::slice::from_ref(&span), &offsets, &fields, &mut mask);
+        mark_decisions(
+            text,
+            std::slice::from_ref(&span),
+            &offsets,
+            &fields,
+            &mut mask,
+        );
         let value = text.find("east").unwrap()..text.find("east").unwrap() + 4;
         for (t, &(a, b)) in offsets.iter().enumerate() {
             let inside = a < value.end && value.start < b;

@@ -9,9 +9,10 @@
 //! item or target it heads for is the first free one of a list, and the way is copied.
 //!
 //! Rules: holding an item, it takes the first empty target no teammate brings an item to, and
-//! drops when its cell is that target; holding nothing, it takes the first item on the ground
-//! (not on a target) that no teammate has claimed and that it may pick, and picks when its
-//! cell holds that item. A claim two agents made at once is kept by the one earlier in the
+//! drops when the way there is "here"; holding nothing, it takes the first item on the ground
+//! (not on a target) that no teammate has claimed and that it may pick, and picks when the way
+//! there is "here". What it holds comes first in every rationale ("holding nothing; item a",
+//! "holding a; target"): that, not the cell, tells "here, so pick" from "here, so drop". A claim two agents made at once is kept by the one earlier in the
 //! turn order.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -187,11 +188,8 @@ impl Expert {
             if here == t {
                 notes.message = vec![format!("Dropped item {h} on {t}.")];
                 notes.memory.push(format!("Delivered item {h}."));
-                return notes.reply(
-                    ActionName::Drop,
-                    format!("At {here}, holding {h}; cell: a target, so drop."),
-                );
             }
+            // "here, so drop" as every arrival reads: the way printed beside the target
             let (a, facts) = nav_facts(here, t, ActionName::Drop);
             return notes.reply(a, format!("At {here}, holding {h}; target {t}: {facts}."));
         }
@@ -269,20 +267,16 @@ impl Expert {
             }
         };
         let p = on_ground(id).expect("a claimed item is on the ground");
-        if here == p {
-            let mut r = notes.reply(
-                ActionName::Pick,
-                format!("At {here}, holding nothing; cell: item {id}, so pick."),
-            );
-            r.action_parameters
-                .insert("item".into(), Value::String(id.to_string()));
-            return r;
-        }
         let (a, facts) = nav_facts(here, p, ActionName::Pick);
-        notes.reply(
+        let mut r = notes.reply(
             a,
             format!("At {here}, holding nothing; item {id} {p}: {facts}."),
-        )
+        );
+        if a == ActionName::Pick {
+            r.action_parameters
+                .insert("item".into(), Value::String(id.to_string()));
+        }
+        r
     }
 }
 

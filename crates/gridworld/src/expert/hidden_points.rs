@@ -64,10 +64,12 @@ impl Expert {
         }
         let memory = memory.join(" ");
         let holder = held.get(&here).cloned();
+        // Every rationale starts with the cell as the prompt's Cell line gives it: what
+        // follows (stay, or the next cell to search) is decided by a copied word.
         if holder.as_deref() == Some("I") {
             let mut r = Self::reply(
                 ActionName::Skip,
-                format!("At {here}, cell: hidden target, mine, so skip."),
+                format!("At {here}, cell: a hidden target, so skip."),
             );
             r.add_memory = memory;
             return r;
@@ -75,7 +77,7 @@ impl Expert {
         if obs.cell.hidden_target && holder.is_none() {
             let mut r = Self::reply(
                 ActionName::Skip,
-                format!("At {here}, cell: hidden target, so skip."),
+                format!("At {here}, cell: a hidden target, so skip."),
             );
             if self.b.names.len() > 1 {
                 r.message = format!("Target at {here}. I stay here.");
@@ -87,8 +89,8 @@ impl Expert {
             return r;
         }
         let what = match &holder {
-            Some(who) => format!("cell: hidden target, {who}'s"),
-            None => "no target".to_string(),
+            Some(who) => format!("cell: a hidden target, {who}'s"),
+            None => format!("cell: {}", obs.cell.text()),
         };
         let GoalView::HiddenPoints { unsearched, .. } = &obs.goal else {
             return Self::reply(
