@@ -9,6 +9,7 @@ pub mod export;
 pub mod generate;
 pub mod merge;
 pub mod model_args;
+pub mod plain;
 pub mod play;
 pub mod plot;
 pub mod policy_args;
