@@ -7,6 +7,7 @@ pub mod demo;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod improve;
 pub mod merge;
 pub mod model_args;
 pub mod plain;
