@@ -412,6 +412,16 @@ fn improve_runs_rounds_keeps_what_scores_falls_back_to_experts_and_resumes() {
     assert_eq!(refused.status.code(), Some(1), "{err}");
     assert!(err.contains("--temperature 0.7, not 0.9"), "{err}");
     assert!(!c.join("round-3").exists());
+    // A folder in use by a live process (this test's own) is refused, naming the process.
+    std::fs::write(c.join(".lock"), format!("{}\n", std::process::id())).unwrap();
+    let refused = command()
+        .args(improve_args(model, adapter, c_str, "3", "50"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("in use by process"), "{err}");
+    assert!(!c.join("round-3").exists());
+    std::fs::remove_file(c.join(".lock")).unwrap();
     // So is an adapter that is not one, before --out is made.
     let none = dir.path().join("none");
     let refused = command()

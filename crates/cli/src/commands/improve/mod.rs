@@ -135,8 +135,23 @@ fn check(args: &Args) -> anyhow::Result<()> {
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         bail!("--lr must be a positive number (got {})", args.lr);
     }
-    if args.batch_size == 0 || args.max_len == 0 || args.max_new_tokens == 0 {
-        bail!("--batch-size, --max-len and --max-new-tokens must be at least 1");
+    for (flag, value) in [
+        ("--batch-size", args.batch_size),
+        ("--max-len", args.max_len),
+        ("--max-new-tokens", args.max_new_tokens),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    // Each round's training cuts conversations to --max-len inside a micro-batch's token
+    // budget; found out here rather than after a round's play.
+    let budget = super::recipe::Recipe::default().max_tokens;
+    if args.max_len > budget {
+        bail!(
+            "--max-len {} is larger than a training micro-batch's {budget} tokens",
+            args.max_len
+        );
     }
     if !(1..=MAX_PARALLEL).contains(&args.parallel) {
         bail!(
