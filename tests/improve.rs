@@ -479,4 +479,13 @@ fn improve_keeps_the_model_s_own_episodes_when_they_score() {
         "{report}"
     );
     assert!(!report.contains("--policy expert"), "{report}");
+    // The report names the run's own command, every setting spelled out.
+    assert!(
+        report.contains(&format!(
+            "teamtune improve --adapter {} --out {}",
+            adapter.display(),
+            k.display()
+        )) && report.contains("--rounds 1 --min-score 0 --temperature 0.7 --episodes 2"),
+        "{report}"
+    );
 }

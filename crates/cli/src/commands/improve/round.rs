@@ -357,9 +357,57 @@ pub fn run_round(args: &Args, log: &ImproveLog, r: usize) -> anyhow::Result<Impr
     })
 }
 
-/// (label, plain commands as shell lines) of round 0 and every finished round, as they ran.
+/// This run's own command line (every setting spelled out, --rounds as far as it has run).
+fn improve_command(args: &Args, log: &ImproveLog) -> Vec<String> {
+    let mut c = words(&[
+        "improve",
+        "--adapter",
+        &p(&args.adapter),
+        "--out",
+        &p(&args.out),
+    ]);
+    c.extend(model_flags(args, true));
+    c.extend(words(&[
+        "--rounds",
+        &log.rounds.len().max(1).to_string(),
+        "--min-score",
+        &args.min_score.to_string(),
+        "--temperature",
+        &args.temperature.to_string(),
+        "--episodes",
+        &args.episodes.to_string(),
+        "--eval-episodes",
+        &args.eval_episodes.to_string(),
+        "--steps",
+        &args.steps.to_string(),
+        "--lr",
+        &args.lr.to_string(),
+        "--batch-size",
+        &args.batch_size.to_string(),
+        "--max-len",
+        &args.max_len.to_string(),
+        "--seed",
+        &args.seed.to_string(),
+        "--task",
+        &tasks(log),
+        "--history",
+        &args.history.to_string(),
+        "--max-new-tokens",
+        &args.max_new_tokens.to_string(),
+        "--parallel",
+        &args.parallel.to_string(),
+    ]));
+    c
+}
+
+/// (label, commands as shell lines): this run's own, then the plain commands of round 0 and
+/// of every finished round, as they ran.
 pub fn all_commands(args: &Args, log: &ImproveLog) -> Vec<(String, Vec<String>)> {
     let mut v = vec![(
+        "This run".to_owned(),
+        vec![shell_line(&improve_command(args, log))],
+    )];
+    v.push((
         "Round 0 (the adapter given)".to_owned(),
         vec![shell_line(&eval_command(
             args,
@@ -367,7 +415,7 @@ pub fn all_commands(args: &Args, log: &ImproveLog) -> Vec<(String, Vec<String>)>
             &args.adapter,
             &round_dir(args, 0).join(EVAL),
         ))],
-    )];
+    ));
     for round in &log.rounds {
         let r = round.round;
         let adapter = adapter_of(args, r);
