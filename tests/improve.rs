@@ -102,6 +102,13 @@ fn train_from_an_adapter_keeps_its_weights_at_zero_steps_and_starts_from_its_los
         "step 0 {} vs the adapter's {trained} (base {base})",
         losses[0].1
     );
+    // The comparison table says whose loss step 0 is.
+    let table = teamtune(&["compare", first.to_str().unwrap(), more.to_str().unwrap()]);
+    assert!(
+        table.contains("more: trained an existing adapter further")
+            && !table.contains("first: trained"),
+        "{table}"
+    );
     let (a, b) = (adapter_tensors(&first), adapter_tensors(&more));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     assert!(a.iter().all(|(k, v)| b[k] != *v), "every factor trains");

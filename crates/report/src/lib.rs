@@ -42,7 +42,7 @@ pub use improve::{
 pub use markdown::score_table as markdown_score_table;
 pub use metrics::{EvalPoint, RunMetrics, TrainPoint, METRICS_FILE};
 pub use output::FigureFiles;
-pub use plot::{plot_run, run_chart, Chart, Series, SeriesKind, BASE_LABEL};
+pub use plot::{plot_run, run_chart, Chart, Series, SeriesKind, BASE_LABEL, START_LABEL};
 pub use reference::{reference, ReferenceColumn, REFERENCE_NAMES, STUDY};
 pub use scoreboard::{Scoreboard, MEAN_LABEL, MISSING};
 pub use summary::RunSummary;

@@ -136,7 +136,10 @@ impl Trainer {
                 eval_loss = l,
                 "step 0 evaluation (the adapter it continues)"
             );
-            log.write(serde_json::json!({"step": 0, "epoch": 0.0, "eval_loss": l}))?;
+            // Readers of metrics.jsonl take step 0 as the base model unless told otherwise.
+            log.write(
+                serde_json::json!({"step": 0, "epoch": 0.0, "eval_loss": l, "start": "adapter"}),
+            )?;
             eval_losses.push((0, l));
         } else if state.step == 0 && !eval.is_empty() {
             // The base model's loss (adapter disabled), the reference of the comparison plot.
