@@ -82,7 +82,7 @@ pub struct Args {
     #[arg(long, default_value = "all")]
     pub task: String,
     /// History window of the agents (system message and the last N messages), in play,
-    /// training data and evaluation alike.
+    /// training data and evaluation alike; 0 keeps whole conversations.
     #[arg(long, default_value_t = 1)]
     pub history: usize,
     /// Longest reply in tokens (a constrained reply is never cut: it may run to its schema's

@@ -63,6 +63,14 @@ fn model_flags(args: &Args, decoding: bool) -> Vec<String> {
     c
 }
 
+/// `--history N`, or nothing for 0: whole conversations (the commands' default).
+fn history_flags(args: &Args) -> Vec<String> {
+    match args.history {
+        0 => Vec::new(),
+        n => words(&["--history", &n.to_string()]),
+    }
+}
+
 fn tasks(log: &ImproveLog) -> String {
     log.tasks.join(",")
 }
@@ -71,6 +79,7 @@ fn tasks(log: &ImproveLog) -> String {
 fn eval_command(args: &Args, log: &ImproveLog, adapter: &Path, out: &Path) -> Vec<String> {
     let mut c = words(&["eval", "--policy", "model", "--adapter", &p(adapter)]);
     c.extend(model_flags(args, true));
+    c.extend(history_flags(args));
     c.extend(words(&[
         "--task",
         &tasks(log),
@@ -78,8 +87,6 @@ fn eval_command(args: &Args, log: &ImproveLog, adapter: &Path, out: &Path) -> Ve
         &args.eval_episodes.to_string(),
         "--seed",
         &args.seed.to_string(),
-        "--history",
-        &args.history.to_string(),
         "--max-new-tokens",
         &args.max_new_tokens.to_string(),
         "--parallel",
@@ -121,6 +128,7 @@ fn collect_command(
         }
         Who::Experts => words(&["collect", "--policy", "expert"]),
     };
+    c.extend(history_flags(args));
     c.extend(words(&[
         "--task",
         task,
@@ -128,8 +136,6 @@ fn collect_command(
         &args.episodes.to_string(),
         "--seed",
         &seed.to_string(),
-        "--history",
-        &args.history.to_string(),
         "--min-score",
         &args.min_score.to_string(),
         "--out",
