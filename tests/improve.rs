@@ -103,7 +103,14 @@ fn train_from_an_adapter_keeps_its_weights_at_zero_steps_and_starts_from_its_los
         losses[0].1
     );
     // The comparison table says whose loss step 0 is.
-    let table = teamtune(&["compare", first.to_str().unwrap(), more.to_str().unwrap()]);
+    let figure = dir.path().join("compare");
+    let table = teamtune(&[
+        "compare",
+        first.to_str().unwrap(),
+        more.to_str().unwrap(),
+        "--out",
+        figure.to_str().unwrap(),
+    ]);
     assert!(
         table.contains("more: trained an existing adapter further")
             && !table.contains("first: trained"),
