@@ -69,6 +69,18 @@ fn bad_collect_and_eval_arguments_fail_before_any_episode() {
                 "collect".into(),
                 "--out".into(),
                 s(&file),
+                "--min-score".into(),
+                "50".into(),
+                "--pruned-out".into(),
+                s(&file),
+            ],
+            "is also where --out or --training-out writes",
+        ),
+        (
+            vec![
+                "collect".into(),
+                "--out".into(),
+                s(&file),
                 "--parallel".into(),
                 "18446744073709551615".into(),
             ],

@@ -11,6 +11,7 @@ mod collect;
 mod demo;
 mod errors;
 mod export;
+mod improve;
 mod merge;
 mod play_replay;
 mod plot_compare;

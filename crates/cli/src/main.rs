@@ -4,7 +4,8 @@
 //! that load what the flags name, run the library crates and print or write their results.
 //! This file only parses arguments and dispatches. The few things the binary owns are the glue
 //! between commands: the training recipe's file and flags (`commands/recipe.rs`, whose defaults
-//! come from `teamtune_train`) and the demo's plan and phases (`commands/demo/`).
+//! come from `teamtune_train`), the demo's plan and phases (`commands/demo/`) and the improve
+//! loop's rounds (`commands/improve/`), both composed of plain commands (`commands/plain.rs`).
 //!
 //! It must not own logic of its own (models, data, training, evaluation, serving belong to
 //! their crates), Markdown or report writers (`teamtune-report`), text printers of library
@@ -52,6 +53,10 @@ enum Command {
     Eval(commands::eval::Args),
     /// Train a LoRA adapter on conversation files (the study's recipe by default).
     Train(commands::train::Args),
+    /// Rejection-sampling self-improvement: per round the adapter plays at a temperature,
+    /// its episodes at or above --min-score (or the experts' where it kept none) train it
+    /// further, and each round is evaluated; resumes after the last finished round.
+    Improve(commands::improve::Args),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model folder.
     Merge(commands::merge::Args),
     /// Draw a run's loss curves (train, eval, base model at step 0) as PNG and SVG.
@@ -111,6 +116,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Replay(args) => commands::replay::run(args),
         Command::Collect(args) => commands::collect::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Improve(args) => commands::improve::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Merge(args) => commands::merge::run(args),
         Command::Plot(args) => commands::plot::run(args),

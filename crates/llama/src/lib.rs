@@ -51,7 +51,7 @@ pub use lora::adapter::{LoraAdapter, LoraPair};
 pub use lora::config::{LoraConfig, LoraTarget};
 pub use lora::gguf::gguf_projection;
 // PEFT's file layout, for code that reads or writes adapter folders itself.
-pub use lora::peft::{peft_tensor_name, read_peft_config};
+pub use lora::peft::{peft_tensor_name, read_peft_config, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 pub use model::cache::KvCache;
 pub use model::layout::TokenLayout;
 pub use model::linear::Linear;

@@ -365,5 +365,13 @@ pub fn table(rows: &[RunSummary]) -> String {
         "final train loss: mean over the last 10% of train steps; last/best eval: evaluations \
          after step 0; last vs base: (last eval - base eval) / base eval\n",
     );
+    for r in rows.iter().filter(|r| r.continued) {
+        let _ = writeln!(
+            out,
+            "{}: trained an existing adapter further; its step 0 is that adapter's loss, not \
+             the base model's",
+            r.name
+        );
+    }
     out
 }

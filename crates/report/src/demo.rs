@@ -482,6 +482,7 @@ mod tests {
                 path: PathBuf::from("run/metrics.jsonl"),
                 train: vec![train(1, 2.5), train(3, 1.25)],
                 eval: vec![point(0, 3.0), point(3, 2.0)],
+                continued: false,
             },
             expert_episodes: vec![("single_nav".into(), 100.0), ("single_nav".into(), 60.0)],
             phase_seconds: vec![("collect".into(), 1.2), ("train".into(), 61.0)],

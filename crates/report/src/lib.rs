@@ -6,8 +6,9 @@
 //! evaluations side by side per task ([`scoreboard`]) with the study's published scores as
 //! optional reference columns ([`reference`]) and a grouped bar chart ([`bars`]); and the
 //! Markdown written from them: comparison tables ([`markdown`]) and `teamtune demo`'s report.md
-//! ([`demo`], from a plain [`DemoReport`] the cli fills). Text is drawn with the bundled DejaVu
-//! Sans ([`font`]): no system fonts.
+//! ([`demo`], from a plain [`DemoReport`] the cli fills); and `teamtune improve`'s record,
+//! improve.json, with its per-round table and report.md ([`improve`]). Text is drawn with the
+//! bundled DejaVu Sans ([`font`]): no system fonts.
 //!
 //! It must not own, or depend on, models, training, grid worlds or command-line parsing: no
 //! `teamtune-llama`, `-train`, `-agents` or `-gridworld` dependency. What it reports arrives
@@ -19,6 +20,7 @@ mod demo;
 mod error;
 mod eval;
 mod font;
+mod improve;
 mod markdown;
 mod metrics;
 mod output;
@@ -34,10 +36,13 @@ pub use demo::{
 };
 pub use error::{ReportError, Result};
 pub use eval::{EvalResults, TaskScore, EVAL_FILE, EVAL_FORMAT};
+pub use improve::{
+    ImproveLog, ImproveRound, RoundEval, RoundTask, TaskMean, IMPROVE_FILE, IMPROVE_FORMAT,
+};
 pub use markdown::score_table as markdown_score_table;
 pub use metrics::{EvalPoint, RunMetrics, TrainPoint, METRICS_FILE};
 pub use output::FigureFiles;
-pub use plot::{plot_run, run_chart, Chart, Series, SeriesKind, BASE_LABEL};
+pub use plot::{plot_run, run_chart, Chart, Series, SeriesKind, BASE_LABEL, START_LABEL};
 pub use reference::{reference, ReferenceColumn, REFERENCE_NAMES, STUDY};
 pub use scoreboard::{Scoreboard, MEAN_LABEL, MISSING};
 pub use summary::RunSummary;

@@ -3,7 +3,8 @@
 //! Train steps: `{"step","epoch","loss","lr","grad_norm","trained_tokens","tokens_per_s"}` (every
 //! real token of the step per second; runs before 2026-12-06 counted trained tokens only) and
 //! optionally `"peak_memory_mb"`; evaluations: `{"step","epoch","eval_loss"}`. The step-0
-//! evaluation is the base model's loss (adapter disabled). Only `step` and the loss are required;
+//! evaluation is the base model's loss (adapter disabled), or, in a run that trained an existing
+//! adapter further, that adapter's (the record then says `"start": "adapter"`). Only `step` and the loss are required;
 //! other known fields may be missing (or `null`), unknown fields are ignored, and a record with
 //! neither `loss` nor `eval_loss` (a record kind this reader does not know) is skipped.
 
@@ -44,6 +45,9 @@ pub struct RunMetrics {
     pub path: PathBuf,
     pub train: Vec<TrainPoint>,
     pub eval: Vec<EvalPoint>,
+    /// The run trained an existing adapter further: its step-0 evaluation is that adapter's
+    /// loss, not the base model's.
+    pub continued: bool,
 }
 
 impl RunMetrics {
@@ -73,6 +77,7 @@ impl RunMetrics {
             path: path.to_path_buf(),
             train: Vec::new(),
             eval: Vec::new(),
+            continued: false,
         };
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -115,6 +120,9 @@ impl RunMetrics {
                 return Err(rec.bad("loss", "a number", rec.obj.get("loss")));
             }
             if let Some(eval_loss) = rec.opt_f64("eval_loss")? {
+                if step == 0 && rec.obj.get("start").and_then(Value::as_str) == Some("adapter") {
+                    run.continued = true;
+                }
                 run.eval.push(EvalPoint {
                     step,
                     epoch,
@@ -132,7 +140,8 @@ impl RunMetrics {
         Ok(run)
     }
 
-    /// The base model's loss: the evaluation at step 0, if the run evaluated.
+    /// The loss the run started from: the evaluation at step 0, if the run evaluated (the base
+    /// model's, or the continued adapter's when [`Self::continued`]).
     pub fn base_eval_loss(&self) -> Option<f64> {
         self.eval.iter().find(|e| e.step == 0).map(|e| e.eval_loss)
     }
@@ -249,6 +258,12 @@ mod tests {
         assert_eq!(run.train[1].lr, None);
         assert_eq!(run.base_eval_loss(), Some(2.5));
         assert_eq!(run.last_step(), 2);
+        assert!(!run.continued);
+        // A run that trained an existing adapter further says so at step 0.
+        let text = "{\"step\":0,\"eval_loss\":1.5,\"start\":\"adapter\"}\n";
+        let run = RunMetrics::parse(text, Path::new("m.jsonl")).unwrap();
+        assert!(run.continued);
+        assert_eq!(run.base_eval_loss(), Some(1.5));
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub const SIZE: (u32, u32) = (1000, 600);
 
 /// The label of the base-model reference line.
 pub const BASE_LABEL: &str = "base (step 0)";
+/// The same line in a run that trained an existing adapter further: where that adapter started.
+pub const START_LABEL: &str = "start adapter (step 0)";
 
 /// How a series is drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,7 +77,14 @@ pub fn run_series(run: &RunMetrics, prefix: &str, colors: [RGBColor; 3]) -> Vec<
     }
     if let Some(base) = run.base_eval_loss() {
         out.push(Series {
-            label: format!("{prefix}{BASE_LABEL}"),
+            label: format!(
+                "{prefix}{}",
+                if run.continued {
+                    START_LABEL
+                } else {
+                    BASE_LABEL
+                }
+            ),
             color: colors[2],
             kind: SeriesKind::Base(base),
             points: vec![(0.0, base)],

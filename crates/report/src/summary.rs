@@ -25,6 +25,8 @@ pub struct RunSummary {
     pub mean_tokens_per_s: Option<f64>,
     /// The highest `peak_memory_mb` any step logged.
     pub peak_memory_mb: Option<f64>,
+    /// Step 0 is the loss of the adapter the run continued, not the base model's.
+    pub continued: bool,
 }
 
 impl RunSummary {
@@ -61,6 +63,7 @@ impl RunSummary {
             change_vs_base_pct,
             mean_tokens_per_s,
             peak_memory_mb,
+            continued: run.continued,
         }
     }
 }

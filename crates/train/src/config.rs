@@ -54,6 +54,11 @@ pub struct TrainConfig {
     /// Seed of the data order and of the dropout masks (recorded in checkpoints).
     pub seed: u64,
     pub progress: bool,
+    /// The adapter was loaded to continue training, not made fresh: the step-0 evaluation
+    /// measures it, where the run starts. A fresh adapter's B is zero, so its step 0 is the
+    /// base model's loss, measured with the adapter off (the plots' base line).
+    #[serde(default)]
+    pub continues_adapter: bool,
 }
 
 fn one() -> f32 {
@@ -84,6 +89,7 @@ impl TrainConfig {
             pad_id,
             seed: 0,
             progress: true,
+            continues_adapter: false,
         }
     }
 }

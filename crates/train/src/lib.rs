@@ -5,7 +5,7 @@
 //! gradient accumulation in which every micro-batch's summed token loss is divided by the
 //! trained tokens of the whole accumulation window (so accumulated gradients equal one big
 //! batch's), optionally with gradient checkpointing per decoder layer. It evaluates at step 0
-//! (the base model) and every N steps, logs metrics as JSON Lines (with each step's peak
+//! (the base model, or a continued adapter's own loss) and every N steps, logs metrics as JSON Lines (with each step's peak
 //! memory), writes checkpoints atomically and resumes from them exactly. The study's recipe is
 //! defined here once ([`study_lora`], [`TrainConfig::study`]).
 //!

@@ -136,6 +136,13 @@ impl RunFolder {
         Ok(folder)
     }
 
+    /// Creates (if needed) and locks `dir` alone, without looking for a run in it: for a
+    /// folder of other work (`teamtune improve`'s) that one process at a time may use.
+    pub fn lock_only(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        RunFolder::lock(dir)
+    }
+
     /// Takes `dir/.lock`, or fails naming the process that holds it.
     fn lock(dir: &Path) -> Result<Self> {
         let path = dir.join(LOCK);

@@ -129,7 +129,19 @@ impl Trainer {
         let bar = progress_bar(total_steps, cfg.progress);
         bar.set_position(state.step as u64);
         let mut eval_losses = Vec::new();
-        if state.step == 0 && !eval.is_empty() {
+        if state.step == 0 && !eval.is_empty() && cfg.continues_adapter {
+            // Where a continued adapter starts: its own loss, not the base model's.
+            let l = evaluate(model, eval, cfg.pad_id, cfg.loss_chunk)?;
+            tracing::info!(
+                eval_loss = l,
+                "step 0 evaluation (the adapter it continues)"
+            );
+            // Readers of metrics.jsonl take step 0 as the base model unless told otherwise.
+            log.write(
+                serde_json::json!({"step": 0, "epoch": 0.0, "eval_loss": l, "start": "adapter"}),
+            )?;
+            eval_losses.push((0, l));
+        } else if state.step == 0 && !eval.is_empty() {
             // The base model's loss (adapter disabled), the reference of the comparison plot.
             model.set_active_adapter(None)?;
             let l = evaluate(model, eval, cfg.pad_id, cfg.loss_chunk);

@@ -368,6 +368,51 @@ fn step_zero_eval_is_the_base_models_loss() {
     assert_eq!(m.active_adapter(), Some("train"));
 }
 
+/// An adapter saved by one run and loaded into a fresh model continues: its A and B load as
+/// trainable variables that the steps change, and the step-0 evaluation is its own loss (where
+/// the run starts), not the base model's.
+#[test]
+fn a_loaded_adapter_trains_on_from_its_own_loss() {
+    let eval = vec![batch(&[seq(9, 8)], 1, 8)];
+    let first = tempfile::tempdir().unwrap();
+    let mut a = model(1);
+    Trainer::new(config(1e-2), first.path())
+        .unwrap()
+        .run(&mut a, &mut |_| Ok(data()), &eval, None)
+        .unwrap();
+    let saved = first.path().join("adapter");
+    let trained_loss = evaluate(&a, &eval, PAD, 16).unwrap();
+
+    let files = ModelFiles::resolve(fixture().to_str().unwrap()).unwrap();
+    let mut m = load_model(&files, DType::F32, &Device::Cpu).unwrap();
+    m.load_adapter("train", &saved).unwrap();
+    assert_eq!(
+        weights(&m),
+        weights(&a),
+        "the adapter loads as it was saved"
+    );
+    m.set_active_adapter(None).unwrap();
+    let base = evaluate(&m, &eval, PAD, 16).unwrap();
+    assert_ne!(base, trained_loss);
+    let before = weights(&m);
+    let second = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        max_steps: Some(2),
+        continues_adapter: true,
+        ..config(1e-2)
+    };
+    let summary = Trainer::new(cfg, second.path())
+        .unwrap()
+        .run(&mut m, &mut |_| Ok(data()), &eval, None)
+        .unwrap();
+    assert_eq!(summary.eval_losses[0], (0, trained_loss));
+    let after = weights(&m);
+    // Every factor, A and B of every projection, moved.
+    for (k, (x, y)) in before.iter().zip(&after).enumerate() {
+        assert!(x != y, "variable {k} did not train");
+    }
+}
+
 #[test]
 fn packed_rows_give_the_loss_of_separate_rows() {
     let m = model(1);

@@ -45,6 +45,10 @@ pub struct Args {
     /// Keep only episodes scoring at least this much (the study pruned below 50).
     #[arg(long)]
     pub min_score: Option<f64>,
+    /// Also append the records of the episodes --min-score prunes to this file: what was
+    /// played and not kept (`teamtune improve` reports both).
+    #[arg(long, requires = "min_score", conflicts_with = "shard")]
+    pub pruned_out: Option<PathBuf>,
     /// A TOML file of extra task variants.
     #[arg(long)]
     pub tasks: Option<PathBuf>,
@@ -61,7 +65,7 @@ pub struct Args {
     #[arg(long, value_name = "DIR", num_args = 1..,
           conflicts_with_all = ["shard", "policy", "task", "episodes", "seed", "tasks", "adapter",
                                 "temperature", "parallel", "history", "max_new_tokens",
-                                "min_score"])]
+                                "min_score", "pruned_out"])]
     pub merge: Vec<PathBuf>,
 }
 
@@ -72,6 +76,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "--training-out and --out are the same file ({}): the training lines would \
                  replace the episode records",
                 args.out.display()
+            );
+        }
+    }
+    if let Some(pruned) = &args.pruned_out {
+        let others = [Some(&args.out), args.training_out.as_ref()];
+        if let Some(same) = others
+            .into_iter()
+            .flatten()
+            .find(|p| teamtune_formats::same_path(p, pruned))
+        {
+            bail!(
+                "--pruned-out {} is also where --out or --training-out writes; give it a file \
+                 of its own",
+                same.display()
             );
         }
     }
@@ -111,14 +129,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Records in plan order (tasks in order, each with its seeds), as a merge of shards puts
     // them back.
     let mut records = Vec::new();
-    let mut pruned = 0usize;
+    let mut pruned_records = Vec::new();
     for p in &played {
         if keep(&p.record) {
             records.push(p.record.clone());
         } else {
-            pruned += 1;
+            pruned_records.push(p.record.clone());
         }
     }
+    let pruned = pruned_records.len();
     for spec in &specs {
         let scores: Vec<f64> = played
             .iter()
@@ -131,6 +150,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     append_records(&args.out, &records)
         .with_context(|| format!("writing {}", args.out.display()))?;
     say_written(records.len(), &args.out, pruned, args.min_score);
+    if let Some(path) = &args.pruned_out {
+        append_records(path, &pruned_records)
+            .with_context(|| format!("writing --pruned-out {}", path.display()))?;
+    }
     let per_record: Vec<Vec<TrainingConversation>> = records
         .iter()
         .map(|r| training_lines(r, args.agents.history))

@@ -1,6 +1,6 @@
 //! `teamtune train`: a LoRA adapter on conversation files, with the study's recipe as defaults.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use teamtune_data::{
@@ -38,6 +38,12 @@ pub struct Args {
     /// resume on other data than the run was made with.
     #[arg(long)]
     pub force: bool,
+    /// Train further an existing adapter (a PEFT folder such as RUN/adapter) instead of a
+    /// fresh one. Its rank, alpha, rsLoRA and targets are the run's (a different --rank,
+    /// --alpha, --rslora or --targets is refused); dropout and the rest come from the recipe.
+    /// The step-0 validation loss is then the adapter's own, not the base model's.
+    #[arg(long, value_name = "DIR")]
+    pub init_adapter: Option<PathBuf>,
 }
 
 /// The recipe a run uses: defaults, then the config file (or the resumed run's), then flags.
@@ -54,9 +60,90 @@ pub fn effective_recipe(args: &Args) -> anyhow::Result<Recipe> {
         }
         (None, None) => Recipe::default(),
     };
-    let recipe = base.with_flags(&args.recipe);
+    let mut recipe = base.with_flags(&args.recipe);
+    if let Some(dir) = &args.init_adapter {
+        adopt_adapter(&mut recipe, &args.recipe, dir)?;
+    }
     recipe.validate()?;
     Ok(recipe)
+}
+
+/// The adapter's shape (rank, alpha, rsLoRA, targets) replaces the recipe's: the weights
+/// cannot be trained as another shape. A flag that asks for a different one is refused, naming
+/// the flag and the adapter's value; a config file's value is replaced, with a note.
+fn adopt_adapter(recipe: &mut Recipe, flags: &RecipeFlags, dir: &Path) -> anyhow::Result<()> {
+    let config_path = dir.join(teamtune_llama::ADAPTER_CONFIG);
+    if !config_path.is_file() {
+        bail!(
+            "--init-adapter {}: not a LoRA adapter folder (no {} in it; give a PEFT folder such              as RUN/adapter)",
+            dir.display(),
+            teamtune_llama::ADAPTER_CONFIG
+        );
+    }
+    let lora = teamtune_llama::read_peft_config(&config_path)
+        .with_context(|| format!("--init-adapter {}", dir.display()))?;
+    let names = |targets: &[teamtune_llama::LoraTarget]| -> Vec<&'static str> {
+        let mut v: Vec<_> = targets.iter().map(|t| t.module_name()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let adapter_targets = names(&lora.targets);
+    let conflict = |flag: &str, given: String, adapter: String| -> anyhow::Error {
+        anyhow::anyhow!(
+            "{flag} {given} differs from the adapter's {adapter} (--init-adapter {}): a trained              adapter keeps its shape; leave {flag} out",
+            dir.display()
+        )
+    };
+    if let Some(r) = flags.rank.filter(|&r| r != lora.rank) {
+        return Err(conflict("--rank", r.to_string(), lora.rank.to_string()));
+    }
+    if let Some(a) = flags.alpha.filter(|&a| a != lora.alpha) {
+        return Err(conflict("--alpha", a.to_string(), lora.alpha.to_string()));
+    }
+    if let Some(rs) = flags.rslora.filter(|&rs| rs != lora.use_rslora) {
+        return Err(conflict(
+            "--rslora",
+            rs.to_string(),
+            lora.use_rslora.to_string(),
+        ));
+    }
+    if let Some(given) = &flags.targets {
+        let parsed: Option<Vec<_>> = given
+            .iter()
+            .map(|t| teamtune_llama::LoraTarget::parse(t))
+            .collect();
+        if parsed.is_none_or(|p| names(&p) != adapter_targets) {
+            return Err(conflict(
+                "--targets",
+                given.join(","),
+                adapter_targets.join(","),
+            ));
+        }
+    }
+    let file_targets: Vec<_> = recipe
+        .lora_targets()
+        .iter()
+        .map(|t| t.module_name())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if (recipe.rank, recipe.alpha, recipe.rslora, &file_targets)
+        != (lora.rank, lora.alpha, lora.use_rslora, &adapter_targets)
+    {
+        tracing::info!(
+            "training the adapter's shape (rank {}, alpha {}, rsLoRA {}, targets {}) in place              of the recipe's",
+            lora.rank,
+            lora.alpha,
+            lora.use_rslora,
+            adapter_targets.join(",")
+        );
+    }
+    recipe.rank = lora.rank;
+    recipe.alpha = lora.alpha;
+    recipe.rslora = lora.use_rslora;
+    recipe.targets = adapter_targets.iter().map(|t| t.to_string()).collect();
+    Ok(())
 }
 
 /// The conversations a run trains and validates on, encoded the way the trainer sees them:
@@ -99,6 +186,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let recipe = effective_recipe(&args)?;
     if args.model.quantize.is_some() {
         bail!("--quantize is an inference path; training needs the dense weights");
+    }
+    if let Some(init) = &args.init_adapter {
+        // The run writes --out/adapter: never over the adapter it starts from.
+        if teamtune_formats::same_path(init, &args.out.join("adapter")) {
+            bail!(
+                "--init-adapter {} is the adapter this run writes (--out {}/adapter); give                  another --out",
+                init.display(),
+                args.out.display()
+            );
+        }
     }
     // The run folder is checked and locked before any work: one process at a time, a finished
     // run only replaced with --force, a resume only on the data the run was made with.
@@ -198,8 +295,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let lora = r.lora_config(Some(loaded.files.describe()));
     adapter_fits_in_memory(loaded.model.config(), &lora)?;
-    loaded.model.add_adapter("train", &lora)?;
-    let config = r.train_config("train", pad);
+    let mut config = r.train_config("train", pad);
+    match &args.init_adapter {
+        Some(dir) => {
+            loaded
+                .model
+                .load_adapter("train", dir)
+                .with_context(|| format!("--init-adapter {}", dir.display()))?;
+            loaded.model.set_adapter_dropout("train", r.dropout)?;
+            config.continues_adapter = true;
+        }
+        None => {
+            loaded.model.add_adapter("train", &lora)?;
+        }
+    }
     let trainer = Trainer::new(config, &args.out)?;
     let train = &prepared.train;
     let mut source = |epoch: usize| -> teamtune_train::Result<Vec<teamtune_data::Batch>> {

@@ -73,6 +73,19 @@ impl LoraAdapter {
         &self.config
     }
 
+    /// Sets the dropout on the adapter's input (training only). A loaded adapter carries the
+    /// dropout it was trained with in adapter_config.json; a run that continues it trains with
+    /// its own recipe's.
+    pub fn set_dropout(&mut self, dropout: f32) -> Result<()> {
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(LlamaError::Shape(format!(
+                "invalid LoRA config: dropout must be at least 0 and below 1 (got {dropout})"
+            )));
+        }
+        self.config.dropout = dropout;
+        Ok(())
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

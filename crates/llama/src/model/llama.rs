@@ -235,6 +235,15 @@ impl Llama {
         self.adapters.get(name)
     }
 
+    /// Sets the input dropout of adapter `name` (see [`LoraAdapter::set_dropout`]).
+    pub fn set_adapter_dropout(&mut self, name: &str, dropout: f32) -> Result<()> {
+        self.adapter_or_err(name)?;
+        self.adapters
+            .get_mut(name)
+            .expect("checked above")
+            .set_dropout(dropout)
+    }
+
     fn adapter_or_err(&self, name: &str) -> Result<&LoraAdapter> {
         self.adapters.get(name).ok_or_else(|| {
             LlamaError::Adapter(format!(

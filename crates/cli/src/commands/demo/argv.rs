@@ -9,26 +9,7 @@ use super::{
     CONVERSATIONS, CONVERSATIONS_SINGLE, EPISODES, EVAL_BASE, EVAL_TUNED, EVAL_UNCONSTRAINED, RUN,
 };
 
-/// `teamtune` followed by the words, quoted for a POSIX shell where needed.
-pub fn shell_line(words: &[String]) -> String {
-    let mut s = String::from("teamtune");
-    for w in words {
-        s.push(' ');
-        let plain = !w.is_empty()
-            && w.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./,:=+@".contains(c));
-        if plain {
-            s += w;
-        } else {
-            s += &format!("'{}'", w.replace('\'', "'\\''"));
-        }
-    }
-    s
-}
-
-pub(super) fn words(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
+pub(super) use crate::commands::plain::{shell_line, words};
 
 pub(super) fn path_str(p: &Path) -> String {
     p.display().to_string()

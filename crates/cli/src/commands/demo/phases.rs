@@ -5,42 +5,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use clap::Parser;
 use serde::{Deserialize, Serialize};
 use teamtune_gridworld::read_records;
 
-use super::argv::{path_str, phase_commands, shell_line, training_files, words};
+use super::argv::{path_str, phase_commands, training_files};
 use super::plan::{train_steps, Plan};
 use super::{write_atomic, Layout, Phase, REPORT_FILE};
 use super::{CONVERSATIONS, CONVERSATIONS_SINGLE, EPISODES, EVAL_BASE, EVAL_TUNED, RUN};
 use crate::commands;
-
-/// The plain commands the demo runs, parsed from the same words report.md prints.
-#[derive(Parser)]
-#[command(name = "teamtune", no_binary_name = false)]
-enum Plain {
-    Collect(commands::collect::Args),
-    Eval(commands::eval::Args),
-    Train(commands::train::Args),
-    Plot(commands::plot::Args),
-    Compare(commands::compare::Args),
-    Replay(commands::replay::Args),
-}
-
-/// Runs `teamtune WORDS...` in this process.
-fn run_plain(words: &[String]) -> anyhow::Result<()> {
-    let parsed =
-        Plain::try_parse_from(std::iter::once("teamtune".to_owned()).chain(words.iter().cloned()))
-            .map_err(|e| anyhow::anyhow!("internal command `{}`: {e}", shell_line(words)))?;
-    match parsed {
-        Plain::Collect(a) => commands::collect::run(a),
-        Plain::Eval(a) => commands::eval::run(a),
-        Plain::Train(a) => commands::train::run(a),
-        Plain::Plot(a) => commands::plot::run(a),
-        Plain::Compare(a) => commands::compare::run(a),
-        Plain::Replay(a) => commands::replay::run(a),
-    }
-}
+use crate::commands::plain::{run_plain, shell_line, words};
 
 /// Training facts the train phase records (`run/demo-train.json`) for the report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
