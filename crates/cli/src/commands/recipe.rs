@@ -44,8 +44,15 @@ pub struct Recipe {
     pub eval_every: Option<usize>,
     pub checkpoint_every: Option<usize>,
     pub gradient_checkpointing: bool,
+    /// Weight in the training loss of decision tokens (the values of a reply's
+    /// [`DECISION_FIELDS`]) against 1 for the other trained tokens; 1: no weighting.
+    pub decision_weight: f32,
     pub seed: u64,
 }
+
+/// The JSON fields of a grid-world reply whose values are the decision: the stated facts and
+/// way (`rationale`) and the action. The reflection, message and memory are free text.
+pub const DECISION_FIELDS: [&str; 2] = ["rationale", "action_name"];
 
 impl Default for Recipe {
     /// The study's recipe: the adapter of [`teamtune_train::study_lora`] (r 8, alpha 16,
@@ -83,6 +90,7 @@ impl Default for Recipe {
             eval_every: train.eval_every,
             checkpoint_every: train.checkpoint_every,
             gradient_checkpointing: train.gradient_checkpointing,
+            decision_weight: train.decision_weight,
             seed: train.seed,
         }
     }
@@ -156,6 +164,11 @@ pub struct RecipeFlags {
     /// Recompute each decoder layer in the backward instead of keeping its activations.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
+    /// Weight in the training loss of the tokens of a reply's rationale and action_name values
+    /// (the decision) against 1 for its other tokens; the validation loss is unweighted
+    /// [default: 1].
+    #[arg(long)]
+    pub decision_weight: Option<f32>,
     /// Seed of the split, data order, adapter init and dropout masks [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -201,6 +214,7 @@ impl Recipe {
             min_score,
             validation_fraction,
             gradient_checkpointing,
+            decision_weight,
             seed
         );
         // The micro-batch follows a smaller batch size unless it is given too.
@@ -300,6 +314,13 @@ impl Recipe {
                 format!("--clip must be a number of at least 0 (got {})", self.clip),
             ),
             (
+                self.decision_weight > 0.0 && self.decision_weight.is_finite(),
+                format!(
+                    "--decision-weight must be a number above 0 (got {})",
+                    self.decision_weight
+                ),
+            ),
+            (
                 !self.min_score.is_nan(),
                 "--min-score must be a number (got NaN)".to_owned(),
             ),
@@ -328,6 +349,16 @@ impl Recipe {
             }
         }
         Ok(())
+    }
+
+    /// The reply fields whose tokens the data marks as decisions: none unless they are
+    /// weighted.
+    pub fn decision_fields(&self) -> Vec<String> {
+        if self.decision_weight == 1.0 {
+            Vec::new()
+        } else {
+            DECISION_FIELDS.iter().map(|f| f.to_string()).collect()
+        }
     }
 
     pub fn lora_targets(&self) -> Vec<teamtune_llama::LoraTarget> {
@@ -365,6 +396,7 @@ impl Recipe {
         config.checkpoint_every = self.checkpoint_every;
         config.seed = self.seed;
         config.gradient_checkpointing = self.gradient_checkpointing;
+        config.decision_weight = self.decision_weight;
         config.progress = true;
         config
     }

@@ -75,7 +75,7 @@ fn adopt_adapter(recipe: &mut Recipe, flags: &RecipeFlags, dir: &Path) -> anyhow
     let config_path = dir.join(teamtune_llama::ADAPTER_CONFIG);
     if !config_path.is_file() {
         bail!(
-            "--init-adapter {}: not a LoRA adapter folder (no {} in it; give a PEFT folder such              as RUN/adapter)",
+            "--init-adapter {}: not a LoRA adapter folder (no {} in it; give a PEFT folder such as RUN/adapter)",
             dir.display(),
             teamtune_llama::ADAPTER_CONFIG
         );
@@ -91,7 +91,7 @@ fn adopt_adapter(recipe: &mut Recipe, flags: &RecipeFlags, dir: &Path) -> anyhow
     let adapter_targets = names(&lora.targets);
     let conflict = |flag: &str, given: String, adapter: String| -> anyhow::Error {
         anyhow::anyhow!(
-            "{flag} {given} differs from the adapter's {adapter} (--init-adapter {}): a trained              adapter keeps its shape; leave {flag} out",
+            "{flag} {given} differs from the adapter's {adapter} (--init-adapter {}): a trained adapter keeps its shape; leave {flag} out",
             dir.display()
         )
     };
@@ -132,7 +132,7 @@ fn adopt_adapter(recipe: &mut Recipe, flags: &RecipeFlags, dir: &Path) -> anyhow
         != (lora.rank, lora.alpha, lora.use_rslora, &adapter_targets)
     {
         tracing::info!(
-            "training the adapter's shape (rank {}, alpha {}, rsLoRA {}, targets {}) in place              of the recipe's",
+            "training the adapter's shape (rank {}, alpha {}, rsLoRA {}, targets {}) in place of the recipe's",
             lora.rank,
             lora.alpha,
             lora.use_rslora,
@@ -163,6 +163,7 @@ pub fn prepare_data(
         EncodeOptions {
             max_len: r.max_len.or(default_max_len),
             overlong: teamtune_data::Overlong::CutAtTurn,
+            decision_fields: r.decision_fields(),
             ..Default::default()
         },
     )?;

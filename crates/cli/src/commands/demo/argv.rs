@@ -157,6 +157,9 @@ pub(super) fn phase_commands(
                 "--seed".into(),
                 r.seed.to_string(),
             ]);
+            if r.decision_weight != 1.0 {
+                c.extend(["--decision-weight".into(), format!("{}", r.decision_weight)]);
+            }
             if let Some(max_len) = r.max_len {
                 c.extend(["--max-len".into(), max_len.to_string()]);
             }

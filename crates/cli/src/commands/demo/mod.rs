@@ -133,6 +133,10 @@ pub struct Args {
     /// Longest training conversation in tokens, cut at a turn [default: 1024].
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Weight in the training loss of each reply's rationale and action_name tokens against 1
+    /// for its other tokens [default: 1].
+    #[arg(long)]
+    pub decision_weight: Option<f32>,
 }
 
 // The phases' files and folders inside the report folder (for `Layout::p`).

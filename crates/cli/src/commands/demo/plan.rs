@@ -120,6 +120,7 @@ impl Plan {
             max_tokens: args.max_len.unwrap_or(DEMO_MAX_LEN),
             // The step count decides; epochs only cap it.
             epochs: 3,
+            decision_weight: args.decision_weight.unwrap_or(1.0),
             seed: args.seed,
             ..Recipe::default()
         };
