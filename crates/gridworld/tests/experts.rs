@@ -349,3 +349,55 @@ fn an_unclaimed_corner_choice_is_the_first_listed() {
     });
     assert!(seen >= 20, "only {seen} first choices");
 }
+
+/// Picking and dropping are told apart by what the agent holds, never by its memory: in
+/// single_pick an expert writes no memory, and in the multi-agent carry tasks the memory an
+/// expert wrote itself is the same when it picks an item up and when it drops it. (A tuned model
+/// that writes no memory sees "Memory: none." at both; memory that changed between them taught
+/// it "here, so drop" at an item.)
+#[test]
+fn picking_and_dropping_are_not_told_apart_by_memory() {
+    let own = |user: &str| -> Vec<String> {
+        let line = user.lines().find(|l| l.starts_with("Memory: ")).unwrap();
+        line.trim_start_matches("Memory: ")
+            .split_inclusive(". ")
+            .map(|s| s.trim().to_string())
+            .filter(|s| {
+                s.starts_with("Mine:") || s.starts_with("Delivered") || s.starts_with("Gave up")
+            })
+            .collect()
+    };
+    let mut pairs = 0;
+    each_expert_reply(30, |id, seed, user, v| {
+        if id == "single_pick" {
+            assert_eq!(v["add_memory"], "", "single_pick seed {seed}");
+            assert!(user.contains("Memory: none."), "single_pick seed {seed}");
+        }
+    });
+    for id in ["multi_pick", "permission_pick"] {
+        for seed in 0..30 {
+            let ep = play_expert(&spec(id), seed).unwrap();
+            for i in 0..ep.agent_count() {
+                let msgs = ep.messages(i);
+                let mut picked: Option<Vec<String>> = None;
+                for (k, m) in msgs.iter().enumerate().skip(1) {
+                    if m.role != Role::Assistant {
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_str(&m.content).unwrap();
+                    let user = &msgs[k - 1].content;
+                    match v["action_name"].as_str().unwrap() {
+                        "pick" => picked = Some(own(user)),
+                        "drop" => {
+                            let at_pick = picked.take().expect("a drop follows a pick");
+                            assert_eq!(own(user), at_pick, "{id} seed {seed} agent {i}");
+                            pairs += 1;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    assert!(pairs > 100, "only {pairs} pick-drop pairs");
+}

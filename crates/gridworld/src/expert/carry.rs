@@ -159,33 +159,24 @@ impl Expert {
         }
         let target_cells: BTreeSet<Pos> = targets.iter().map(|t| t.pos).collect();
 
+        let alone = self.b.names.len() == 1;
+        // The first empty target no teammate brings an item to, as the goal lists them
+        // (nearest first): chosen afresh each turn, so nothing about it is remembered.
+        let free_target = || {
+            targets
+                .iter()
+                .filter(|tv| !tv.filled)
+                .map(|tv| tv.pos)
+                .find(|t| claims.targets.get(t).is_none_or(|who| *who == me))
+        };
         if let Some(h) = obs.holding {
-            let empty = |t: Pos| targets.iter().any(|tv| tv.pos == t && !tv.filled);
-            let kept = match claims.mine {
-                Some((id, Some(t))) if id == h && empty(t) => Some(t),
-                _ => None,
+            let Some(t) = free_target() else {
+                return notes.reply(
+                    ActionName::Skip,
+                    format!("At {here}, holding {h}; no free target, so skip."),
+                );
             };
-            let t = match kept {
-                Some(t) => t,
-                None => {
-                    let free = targets
-                        .iter()
-                        .map(|tv| tv.pos)
-                        .find(|&t| empty(t) && claims.targets.get(&t).is_none_or(|who| *who == me));
-                    let Some(t) = free else {
-                        return notes.reply(
-                            ActionName::Skip,
-                            format!("At {here}, holding {h}; no free target, so skip."),
-                        );
-                    };
-                    if self.b.names.len() > 1 {
-                        notes.message.push(format!("I bring item {h} to {t}."));
-                    }
-                    notes.memory.push(format!("Mine: item {h} to {t}."));
-                    t
-                }
-            };
-            if here == t {
+            if here == t && !alone {
                 notes.message = vec![format!("Dropped item {h} on {t}.")];
                 notes.memory.push(format!("Delivered item {h}."));
             }
@@ -259,10 +250,11 @@ impl Expert {
                         .rationale
                         .push(format!("Items {} are taken.", skipped.join(", ")));
                 }
-                if self.b.names.len() > 1 {
+                // remembered while it walks there; an item picked at once needs no claim
+                if !alone && on_ground(id) != Some(here) {
                     notes.message.push(format!("I take item {id}."));
+                    notes.memory.push(format!("Mine: item {id}."));
                 }
-                notes.memory.push(format!("Mine: item {id}."));
                 id
             }
         };
@@ -275,6 +267,13 @@ impl Expert {
         if a == ActionName::Pick {
             r.action_parameters
                 .insert("item".into(), Value::String(id.to_string()));
+            // the target it will carry the item to, for teammates to leave alone
+            if let (false, Some(t)) = (alone, free_target()) {
+                if !r.message.is_empty() {
+                    r.message.push(' ');
+                }
+                r.message.push_str(&format!("I bring item {id} to {t}."));
+            }
         }
         r
     }
