@@ -72,6 +72,12 @@ fn expert_replies_are_valid_and_rationales_name_the_action() {
                     assert!(rationale.find("At (").unwrap() < rationale.rfind("so ").unwrap());
                     assert!(!v["reflection"].as_str().unwrap().is_empty());
                     assert!(v["message"].as_str().unwrap().len() < 120);
+                    // what the reply schema lets a model write, a model can learn to write
+                    let memory = v["add_memory"].as_str().unwrap();
+                    assert!(
+                        memory.chars().count() <= teamtune_gridworld::SCHEMA_MEMORY_CHARS,
+                        "{id} seed {seed}: memory {memory:?}"
+                    );
                 }
             }
         }

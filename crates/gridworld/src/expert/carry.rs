@@ -2,10 +2,10 @@
 //! targets.
 //!
 //! As in hidden points, the expert decides from one turn's prompt only. What it must not forget
-//! it writes to its memory, which every prompt shows: its own claim ("Mine: item a." then
-//! "Mine: item a to (2,3)."), teammates' claims read in its inbox ("Bob takes item b.", "Bob
-//! brings item b to (0,2).", "Bob dropped item b."), and owners it has learnt ("Item c is
-//! Eve's."). The goal lists items and targets nearest first, each with the way there, so the
+//! it writes to its memory, which every prompt shows, in forms short enough for the reply
+//! schema's memory field: its own claim while it walks to an item ("Mine: a."), teammates'
+//! claims read in its inbox ("Bob takes b.", "Bob to (0,2).", "Bob dropped b."), and owners it
+//! has learnt ("c is Eve's."). The goal lists items and targets nearest first, each with the way there, so the
 //! item or target it heads for is the first free one of a list, and the way is copied.
 //!
 //! Rules: holding an item, it takes the first empty target no teammate brings an item to, and
@@ -28,8 +28,8 @@ use crate::task::ActionName;
 /// What an agent's memory and this turn's inbox say about claims and owners.
 #[derive(Default)]
 struct Claims {
-    /// This agent's item, and its target once chosen.
-    mine: Option<(char, Option<Pos>)>,
+    /// The item this agent walks to.
+    mine: Option<char>,
     /// Items teammates have claimed (not yet delivered), with the claimant.
     items: BTreeMap<char, String>,
     /// Targets teammates bring an item to.
@@ -46,14 +46,12 @@ impl Claims {
     /// Reads one memory sentence (the agent's own lines and those copied from its inbox).
     fn read_memory(&mut self, sentence: &str) {
         let cells = Pos::find_all(sentence);
-        if let Some(rest) = sentence.strip_prefix("Mine: item ") {
-            if let Some(id) = item_id(rest) {
-                self.mine = Some((id, cells.first().copied()));
-            }
-        } else if sentence.starts_with("Delivered item ") || sentence.starts_with("Gave up item ") {
+        if let Some(rest) = sentence.strip_prefix("Mine: ") {
+            self.mine = item_id(rest);
+        } else if sentence.starts_with("Delivered ") || sentence.starts_with("Gave up ") {
             self.mine = None;
-        } else if let Some(rest) = sentence.strip_prefix("Item ") {
-            if let (Some(id), Some((_, owner))) = (item_id(rest), sentence.split_once(" is ")) {
+        } else if let Some((rest, owner)) = sentence.split_once(" is ") {
+            if let Some(id) = item_id(rest).filter(|_| rest.len() == 1) {
                 let owner = owner.split('\'').next().unwrap_or("").trim();
                 if !owner.is_empty() {
                     self.owners.insert(id, owner.to_string());
@@ -61,16 +59,15 @@ impl Claims {
                     self.items.retain(|i, who| *i != id || who == owner);
                 }
             }
-        } else if let Some((who, rest)) = sentence.split_once(" takes item ") {
+        } else if let Some((who, rest)) = sentence.split_once(" takes ") {
             if let Some(id) = item_id(rest) {
                 self.items.insert(id, who.to_string());
             }
-        } else if let Some((who, rest)) = sentence.split_once(" brings item ") {
-            if let (Some(id), Some(&t)) = (item_id(rest), cells.first()) {
-                self.items.insert(id, who.to_string());
+        } else if let Some((who, _)) = sentence.split_once(" to (") {
+            if let Some(&t) = cells.first() {
                 self.targets.insert(t, who.to_string());
             }
-        } else if let Some((who, rest)) = sentence.split_once(" dropped item ") {
+        } else if let Some((who, rest)) = sentence.split_once(" dropped ") {
             if let Some(id) = item_id(rest) {
                 self.items.retain(|i, w| !(*i == id && w == who));
                 self.targets.retain(|_, w| w != who);
@@ -93,19 +90,17 @@ impl Claims {
 fn remembered(from: &str, sentence: &str) -> Option<String> {
     let cells = Pos::find_all(sentence);
     if let Some(rest) = sentence.strip_prefix("I take item ") {
-        item_id(rest).map(|id| format!("{from} takes item {id}."))
+        item_id(rest).map(|id| format!("{from} takes {id}."))
     } else if let Some(rest) = sentence.strip_prefix("I bring item ") {
-        let id = item_id(rest)?;
-        cells
-            .first()
-            .map(|t| format!("{from} brings item {id} to {t}."))
+        item_id(rest)?;
+        cells.first().map(|t| format!("{from} to {t}."))
     } else if let Some(rest) = sentence.strip_prefix("Dropped item ") {
-        item_id(rest).map(|id| format!("{from} dropped item {id}."))
+        item_id(rest).map(|id| format!("{from} dropped {id}."))
     } else if let Some(rest) = sentence.strip_prefix("Item ") {
         let id = item_id(rest)?;
         let (_, owner) = sentence.split_once(" is ")?;
         let owner = owner.split('\'').next()?.trim();
-        (!owner.is_empty() && !owner.contains(' ')).then(|| format!("Item {id} is {owner}'s."))
+        (!owner.is_empty() && !owner.contains(' ')).then(|| format!("{id} is {owner}'s."))
     } else {
         None
     }
@@ -178,7 +173,7 @@ impl Expert {
             };
             if here == t && !alone {
                 notes.message = vec![format!("Dropped item {h} on {t}.")];
-                notes.memory.push(format!("Delivered item {h}."));
+                notes.memory.push(format!("Delivered {h}."));
             }
             // "here, so drop" as every arrival reads: the way printed beside the target
             let (a, facts) = nav_facts(here, t, ActionName::Drop);
@@ -199,7 +194,7 @@ impl Expert {
                     notes
                         .message
                         .push(format!("Item {} at {here} is {o}'s.", ci.id));
-                    notes.memory.push(format!("Item {} is {o}'s.", ci.id));
+                    notes.memory.push(format!("{} is {o}'s.", ci.id));
                 }
                 claims.owners.insert(ci.id, o.clone());
             }
@@ -208,17 +203,16 @@ impl Expert {
         // a teammate's claim on an item: it keeps it unless mine came first in turn order
         let theirs = |id: char| {
             claims.items.get(&id).is_some_and(|who| {
-                let mine_too = claims.mine.is_some_and(|(m, _)| m == id);
+                let mine_too = claims.mine == Some(id);
                 *who != me && (!mine_too || turn_of(who).is_none_or(|t| t < my_turn))
             })
         };
         let mine = claims
             .mine
-            .map(|(id, _)| id)
             .filter(|&id| on_ground(id).is_some() && may(id) && !theirs(id));
-        if let Some((id, _)) = claims.mine {
+        if let Some(id) = claims.mine {
             if mine.is_none() {
-                notes.memory.push(format!("Gave up item {id}."));
+                notes.memory.push(format!("Gave up {id}."));
                 if !may(id) {
                     notes.rationale.push(format!("Item {id} is not mine."));
                 }
@@ -245,15 +239,17 @@ impl Expert {
                         format!("At {here}, holding nothing; no free item for me, so skip."),
                     );
                 };
-                if !skipped.is_empty() {
-                    notes
+                match skipped.as_slice() {
+                    [] => {}
+                    [one] => notes.rationale.push(format!("Item {one} is taken.")),
+                    many => notes
                         .rationale
-                        .push(format!("Items {} are taken.", skipped.join(", ")));
+                        .push(format!("Items {} are taken.", many.join(", "))),
                 }
                 // remembered while it walks there; an item picked at once needs no claim
                 if !alone && on_ground(id) != Some(here) {
                     notes.message.push(format!("I take item {id}."));
-                    notes.memory.push(format!("Mine: item {id}."));
+                    notes.memory.push(format!("Mine: {id}."));
                 }
                 id
             }
@@ -286,40 +282,44 @@ mod tests {
     #[test]
     fn claims_are_read_from_memory_in_order() {
         let memory = vec![
-            "Mine: item a.".to_string(),
-            "Bob takes item b. Eve brings item c to (2,2).".to_string(),
-            "Item d is Eve's.".to_string(),
-            "Mine: item a to (0,3).".to_string(),
-            "Eve dropped item c.".to_string(),
+            "Mine: a.".to_string(),
+            "Bob takes b. Eve takes c. Eve to (2,2).".to_string(),
+            "d is Eve's. Ann takes d.".to_string(),
+            "Eve dropped c.".to_string(),
         ];
         let c = Claims::read_all_memory(&memory);
-        assert_eq!(c.mine, Some(('a', Some(Pos::new(0, 3)))));
+        assert_eq!(c.mine, Some('a'));
         assert_eq!(c.items.get(&'b').map(String::as_str), Some("Bob"));
         assert!(!c.items.contains_key(&'c'));
         assert!(c.targets.is_empty());
         assert_eq!(c.owners.get(&'d').map(String::as_str), Some("Eve"));
-        let c = Claims::read_all_memory(&["Mine: item a.".into(), "Delivered item a.".into()]);
+        assert_eq!(c.items.get(&'d').map(String::as_str), Some("Ann"));
+        let c = Claims::read_all_memory(&["Mine: a. Ann takes e. e is Bob's.".into()]);
+        assert!(
+            !c.items.contains_key(&'e'),
+            "an owner voids another's claim"
+        );
+        let c = Claims::read_all_memory(&["Mine: a.".into(), "Delivered a.".into()]);
         assert_eq!(c.mine, None);
     }
 
     #[test]
-    fn messages_become_memory_lines() {
-        assert_eq!(
-            remembered("Bob", "I take item b.").unwrap(),
-            "Bob takes item b."
-        );
-        assert_eq!(
-            remembered("Bob", "I bring item b to (1,2).").unwrap(),
-            "Bob brings item b to (1,2)."
-        );
-        assert_eq!(
-            remembered("Bob", "Dropped item b on (1,2).").unwrap(),
-            "Bob dropped item b."
-        );
-        assert_eq!(
-            remembered("Bob", "Item c at (0,0) is Eve's.").unwrap(),
-            "Item c is Eve's."
-        );
+    fn messages_become_memory_lines_that_read_back() {
+        for (message, line) in [
+            ("I take item b.", "Bob takes b."),
+            ("I bring item b to (1,2).", "Bob to (1,2)."),
+            ("Dropped item b on (1,2).", "Bob dropped b."),
+            ("Item c at (0,0) is Eve's.", "c is Eve's."),
+        ] {
+            assert_eq!(remembered("Bob", message).unwrap(), line);
+        }
         assert_eq!(remembered("Bob", "Hello."), None);
+        let c = Claims::read_all_memory(&["Bob takes b. Bob to (1,2). c is Eve's.".into()]);
+        assert_eq!(c.items.get(&'b').map(String::as_str), Some("Bob"));
+        assert_eq!(
+            c.targets.get(&Pos::new(1, 2)).map(String::as_str),
+            Some("Bob")
+        );
+        assert_eq!(c.owners.get(&'c').map(String::as_str), Some("Eve"));
     }
 }
