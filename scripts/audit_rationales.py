@@ -77,11 +77,11 @@ def decision_facts(task, user, reply, action, f):
         f["hold"] += 1
         f["hold_ok"] += (said.group(1) == "nothing") == (held is None) and (
             held is None or said.group(1) == held)
-    said_cell = re.search(r"cell: (a hidden target|empty|item \w|a target)", rationale)
+    said_cell = re.search(r"cell: ((?:a )?hidden target|empty|item \w|a target)", rationale)
     if said_cell:
         f["cell"] += 1
         fact = said_cell.group(1)
-        f["cell_ok"] += fact in cell
+        f["cell_ok"] += ("hidden target" in cell) if fact.endswith("hidden target") else fact in cell
     if task == "random_points":
         listed = UNSTOOD.search(user)
         named = re.search(r"not stood on \((\d+),(\d+)\)", rationale)

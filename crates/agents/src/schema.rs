@@ -10,7 +10,6 @@
 use serde_json::{json, Map, Value};
 use teamtune_gridworld::{
     ActionName, TaskKind, TaskSpec, MAX_MEMORY_CHARS, MAX_MESSAGE_CHARS, MAX_TEXT_CHARS,
-    SCHEMA_MEMORY_CHARS,
 };
 use teamtune_guide::{JsonStyle, ReplyGrammar, TokenVocab};
 
@@ -47,7 +46,7 @@ impl Default for SchemaOptions {
             max_reflection_chars: 80,
             max_rationale_chars: 160,
             max_message_chars: 80,
-            max_memory_chars: SCHEMA_MEMORY_CHARS,
+            max_memory_chars: 60,
         }
     }
 }

@@ -19,14 +19,12 @@
 //! reads next turn. The episode ends when the score reaches 100 or after the last round.
 
 use crate::error::EpisodeError;
-use crate::geom::Pos;
 use crate::observe::{Briefing, CellView, GoalView, InboxMessage, Observation};
 use crate::reply::{parse_reply, Reply, ReplyError};
 use crate::task::{ActionName, TaskKind, TaskSpec};
 use crate::world::World;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
 use teamtune_formats::{Message, Role, EPISODE_FORMAT};
 
 /// Memory beyond this many characters drops its oldest notes.
@@ -186,8 +184,6 @@ pub struct Episode {
     conversations: Vec<Vec<Message>>,
     memories: Vec<Vec<String>>,
     inboxes: Vec<Vec<InboxMessage>>,
-    /// The cells each agent has stood on (its own search in hidden points).
-    visited: Vec<BTreeSet<Pos>>,
     last: Vec<String>,
     round: u32,
     agent: usize,
@@ -224,11 +220,6 @@ impl Episode {
             conversations,
             memories: vec![Vec::new(); n],
             inboxes: vec![Vec::new(); n],
-            visited: world
-                .agents
-                .iter()
-                .map(|a| BTreeSet::from([a.pos]))
-                .collect(),
             last,
             round: 1,
             agent: 0,
@@ -254,7 +245,7 @@ impl Episode {
             rounds: self.spec.rounds,
             score: world.score(),
             memory: self.memories[i].clone(),
-            goal: GoalView::new(world, i, self.spec.owners_in_goal, &self.visited[i]),
+            goal: GoalView::new(world, i, self.spec.owners_in_goal),
             last: self.last[i].clone(),
             pos: world.agents[i].pos,
             holding: world.agents[i].holding.map(|k| world.items[k].id),
@@ -301,7 +292,6 @@ impl Episode {
                     }
                 }
                 let result = self.world.apply(i, &reply.action());
-                self.visited[i].insert(self.world.agents[i].pos);
                 if !reply.add_memory.is_empty() {
                     let mem = &mut self.memories[i];
                     mem.push(reply.add_memory.clone());

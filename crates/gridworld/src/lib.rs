@@ -34,7 +34,7 @@ pub use record::{append_records, read_record, read_records, training_lines, writ
 pub use render::{render_record, render_snapshots, render_text};
 pub use reply::{
     parse_reply, Reply, ReplyError, MAX_MEMORY_CHARS, MAX_MESSAGE_CHARS, MAX_REPLY_CHARS,
-    MAX_TEXT_CHARS, SCHEMA_MEMORY_CHARS,
+    MAX_TEXT_CHARS,
 };
 pub use task::{builtin_tasks, ActionName, TaskKind, TaskRegistry, TaskSpec, BUILTIN_IDS, NAMES};
 /// The chat message of the conversations an episode writes: the one message model of teamtune.

@@ -3,11 +3,10 @@
 //! structures, and they hold nothing a prompt does not show: scripted experts read them and
 //! nothing else. Other agents' positions are never in them.
 
-use crate::geom::{Dir, Pos};
+use crate::geom::Pos;
 use crate::task::{ActionName, TaskKind, TaskSpec};
 use crate::world::World;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 /// Everything of the system message: fixed for the episode.
@@ -194,11 +193,6 @@ pub enum GoalView {
     },
     HiddenPoints {
         count: usize,
-        /// The cells this agent has not stood on, nearest first (see
-        /// [`GoalView::search_order`]): its own search so far, which a window of one turn would
-        /// otherwise forget. Other agents' searches reach it only through their messages.
-        #[serde(default)]
-        unsearched: Vec<Pos>,
     },
     Carry {
         items: Vec<ItemView>,
@@ -251,9 +245,6 @@ pub struct Observation {
     pub carry: bool,
 }
 
-/// How many of the cells an agent has not stood on its hidden-points goal line names.
-pub const SEARCH_CELLS_SHOWN: usize = 4;
-
 /// A score with at most one decimal: `25`, `33.3`.
 pub fn fmt_score(s: f64) -> String {
     let r = (s * 10.0).round() / 10.0;
@@ -265,12 +256,8 @@ pub fn fmt_score(s: f64) -> String {
 }
 
 impl GoalView {
-    /// Built from the world for agent `me`: only what the goal gives (no agent positions) and,
-    /// for hidden points, the cells `me` has stood on (`visited`). Items and targets are listed
-    /// nearest to `me` first (ties in id or grid order), so that the first free one is read, not
-    /// computed, as the corners are.
-    pub fn new(world: &World, me: usize, owners_in_goal: bool, visited: &BTreeSet<Pos>) -> Self {
-        let here = world.agents[me].pos;
+    /// Built from the world for agent `me`: only what the goal gives (no agent positions).
+    pub fn new(world: &World, me: usize, owners_in_goal: bool) -> Self {
         match world.kind {
             TaskKind::Navigate => GoalView::Reach {
                 target: world.targets[0],
@@ -283,74 +270,37 @@ impl GoalView {
             },
             TaskKind::HiddenPoints => GoalView::HiddenPoints {
                 count: world.hidden.len(),
-                unsearched: Self::search_order(world.width, world.height, here, visited),
             },
             TaskKind::Carry => GoalView::Carry {
-                items: {
-                    let mut items: Vec<&crate::world::Item> = world.items.iter().collect();
-                    // the ones still to carry first, nearest first; delivered ones last
-                    items.sort_by_key(|it| match it.pos {
-                        Some(p) if !world.targets.contains(&p) => (0, here.dist(p), it.id),
-                        Some(_) => (2, 0, it.id),
-                        None => (1, 0, it.id),
-                    });
-                    items
-                }
-                .into_iter()
-                .map(|it| ItemView {
-                    id: it.id,
-                    place: match (it.pos, it.holder) {
-                        (Some(p), _) => ItemPlace::Ground(p),
-                        (None, Some(h)) if h == me => ItemPlace::HeldByYou,
-                        (None, Some(h)) => ItemPlace::HeldBy(world.agents[h].name.clone()),
-                        (None, None) => unreachable!("an item is on the ground or held"),
-                    },
-                    owner: match it.owner {
-                        Some(o) if world.permissions && owners_in_goal => {
-                            Some(world.agents[o].name.clone())
-                        }
-                        _ => None,
-                    },
-                })
-                .collect(),
-                targets: {
-                    let mut targets: Vec<TargetView> = world
-                        .targets
-                        .iter()
-                        .map(|t| TargetView {
-                            pos: *t,
-                            filled: world.items.iter().any(|it| it.pos == Some(*t)),
-                        })
-                        .collect();
-                    // empty ones first, nearest first
-                    targets.sort_by_key(|t| (t.filled, here.dist(t.pos), t.pos.y, t.pos.x));
-                    targets
-                },
+                items: world
+                    .items
+                    .iter()
+                    .map(|it| ItemView {
+                        id: it.id,
+                        place: match (it.pos, it.holder) {
+                            (Some(p), _) => ItemPlace::Ground(p),
+                            (None, Some(h)) if h == me => ItemPlace::HeldByYou,
+                            (None, Some(h)) => ItemPlace::HeldBy(world.agents[h].name.clone()),
+                            (None, None) => unreachable!("an item is on the ground or held"),
+                        },
+                        owner: match it.owner {
+                            Some(o) if world.permissions && owners_in_goal => {
+                                Some(world.agents[o].name.clone())
+                            }
+                            _ => None,
+                        },
+                    })
+                    .collect(),
+                targets: world
+                    .targets
+                    .iter()
+                    .map(|t| TargetView {
+                        pos: *t,
+                        filled: world.items.iter().any(|it| it.pos == Some(*t)),
+                    })
+                    .collect(),
             },
         }
-    }
-
-    /// Every cell of a `width x height` grid not in `visited`, nearest to `here` first; among
-    /// equally near cells, the one with fewer such neighbours first (a search that leaves no
-    /// isolated cell behind), then south to north, west to east.
-    pub fn search_order(width: i32, height: i32, here: Pos, visited: &BTreeSet<Pos>) -> Vec<Pos> {
-        let open =
-            |p: Pos| p.x >= 0 && p.y >= 0 && p.x < width && p.y < height && !visited.contains(&p);
-        let mut cells: Vec<Pos> = (0..height)
-            .flat_map(|y| (0..width).map(move |x| Pos::new(x, y)))
-            .filter(|p| open(*p))
-            .collect();
-        cells.sort_by_key(|p| {
-            let neighbours = Dir::ALL
-                .iter()
-                .filter(|d| {
-                    let q = p.step(**d);
-                    q != here && open(q)
-                })
-                .count();
-            (here.dist(*p), neighbours, p.y, p.x)
-        });
-        cells
     }
 
     /// The goal line as agent at `pos` reads it: every cell it names is followed by the way
@@ -378,23 +328,8 @@ impl GoalView {
                 "line up on y=0 in A-Z order of names. Your place {}.",
                 cell(*place)
             ),
-            GoalView::HiddenPoints { count, unsearched } => {
-                let mut s = format!("find the {count} hidden targets and occupy them all at once.");
-                if unsearched.is_empty() {
-                    s.push_str(" You have stood on every cell.");
-                } else {
-                    let near: Vec<String> = unsearched
-                        .iter()
-                        .take(SEARCH_CELLS_SHOWN)
-                        .map(|p| cell(*p))
-                        .collect();
-                    let _ = write!(
-                        s,
-                        " Cells you have not stood on, nearest first: {}.",
-                        near.join("; ")
-                    );
-                }
-                s
+            GoalView::HiddenPoints { count } => {
+                format!("find the {count} hidden targets and occupy them all at once.")
             }
             GoalView::Carry { items, targets } => {
                 let items: Vec<String> = items
@@ -463,7 +398,7 @@ impl CellView {
             parts.push("a target".to_string());
         }
         if self.hidden_target {
-            parts.push("a hidden target".to_string());
+            parts.push("a hidden target!".to_string());
         }
         if parts.is_empty() {
             "empty".to_string()

@@ -18,9 +18,6 @@ pub const MAX_REPLY_CHARS: usize = 8000;
 pub const MAX_MESSAGE_CHARS: usize = 300;
 /// Longest `add_memory` (after turning an object into text).
 pub const MAX_MEMORY_CHARS: usize = 200;
-/// Longest `add_memory` the agents' reply schema lets a model write by default, and so the
-/// longest an expert writes (a model shown longer memories could not copy them).
-pub const SCHEMA_MEMORY_CHARS: usize = 60;
 /// Longest `reflection` or `rationale`.
 pub const MAX_TEXT_CHARS: usize = 1000;
 

@@ -159,7 +159,7 @@ fn user_message_layout() {
         ep.current().unwrap().user_message,
         "Round 1/15. Score 0.\n\
          Memory: none.\n\
-         Goal: put an item on every target. Items: a (Bob only) at (1,2): here; b (Alice only) at (0,0): 1 west, 2 south. Targets: empty (2,3): 1 east, 1 north; empty (3,0): 2 east, 2 south.\n\
+         Goal: put an item on every target. Items: a (Bob only) at (1,2): here; b (Alice only) at (0,0): 1 west, 2 south. Targets: empty (3,0): 2 east, 2 south; empty (2,3): 1 east, 1 north.\n\
          Last: you start at (1,2).\n\
          You are at (1,2). You hold nothing. Cell: item a (Bob may pick).\n\
          Inbox: empty."

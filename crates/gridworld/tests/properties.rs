@@ -53,7 +53,7 @@ fn check_invariants(spec: &TaskSpec, w: &World, n_items: usize) {
 
 /// The goal and cell an agent sees are the same wherever the other agents stand.
 fn check_no_leak(spec: &TaskSpec, w: &World, me: usize, rng: &mut ChaCha8Rng) {
-    let goal = GoalView::new(w, me, spec.owners_in_goal, &Default::default());
+    let goal = GoalView::new(w, me, spec.owners_in_goal);
     let cell = CellView::new(w, me);
     let mut moved = w.clone();
     for (i, a) in moved.agents.iter_mut().enumerate() {
@@ -61,10 +61,7 @@ fn check_no_leak(spec: &TaskSpec, w: &World, me: usize, rng: &mut ChaCha8Rng) {
             a.pos = Pos::new(rng.random_range(0..w.width), rng.random_range(0..w.height));
         }
     }
-    assert_eq!(
-        GoalView::new(&moved, me, spec.owners_in_goal, &Default::default()),
-        goal
-    );
+    assert_eq!(GoalView::new(&moved, me, spec.owners_in_goal), goal);
     assert_eq!(CellView::new(&moved, me), cell);
 }
 
