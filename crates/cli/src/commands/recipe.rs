@@ -507,10 +507,35 @@ mod tests {
                 },
                 "--min-score",
             ),
+            (
+                Recipe {
+                    decision_weight: 0.0,
+                    ..Recipe::default()
+                },
+                "--decision-weight",
+            ),
+            (
+                Recipe {
+                    decision_weight: f32::INFINITY,
+                    ..Recipe::default()
+                },
+                "--decision-weight",
+            ),
         ] {
             let e = bad.validate().unwrap_err().to_string();
             assert!(e.contains(flag), "{e}");
         }
+    }
+
+    #[test]
+    fn decision_fields_are_marked_only_when_weighted() {
+        assert!(Recipe::default().decision_fields().is_empty());
+        let weighted = Recipe {
+            decision_weight: 3.0,
+            ..Recipe::default()
+        };
+        assert_eq!(weighted.decision_fields(), ["rationale", "action_name"]);
+        assert_eq!(weighted.train_config("a", 0).decision_weight, 3.0);
     }
 
     #[test]
