@@ -291,15 +291,21 @@ fn check_round(round_dir: &Path, round: &Value, min: f64, episodes: u64) {
     assert!(expert.iter().all(|r| r.final_score >= min));
 }
 
+/// The tiny model in `dir`, the experts' conversations collected there, and an adapter trained
+/// one step on them: what an improve run starts from.
+fn start_adapter(dir: &Path) -> (String, String, PathBuf) {
+    let model = tiny_model(dir);
+    let model = model.to_str().unwrap().to_owned();
+    let data = collect_conversations(dir);
+    let start = train(&model, &data, dir, "start", &["--max-steps", "1"]);
+    (model, data, start.join("adapter"))
+}
+
 #[test]
 fn improve_runs_rounds_keeps_what_scores_falls_back_to_experts_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let model = model.to_str().unwrap();
-    let data = collect_conversations(dir.path());
-    let start = train(model, &data, dir.path(), "start", &["--max-steps", "1"]);
-    let adapter = start.join("adapter");
-    let adapter = adapter.to_str().unwrap();
+    let (model, data, adapter) = start_adapter(dir.path());
+    let (model, adapter) = (model.as_str(), adapter.to_str().unwrap());
 
     // Two rounds straight. The tiny random model fails these tasks, so the experts' episodes
     // stand in, and the summary says so per task.
@@ -465,11 +471,8 @@ fn output(args: &[&str]) -> String {
 #[test]
 fn improve_keeps_the_model_s_own_episodes_when_they_score() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let model = model.to_str().unwrap();
-    let data = collect_conversations(dir.path());
-    let start = train(model, &data, dir.path(), "start", &["--max-steps", "1"]);
-    let adapter = start.join("adapter");
+    let (model, _, adapter) = start_adapter(dir.path());
+    let model = model.as_str();
     // At --min-score 0 every episode the model plays is kept: no expert plays.
     let k = dir.path().join("k");
     teamtune(&improve_args(

@@ -17,13 +17,11 @@ pub const DECISION: u8 = 2;
 fn string_value(reply: &str, field: &str) -> Option<Range<usize>> {
     let key = format!("\"{field}\"");
     let at = reply.find(&key)? + key.len();
-    let rest = &reply[at..];
-    let colon = rest.len() - rest.trim_start().len();
-    let rest_after_ws = &rest[colon..];
-    let rest_after_colon = rest_after_ws.strip_prefix(':')?;
-    let ws = rest_after_colon.len() - rest_after_colon.trim_start().len();
-    let value = &rest_after_colon[ws..];
-    let body = value.strip_prefix('"')?;
+    let body = reply[at..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
     let start = reply.len() - body.len();
     let mut escaped = false;
     for (i, c) in body.char_indices() {
