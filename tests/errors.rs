@@ -307,7 +307,11 @@ fn a_bad_chat_template_is_named_by_its_flag() {
 /// naming the flag, before any model is read (`--model` names nothing here).
 #[test]
 fn new_flags_refuse_bad_values_before_loading() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["generate", "--prompt", "x", "--quantize", "q4_1"],
+            "--quantize: invalid config: `q4_1` is not supported (q8_0, q4_0, bf16, gguf)",
+        ),
         (
             &["serve", "--port", "0", "--prefill-chunk", "0"],
             "--prefill-chunk must be at least 1",
@@ -389,6 +393,29 @@ fn new_flags_refuse_bad_values_before_loading() {
 }
 
 /// An empty data file is named before any work, and no run folder is made for it.
+/// `--quantize gguf` keeps a GGUF file's own blocks: a model folder is refused by the flag,
+/// before its weights are read.
+#[test]
+fn gguf_blocks_of_a_folder_model_are_refused_by_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = crate::util::tiny_model(dir.path());
+    let o = teamtune()
+        .args(["generate", "--prompt", "x", "--quantize", "gguf", "--model"])
+        .arg(&model)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--quantize") && err.contains("is not a GGUF file"),
+        "{err}"
+    );
+    assert!(!err.contains(" INFO "), "weights were read: {err}");
+    assert!(!err.contains("stack backtrace"), "{err}");
+}
+
 #[test]
 fn train_on_an_empty_data_file_says_so_before_any_work() {
     let dir = tempfile::tempdir().unwrap();

@@ -83,8 +83,10 @@ fn main() -> ExitCode {
     }
     // Logs go to stderr so that stdout carries only what a command produces.
     let level = if cli.verbose { "debug" } else { "info" };
+    // Colours only for a terminal: a log file or a pipe gets plain text.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),

@@ -33,8 +33,7 @@ fn main() -> anyhow::Result<()> {
     let mut lm = LoadedModel::load(&path, candle_core::DType::F32, &Device::Cpu)?;
     let quantize = std::env::var("TEAMTUNE_BENCH_QUANTIZE").ok();
     if let Some(q) = &quantize {
-        lm.model
-            .quantize_for_inference(teamtune_llama::parse_quantization(q)?)?;
+        lm.quantize(teamtune_llama::parse_quantization(q)?)?;
     }
     let m = &lm.model;
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. Knowledge speaks, but wisdom listens. ".repeat(40);

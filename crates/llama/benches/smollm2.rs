@@ -3,8 +3,8 @@
 //! transformers. Prints one JSON object; docs/BENCHMARKS.md holds the figures.
 //!
 //! cargo bench -p teamtune-llama --bench smollm2  (threads: RAYON_NUM_THREADS, default all cores;
-//! TEAMTUNE_BENCH_DTYPE=bf16 for half-width weights, TEAMTUNE_BENCH_QUANTIZE=q8_0 for the
-//! quantised inference path, TEAMTUNE_BENCH_DECODE_TOKENS for another number of decoded tokens,
+//! TEAMTUNE_BENCH_DTYPE=bf16 for half-width weights, TEAMTUNE_BENCH_QUANTIZE=q8_0 (or q4_0, bf16,
+//! gguf: the file's own blocks) for the quantised inference path, TEAMTUNE_BENCH_DECODE_TOKENS for another number of decoded tokens,
 //! default 128)
 
 use std::time::Instant;
@@ -32,8 +32,7 @@ fn main() -> anyhow::Result<()> {
     let mut m = LoadedModel::load(&path, dtype, &Device::Cpu)?;
     let quantize = std::env::var("TEAMTUNE_BENCH_QUANTIZE").ok();
     if let Some(q) = &quantize {
-        m.model
-            .quantize_for_inference(teamtune_llama::parse_quantization(q)?)?;
+        m.quantize(teamtune_llama::parse_quantization(q)?)?;
     }
     // The prompt of scripts/bench_reference.py: repeated text cut to exactly PREFILL_TOKENS ids.
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ".repeat(64);

@@ -102,16 +102,27 @@ pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType> {
     }
 }
 
+/// How the inference path keeps the weights (`--quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// The dense weights rounded to Q8_0 or Q4_0 blocks, or packed in bf16.
+    Requantize(GgmlDType),
+    /// A GGUF file's own Q8_0, Q4_0, Q4_1 and Q4_K blocks, as stored (`gguf`).
+    GgufAsStored,
+}
+
 /// `--quantize` for the inference path: `q8_0` (about 1 byte per weight) or `q4_0` (about
-/// 0.56), the block-32 formats candle has AVX2 kernels for and every Llama width divides.
-pub fn parse_quantization(spec: &str) -> Result<GgmlDType> {
+/// 0.56), the block-32 formats every Llama width divides; `bf16`; or `gguf`, a GGUF file's
+/// own blocks.
+pub fn parse_quantization(spec: &str) -> Result<Quantization> {
     match spec {
-        "q8_0" => Ok(GgmlDType::Q8_0),
-        "q4_0" => Ok(GgmlDType::Q4_0),
-        "bf16" => Ok(GgmlDType::BF16),
+        "q8_0" => Ok(Quantization::Requantize(GgmlDType::Q8_0)),
+        "q4_0" => Ok(Quantization::Requantize(GgmlDType::Q4_0)),
+        "bf16" => Ok(Quantization::Requantize(GgmlDType::BF16)),
+        "gguf" => Ok(Quantization::GgufAsStored),
         other => Err(LlamaError::Config {
             path: "--quantize".into(),
-            message: format!("`{other}` is not supported (q8_0, q4_0, bf16)"),
+            message: format!("`{other}` is not supported (q8_0, q4_0, bf16, gguf)"),
         }),
     }
 }
@@ -128,8 +139,18 @@ mod tests {
         assert_eq!(parse_dtype("auto", &Device::Cpu).unwrap(), DType::F32);
         assert_eq!(parse_dtype("bf16", &Device::Cpu).unwrap(), DType::BF16);
         assert!(parse_dtype("f8", &Device::Cpu).is_err());
-        assert_eq!(parse_quantization("q8_0").unwrap(), GgmlDType::Q8_0);
-        assert_eq!(parse_quantization("bf16").unwrap(), GgmlDType::BF16);
+        assert_eq!(
+            parse_quantization("q8_0").unwrap(),
+            Quantization::Requantize(GgmlDType::Q8_0)
+        );
+        assert_eq!(
+            parse_quantization("bf16").unwrap(),
+            Quantization::Requantize(GgmlDType::BF16)
+        );
+        assert_eq!(
+            parse_quantization("gguf").unwrap(),
+            Quantization::GgufAsStored
+        );
         assert!(parse_quantization("q4_1")
             .unwrap_err()
             .to_string()

@@ -17,9 +17,10 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Keep the weights quantised for inference: q8_0 or q4_0 (several times faster decoding
-    /// on a CPU), or bf16 (CPUs with AVX512-BF16: bf16 products with f32 sums for prefill and
-    /// decode alike, the precision of bf16 GPU inference); logits slightly off the dense
-    /// model's.
+    /// on a CPU), gguf (a GGUF file's own Q8_0, Q4_0, Q4_1 and Q4_K blocks as stored: the
+    /// default model decodes with its file's weights), or bf16 (CPUs with AVX512-BF16: bf16
+    /// products with f32 sums for prefill and decode alike, the precision of bf16 GPU
+    /// inference); logits slightly off the dense model's.
     #[arg(long)]
     pub quantize: Option<String>,
 }
@@ -33,14 +34,14 @@ impl ModelArgs {
         } else {
             &self.model
         };
-        let mut loaded = LoadedModel::load(&self.model, dtype, &device)
-            .with_context(|| format!("loading model {name}"))?;
-        if let Some(q) = &self.quantize {
-            loaded
-                .model
-                .quantize_for_inference(parse_quantization(q)?)?;
-        }
-        Ok(loaded)
+        // A bad --quantize is refused before the weights are read.
+        let quantize = self
+            .quantize
+            .as_deref()
+            .map(parse_quantization)
+            .transpose()?;
+        LoadedModel::load_quantized(&self.model, dtype, &device, quantize)
+            .with_context(|| format!("loading model {name}"))
     }
 }
 

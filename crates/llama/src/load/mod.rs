@@ -5,6 +5,7 @@ pub(crate) mod assets;
 pub(crate) mod config;
 pub(crate) mod config_json;
 pub(crate) mod gguf;
+pub(crate) mod gguf_blocks;
 pub(crate) mod hub;
 pub(crate) mod open;
 pub(crate) mod source;

@@ -85,6 +85,22 @@ impl Linear {
         Ok(())
     }
 
+    /// Keeps `rows`, a file's own blocks of this weight (`name` in errors), for the decode
+    /// steps on the CPU.
+    pub(super) fn keep_rows(&mut self, rows: QuantRows, name: &str) -> Result<()> {
+        let (n, k) = self.weight.dims2()?;
+        if (rows.rows(), rows.cols()) != (n, k) {
+            return Err(LlamaError::Shape(format!(
+                "{name}: the stored blocks are [{}, {}], the weight [{n}, {k}]",
+                rows.rows(),
+                rows.cols()
+            )));
+        }
+        self.dequantize();
+        self.quant_rows = Some(Arc::new(rows));
+        Ok(())
+    }
+
     /// Back to the dense weight only (after it changed, e.g. an adapter merged into it).
     pub(super) fn dequantize(&mut self) {
         self.quant_rows = None;

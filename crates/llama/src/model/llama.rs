@@ -12,9 +12,10 @@ use super::blocks::{AdapterRows, Attention, Block, LayerLora, Mlp, RmsNorm, Rota
 use super::cache::KvCache;
 use super::layout::TokenLayout;
 use super::linear::Linear;
+use crate::device::Quantization;
 use crate::error::{LlamaError, Result};
 use crate::kernels::bf16_matmul::PackedBf16;
-use crate::kernels::quant_rows::QuantFormat;
+use crate::kernels::quant_rows::{QuantFormat, QuantRows};
 use crate::load::config::LlamaConfig;
 use crate::load::weights::WeightSource;
 use crate::lora::adapter::LoraAdapter;
@@ -48,7 +49,7 @@ pub struct Llama {
     inv_freq: Tensor,
     dtype: DType,
     device: Device,
-    quantized: Option<GgmlDType>,
+    quantized: Option<Quantization>,
     adapters: BTreeMap<String, LoraAdapter>,
     active_adapter: Option<String>,
     dropout_seed: Option<u64>,
@@ -189,12 +190,64 @@ impl Llama {
             }
             _ => {}
         }
-        self.quantized = Some(dtype);
+        self.quantized = Some(Quantization::Requantize(dtype));
         Ok(())
     }
 
+    /// Keeps the decode steps' weights as a file stores them (`--quantize gguf`): `stored`
+    /// gives a tensor's blocks by its Hugging Face name, or `None` to leave it dense. The
+    /// dense weights stay for prefills, as with [`Self::quantize_for_inference`]. Returns the
+    /// names left dense.
+    pub(crate) fn keep_stored_rows(
+        &mut self,
+        mut stored: impl FnMut(&str) -> Result<Option<QuantRows>>,
+    ) -> Result<Vec<String>> {
+        if !self.device.is_cpu() {
+            return Err(LlamaError::Config {
+                path: "--quantize".into(),
+                message: "gguf keeps a file's blocks for the CPU's decode kernels; on a GPU \
+                          use --dtype bf16"
+                    .into(),
+            });
+        }
+        let mut dense = Vec::new();
+        let mut keep = |lin: &mut Linear, name: String| -> Result<()> {
+            match stored(&name)? {
+                Some(rows) => lin.keep_rows(rows, &name),
+                None => {
+                    dense.push(name);
+                    Ok(())
+                }
+            }
+        };
+        for (l, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = &mut b.self_attn;
+            for (lin, name) in [
+                (&mut a.q_proj, "self_attn.q_proj"),
+                (&mut a.k_proj, "self_attn.k_proj"),
+                (&mut a.v_proj, "self_attn.v_proj"),
+                (&mut a.o_proj, "self_attn.o_proj"),
+                (&mut b.mlp.gate_proj, "mlp.gate_proj"),
+                (&mut b.mlp.up_proj, "mlp.up_proj"),
+                (&mut b.mlp.down_proj, "mlp.down_proj"),
+            ] {
+                keep(lin, format!("{p}.{name}.weight"))?;
+            }
+        }
+        // A tied head is the embedding (a GGUF without `output.weight`).
+        let head = if self.config.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        keep(&mut self.lm_head, head.to_string())?;
+        self.quantized = Some(Quantization::GgufAsStored);
+        Ok(dense)
+    }
+
     /// The quantisation of the inference path, if any.
-    pub fn quantized(&self) -> Option<GgmlDType> {
+    pub fn quantized(&self) -> Option<Quantization> {
         self.quantized
     }
 
@@ -301,7 +354,8 @@ impl Llama {
                 let merged = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.dtype)?;
                 lin.weight = merged;
                 lin.dequantize();
-                if let Some(q) = self.quantized {
+                // A file's stored blocks no longer hold the merged weight: it stays dense.
+                if let Some(Quantization::Requantize(q)) = self.quantized {
                     lin.quantize(q)?;
                 }
             }

@@ -1,5 +1,7 @@
 //! `x W^T` on the CPU for the few rows of a decode step, with `W` kept as 8-bit or 4-bit
-//! integers (a scale per block of 32 along `k`, as GGUF's Q8_0 and Q4_0).
+//! integers (a scale per block of 32 along `k`, as GGUF's Q8_0 and Q4_0, and a minimum too
+//! as Q4_1). The blocks come from rounding dense weights ([`QuantRows::new`]) or straight
+//! from a GGUF file as stored ([`QuantRows::from_blocks`]).
 //!
 //! A decode step reads every weight once and is bound by those bytes: 8-bit weights are a
 //! quarter of f32's, 4-bit ones an eighth. candle's quantised matmul rounds the activation to
@@ -29,13 +31,16 @@ pub(crate) enum QuantFormat {
     /// largest-magnitude value over -8 (GGUF's Q4_0). Byte `i` of a block holds value `i` in
     /// its low half and value `i + 16` in its high half.
     Int4,
+    /// Two values per byte as `Int4`, unsigned: `w = q * d + m` with `q` in `0..16` and a
+    /// minimum `m` per block (GGUF's Q4_1; Q4_K's sub-blocks of 32 have the same form).
+    Int4Min,
 }
 
 impl QuantFormat {
-    fn bytes_per_block(self) -> usize {
+    pub(crate) fn bytes_per_block(self) -> usize {
         match self {
             QuantFormat::Int8 => BLOCK,
-            QuantFormat::Int4 => BLOCK / 2,
+            QuantFormat::Int4 | QuantFormat::Int4Min => BLOCK / 2,
         }
     }
 }
@@ -51,6 +56,8 @@ pub(crate) struct QuantRows {
     blocks: usize,
     /// `[n, blocks]`.
     scales: Vec<f32>,
+    /// `[n, blocks]` for `Int4Min`, empty otherwise.
+    mins: Vec<f32>,
     /// `[n, blocks, bytes per block]`.
     bytes: Vec<u8>,
 }
@@ -62,6 +69,7 @@ impl QuantRows {
         let blocks = k.div_ceil(BLOCK);
         let per = format.bytes_per_block();
         let mut scales = vec![0f32; n * blocks];
+        let mut mins = Vec::new();
         let mut bytes = vec![0u8; n * blocks * per];
         let mut padded = [0f32; BLOCK];
         for j in 0..n {
@@ -74,17 +82,70 @@ impl QuantRows {
                 scales[j * blocks + b] = match format {
                     QuantFormat::Int8 => quantize_int8(&padded, out),
                     QuantFormat::Int4 => quantize_int4(&padded, out),
+                    QuantFormat::Int4Min => {
+                        let (d, m) = quantize_int4_min(&padded, out);
+                        mins.push(m);
+                        d
+                    }
                 };
             }
         }
+        Self::from_blocks(format, n, k, scales, mins, bytes)
+    }
+
+    /// A weight `[n, k]` given as its blocks, e.g. a GGUF file's as stored: `scales` (and for
+    /// `Int4Min` `mins`, else nothing) `[n, blocks]`, `bytes` `[n, blocks, bytes per block]`
+    /// laid out as [`QuantFormat`] says.
+    pub(crate) fn from_blocks(
+        format: QuantFormat,
+        n: usize,
+        k: usize,
+        scales: Vec<f32>,
+        mins: Vec<f32>,
+        bytes: Vec<u8>,
+    ) -> Self {
+        let blocks = k.div_ceil(BLOCK);
+        let want_mins = if format == QuantFormat::Int4Min {
+            n * blocks
+        } else {
+            0
+        };
+        assert_eq!(scales.len(), n * blocks, "scales of a [{n}, {k}] weight");
+        assert_eq!(
+            mins.len(),
+            want_mins,
+            "minima of a [{n}, {k}] {format:?} weight"
+        );
+        assert_eq!(
+            bytes.len(),
+            n * blocks * format.bytes_per_block(),
+            "blocks of a [{n}, {k}] {format:?} weight"
+        );
         QuantRows {
             format,
             n,
             k,
             blocks,
             scales,
+            mins,
             bytes,
         }
+    }
+
+    /// The same weight with row `j` taken from row `order[j]` (a permutation of `0..n`).
+    pub(crate) fn with_rows_in_order(&self, order: &[usize]) -> Self {
+        assert_eq!(order.len(), self.n, "an order of {} rows", self.n);
+        let per_row = self.blocks * self.format.bytes_per_block();
+        let (mut scales, mut mins, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        for &j in order {
+            let blocks = j * self.blocks..(j + 1) * self.blocks;
+            scales.extend_from_slice(&self.scales[blocks.clone()]);
+            if !self.mins.is_empty() {
+                mins.extend_from_slice(&self.mins[blocks]);
+            }
+            bytes.extend_from_slice(&self.bytes[j * per_row..(j + 1) * per_row]);
+        }
+        Self::from_blocks(self.format, self.n, self.k, scales, mins, bytes)
     }
 
     pub(crate) fn rows(&self) -> usize {
@@ -111,9 +172,11 @@ impl QuantRows {
             let j = first + i;
             for (b, chunk) in row.chunks_mut(BLOCK).enumerate() {
                 let d = self.scales[j * self.blocks + b];
+                let m = self.mins.get(j * self.blocks + b).copied();
                 let q = &self.bytes[(j * self.blocks + b) * per..][..per];
                 for (p, v) in chunk.iter_mut().enumerate() {
-                    *v = self.format.value(q, p) as f32 * d;
+                    let scaled = self.format.value(q, p) as f32 * d;
+                    *v = m.map_or(scaled, |m| scaled + m);
                 }
             }
         }
@@ -146,6 +209,8 @@ struct Activations {
     q: Vec<i16>,
     /// `[m, blocks]`.
     d: Vec<f32>,
+    /// `[m, blocks]`: the sum of each block's integers (for the minima of `Int4Min`).
+    sums: Vec<i32>,
 }
 
 impl Activations {
@@ -153,6 +218,7 @@ impl Activations {
         let blocks = k.div_ceil(BLOCK);
         let mut q = vec![0i16; m * blocks * BLOCK];
         let mut d = vec![0f32; m * blocks];
+        let mut sums = vec![0i32; m * blocks];
         for r in 0..m {
             for b in 0..blocks {
                 let values = &x[r * k + b * BLOCK..r * k + ((b + 1) * BLOCK).min(k)];
@@ -170,15 +236,23 @@ impl Activations {
                     *o = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
                 }
                 d[r * blocks + b] = scale;
+                sums[r * blocks + b] = out.iter().map(|&v| v as i32).sum();
             }
         }
-        Activations { m, blocks, q, d }
+        Activations {
+            m,
+            blocks,
+            q,
+            d,
+            sums,
+        }
     }
 }
 
 /// The same sums as the AVX2 kernel, in the same order: eight lanes, lane `l` of a block the
 /// integer sum of values `2l, 2l + 1, 16 + 2l, 17 + 2l` (`vpmaddwd` of each half, then added),
 /// scaled and added in f32 with a fused multiply-add, and the lanes added up as `hsum_avx`.
+/// `Int4Min`'s minima add `m * d_x * sum(q_x)` per block to a sum of their own, added last.
 mod portable {
     use super::{Activations, QuantRows, BLOCK};
 
@@ -194,6 +268,7 @@ mod portable {
             let j = first + i;
             for r in 0..x.m {
                 let mut lanes = [0f32; 8];
+                let mut minima = 0f32;
                 for b in 0..w.blocks {
                     let bytes = &w.bytes[(j * w.blocks + b) * per..][..per];
                     let xq = &x.q[(r * x.blocks + b) * BLOCK..][..BLOCK];
@@ -205,9 +280,14 @@ mod portable {
                             .sum();
                         *lane = (sum as f32).mul_add(scale, *lane);
                     }
+                    if let Some(&m) = w.mins.get(j * w.blocks + b) {
+                        let xb = r * x.blocks + b;
+                        minima = (x.sums[xb] as f32).mul_add(m * x.d[xb], minima);
+                    }
                 }
                 let [a, b, c, d, e, f, g, h] = lanes;
-                out_t[i * x.m + r] = ((a + e) + (c + g)) + ((b + f) + (d + h));
+                let sum = ((a + e) + (c + g)) + ((b + f) + (d + h));
+                out_t[i * x.m + r] = if w.mins.is_empty() { sum } else { sum + minima };
             }
         }
     }
@@ -226,6 +306,14 @@ impl QuantFormat {
                     byte >> 4
                 };
                 nibble as i32 - 8
+            }
+            QuantFormat::Int4Min => {
+                let byte = q[p % (BLOCK / 2)];
+                (if p < BLOCK / 2 {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                }) as i32
             }
         }
     }
@@ -257,11 +345,30 @@ fn quantize_int4(w: &[f32; BLOCK], out: &mut [u8]) -> f32 {
     d
 }
 
+/// Q4_1's rounding: `m` the smallest value, `d = (max - m) / 15`, `q = min(15, trunc((w - m)
+/// / d + 0.5))`. Returns `(d, m)`.
+fn quantize_int4_min(w: &[f32; BLOCK], out: &mut [u8]) -> (f32, f32) {
+    let min = w.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let d = (max - min) / 15.0;
+    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let q = |v: f32| (((v - min) * inv + 0.5) as u8).min(15);
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = q(w[i]) | q(w[i + BLOCK / 2]) << 4;
+    }
+    (d, min)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
 
     use super::{Activations, QuantFormat, QuantRows, BLOCK};
+
+    /// The formats as the kernels' const parameter.
+    const INT8: u8 = 0;
+    const INT4: u8 = 1;
+    const INT4_MIN: u8 = 2;
 
     /// Tiles of 2 weight rows x up to 4 input rows: each block of a weight row is widened to
     /// 16-bit integers once per tile and multiplied with every input row's block.
@@ -274,13 +381,14 @@ mod avx {
         out_t: &mut [f32],
     ) {
         match w.format {
-            QuantFormat::Int8 => rows_of::<false>(w, x, first, rows, out_t),
-            QuantFormat::Int4 => rows_of::<true>(w, x, first, rows, out_t),
+            QuantFormat::Int8 => rows_of::<INT8>(w, x, first, rows, out_t),
+            QuantFormat::Int4 => rows_of::<INT4>(w, x, first, rows, out_t),
+            QuantFormat::Int4Min => rows_of::<INT4_MIN>(w, x, first, rows, out_t),
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_of<const INT4: bool>(
+    unsafe fn rows_of<const KIND: u8>(
         w: &QuantRows,
         x: &Activations,
         first: usize,
@@ -296,14 +404,14 @@ mod avx {
                 let xr = (m - r).min(4);
                 let at = (first, j, r);
                 match (wr, xr) {
-                    (2, 4) => tile::<2, 4, INT4>(w, x, at, out_t),
-                    (2, 3) => tile::<2, 3, INT4>(w, x, at, out_t),
-                    (2, 2) => tile::<2, 2, INT4>(w, x, at, out_t),
-                    (2, _) => tile::<2, 1, INT4>(w, x, at, out_t),
-                    (_, 4) => tile::<1, 4, INT4>(w, x, at, out_t),
-                    (_, 3) => tile::<1, 3, INT4>(w, x, at, out_t),
-                    (_, 2) => tile::<1, 2, INT4>(w, x, at, out_t),
-                    _ => tile::<1, 1, INT4>(w, x, at, out_t),
+                    (2, 4) => tile::<2, 4, KIND>(w, x, at, out_t),
+                    (2, 3) => tile::<2, 3, KIND>(w, x, at, out_t),
+                    (2, 2) => tile::<2, 2, KIND>(w, x, at, out_t),
+                    (2, _) => tile::<2, 1, KIND>(w, x, at, out_t),
+                    (_, 4) => tile::<1, 4, KIND>(w, x, at, out_t),
+                    (_, 3) => tile::<1, 3, KIND>(w, x, at, out_t),
+                    (_, 2) => tile::<1, 2, KIND>(w, x, at, out_t),
+                    _ => tile::<1, 1, KIND>(w, x, at, out_t),
                 }
                 r += xr;
             }
@@ -314,27 +422,29 @@ mod avx {
     /// A block's 32 integers as two vectors of 16 (values 0..16 and 16..32).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn block<const INT4: bool>(at: *const u8) -> (__m256i, __m256i) {
-        if INT4 {
-            // Byte i holds value i in its low half and value i + 16 in its high half.
-            let raw = _mm_loadu_si128(at as *const __m128i);
-            let mask = _mm_set1_epi8(0x0F);
-            let eight = _mm256_set1_epi16(8);
-            let low = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
-            let high = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
-            (_mm256_sub_epi16(low, eight), _mm256_sub_epi16(high, eight))
-        } else {
-            (
+    unsafe fn block<const KIND: u8>(at: *const u8) -> (__m256i, __m256i) {
+        if KIND == INT8 {
+            return (
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(at as *const __m128i)),
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
-            )
+            );
         }
+        // Byte i holds value i in its low half and value i + 16 in its high half.
+        let raw = _mm_loadu_si128(at as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let low = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+        let high = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+        if KIND == INT4_MIN {
+            return (low, high);
+        }
+        let eight = _mm256_set1_epi16(8);
+        (_mm256_sub_epi16(low, eight), _mm256_sub_epi16(high, eight))
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn tile<const R: usize, const C: usize, const INT4: bool>(
+    unsafe fn tile<const R: usize, const C: usize, const KIND: u8>(
         w: &QuantRows,
         x: &Activations,
         (first, j, r): (usize, usize, usize),
@@ -342,14 +452,20 @@ mod avx {
     ) {
         let per = w.format.bytes_per_block();
         let mut acc = [[_mm256_setzero_ps(); C]; R];
+        // Int4Min: each block's `m * d_x * sum(q_x)`, summed apart from the lanes.
+        let mut minima = [[0f32; C]; R];
         for b in 0..w.blocks {
             let mut lo = [_mm256_setzero_si256(); R];
             let mut hi = [_mm256_setzero_si256(); R];
             let mut dw = [0f32; R];
+            let mut mw = [0f32; R];
             for a in 0..R {
                 let at = (first + j + a) * w.blocks + b;
-                (lo[a], hi[a]) = block::<INT4>(w.bytes.as_ptr().add(at * per));
+                (lo[a], hi[a]) = block::<KIND>(w.bytes.as_ptr().add(at * per));
                 dw[a] = *w.scales.get_unchecked(at);
+                if KIND == INT4_MIN {
+                    mw[a] = *w.mins.get_unchecked(at);
+                }
             }
             for c in 0..C {
                 let at = (r + c) * x.blocks + b;
@@ -358,7 +474,7 @@ mod avx {
                 let x_hi = _mm256_loadu_si256(xp.add(16) as *const __m256i);
                 let dx = *x.d.get_unchecked(at);
                 for a in 0..R {
-                    // At most 4 x 127 x 32767 < 2^24 per lane: exact in i32 and in f32.
+                    // At most 4 x 128 x 32767 < 2^24 per lane: exact in i32 and in f32.
                     let sum = _mm256_add_epi32(
                         _mm256_madd_epi16(lo[a], x_lo),
                         _mm256_madd_epi16(hi[a], x_hi),
@@ -368,172 +484,26 @@ mod avx {
                         _mm256_set1_ps(dw[a] * dx),
                         acc[a][c],
                     );
+                    if KIND == INT4_MIN {
+                        let sx = *x.sums.get_unchecked(at) as f32;
+                        minima[a][c] = sx.mul_add(mw[a] * dx, minima[a][c]);
+                    }
                 }
             }
         }
         let m = x.m;
         for a in 0..R {
             for c in 0..C {
-                out_t[(j + a) * m + r + c] = super::super::skinny::hsum_avx(acc[a][c]);
+                let sum = super::super::skinny::hsum_avx(acc[a][c]);
+                out_t[(j + a) * m + r + c] = if KIND == INT4_MIN {
+                    sum + minima[a][c]
+                } else {
+                    sum
+                };
             }
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::skinny::tests::values;
-
-    const FORMATS: [QuantFormat; 2] = [QuantFormat::Int8, QuantFormat::Int4];
-
-    /// `x W^T` in f64 from the dequantised weight and the unrounded `x`, with the bound the
-    /// activations' rounding allows (half a step of each block's scale, times the weights).
-    fn reference(q: &QuantRows, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
-        let (n, k) = (q.n, q.k);
-        let w = q.dequantize();
-        let acts = Activations::new(x, m, k);
-        let mut want = vec![0f64; m * n];
-        let mut bound = vec![0f64; m * n];
-        for r in 0..m {
-            for j in 0..n {
-                for p in 0..k {
-                    let wp = w[j * k + p] as f64;
-                    want[r * n + j] += wp * x[r * k + p] as f64;
-                    bound[r * n + j] += wp.abs() * acts.d[r * acts.blocks + p / BLOCK] as f64 * 0.5;
-                }
-            }
-        }
-        (want, bound)
-    }
-
-    #[test]
-    fn within_the_activations_rounding_of_the_dequantised_product() {
-        // k not a multiple of 8 or 32, a single weight row, and 16 input rows.
-        for (m, n, k) in [
-            (1, 1, 5),
-            (3, 5, 37),
-            (4, 33, 64),
-            (5, 17, 100),
-            (16, 70, 576),
-        ] {
-            for format in FORMATS {
-                let (x, w) = (values(m * k, 1), values(n * k, 2));
-                let q = QuantRows::new(format, &w, n, k);
-                let got = q.matmul_t(&x, m);
-                let (want, bound) = reference(&q, &x, m);
-                for i in 0..m * n {
-                    let err = (got[i] as f64 - want[i]).abs();
-                    // The rounding of the 16-bit activations, plus f32 sums.
-                    let allowed = bound[i] + 1e-6 * (1.0 + want[i].abs());
-                    assert!(
-                        err <= allowed,
-                        "{format:?} {m}x{n}x{k} [{i}]: {} vs {} (allowed {allowed:e})",
-                        got[i],
-                        want[i]
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn the_portable_loop_gives_the_kernels_bits() {
-        let (m, n, k) = (6, 19, 200);
-        let (x, w) = (values(m * k, 5), values(n * k, 6));
-        for format in FORMATS {
-            let q = QuantRows::new(format, &w, n, k);
-            let acts = Activations::new(&x, m, k);
-            let mut portable_t = vec![0f32; n * m];
-            portable::dot_rows(&q, &acts, 0, n, &mut portable_t);
-            let got = q.matmul_t(&x, m);
-            for j in 0..n {
-                for r in 0..m {
-                    assert_eq!(
-                        got[r * n + j].to_bits(),
-                        portable_t[j * m + r].to_bits(),
-                        "{format:?} row {r} column {j}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn the_weights_are_within_half_a_step_of_the_originals() {
-        let (n, k) = (7, 100);
-        let w: Vec<f32> = values(n * k, 9).iter().map(|v| v * 3.0).collect();
-        for format in FORMATS {
-            let q = QuantRows::new(format, &w, n, k);
-            let back = q.dequantize();
-            for j in 0..n {
-                for b in 0..k.div_ceil(BLOCK) {
-                    let d = q.scales[j * q.blocks + b];
-                    assert!(d != 0.0);
-                    for p in b * BLOCK..((b + 1) * BLOCK).min(k) {
-                        let (orig, got) = (w[j * k + p], back[j * k + p]);
-                        // Q4_0 reaches -8 steps but only +7: a value past +7 steps is clamped
-                        // there and may be off by up to a whole step.
-                        let clamped = format == QuantFormat::Int4 && got == 7.0 * d;
-                        let bound = if clamped { d.abs() } else { d.abs() * 0.5 };
-                        assert!(
-                            (orig - got).abs() <= bound * (1.0 + 1e-6),
-                            "{format:?} row {j} value {p}: {orig} -> {got} (step {d})"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_row_gets_the_same_bits_alone_and_among_others() {
-        let (n, k) = (37, 203);
-        let w = values(n * k, 3);
-        let x = values(9 * k, 4);
-        for format in FORMATS {
-            let q = QuantRows::new(format, &w, n, k);
-            let all = q.matmul_t(&x, 9);
-            for r in 0..9 {
-                let alone = q.matmul_t(&x[r * k..(r + 1) * k], 1);
-                assert_eq!(alone, all[r * n..(r + 1) * n], "{format:?} row {r}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_non_finite_activation_gives_its_row_nan_and_leaves_the_others() {
-        let (m, n, k) = (3, 5, 70);
-        let w = values(n * k, 7);
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            let mut x = values(m * k, 8);
-            x[k + 40] = bad;
-            for format in FORMATS {
-                let q = QuantRows::new(format, &w, n, k);
-                let got = q.matmul_t(&x, m);
-                assert!(got[n..2 * n].iter().all(|v| v.is_nan()), "{format:?} {bad}");
-                assert!(got[..n].iter().chain(&got[2 * n..]).all(|v| v.is_finite()));
-            }
-        }
-    }
-
-    #[test]
-    fn zero_blocks_and_the_extremes_round_trip() {
-        let mut w = vec![0f32; 64];
-        w[40] = -2.0;
-        w[41] = 2.0;
-        w[63] = 1.0;
-        for format in FORMATS {
-            let back = QuantRows::new(format, &w, 1, 64).dequantize();
-            assert!(back[..32].iter().all(|&v| v == 0.0), "{format:?}");
-            assert!((back[40] + 2.0).abs() < 1e-6, "{format:?}: {}", back[40]);
-        }
-        // Q8_0 is symmetric; Q4_0 reaches -8 steps but only +7.
-        let q8 = QuantRows::new(QuantFormat::Int8, &w, 1, 64).dequantize();
-        assert!((q8[41] - 2.0).abs() < 1e-6, "{}", q8[41]);
-        assert_eq!(
-            QuantRows::new(QuantFormat::Int4, &w, 1, 64).dequantize()[41],
-            1.75
-        );
-    }
-}
+mod tests;
