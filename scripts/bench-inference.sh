@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Inference beside llama.cpp (docs/BENCHMARKS.md, "Model"): SmolLM2-135M-Instruct at batch 1,
-# 2 threads, for 4-bit, 8-bit and f32 weights, teamtune's smollm2 bench and llama.cpp's
-# llama-bench one after the other, ROUNDS times (default 2). teamtune decodes after a 512-token
+# 2 threads, for 4-bit, 8-bit and f32 weights and for the default model's own file (Q4_1, read
+# by teamtune with --quantize gguf), teamtune's smollm2 bench and llama.cpp's llama-bench one
+# after the other, ROUNDS times (default 2). teamtune decodes after a 512-token
 # prefill, so llama.cpp's comparable decode is `-d 512` (its default `-n 128` row, from an empty
 # context, is printed too).
 #   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin scripts/bench-inference.sh
@@ -34,11 +35,15 @@ for t in json.load(sys.stdin):
 }
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for _ in $(seq "$rounds"); do
-  for t in q4_0 q8_0 f32; do
+  for t in q4_0 q8_0 f32 gguf; do
     T=$(echo "$t" | tr a-z A-Z)
-    echo "llama.cpp $t: $(llama_bench "$gguf_dir/smol-$T.gguf" -p 512 -n 128); $(llama_bench "$gguf_dir/smol-$T.gguf" -p 0 -n 128 -d 512)"
+    file="$gguf_dir/smol-$T.gguf"
+    # gguf: both engines run the default model's file as it is (Q4_1, a Q8_0 embedding);
+    # teamtune always starts from that file (q4_0 and q8_0 re-quantise its dense weights).
+    [ "$t" = gguf ] && file="$source_gguf"
+    echo "llama.cpp $t: $(llama_bench "$file" -p 512 -n 128); $(llama_bench "$file" -p 0 -n 128 -d 512)"
     q=""; [ "$t" != f32 ] && q=$t
-    echo "teamtune $t: $(env ${q:+TEAMTUNE_BENCH_QUANTIZE=$q} "$ours" 2>/dev/null | tail -1)"
+    echo "teamtune $t: $(env ${q:+TEAMTUNE_BENCH_QUANTIZE=$q} TEAMTUNE_BENCH_MODEL="$source_gguf" "$ours" 2>/dev/null | tail -1)"
   done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
