@@ -93,9 +93,10 @@ fn decode_step(m: &LoadedModel, prompt: &[u32], next: u32) -> Vec<f32> {
         .unwrap()
 }
 
-/// The stored blocks are the numbers the dense load dequantises them to, so a decode step
-/// moves only by the activations' 16-bit rounding: close, but not the same bits (the blocks
-/// are in use). Wrongly ordered Q/K rows or a misread block would move logits by their size.
+/// The stored blocks are the numbers the dense load dequantises them to: the prompt's tiles give
+/// the dense products, and a decode step moves only by the activations' 16-bit rounding: close,
+/// but not the same bits (the blocks are in use). Wrongly ordered Q/K rows or a misread block
+/// would move logits by their size.
 #[test]
 fn a_gguf_decodes_with_its_own_blocks_within_the_activations_rounding() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,6 +120,25 @@ fn a_gguf_decodes_with_its_own_blocks_within_the_activations_rounding() {
             "token {next}: mean relative error {mean_rel:e}"
         );
     }
+}
+
+/// Without a dense copy, what needs one (a merge here; training and exports alike) is refused
+/// in plain words, and the model is left as it was.
+#[test]
+fn a_model_held_as_blocks_refuses_to_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = mixed_types(dir.path());
+    let mut stored = load(&path);
+    stored.quantize(Quantization::GgufAsStored).unwrap();
+    stored
+        .model
+        .add_adapter("a", &teamtune_llama::LoraConfig::default())
+        .unwrap();
+    let err = stored.model.merge_adapter("a").unwrap_err().to_string();
+    assert!(
+        err.contains("--quantize gguf") && err.contains("dense weights"),
+        "{err}"
+    );
 }
 
 #[test]

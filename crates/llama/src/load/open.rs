@@ -1,6 +1,7 @@
 //! A model opened from its files: config and weights, and with [`LoadedModel`] the chat
 //! assets beside them.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 use super::assets::ChatAssets;
@@ -50,26 +51,58 @@ fn read_weights(
     quantize: Option<Quantization>,
 ) -> Result<Llama> {
     tracing::info!(model = %files.describe(), layers = config.num_hidden_layers, hidden = config.hidden_size, ?dtype, "loading model");
-    if let WeightSource::Gguf(g) = weights {
-        let types = g.quantised_types();
-        if !types.is_empty() && quantize == Some(Quantization::GgufAsStored) {
-            tracing::info!(
-                "the file's {} weights are kept as stored for decoding, and dequantised to {} \
-                 for prompts",
-                types.join(" and "),
-                format!("{dtype:?}").to_lowercase()
-            );
-        } else if !types.is_empty() {
+    let WeightSource::Gguf(g) = weights else {
+        return Llama::load(config, weights, dtype, device);
+    };
+    let types = g.quantised_types();
+    if quantize != Some(Quantization::GgufAsStored) {
+        if !types.is_empty() {
             // Said, not silent: the memory and the decoding speed differ from the file's.
             tracing::info!(
                 "the file's {} weights are dequantised to {} as they load (--quantize gguf \
-                 decodes with them as stored)",
+                 keeps them as stored)",
                 types.join(" and "),
                 format!("{dtype:?}").to_lowercase()
             );
         }
+        return Llama::load(config, weights, dtype, device);
     }
-    Llama::load(config, weights, dtype, device)
+    if !device.is_cpu() {
+        return Err(LlamaError::Config {
+            path: "--quantize".into(),
+            message: "gguf keeps a file's blocks for the CPU's kernels; on a GPU use --dtype \
+                      bf16"
+                .into(),
+        });
+    }
+    let mut no_kernel = std::collections::BTreeSet::new();
+    let mut widened = 0;
+    let model = Llama::load_stored(config, weights, dtype, &mut |name| {
+        Ok(match g.stored(name)? {
+            Stored::Rows(rows) => Some(rows),
+            Stored::NoKernel(t) => {
+                if !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                    no_kernel.insert(format!("{t:?}"));
+                    widened += 1;
+                }
+                None
+            }
+        })
+    })?;
+    if widened > 0 {
+        tracing::info!(
+            "{widened} of the file's tensors are {} (no kernel here): they are dequantised to {}",
+            no_kernel.into_iter().collect::<Vec<_>>().join(" and "),
+            format!("{dtype:?}").to_lowercase()
+        );
+    }
+    if !types.is_empty() {
+        tracing::info!(
+            "the file's {} weights are kept as stored (--quantize gguf)",
+            types.join(" and ")
+        );
+    }
+    Ok(model)
 }
 
 /// Loads the weights of `files` as a model (no tokenizer needed).
@@ -105,45 +138,26 @@ impl LoadedModel {
         };
         assets.check_fits(config.vocab_size)?;
         let model = read_weights(&files, &config, &weights, dtype, device, quantize)?;
-        let mut loaded = LoadedModel {
+        Ok(LoadedModel {
             model,
             assets,
             files,
-        };
-        if let Some(q) = quantize {
-            loaded.quantize(q)?;
-        }
-        Ok(loaded)
+        })
     }
 
-    /// Puts the inference path on quantised weights (`--quantize`). `GgufAsStored` keeps a
-    /// GGUF file's own Q8_0, Q4_0, Q4_1 and Q4_K blocks for the decode steps (the dense
-    /// weights they dequantise to stay for prefills); a tensor of another type stays dense,
-    /// said in one line.
+    /// Puts the inference path on quantised weights (`--quantize`). `GgufAsStored` reads the
+    /// GGUF file's weights again, as stored: Q8_0, Q4_0, Q4_1 and Q4_K blocks are all the
+    /// model keeps of them (a prompt widens a tile of rows at a time for gemm); a tensor of
+    /// another type is dequantised, said in one line. [`Self::load_quantized`] reads them so
+    /// in the first place.
     pub fn quantize(&mut self, q: Quantization) -> Result<()> {
         if let Quantization::Requantize(dtype) = q {
             return self.model.quantize_for_inference(dtype);
         }
-        let file = GgufWeights::open(only_gguf(&self.files)?)?;
-        let mut no_kernel = std::collections::BTreeSet::new();
-        let dense = self.model.keep_stored_rows(|name| {
-            Ok(match file.stored(name)? {
-                Stored::Rows(rows) => Some(rows),
-                Stored::NoKernel(t) => {
-                    no_kernel.insert(format!("{t:?}"));
-                    None
-                }
-            })
-        })?;
-        if !dense.is_empty() {
-            tracing::info!(
-                "{} of the file's projections are {} (no decode kernel here): they decode \
-                 dequantised to {}",
-                dense.len(),
-                no_kernel.into_iter().collect::<Vec<_>>().join(" and "),
-                format!("{:?}", self.model.dtype()).to_lowercase()
-            );
-        }
+        only_gguf(&self.files)?;
+        let (config, weights) = open(&self.files)?;
+        let (dtype, device) = (self.model.dtype(), self.model.device().clone());
+        self.model = read_weights(&self.files, &config, &weights, dtype, &device, Some(q))?;
         Ok(())
     }
 }

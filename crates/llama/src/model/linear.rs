@@ -21,11 +21,13 @@ const QUANTIZED_MAX_ROWS: usize = 16;
 
 /// A frozen projection `y = x W^T` (no bias in Llama-3.x): dense, or (inference only) with
 /// the weight kept quantised so that decoding reads a quarter or an eighth of the bytes, or
-/// kept in bf16 for the CPU's bf16 dot products.
+/// kept in bf16 for the CPU's bf16 dot products, or held only as a GGUF file's blocks.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub(super) weight: Tensor,
-    /// Quantised for the decode steps on the CPU: 8 or 4-bit weights, activations rounded to 16 bits.
+    /// `None` when the weight is held only as a file's blocks (`quant_rows`).
+    weight: Option<Tensor>,
+    /// Quantised for the decode steps on the CPU: 8 or 4-bit weights, activations rounded to
+    /// 16 bits. Without a dense weight, every row count goes through it.
     quant_rows: Option<Arc<QuantRows>>,
     /// Quantised off the CPU (candle's kernels: activations quantised too).
     quantized: Option<QMatMul>,
@@ -35,21 +37,46 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Linear {
-            weight,
+            weight: Some(weight),
             quant_rows: None,
             quantized: None,
             bf16: None,
         }
     }
 
-    /// The dense weight `[out, in]` (kept for training and for exports).
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// A projection held only as a file's blocks (`--quantize gguf`, CPU inference): no dense
+    /// copy, so the weight takes the file's memory.
+    pub(crate) fn stored(rows: Arc<QuantRows>) -> Self {
+        Linear {
+            weight: None,
+            quant_rows: Some(rows),
+            quantized: None,
+            bf16: None,
+        }
+    }
+
+    /// The dense weight `[out, in]` (for training, merges and exports); an error for a
+    /// projection held only as a file's blocks.
+    pub fn weight(&self) -> Result<&Tensor> {
+        self.weight.as_ref().ok_or_else(|| {
+            LlamaError::Shape(
+                "the model holds its weights as the GGUF file's blocks (--quantize gguf); \
+                 training, merging and exporting need the dense weights (load it without \
+                 --quantize)"
+                    .into(),
+            )
+        })
+    }
+
+    /// Replaces the dense weight (a merge), dropping what was derived from the old one.
+    pub(super) fn set_weight(&mut self, weight: Tensor) {
+        self.weight = Some(weight);
+        self.dequantize();
     }
 
     pub(super) fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         self.dequantize();
-        let w = self.weight.to_dtype(DType::F32)?;
+        let w = self.weight()?.to_dtype(DType::F32)?;
         if dtype == GgmlDType::BF16 {
             if !w.device().is_cpu() {
                 return Err(LlamaError::Config {
@@ -78,32 +105,19 @@ impl Linear {
     /// Keeps the weight quantised in `format` for the decode steps on the CPU (activations rounded to 16 bits per block).
     pub(super) fn quantize_rows(&mut self, format: QuantFormat) -> Result<()> {
         self.dequantize();
-        let w = self.weight.to_dtype(DType::F32)?;
+        let w = self.weight()?.to_dtype(DType::F32)?;
         let (n, k) = w.dims2()?;
         let values = w.flatten_all()?.to_vec1::<f32>()?;
         self.quant_rows = Some(Arc::new(QuantRows::new(format, &values, n, k)));
         Ok(())
     }
 
-    /// Keeps `rows`, a file's own blocks of this weight (`name` in errors), for the decode
-    /// steps on the CPU.
-    pub(super) fn keep_rows(&mut self, rows: QuantRows, name: &str) -> Result<()> {
-        let (n, k) = self.weight.dims2()?;
-        if (rows.rows(), rows.cols()) != (n, k) {
-            return Err(LlamaError::Shape(format!(
-                "{name}: the stored blocks are [{}, {}], the weight [{n}, {k}]",
-                rows.rows(),
-                rows.cols()
-            )));
-        }
-        self.dequantize();
-        self.quant_rows = Some(Arc::new(rows));
-        Ok(())
-    }
-
-    /// Back to the dense weight only (after it changed, e.g. an adapter merged into it).
+    /// Back to the dense weight only (after it changed, e.g. an adapter merged into it). The
+    /// blocks of a projection without a dense weight are all it has: they stay.
     pub(super) fn dequantize(&mut self) {
-        self.quant_rows = None;
+        if self.weight.is_some() {
+            self.quant_rows = None;
+        }
         self.quantized = None;
         self.bf16 = None;
     }
@@ -138,6 +152,21 @@ impl PackedWeight for QuantRows {
     }
     fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         QuantRows::matmul_t(self, x, m)
+    }
+}
+
+/// Blocks for many input rows: widened to f32 a tile of rows at a time for gemm.
+struct ManyRows<'a>(&'a QuantRows);
+
+impl PackedWeight for ManyRows<'_> {
+    fn rows(&self) -> usize {
+        self.0.rows()
+    }
+    fn cols(&self) -> usize {
+        self.0.cols()
+    }
+    fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.0.matmul_t_many(x, m)
     }
 }
 
@@ -190,7 +219,19 @@ impl Module for Linear {
             return packed_forward(x, packed.as_ref());
         }
         // Few rows (decoding) are bound by weight bytes: the quantised weight wins. Many rows
-        // (prefill) are bound by arithmetic, where the dense GEMM is faster.
+        // (prefill) are bound by arithmetic, where the dense GEMM is faster; without a dense
+        // weight, the blocks are widened a tile at a time for it.
+        let Some(weight) = &self.weight else {
+            let q = self
+                .quant_rows
+                .as_ref()
+                .expect("a Linear holds a weight or blocks");
+            return if rows <= QUANTIZED_MAX_ROWS {
+                packed_forward(x, q.as_ref())
+            } else {
+                packed_forward(x, &ManyRows(q.as_ref()))
+            };
+        };
         if let Some(q) = self
             .quant_rows
             .as_ref()
@@ -212,12 +253,12 @@ impl Module for Linear {
         // The frozen op runs that same GEMM but gives no gradient to the weight.
         let x2 = x.reshape((rows, inner))?;
         let y = if rows == 0 {
-            x2.matmul(&self.weight.t()?)?
+            x2.matmul(&weight.t()?)?
         } else {
-            x2.apply_op2(&self.weight, FrozenMatmul)?
+            x2.apply_op2(weight, FrozenMatmul)?
         };
         let mut out = dims.to_vec();
-        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        *out.last_mut().unwrap() = weight.dim(0)?;
         y.reshape(out)
     }
 }
@@ -350,9 +391,10 @@ impl Linear {
             Some(seed) => train_ops::dropout_matmul(&xf, a, lora.dropout, seed)?,
             None => ops::dropout(&xf, lora.dropout)?.matmul(&a.t()?)?,
         };
-        let y = train_ops::lora_linear(&x2, &self.weight, &h, lora.pair.b.as_tensor(), lora.scale)?;
+        let weight = self.weight()?;
+        let y = train_ops::lora_linear(&x2, weight, &h, lora.pair.b.as_tensor(), lora.scale)?;
         let mut out = dims;
-        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        *out.last_mut().unwrap() = weight.dim(0)?;
         Ok(y.reshape(out)?)
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor};
@@ -42,7 +43,7 @@ pub struct RaggedRow<'a> {
 #[derive(Debug, Clone)]
 pub struct Llama {
     config: LlamaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -53,6 +54,14 @@ pub struct Llama {
     adapters: BTreeMap<String, LoraAdapter>,
     active_adapter: Option<String>,
     dropout_seed: Option<u64>,
+}
+
+/// The token embedding table: dense, or a GGUF file's blocks (`--quantize gguf`), whose rows
+/// are widened as tokens look them up.
+#[derive(Debug, Clone)]
+enum Embedding {
+    Dense(Tensor),
+    Stored(Arc<QuantRows>),
 }
 
 /// What every decoder layer of one forward shares: the attention bias and the rotations.
@@ -67,6 +76,30 @@ impl Llama {
         weights: &WeightSource,
         dtype: DType,
         device: &Device,
+    ) -> Result<Self> {
+        Self::load_with(config, weights, dtype, device, &mut |_| Ok(None))
+    }
+
+    /// [`Self::load`] for CPU inference with the projections, the embedding and the LM head
+    /// that `stored` gives (by Hugging Face name) held only as those blocks (`--quantize
+    /// gguf`); the rest is read dense as usual.
+    pub(crate) fn load_stored(
+        config: &LlamaConfig,
+        weights: &WeightSource,
+        dtype: DType,
+        stored: &mut dyn FnMut(&str) -> Result<Option<QuantRows>>,
+    ) -> Result<Self> {
+        let mut model = Self::load_with(config, weights, dtype, &Device::Cpu, stored)?;
+        model.quantized = Some(Quantization::GgufAsStored);
+        Ok(model)
+    }
+
+    fn load_with(
+        config: &LlamaConfig,
+        weights: &WeightSource,
+        dtype: DType,
+        device: &Device,
+        stored: &mut dyn FnMut(&str) -> Result<Option<QuantRows>>,
     ) -> Result<Self> {
         let c = config;
         // A config that says fewer layers than the weights hold would silently drop the rest
@@ -100,12 +133,37 @@ impl Llama {
                 eps: c.rms_norm_eps,
             })
         };
-        let embed_tokens = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        // A tensor as its stored blocks, checked against the shape the config implies.
+        let mut blocks_of = |name: &str, shape: &[usize]| -> Result<Option<Arc<QuantRows>>> {
+            let Some(rows) = stored(name)? else {
+                return Ok(None);
+            };
+            if [rows.rows(), rows.cols()] != shape {
+                return Err(LlamaError::Config {
+                    path: weights.origin().to_path_buf(),
+                    message: format!(
+                        "tensor `{name}` has shape [{}, {}], the config implies {shape:?}",
+                        rows.rows(),
+                        rows.cols()
+                    ),
+                });
+            }
+            Ok(Some(Arc::new(rows)))
+        };
+        let embed_name = "model.embed_tokens.weight";
+        let embed_tokens = match blocks_of(embed_name, &[c.vocab_size, h])? {
+            Some(rows) => Embedding::Stored(rows),
+            None => Embedding::Dense(get(embed_name, &[c.vocab_size, h])?),
+        };
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let lin = |name: &str, shape: &[usize]| -> Result<Linear> {
-                Ok(Linear::new(get(&format!("{p}.{name}.weight"), shape)?))
+            let mut lin = |name: &str, shape: &[usize]| -> Result<Linear> {
+                let name = format!("{p}.{name}.weight");
+                Ok(match blocks_of(&name, shape)? {
+                    Some(rows) => Linear::stored(rows),
+                    None => Linear::new(get(&name, shape)?),
+                })
             };
             blocks.push(Block {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
@@ -128,9 +186,15 @@ impl Llama {
         }
         // Some checkpoints with tied embeddings still ship an lm_head; use it when present.
         let lm_head = if c.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            Linear::new(embed_tokens.clone())
+            match &embed_tokens {
+                Embedding::Dense(table) => Linear::new(table.clone()),
+                Embedding::Stored(rows) => Linear::stored(rows.clone()),
+            }
         } else {
-            Linear::new(get("lm_head.weight", &[c.vocab_size, h])?)
+            match blocks_of("lm_head.weight", &[c.vocab_size, h])? {
+                Some(rows) => Linear::stored(rows),
+                None => Linear::new(get("lm_head.weight", &[c.vocab_size, h])?),
+            }
         };
         let inv_freq = Tensor::new(c.inv_freq(), device)?;
         Ok(Llama {
@@ -192,58 +256,6 @@ impl Llama {
         }
         self.quantized = Some(Quantization::Requantize(dtype));
         Ok(())
-    }
-
-    /// Keeps the decode steps' weights as a file stores them (`--quantize gguf`): `stored`
-    /// gives a tensor's blocks by its Hugging Face name, or `None` to leave it dense. The
-    /// dense weights stay for prefills, as with [`Self::quantize_for_inference`]. Returns the
-    /// names left dense.
-    pub(crate) fn keep_stored_rows(
-        &mut self,
-        mut stored: impl FnMut(&str) -> Result<Option<QuantRows>>,
-    ) -> Result<Vec<String>> {
-        if !self.device.is_cpu() {
-            return Err(LlamaError::Config {
-                path: "--quantize".into(),
-                message: "gguf keeps a file's blocks for the CPU's decode kernels; on a GPU \
-                          use --dtype bf16"
-                    .into(),
-            });
-        }
-        let mut dense = Vec::new();
-        let mut keep = |lin: &mut Linear, name: String| -> Result<()> {
-            match stored(&name)? {
-                Some(rows) => lin.keep_rows(rows, &name),
-                None => {
-                    dense.push(name);
-                    Ok(())
-                }
-            }
-        };
-        for (l, b) in self.blocks.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            let a = &mut b.self_attn;
-            for (lin, name) in [
-                (&mut a.q_proj, "self_attn.q_proj"),
-                (&mut a.k_proj, "self_attn.k_proj"),
-                (&mut a.v_proj, "self_attn.v_proj"),
-                (&mut a.o_proj, "self_attn.o_proj"),
-                (&mut b.mlp.gate_proj, "mlp.gate_proj"),
-                (&mut b.mlp.up_proj, "mlp.up_proj"),
-                (&mut b.mlp.down_proj, "mlp.down_proj"),
-            ] {
-                keep(lin, format!("{p}.{name}.weight"))?;
-            }
-        }
-        // A tied head is the embedding (a GGUF without `output.weight`).
-        let head = if self.config.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        keep(&mut self.lm_head, head.to_string())?;
-        self.quantized = Some(Quantization::GgufAsStored);
-        Ok(dense)
     }
 
     /// The quantisation of the inference path, if any.
@@ -351,10 +363,8 @@ impl Llama {
                     LoraTarget::Up => &mut block.mlp.up_proj,
                     LoraTarget::Down => &mut block.mlp.down_proj,
                 };
-                let merged = (lin.weight.to_dtype(DType::F32)? + delta)?.to_dtype(self.dtype)?;
-                lin.weight = merged;
-                lin.dequantize();
-                // A file's stored blocks no longer hold the merged weight: it stays dense.
+                let merged = (lin.weight()?.to_dtype(DType::F32)? + delta)?.to_dtype(self.dtype)?;
+                lin.set_weight(merged);
                 if let Some(Quantization::Requantize(q)) = self.quantized {
                     lin.quantize(q)?;
                 }
@@ -380,10 +390,19 @@ impl Llama {
                 )));
             }
         }
-        Ok(self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, ()))?)
+        let rows = match &self.embed_tokens {
+            Embedding::Dense(table) => table.index_select(&ids, 0)?,
+            Embedding::Stored(table) => {
+                let h = table.cols();
+                let ids = ids.to_vec1::<u32>()?;
+                let mut values = vec![0f32; ids.len() * h];
+                for (id, row) in ids.iter().zip(values.chunks_exact_mut(h.max(1))) {
+                    table.dequantize_rows(*id as usize, 1, row);
+                }
+                Tensor::from_vec(values, (ids.len(), h), &self.device)?.to_dtype(self.dtype)?
+            }
+        };
+        Ok(rows.reshape((b, t, ()))?)
     }
 
     /// Final hidden states (after the last RMSNorm) `[batch, time, hidden]` for `input_ids`.
@@ -537,7 +556,7 @@ impl Llama {
     pub fn token_nll(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
         Ok(crate::kernels::linear_cross_entropy(
             hidden,
-            self.lm_head.weight(),
+            self.lm_head.weight()?,
             targets,
         )?)
     }

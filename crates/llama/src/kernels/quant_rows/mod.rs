@@ -22,6 +22,9 @@ use super::skinny;
 /// Values per scale.
 pub(crate) const BLOCK: usize = 32;
 
+/// Weight rows widened to f32 at a time by [`QuantRows::matmul_t_many`].
+const MANY_ROWS_TILE: usize = 32;
+
 /// How the integers of a [`QuantRows`] are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum QuantFormat {
@@ -164,9 +167,50 @@ impl QuantRows {
         out
     }
 
+    /// `x [m, k] @ W^T` as `[m, n]` for many rows (a prefill): tiles of [`MANY_ROWS_TILE`]
+    /// weight rows are widened to f32 (exactly [`Self::dequantize_rows`]) and multiplied by
+    /// gemm, tiles split over rayon's threads. Only a tile is ever dense.
+    pub(crate) fn matmul_t_many(&self, x: &[f32], m: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        assert_eq!(x.len(), m * self.k, "{m} rows of {} values", self.k);
+        let (n, k) = (self.n, self.k);
+        // Each tile writes its own columns: [tile, m] transposed here, placed after.
+        let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(MANY_ROWS_TILE))
+            .into_par_iter()
+            .map(|t| {
+                let first = t * MANY_ROWS_TILE;
+                let count = MANY_ROWS_TILE.min(n - first);
+                let mut w = vec![0f32; count * k];
+                self.dequantize_rows(first, count, &mut w);
+                let mut out = vec![0f32; m * count];
+                // out [m, count] = x [m, k] @ w^T, w^T read as [k, count] with strides (1, k).
+                super::cpu::gemm_f32(
+                    m,
+                    count,
+                    k,
+                    &mut out,
+                    count,
+                    false,
+                    (x, k, 1),
+                    (&w, 1, k),
+                    1,
+                );
+                (first, out)
+            })
+            .collect();
+        let mut y = vec![0f32; m * n];
+        for (first, out) in tiles {
+            let count = out.len() / m.max(1);
+            for r in 0..m {
+                y[r * n + first..r * n + first + count]
+                    .copy_from_slice(&out[r * count..(r + 1) * count]);
+            }
+        }
+        y
+    }
+
     /// Rows `first..first + count` dequantised into `out` (`[count, k]`).
-    #[cfg(test)]
-    fn dequantize_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+    pub(crate) fn dequantize_rows(&self, first: usize, count: usize, out: &mut [f32]) {
         let per = self.format.bytes_per_block();
         for (i, row) in out.chunks_exact_mut(self.k).take(count).enumerate() {
             let j = first + i;

@@ -152,3 +152,30 @@ fn zero_blocks_and_the_extremes_round_trip() {
         1.75
     );
 }
+
+/// Many rows (a prefill) through tiles of widened weight rows and gemm: the f32 product of the
+/// dequantised weight and the unrounded input, for a row count past a tile and not a multiple
+/// of it, in every format.
+#[test]
+fn many_rows_take_the_dequantised_weight_through_gemm() {
+    let (m, n, k) = (37, 150, 100);
+    let (x, w) = (values(m * k, 11), values(n * k, 12));
+    for format in FORMATS {
+        let q = QuantRows::new(format, &w, n, k);
+        let wd = q.dequantize();
+        let got = q.matmul_t_many(&x, m);
+        for r in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|p| x[r * k + p] as f64 * wd[j * k + p] as f64)
+                    .sum();
+                let err = (got[r * n + j] as f64 - want).abs();
+                assert!(
+                    err <= 1e-5 * (1.0 + want.abs()),
+                    "{format:?} [{r}, {j}]: {} vs {want}",
+                    got[r * n + j]
+                );
+            }
+        }
+    }
+}
