@@ -17,7 +17,7 @@ rounds="${ROUNDS:-2}"
 export RAYON_NUM_THREADS=2
 source_gguf="$(scripts/fetch-default-model.sh | head -1)"
 mkdir -p "$gguf_dir"
-for t in Q4_0 Q8_0 F32; do
+for t in Q4_0 Q8_0 F32 Q4_K_M; do
   [ -f "$gguf_dir/smol-$t.gguf" ] ||
     "$bin/llama-quantize" --allow-requantize "$source_gguf" "$gguf_dir/smol-$t.gguf" "$t" 2 >/dev/null 2>&1
 done
@@ -35,15 +35,21 @@ for t in json.load(sys.stdin):
 }
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for _ in $(seq "$rounds"); do
-  for t in q4_0 q8_0 f32 gguf; do
+  # q4_0, q8_0, f32: teamtune starts from the default model's file (q4_0 and q8_0 re-quantise
+  # its dense weights), llama.cpp from its own re-quantised copy. gguf and q4_k_m: both engines
+  # run the same file as it is (teamtune with --quantize gguf): the default model's own (Q4_1,
+  # a Q8_0 embedding), and llama.cpp's Q4_K_M of it (mostly Q5_0: SmolLM2's rows of 576 are
+  # not whole Q4_K super-blocks).
+  for t in q4_0 q8_0 f32 gguf q4_k_m; do
     T=$(echo "$t" | tr a-z A-Z)
-    file="$gguf_dir/smol-$T.gguf"
-    # gguf: both engines run the default model's file as it is (Q4_1, a Q8_0 embedding);
-    # teamtune always starts from that file (q4_0 and q8_0 re-quantise its dense weights).
-    [ "$t" = gguf ] && file="$source_gguf"
+    file="$gguf_dir/smol-$T.gguf"; ours_model="$source_gguf"; q=$t
+    case "$t" in
+      f32) q="" ;;
+      gguf) file="$source_gguf" ;;
+      q4_k_m) ours_model="$file"; q=gguf ;;
+    esac
     echo "llama.cpp $t: $(llama_bench "$file" -p 512 -n 128); $(llama_bench "$file" -p 0 -n 128 -d 512)"
-    q=""; [ "$t" != f32 ] && q=$t
-    echo "teamtune $t: $(env ${q:+TEAMTUNE_BENCH_QUANTIZE=$q} TEAMTUNE_BENCH_MODEL="$source_gguf" "$ours" 2>/dev/null | tail -1)"
+    echo "teamtune $t: $(env ${q:+TEAMTUNE_BENCH_QUANTIZE=$q} TEAMTUNE_BENCH_MODEL="$ours_model" "$ours" 2>/dev/null | tail -1)"
   done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -9,7 +9,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use teamtune_llama::{load_model, LoadedModel, ModelFiles, Quantization, TokenLayout};
 
-/// The tiny model's GGUF with its projections in Q4_0, Q4_1 and Q8_0 by kind, the embedding in
+/// The tiny model's GGUF with its projections in Q4_0, Q4_1, Q5_0 and Q8_0 by kind, the embedding in
 /// Q8_0, and the LM head left F16 (no kernel: it must stay dense and still decode).
 fn mixed_types(dir: &Path) -> PathBuf {
     let src = common::fixtures().join("tiny-llama31.gguf");
@@ -22,7 +22,7 @@ fn mixed_types(dir: &Path) -> PathBuf {
             ("attn_v.", GgmlDType::Q8_0),
             ("attn_output.", GgmlDType::Q4_1),
             ("ffn_gate.", GgmlDType::Q4_0),
-            ("ffn_up.", GgmlDType::Q8_0),
+            ("ffn_up.", GgmlDType::Q5_0),
             ("ffn_down.", GgmlDType::Q4_1),
             ("token_embd.", GgmlDType::Q8_0),
             ("output.", GgmlDType::F16),

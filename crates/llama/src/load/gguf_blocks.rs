@@ -3,11 +3,14 @@
 //!
 //! Q8_0, Q4_0 and Q4_1 are blocks of 32 values with an f16 scale (and for Q4_1 an f16
 //! minimum): they become [`QuantRows`] as they are, the f16 values widened to f32 (exact).
+//! Q5_0's 5-bit integers (`q - 16`) are widened to a byte each (Int8, same scale).
 //! Q4_K is a super-block of 256 values: eight sub-blocks of 32 with 6-bit scales `sc` and
 //! minima `m` under the f16 `d` and `dmin`, each value `d * sc * q - dmin * m`. That is the
 //! Q4_1 form per sub-block, with scale `d * sc` and minimum `-(dmin * m)`, both exact in f32
-//! (11 bits of mantissa times 6): the weights are the file's to the last bit. Any other type
-//! has no kernel here; its tensor stays dense (the caller says so).
+//! (11 bits of mantissa times 6): the weights are the file's to the last bit. Q6_K's 256 values
+//! are sixteen sub-blocks of 16 with an 8-bit scale each under `d`: a byte per value (`q - 32`)
+//! with a scale per half block (Int8Halves, `d * sc` exact). Any other type has no kernel here;
+//! its tensor is dequantised (the caller says so).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -71,6 +74,8 @@ pub(crate) fn rows_of(q: &QTensor) -> std::result::Result<Option<QuantRows>, Str
         GgmlDType::Q4_0 => (QuantFormat::Int4, 18),
         GgmlDType::Q4_1 => (QuantFormat::Int4Min, 20),
         GgmlDType::Q4K => (QuantFormat::Int4Min, 144),
+        GgmlDType::Q5_0 => (QuantFormat::Int8, 22),
+        GgmlDType::Q6K => (QuantFormat::Int8Halves, 210),
         _ => return Ok(None),
     };
     let dims = q.shape().dims();
@@ -79,7 +84,11 @@ pub(crate) fn rows_of(q: &QTensor) -> std::result::Result<Option<QuantRows>, Str
             "a {dtype:?} tensor of shape {dims:?}, not a matrix"
         ));
     };
-    let values_per_block = if dtype == GgmlDType::Q4K { 256 } else { BLOCK };
+    let values_per_block = if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) {
+        256
+    } else {
+        BLOCK
+    };
     if k % values_per_block != 0 {
         return Err(format!("rows of {k} values are not whole {dtype:?} blocks"));
     }
@@ -92,7 +101,7 @@ pub(crate) fn rows_of(q: &QTensor) -> std::result::Result<Option<QuantRows>, Str
         ));
     }
     let blocks = n * k / BLOCK;
-    let mut scales = Vec::with_capacity(blocks);
+    let mut scales = Vec::with_capacity(blocks * format.scales_per_block());
     let mut mins = Vec::new();
     let mut bytes = Vec::with_capacity(blocks * format.bytes_per_block());
     let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
@@ -108,6 +117,11 @@ pub(crate) fn rows_of(q: &QTensor) -> std::result::Result<Option<QuantRows>, Str
                 mins.push(half(&block[2..]));
                 bytes.extend_from_slice(&block[4..]);
             }
+            GgmlDType::Q5_0 => {
+                scales.push(half(block));
+                bytes.extend(q5_0_values(block).map(|v| v as u8));
+            }
+            GgmlDType::Q6K => q6k_blocks(block, &mut scales, &mut bytes),
             _ => q4k_blocks(block, &mut scales, &mut mins, &mut bytes),
         }
     }
@@ -139,6 +153,49 @@ fn q4k_blocks(block: &[u8], scales: &mut Vec<f32>, mins: &mut Vec<f32>, bytes: &
         };
         bytes.extend((0..BLOCK / 2).map(|i| nibble(i) | nibble(i + BLOCK / 2) << 4));
     }
+}
+
+/// A Q5_0 block's 32 integers (`d`, four bytes of fifth bits, 16 bytes of nibbles): value `i`
+/// is the low nibble of byte `i` and value `i + 16` its high nibble, each with bit `i` (or
+/// `i + 16`) of the fifth bits on top, minus 16.
+fn q5_0_values(block: &[u8]) -> impl Iterator<Item = i8> + '_ {
+    let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+    let qs = &block[6..22];
+    (0..BLOCK).map(move |p| {
+        let nibble = if p < 16 {
+            qs[p] & 0x0F
+        } else {
+            qs[p - 16] >> 4
+        };
+        let fifth = ((high >> p) & 1) as u8;
+        (nibble | fifth << 4) as i8 - 16
+    })
+}
+
+/// One Q6_K super-block (128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales,
+/// `d`) as eight Int8Halves blocks. In each half of 128 values, value `l + 32 i` (`i` in
+/// 0..4, `l` in 0..32) takes its low four bits from byte `l` (i even) or `l + 32` (i odd) of
+/// the half's 64 low-nibble bytes (the low nibble for i < 2, the high one after), and its two
+/// high bits from bits `2 i` of byte `l` of the half's 32 high-bit bytes; minus 32.
+fn q6k_blocks(block: &[u8], scales: &mut Vec<f32>, bytes: &mut Vec<u8>) {
+    let (ql, qh, sc) = (&block[..128], &block[128..192], &block[192..208]);
+    let d = f16::from_le_bytes([block[208], block[209]]).to_f32();
+    let mut q = [0i8; 256];
+    for half in 0..2 {
+        let (ql, qh) = (&ql[64 * half..][..64], &qh[32 * half..][..32]);
+        for l in 0..32 {
+            for i in 0..4 {
+                let low = ql[l + 32 * (i % 2)];
+                let low = if i < 2 { low & 0x0F } else { low >> 4 };
+                let high = (qh[l] >> (2 * i)) & 3;
+                q[128 * half + 32 * i + l] = (low | high << 4) as i8 - 32;
+            }
+        }
+    }
+    for sub in sc {
+        scales.push(d * *sub as i8 as f32);
+    }
+    bytes.extend(q.iter().map(|&v| v as u8));
 }
 
 /// Sub-block `j`'s 6-bit scale and minimum from Q4_K's 12 packed bytes: for `j < 4` the low
@@ -190,6 +247,8 @@ mod tests {
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q4K,
+            GgmlDType::Q5_0,
+            GgmlDType::Q6K,
         ] {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let want = q
@@ -206,8 +265,8 @@ mod tests {
                 assert_eq!(g.to_bits(), w.to_bits(), "{dtype:?} [{i}]: {g} vs {w}");
             }
         }
-        let q6 = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
-        assert!(rows_of(&q6).unwrap().is_none());
+        let q5k = QTensor::quantize(&w, GgmlDType::Q5K).unwrap();
+        assert!(rows_of(&q5k).unwrap().is_none());
     }
 
     /// Q4_K's packed scales reach every bit: a super-block whose 6-bit scales and minima are all

@@ -8,7 +8,7 @@ use super::assets::ChatAssets;
 use super::config::LlamaConfig;
 use super::gguf_blocks::Stored;
 use super::source::ModelFiles;
-use super::weights::{GgufWeights, WeightSource};
+use super::weights::{ggml_type_name, GgufWeights, WeightSource};
 use crate::device::Quantization;
 use crate::error::{LlamaError, Result};
 use crate::model::llama::Llama;
@@ -82,7 +82,7 @@ fn read_weights(
             Stored::Rows(rows) => Some(rows),
             Stored::NoKernel(t) => {
                 if !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                    no_kernel.insert(format!("{t:?}"));
+                    no_kernel.insert(ggml_type_name(t));
                     widened += 1;
                 }
                 None

@@ -127,6 +127,15 @@ impl WeightSource {
     }
 }
 
+/// llama.cpp's name of a tensor type (`Q4_K`, where candle says `Q4K`).
+pub(crate) fn ggml_type_name(t: GgmlDType) -> String {
+    let name = format!("{t:?}");
+    match name.strip_suffix('K') {
+        Some(stem) if !stem.contains('_') => format!("{stem}_K"),
+        _ => name,
+    }
+}
+
 /// llama.cpp's name for a Hugging Face tensor name.
 pub(crate) fn gguf_name(hf_name: &str) -> Option<String> {
     let fixed: HashMap<&str, &str> = [
@@ -209,7 +218,7 @@ impl GgufWeights {
             .values()
             .map(|info| info.ggml_dtype)
             .filter(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
-            .map(|t| format!("{t:?}"))
+            .map(ggml_type_name)
             .collect();
         types.sort();
         types.dedup();
@@ -283,6 +292,8 @@ mod tests {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let q8 = GgufWeights::open(&fixtures.join("tiny-llama31.q8_0.gguf")).unwrap();
         assert_eq!(q8.quantised_types(), ["Q8_0"]);
+        assert_eq!(ggml_type_name(GgmlDType::Q4K), "Q4_K");
+        assert_eq!(ggml_type_name(GgmlDType::Q4_1), "Q4_1");
         let dense = GgufWeights::open(&fixtures.join("tiny-llama31.gguf")).unwrap();
         assert!(
             dense.quantised_types().is_empty(),

@@ -37,13 +37,25 @@ pub(crate) enum QuantFormat {
     /// Two values per byte as `Int4`, unsigned: `w = q * d + m` with `q` in `0..16` and a
     /// minimum `m` per block (GGUF's Q4_1; Q4_K's sub-blocks of 32 have the same form).
     Int4Min,
+    /// One signed byte per value as `Int8`, with a scale for each half of 16 (GGUF's Q6_K
+    /// sub-blocks, and the 5-bit integers of Q5_0 widened).
+    Int8Halves,
 }
 
 impl QuantFormat {
     pub(crate) fn bytes_per_block(self) -> usize {
         match self {
-            QuantFormat::Int8 => BLOCK,
+            QuantFormat::Int8 | QuantFormat::Int8Halves => BLOCK,
             QuantFormat::Int4 | QuantFormat::Int4Min => BLOCK / 2,
+        }
+    }
+
+    /// Scales per block of 32: one, or one per half.
+    pub(crate) fn scales_per_block(self) -> usize {
+        if self == QuantFormat::Int8Halves {
+            2
+        } else {
+            1
         }
     }
 }
@@ -57,7 +69,7 @@ pub(crate) struct QuantRows {
     k: usize,
     /// Blocks per row (`k / 32` rounded up).
     blocks: usize,
-    /// `[n, blocks]`.
+    /// `[n, blocks, scales per block]`.
     scales: Vec<f32>,
     /// `[n, blocks]` for `Int4Min`, empty otherwise.
     mins: Vec<f32>,
@@ -71,7 +83,8 @@ impl QuantRows {
         assert_eq!(w.len(), n * k, "a [{n}, {k}] weight has {} values", n * k);
         let blocks = k.div_ceil(BLOCK);
         let per = format.bytes_per_block();
-        let mut scales = vec![0f32; n * blocks];
+        let spb = format.scales_per_block();
+        let mut scales = vec![0f32; n * blocks * spb];
         let mut mins = Vec::new();
         let mut bytes = vec![0u8; n * blocks * per];
         let mut padded = [0f32; BLOCK];
@@ -82,8 +95,15 @@ impl QuantRows {
                 padded.fill(0.0);
                 padded[..hi - lo].copy_from_slice(&w[j * k + lo..j * k + hi]);
                 let out = &mut bytes[(j * blocks + b) * per..][..per];
-                scales[j * blocks + b] = match format {
+                let at = (j * blocks + b) * spb;
+                scales[at] = match format {
                     QuantFormat::Int8 => quantize_int8(&padded, out),
+                    QuantFormat::Int8Halves => {
+                        let (lo, hi) = padded.split_at(BLOCK / 2);
+                        let (out_lo, out_hi) = out.split_at_mut(BLOCK / 2);
+                        scales[at + 1] = quantize_int8(hi, out_hi);
+                        quantize_int8(lo, out_lo)
+                    }
                     QuantFormat::Int4 => quantize_int4(&padded, out),
                     QuantFormat::Int4Min => {
                         let (d, m) = quantize_int4_min(&padded, out);
@@ -113,7 +133,11 @@ impl QuantRows {
         } else {
             0
         };
-        assert_eq!(scales.len(), n * blocks, "scales of a [{n}, {k}] weight");
+        assert_eq!(
+            scales.len(),
+            n * blocks * format.scales_per_block(),
+            "scales of a [{n}, {k}] {format:?} weight"
+        );
         assert_eq!(
             mins.len(),
             want_mins,
@@ -140,9 +164,10 @@ impl QuantRows {
         assert_eq!(order.len(), self.n, "an order of {} rows", self.n);
         let per_row = self.blocks * self.format.bytes_per_block();
         let (mut scales, mut mins, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        let spb = self.format.scales_per_block();
         for &j in order {
             let blocks = j * self.blocks..(j + 1) * self.blocks;
-            scales.extend_from_slice(&self.scales[blocks.clone()]);
+            scales.extend_from_slice(&self.scales[blocks.start * spb..blocks.end * spb]);
             if !self.mins.is_empty() {
                 mins.extend_from_slice(&self.mins[blocks]);
             }
@@ -215,11 +240,12 @@ impl QuantRows {
         for (i, row) in out.chunks_exact_mut(self.k).take(count).enumerate() {
             let j = first + i;
             for (b, chunk) in row.chunks_mut(BLOCK).enumerate() {
-                let d = self.scales[j * self.blocks + b];
+                let spb = self.format.scales_per_block();
+                let d = &self.scales[(j * self.blocks + b) * spb..][..spb];
                 let m = self.mins.get(j * self.blocks + b).copied();
                 let q = &self.bytes[(j * self.blocks + b) * per..][..per];
                 for (p, v) in chunk.iter_mut().enumerate() {
-                    let scaled = self.format.value(q, p) as f32 * d;
+                    let scaled = self.format.value(q, p) as f32 * d[p * spb / BLOCK];
                     *v = m.map_or(scaled, |m| scaled + m);
                 }
             }
@@ -298,7 +324,7 @@ impl Activations {
 /// scaled and added in f32 with a fused multiply-add, and the lanes added up as `hsum_avx`.
 /// `Int4Min`'s minima add `m * d_x * sum(q_x)` per block to a sum of their own, added last.
 mod portable {
-    use super::{Activations, QuantRows, BLOCK};
+    use super::{Activations, QuantFormat, QuantRows, BLOCK};
 
     pub(super) fn dot_rows(
         w: &QuantRows,
@@ -316,13 +342,22 @@ mod portable {
                 for b in 0..w.blocks {
                     let bytes = &w.bytes[(j * w.blocks + b) * per..][..per];
                     let xq = &x.q[(r * x.blocks + b) * BLOCK..][..BLOCK];
-                    let scale = w.scales[j * w.blocks + b] * x.d[r * x.blocks + b];
-                    for (l, lane) in lanes.iter_mut().enumerate() {
-                        let sum: i32 = [2 * l, 2 * l + 1, 16 + 2 * l, 17 + 2 * l]
-                            .iter()
+                    let dx = x.d[r * x.blocks + b];
+                    let dot = |p: &[usize]| -> f32 {
+                        p.iter()
                             .map(|&p| w.format.value(bytes, p) * xq[p] as i32)
-                            .sum();
-                        *lane = (sum as f32).mul_add(scale, *lane);
+                            .sum::<i32>() as f32
+                    };
+                    for (l, lane) in lanes.iter_mut().enumerate() {
+                        let (lo, hi) = ([2 * l, 2 * l + 1], [16 + 2 * l, 17 + 2 * l]);
+                        if w.format == QuantFormat::Int8Halves {
+                            let d = &w.scales[(j * w.blocks + b) * 2..][..2];
+                            *lane = dot(&lo).mul_add(d[0] * dx, *lane);
+                            *lane = dot(&hi).mul_add(d[1] * dx, *lane);
+                        } else {
+                            let scale = w.scales[j * w.blocks + b] * dx;
+                            *lane = (dot(&lo) + dot(&hi)).mul_add(scale, *lane);
+                        }
                     }
                     if let Some(&m) = w.mins.get(j * w.blocks + b) {
                         let xb = r * x.blocks + b;
@@ -341,7 +376,7 @@ impl QuantFormat {
     /// The signed integer of value `p` of a block.
     fn value(self, q: &[u8], p: usize) -> i32 {
         match self {
-            QuantFormat::Int8 => q[p] as i8 as i32,
+            QuantFormat::Int8 | QuantFormat::Int8Halves => q[p] as i8 as i32,
             QuantFormat::Int4 => {
                 let byte = q[p % (BLOCK / 2)];
                 let nibble = if p < BLOCK / 2 {
@@ -364,7 +399,7 @@ impl QuantFormat {
 }
 
 /// Q8_0's rounding: `d = max |w| / 127`, `q = round(w / d)`. Returns `d`.
-fn quantize_int8(w: &[f32; BLOCK], out: &mut [u8]) -> f32 {
+fn quantize_int8(w: &[f32], out: &mut [u8]) -> f32 {
     let amax = w.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -413,6 +448,7 @@ mod avx {
     const INT8: u8 = 0;
     const INT4: u8 = 1;
     const INT4_MIN: u8 = 2;
+    const INT8_HALVES: u8 = 3;
 
     /// Tiles of 2 weight rows x up to 4 input rows: each block of a weight row is widened to
     /// 16-bit integers once per tile and multiplied with every input row's block.
@@ -428,6 +464,7 @@ mod avx {
             QuantFormat::Int8 => rows_of::<INT8>(w, x, first, rows, out_t),
             QuantFormat::Int4 => rows_of::<INT4>(w, x, first, rows, out_t),
             QuantFormat::Int4Min => rows_of::<INT4_MIN>(w, x, first, rows, out_t),
+            QuantFormat::Int8Halves => rows_of::<INT8_HALVES>(w, x, first, rows, out_t),
         }
     }
 
@@ -467,7 +504,7 @@ mod avx {
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn block<const KIND: u8>(at: *const u8) -> (__m256i, __m256i) {
-        if KIND == INT8 {
+        if KIND == INT8 || KIND == INT8_HALVES {
             return (
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(at as *const __m128i)),
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
@@ -502,11 +539,17 @@ mod avx {
             let mut lo = [_mm256_setzero_si256(); R];
             let mut hi = [_mm256_setzero_si256(); R];
             let mut dw = [0f32; R];
+            let mut dw_hi = [0f32; R];
             let mut mw = [0f32; R];
             for a in 0..R {
                 let at = (first + j + a) * w.blocks + b;
                 (lo[a], hi[a]) = block::<KIND>(w.bytes.as_ptr().add(at * per));
-                dw[a] = *w.scales.get_unchecked(at);
+                if KIND == INT8_HALVES {
+                    dw[a] = *w.scales.get_unchecked(2 * at);
+                    dw_hi[a] = *w.scales.get_unchecked(2 * at + 1);
+                } else {
+                    dw[a] = *w.scales.get_unchecked(at);
+                }
                 if KIND == INT4_MIN {
                     mw[a] = *w.mins.get_unchecked(at);
                 }
@@ -518,6 +561,22 @@ mod avx {
                 let x_hi = _mm256_loadu_si256(xp.add(16) as *const __m256i);
                 let dx = *x.d.get_unchecked(at);
                 for a in 0..R {
+                    if KIND == INT8_HALVES {
+                        // Each half under its own scale, the low half first.
+                        let lo_sum = _mm256_madd_epi16(lo[a], x_lo);
+                        let hi_sum = _mm256_madd_epi16(hi[a], x_hi);
+                        acc[a][c] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(lo_sum),
+                            _mm256_set1_ps(dw[a] * dx),
+                            acc[a][c],
+                        );
+                        acc[a][c] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(hi_sum),
+                            _mm256_set1_ps(dw_hi[a] * dx),
+                            acc[a][c],
+                        );
+                        continue;
+                    }
                     // At most 4 x 128 x 32767 < 2^24 per lane: exact in i32 and in f32.
                     let sum = _mm256_add_epi32(
                         _mm256_madd_epi16(lo[a], x_lo),

@@ -1,7 +1,12 @@
 use super::*;
 use crate::kernels::skinny::tests::values;
 
-const FORMATS: [QuantFormat; 3] = [QuantFormat::Int8, QuantFormat::Int4, QuantFormat::Int4Min];
+const FORMATS: [QuantFormat; 4] = [
+    QuantFormat::Int8,
+    QuantFormat::Int4,
+    QuantFormat::Int4Min,
+    QuantFormat::Int8Halves,
+];
 
 /// `x W^T` in f64 from the dequantised weight and the unrounded `x`, with the bound the
 /// activations' rounding allows (half a step of each block's scale, times the weights).
@@ -84,9 +89,11 @@ fn the_weights_are_within_half_a_step_of_the_originals() {
         let back = q.dequantize();
         for j in 0..n {
             for b in 0..k.div_ceil(BLOCK) {
-                let d = q.scales[j * q.blocks + b];
-                assert!(d != 0.0);
+                let spb = format.scales_per_block();
                 for p in b * BLOCK..((b + 1) * BLOCK).min(k) {
+                    // The scale of the value's block, or of its half of the block.
+                    let d = q.scales[(j * q.blocks + b) * spb + (p % BLOCK) * spb / BLOCK];
+                    assert!(d != 0.0);
                     let (orig, got) = (w[j * k + p], back[j * k + p]);
                     // Q4_0 reaches -8 steps but only +7: a value past +7 steps is clamped
                     // there and may be off by up to a whole step.
