@@ -6,14 +6,16 @@
 //! as all the projections. Here each key and value row is read once, straight from the
 //! cache buffer, for every query row of its group.
 //!
-//! Each query row's scores, softmax and weighted sum run in the same order whatever else is in
-//! the batch, and padding slots (bias -inf) add exact zeros, so a sequence gets the same bits
-//! alone and batched.
+//! A head's keys are cut into chunks of [`KEYS_PER_TASK`], each a task with its own softmax
+//! maximum and sum, merged in order after, so that a lone sequence's few heads still keep every
+//! thread busy. Each query row's scores, softmax and weighted sum run in the same order
+//! whatever else is in the batch (chunks count from the first slot a sequence reads), and
+//! padding slots (bias -inf) are not read, so a sequence gets the same bits alone and batched.
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::kernels::skinny;
+use crate::kernels::{rows, skinny};
 
 /// Query rows per KV head (grouped query heads x new tokens) up to which [`attention`] is
 /// used; more (a prefill) go through gemm.
@@ -110,35 +112,154 @@ impl CustomOp3 for DecodeAttention {
             }
             None => None,
         };
+        // Tasks of at most KEYS_PER_TASK keys: (head, first key, keys).
+        let mut tasks = Vec::new();
         let mut offsets = Vec::with_capacity(b * g);
         for i in 0..b {
             for j in 0..g {
+                let head = i * g + j;
                 offsets.push((rows_at(lq, i, j)?, rows_at(lk, i, j)?, rows_at(lv, i, j)?));
-            }
-        }
-        let mut out = vec![0f32; b * g * r * d];
-        out.par_chunks_mut(r * d).zip(offsets).enumerate().for_each(
-            |(head, (out, (oq, ok, ov)))| {
-                let bias = bias.map(|(bias, bb, t)| {
-                    let row = if bb == 1 { 0 } else { head / g };
-                    (&bias[row * t * s..(row + 1) * t * s], t)
-                });
                 // A sequence shorter than the batch's longest cache is left-padded: slots that
                 // every query row masks out add exact zeros, so their keys and values are not
-                // read at all (in a mixed batch they can be most of the cache).
-                let first = bias.map_or(0, |(bias, t)| masked_prefix(bias, t, s));
-                one_head(
+                // read at all (in a mixed batch they can be most of the cache). Chunks start at
+                // the first slot read, so a sequence is cut the same alone and in a batch.
+                let first =
+                    head_bias(bias, head, g, s).map_or(0, |(bias, t)| masked_prefix(bias, t, s));
+                let mut lo = first;
+                while lo < s {
+                    let keys = KEYS_PER_TASK.min(s - lo);
+                    tasks.push((head, lo, keys));
+                    lo += keys;
+                }
+            }
+        }
+        let partials: Vec<Partial> = tasks
+            .par_iter()
+            .map(|&(head, lo, keys)| {
+                let (oq, ok, ov) = offsets[head];
+                one_chunk(
                     &q[oq..oq + r * d],
-                    &k[ok + first * d..ok + s * d],
-                    &v[ov + first * d..ov + s * d],
-                    bias.map(|(bias, t)| (bias, t, first)),
+                    &k[ok + lo * d..ok + (lo + keys) * d],
+                    &v[ov + lo * d..ov + (lo + keys) * d],
+                    head_bias(bias, head, g, s).map(|(bias, t)| (bias, t, lo, s)),
                     self.scale as f32,
                     d,
-                    out,
-                );
-            },
-        );
+                )
+            })
+            .collect();
+        let mut out = vec![0f32; b * g * r * d];
+        let mut at = 0;
+        for (head, out) in out.chunks_mut(r * d).enumerate() {
+            let count = tasks[at..].iter().take_while(|t| t.0 == head).count();
+            merge(&partials[at..at + count], r, d, out);
+            at += count;
+        }
         Ok((CpuStorage::F32(out), Shape::from((b, g, r, d))))
+    }
+}
+
+/// Keys per task of a decode step's attention. A lone sequence has as few heads as the model
+/// has KV heads (3 for SmolLM2: two threads would split them 2 to 1), so each head's keys are
+/// cut into chunks with their own softmax maximum and sum, merged after (the split of
+/// flash-decoding).
+const KEYS_PER_TASK: usize = 128;
+
+/// Bias rows `[t, s]` of `head` (heads of one sequence share its rows), and `t`.
+fn head_bias<'a>(
+    bias: Option<(&'a [f32], usize, usize)>,
+    head: usize,
+    g: usize,
+    s: usize,
+) -> Option<(&'a [f32], usize)> {
+    bias.map(|(bias, bb, t)| {
+        let row = if bb == 1 { 0 } else { head / g };
+        (&bias[row * t * s..(row + 1) * t * s], t)
+    })
+}
+
+/// One chunk of keys of one head, for each query row: the largest score, the sum of
+/// `exp(score - max)`, and `sum exp(score - max) v` (`[r, d]`).
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// `q` `[r, d]` against `k`, `v` `[keys, d]` (slots `lo..lo + keys` of the cache); `bias` the
+/// head's rows `[t, s]` with `lo` and `s`.
+fn one_chunk(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: Option<(&[f32], usize, usize, usize)>,
+    scale: f32,
+    d: usize,
+) -> Partial {
+    let r = q.len() / d;
+    let keys = k.len() / d;
+    // Scores transposed, [keys, r]: each key row read once for every query row.
+    let mut scores_t = vec![0f32; keys * r];
+    skinny::dot_rows(q, r, k, d, &mut scores_t);
+    let mut probs = vec![0f32; r * keys];
+    let (mut max, mut sum) = (vec![0f32; r], vec![0f32; r]);
+    for i in 0..r {
+        let row = &mut probs[i * keys..(i + 1) * keys];
+        for (j, p) in row.iter_mut().enumerate() {
+            *p = scores_t[j * r + i] * scale;
+        }
+        if let Some((bias, t, lo, s)) = bias {
+            let bias_row = &bias[(i % t) * s + lo..][..keys];
+            for (p, b) in row.iter_mut().zip(bias_row) {
+                *p += b;
+            }
+        }
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for p in row.iter_mut() {
+            *p = rows::exp(*p - m);
+        }
+        max[i] = m;
+        sum[i] = row.iter().sum();
+    }
+    // out[i] = sum_j probs[i, j] v[j]: each value row read once.
+    let mut out = vec![0f32; r * d];
+    for (j, vr) in v.chunks_exact(d).enumerate() {
+        for i in 0..r {
+            let p = probs[i * keys + j];
+            if p == 0.0 {
+                continue;
+            }
+            for (o, x) in out[i * d..(i + 1) * d].iter_mut().zip(vr) {
+                *o += p * x;
+            }
+        }
+    }
+    Partial { max, sum, out }
+}
+
+/// A head's chunks merged, in order, into `out` `[r, d]`: each chunk weighed by
+/// `exp(its max - the max of all)`, the whole divided by the weighed sums.
+fn merge(chunks: &[Partial], r: usize, d: usize, out: &mut [f32]) {
+    // No keys at all: nothing to weigh (the zeros of `out`).
+    if chunks.is_empty() {
+        return;
+    }
+    for i in 0..r {
+        let m = chunks
+            .iter()
+            .map(|c| c.max[i])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let row = &mut out[i * d..(i + 1) * d];
+        let mut sum = 0f32;
+        for c in chunks {
+            let w = rows::exp(c.max[i] - m);
+            sum += w * c.sum[i];
+            for (o, x) in row.iter_mut().zip(&c.out[i * d..(i + 1) * d]) {
+                *o += w * x;
+            }
+        }
+        for o in row.iter_mut() {
+            *o /= sum;
+        }
     }
 }
 
@@ -158,60 +279,6 @@ fn masked_prefix(bias: &[f32], t: usize, s: usize) -> usize {
         0
     } else {
         first
-    }
-}
-
-/// One KV head: `q` `[r, d]`, `k` and `v` `[s, d]` (the cache from slot `first` on), bias
-/// `[t, first + s]`; writes `out` `[r, d]`.
-fn one_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bias: Option<(&[f32], usize, usize)>,
-    scale: f32,
-    d: usize,
-    out: &mut [f32],
-) {
-    let r = q.len() / d;
-    let s = k.len() / d;
-    // Scores transposed, [s, r]: each key row read once for every query row.
-    let mut scores_t = vec![0f32; s * r];
-    skinny::dot_rows(q, r, k, d, &mut scores_t);
-    let mut probs = vec![0f32; r * s];
-    for i in 0..r {
-        let row = &mut probs[i * s..(i + 1) * s];
-        for (j, p) in row.iter_mut().enumerate() {
-            *p = scores_t[j * r + i] * scale;
-        }
-        if let Some((bias, t, first)) = bias {
-            let stride = first + s;
-            let bias_row = &bias[(i % t) * stride + first..(i % t + 1) * stride];
-            for (p, b) in row.iter_mut().zip(bias_row) {
-                *p += b;
-            }
-        }
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for p in row.iter_mut() {
-            *p = (*p - max).exp();
-            sum += *p;
-        }
-        for p in row.iter_mut() {
-            *p /= sum;
-        }
-    }
-    // out[i] = sum_j probs[i, j] v[j]: each value row read once.
-    out.fill(0.0);
-    for (j, vr) in v.chunks_exact(d).enumerate() {
-        for i in 0..r {
-            let p = probs[i * s + j];
-            if p == 0.0 {
-                continue;
-            }
-            for (o, x) in out[i * d..(i + 1) * d].iter_mut().zip(vr) {
-                *o += p * x;
-            }
-        }
     }
 }
 
@@ -286,6 +353,46 @@ mod tests {
             let want = composed(&q, &k, &v, bias, scale);
             assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
         }
+    }
+
+    /// Caches longer than a task's keys: several chunks per head, merged, and a padded row
+    /// whose first read slot is not a chunk boundary of the others: the composed attention
+    /// still, and the padded row's bits are those it has alone.
+    #[test]
+    fn chunks_of_a_long_cache_merge_to_the_composed_attention() {
+        let dev = Device::Cpu;
+        let (g, rep, d) = (3, 3, 16);
+        let s = 2 * KEYS_PER_TASK + 45;
+        let pad = 71;
+        let k = Tensor::randn(0f32, 1., (2, g, s, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (2, g, s, d), &dev).unwrap();
+        let q = (Tensor::randn(0f32, 1., (2, g, rep, d), &dev).unwrap() * 3.0).unwrap();
+        let mut bias = vec![0f32; 2 * s];
+        bias[s..s + pad]
+            .iter_mut()
+            .for_each(|b| *b = f32::NEG_INFINITY);
+        let bias = Tensor::from_vec(bias, (2, 1, 1, s), &dev).unwrap();
+        let got = attention(&q, &k, &v, Some(&bias), 0.25).unwrap();
+        let want = composed(&q, &k, &v, Some(&bias), 0.25);
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        // Row 1 alone: its own keys only, no padding.
+        let alone = attention(
+            &q.narrow(0, 1, 1).unwrap(),
+            &k.narrow(0, 1, 1).unwrap().narrow(2, pad, s - pad).unwrap(),
+            &v.narrow(0, 1, 1).unwrap().narrow(2, pad, s - pad).unwrap(),
+            None,
+            0.25,
+        )
+        .unwrap();
+        assert_eq!(
+            got.narrow(0, 1, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]
