@@ -165,12 +165,12 @@ impl CustomOp3 for DecodeAttention {
 const KEYS_PER_TASK: usize = 128;
 
 /// Bias rows `[t, s]` of `head` (heads of one sequence share its rows), and `t`.
-fn head_bias<'a>(
-    bias: Option<(&'a [f32], usize, usize)>,
+fn head_bias(
+    bias: Option<(&[f32], usize, usize)>,
     head: usize,
     g: usize,
     s: usize,
-) -> Option<(&'a [f32], usize)> {
+) -> Option<(&[f32], usize)> {
     bias.map(|(bias, bb, t)| {
         let row = if bb == 1 { 0 } else { head / g };
         (&bias[row * t * s..(row + 1) * t * s], t)
