@@ -192,7 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // The run writes --out/adapter: never over the adapter it starts from.
         if teamtune_formats::same_path(init, &args.out.join("adapter")) {
             bail!(
-                "--init-adapter {} is the adapter this run writes (--out {}/adapter); give                  another --out",
+                "--init-adapter {} is the adapter this run writes (--out {}/adapter); give another --out",
                 init.display(),
                 args.out.display()
             );
