@@ -432,6 +432,20 @@ fn improve_runs_rounds_keeps_what_scores_falls_back_to_experts_and_resumes() {
     assert_eq!(refused.status.code(), Some(1), "{err}");
     assert!(err.contains("--temperature 0.7, not 0.9"), "{err}");
     assert!(!c.join("round-3").exists());
+    // A weight on decision tokens is a setting of its own (a run without one has weight 1).
+    let mut other = improve_args(model, adapter, c_str, "3", "50");
+    other.extend(["--decision-weight", "3"]);
+    let refused = command().args(&other).output().unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--decision-weight"), "{err}");
+    assert!(!c.join("round-3").exists());
+    let mut other = improve_args(model, adapter, c_str, "3", "50");
+    other.extend(["--decision-weight", "0"]);
+    let err = String::from_utf8_lossy(&command().args(&other).output().unwrap().stderr).to_string();
+    assert!(
+        err.contains("--decision-weight must be a number above 0"),
+        "{err}"
+    );
     // A folder in use by a live process (this test's own) is refused, naming the process.
     std::fs::write(c.join(".lock"), format!("{}\n", std::process::id())).unwrap();
     let refused = command()

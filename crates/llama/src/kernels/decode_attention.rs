@@ -214,10 +214,16 @@ fn one_chunk(
             }
         }
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        max[i] = m;
+        if m == f32::NEG_INFINITY {
+            // The row masks this whole chunk (but may see others): it adds nothing, where
+            // exp(-inf - -inf) would be NaN.
+            row.fill(0.0);
+            continue;
+        }
         for p in row.iter_mut() {
             *p = rows::exp(*p - m);
         }
-        max[i] = m;
         sum[i] = row.iter().sum();
     }
     // out[i] = sum_j probs[i, j] v[j]: each value row read once.
@@ -393,6 +399,26 @@ mod tests {
                 .unwrap(),
             alone.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+
+    /// A query row that masks a whole chunk in the middle but sees the rest (another row sees
+    /// it all): the chunk adds nothing to that row.
+    #[test]
+    fn a_chunk_one_row_masks_whole_adds_nothing_to_it() {
+        let dev = Device::Cpu;
+        let (g, t, d) = (2, 2, 8);
+        let s = 2 * KEYS_PER_TASK + 10;
+        let k = Tensor::randn(0f32, 1., (1, g, s, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, g, s, d), &dev).unwrap();
+        let q = Tensor::randn(0f32, 1., (1, g, t, d), &dev).unwrap();
+        let mut bias = vec![0f32; t * s];
+        bias[KEYS_PER_TASK..2 * KEYS_PER_TASK]
+            .iter_mut()
+            .for_each(|b| *b = f32::NEG_INFINITY);
+        let bias = Tensor::from_vec(bias, (1, 1, t, s), &dev).unwrap();
+        let got = attention(&q, &k, &v, Some(&bias), 0.3).unwrap();
+        let want = composed(&q, &k, &v, Some(&bias), 0.3);
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
     }
 
     #[test]

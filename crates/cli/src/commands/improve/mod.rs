@@ -71,6 +71,10 @@ pub struct Args {
     /// Conversations per training step.
     #[arg(long, default_value_t = 2)]
     pub batch_size: usize,
+    /// Weight of the decision tokens (the values of `rationale` and `action_name`) in each
+    /// round's training loss, as `train --decision-weight`; 1: no weighting.
+    #[arg(long, default_value_t = 1.0)]
+    pub decision_weight: f32,
     /// Longest training conversation in tokens, cut at a turn.
     #[arg(long, default_value_t = 1024)]
     pub max_len: usize,
@@ -135,6 +139,12 @@ fn check(args: &Args) -> anyhow::Result<()> {
     if !(args.lr > 0.0 && args.lr.is_finite()) {
         bail!("--lr must be a positive number (got {})", args.lr);
     }
+    if !(args.decision_weight > 0.0 && args.decision_weight.is_finite()) {
+        bail!(
+            "--decision-weight must be a number above 0 (got {})",
+            args.decision_weight
+        );
+    }
     for (flag, value) in [
         ("--batch-size", args.batch_size),
         ("--max-len", args.max_len),
@@ -168,7 +178,7 @@ fn check(args: &Args) -> anyhow::Result<()> {
 fn settings(args: &Args, tasks: &[String]) -> BTreeMap<String, Value> {
     let adapter = teamtune_formats::resolved(&args.adapter);
     let m = &args.model;
-    BTreeMap::from([
+    let mut settings = BTreeMap::from([
         ("adapter".into(), json!(adapter.display().to_string())),
         ("model".into(), json!(m.model)),
         ("device".into(), json!(m.device)),
@@ -187,7 +197,12 @@ fn settings(args: &Args, tasks: &[String]) -> BTreeMap<String, Value> {
         ("history".into(), json!(args.history)),
         ("max-new-tokens".into(), json!(args.max_new_tokens)),
         ("parallel".into(), json!(args.parallel)),
-    ])
+    ]);
+    // Recorded only when weighted, so that runs made before the flag still continue.
+    if args.decision_weight != 1.0 {
+        settings.insert("decision-weight".into(), json!(args.decision_weight));
+    }
+    settings
 }
 
 /// The run's log: the one in --out when it was made with the same settings, else a new one

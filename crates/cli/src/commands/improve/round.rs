@@ -180,6 +180,12 @@ fn train_command(args: &Args, r: usize, adapter: &Path, data: &[PathBuf]) -> Vec
         "--seed",
         &(args.seed + r as u64).to_string(),
     ]));
+    if args.decision_weight != 1.0 {
+        c.extend(words(&[
+            "--decision-weight",
+            &args.decision_weight.to_string(),
+        ]));
+    }
     c
 }
 
@@ -467,4 +473,37 @@ pub fn all_commands(args: &Args, log: &ImproveLog) -> Vec<(String, Vec<String>)>
         ));
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(extra: &[&str]) -> Args {
+        let base = ["improve", "--adapter", "a", "--out", "o", "--rounds", "1"];
+        Command::parse_from(base.iter().chain(extra)).args
+    }
+
+    /// Each round trains with the run's decision weight; at 1 the flag is left out, as `train`
+    /// defaults to it.
+    #[test]
+    fn rounds_train_with_the_runs_decision_weight() {
+        let data = [PathBuf::from("d.jsonl")];
+        let weighted = train_command(&args(&["--decision-weight", "3"]), 1, Path::new("a"), &data);
+        let at = weighted
+            .iter()
+            .position(|w| w == "--decision-weight")
+            .expect("the flag");
+        assert_eq!(weighted[at + 1], "3");
+        let plain = train_command(&args(&[]), 1, Path::new("a"), &data);
+        assert!(!plain.iter().any(|w| w == "--decision-weight"), "{plain:?}");
+    }
 }
