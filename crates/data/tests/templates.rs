@@ -158,9 +158,11 @@ fn llama31_renders_tools_calls_and_results_as_transformers() {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let messages: Vec<teamtune_data::Message> =
         serde_json::from_value(reference["messages"].clone()).unwrap();
-    let mut options = TemplateOptions::default();
-    options.bos_token = Some("<|begin_of_text|>".into());
-    options.eos_token = Some("<|eot_id|>".into());
+    let options = TemplateOptions {
+        bos_token: Some("<|begin_of_text|>".into()),
+        eos_token: Some("<|eot_id|>".into()),
+        ..Default::default()
+    };
     let t = ChatTemplate::builtin(BuiltinTemplate::Llama31, options).unwrap();
     assert!(t.renders_tools());
     let text = t

@@ -141,6 +141,24 @@ fn a_model_held_as_blocks_refuses_to_merge() {
     );
 }
 
+/// Loading with a quantisation (what `--quantize` does) puts the model on it, whichever kind.
+#[test]
+fn loading_with_a_quantisation_applies_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = mixed_types(dir.path());
+    for q in [
+        Quantization::Requantize(GgmlDType::Q8_0),
+        Quantization::Requantize(GgmlDType::Q4_0),
+        Quantization::GgufAsStored,
+    ] {
+        let m =
+            LoadedModel::load_quantized(path.to_str().unwrap(), DType::F32, &Device::Cpu, Some(q))
+                .unwrap();
+        assert_eq!(m.model.quantized(), Some(q));
+    }
+    assert_eq!(load(&path).model.quantized(), None);
+}
+
 #[test]
 fn gguf_blocks_of_a_folder_model_are_refused_in_plain_words() {
     // The folder has no tokenizer; the GGUF's serves (quantize does not use it).

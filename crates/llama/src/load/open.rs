@@ -119,8 +119,9 @@ impl LoadedModel {
         Self::load_quantized(spec, dtype, device, None)
     }
 
-    /// [`Self::load`], then [`Self::quantize`] with `quantize`, which is checked against the
-    /// files before any weight is read.
+    /// [`Self::load`] with the inference path on `quantize`'s weights (as [`Self::quantize`]
+    /// puts it), checked against the files before any weight is read. A GGUF's blocks kept
+    /// as stored are read as such, never as a dense copy first.
     pub fn load_quantized(
         spec: &str,
         dtype: DType,
@@ -137,7 +138,10 @@ impl LoadedModel {
             WeightSource::Safetensors { .. } => ChatAssets::load(&files, &config.eos_token_ids)?,
         };
         assets.check_fits(config.vocab_size)?;
-        let model = read_weights(&files, &config, &weights, dtype, device, quantize)?;
+        let mut model = read_weights(&files, &config, &weights, dtype, device, quantize)?;
+        if let Some(Quantization::Requantize(q)) = quantize {
+            model.quantize_for_inference(q)?;
+        }
         Ok(LoadedModel {
             model,
             assets,
