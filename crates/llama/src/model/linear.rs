@@ -58,13 +58,11 @@ impl Linear {
     /// The dense weight `[out, in]` (for training, merges and exports); an error for a
     /// projection held only as a file's blocks.
     pub fn weight(&self) -> Result<&Tensor> {
-        self.weight.as_ref().ok_or_else(|| {
-            LlamaError::Shape(
-                "the model holds its weights as the GGUF file's blocks (--quantize gguf); \
-                 training, merging and exporting need the dense weights (load it without \
-                 --quantize)"
-                    .into(),
-            )
+        self.weight.as_ref().ok_or_else(|| LlamaError::File {
+            path: "--quantize gguf".into(),
+            message: "the model holds its weights as the GGUF file's blocks; training, merging \
+                      and exporting need the dense weights (load it without --quantize)"
+                .into(),
         })
     }
 
