@@ -251,13 +251,7 @@ mod tests {
             GgmlDType::Q6K,
         ] {
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let want = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let want = ggml_values(&q);
             let rows = rows_of(&q).unwrap().expect("a kernel");
             let got = rows.dequantize();
             assert_eq!(got.len(), want.len());
@@ -269,35 +263,38 @@ mod tests {
         assert!(rows_of(&q5k).unwrap().is_none());
     }
 
-    /// Q4_K's packed scales reach every bit: a super-block whose 6-bit scales and minima are all
-    /// different (written by hand, not by a quantiser) dequantises as candle does.
+    /// The values candle (ggml's dequantisers) gives a quantised tensor.
+    fn ggml_values(q: &QTensor) -> Vec<f32> {
+        let t = q.dequantize(&Device::Cpu).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// Every bit of a super-block's packing reached: blocks of arbitrary bytes (not a
+    /// quantiser's output: all scales and minima different, negative Q6_K scales), with a
+    /// finite `d` (and `dmin`), dequantise as candle does.
     #[test]
-    fn q4k_scales_and_minima_unpack_as_ggml_does() {
-        let mut block = vec![0u8; 144];
-        block[..2].copy_from_slice(&f16::from_f32(0.03125).to_le_bytes());
-        block[2..4].copy_from_slice(&f16::from_f32(-0.5).to_le_bytes());
-        for (i, b) in block[4..].iter_mut().enumerate() {
-            *b = (i as u8).wrapping_mul(37).wrapping_add(11);
-        }
-        let q = QTensor::new(
-            candle_core::quantized::QStorage::from_data(
+    fn k_quant_blocks_of_any_bytes_unpack_as_ggml_does() {
+        for (dtype, size, halves) in [
+            (GgmlDType::Q4K, 144, [0, 2]),
+            (GgmlDType::Q6K, 210, [208, 208]),
+        ] {
+            let mut block: Vec<u8> = (0..size)
+                .map(|i| (i as u8).wrapping_mul(37).wrapping_add(11))
+                .collect();
+            block[halves[0]..halves[0] + 2].copy_from_slice(&f16::from_f32(0.03125).to_le_bytes());
+            if halves[1] != halves[0] {
+                block[halves[1]..halves[1] + 2].copy_from_slice(&f16::from_f32(-0.5).to_le_bytes());
+            }
+            let storage = candle_core::quantized::QStorage::from_data(
                 std::borrow::Cow::Borrowed(&block),
                 &Device::Cpu,
-                GgmlDType::Q4K,
+                dtype,
             )
-            .unwrap(),
-            (1, 256),
-        )
-        .unwrap();
-        let want = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
             .unwrap();
-        let got = rows_of(&q).unwrap().unwrap().dequantize();
-        assert_eq!(got, want);
+            let q = QTensor::new(storage, (1, 256)).unwrap();
+            let got = rows_of(&q).unwrap().unwrap().dequantize();
+            assert_eq!(got, ggml_values(&q), "{dtype:?}");
+        }
     }
 
     #[test]
