@@ -122,6 +122,41 @@ fn a_gguf_decodes_with_its_own_blocks_within_the_activations_rounding() {
     }
 }
 
+/// A LoRA adapter on a model held as blocks adds its term on top of the stored projections:
+/// the adapted logits within the same rounding of the dense model's with the same adapter,
+/// and away from the unadapted ones.
+#[test]
+fn an_adapter_applies_on_top_of_the_stored_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = mixed_types(dir.path());
+    let adapter = common::fixtures().join("tiny-lora");
+    let (mut dense, mut stored) = (load(&path), load(&path));
+    stored.quantize(Quantization::GgufAsStored).unwrap();
+    let prompt: Vec<u32> = (0..30).map(|i| (i * 11 + 5) % 200).collect();
+    let plain = decode_step(&stored, &prompt, 9);
+    for m in [&mut dense, &mut stored] {
+        m.model.load_adapter("a", &adapter).unwrap();
+        m.model.set_active_adapter(Some("a")).unwrap();
+    }
+    let (want, got) = (
+        decode_step(&dense, &prompt, 9),
+        decode_step(&stored, &prompt, 9),
+    );
+    let mean_rel = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| ((x - y).abs() / (y.abs() + 1e-3)) as f64)
+            .sum::<f64>()
+            / b.len() as f64
+    };
+    assert!(mean_rel(&got, &want) < 1e-3, "{:e}", mean_rel(&got, &want));
+    assert!(
+        mean_rel(&got, &plain) > 1e-2,
+        "{:e}: the adapter did nothing",
+        mean_rel(&got, &plain)
+    );
+}
+
 /// Without a dense copy, what needs one (a merge here; training and exports alike) is refused
 /// in plain words, and the model is left as it was.
 #[test]
