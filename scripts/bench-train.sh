@@ -6,7 +6,8 @@
 # faults and system time).
 #   scripts/bench-train.sh [SEQ...]      (default: 512 2048)
 # Env: STEPS (timed steps per process, default 3), CHECKPOINTING (default "0 1"), ATTN (PEFT's
-# attention implementations, default "sdpa eager"; empty: teamtune only).
+# attention implementations, default "sdpa eager"; empty: teamtune only), BASE_DTYPE (teamtune's
+# frozen projections, default "f32 bf16": bf16 is `train --base-dtype bf16`, AVX512-BF16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-default-model.sh >/dev/null
@@ -23,10 +24,14 @@ echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 seqs=("$@"); [ ${#seqs[@]} -eq 0 ] && seqs=(512 2048)
 for seq in "${seqs[@]}"; do
   for ckpt in ${CHECKPOINTING:-0 1}; do
-    TEAMTUNE_BENCH_SEQ=$seq TEAMTUNE_BENCH_STEPS=$steps TEAMTUNE_BENCH_CHECKPOINTING=$ckpt "$bench" | tail -1
+    for base in ${BASE_DTYPE-f32 bf16}; do
+      TEAMTUNE_BENCH_SEQ=$seq TEAMTUNE_BENCH_STEPS=$steps TEAMTUNE_BENCH_CHECKPOINTING=$ckpt \
+        TEAMTUNE_BENCH_BASE_DTYPE=$base /usr/bin/time -f '{"wall_s": %e, "max_rss_kib": %M, "minor_faults": %R, "system_s": %S}' "$bench" 2>&1 | tail -2
+    done
     flag=""; [ "$ckpt" = 1 ] && flag="--checkpointing"
     for attn in ${ATTN-sdpa eager}; do
-      "$py" scripts/bench_lora_reference.py --seq "$seq" --steps "$steps" --attn "$attn" $flag 2>/dev/null | tail -1
+      /usr/bin/time -f '{"wall_s": %e, "max_rss_kib": %M, "minor_faults": %R, "system_s": %S}' \
+        "$py" scripts/bench_lora_reference.py --seq "$seq" --steps "$steps" --attn "$attn" $flag 2>&1 | tail -2
     done
   done
 done

@@ -2,7 +2,8 @@
 //! one sequence of `TEAMTUNE_BENCH_SEQ` tokens (default 512) per optimizer step, the study's
 //! adapter (r 8, alpha 16, dropout 0.2, all seven projections), forward + backward + clipping +
 //! AdamW. One warm-up step, then `TEAMTUNE_BENCH_STEPS` (default 3) timed steps.
-//! `TEAMTUNE_BENCH_CHECKPOINTING=1` turns on gradient checkpointing.
+//! `TEAMTUNE_BENCH_CHECKPOINTING=1` turns on gradient checkpointing;
+//! `TEAMTUNE_BENCH_BASE_DTYPE=bf16` freezes the projections in bf16 (`--base-dtype bf16`).
 //!
 //! Prints one JSON line: tokens/s of the best and the mean step, the process's minor page
 //! faults and system time, and its peak resident memory (model load included, as for the PEFT reference, which measures the same
@@ -40,12 +41,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seq: usize = env_or("TEAMTUNE_BENCH_SEQ", 512);
     let steps: usize = env_or("TEAMTUNE_BENCH_STEPS", 3);
     let checkpointing = env_or("TEAMTUNE_BENCH_CHECKPOINTING", 0u8) == 1;
+    let base_dtype: String = env_or("TEAMTUNE_BENCH_BASE_DTYPE", "f32".to_string());
     // As `teamtune train` does: candle's pool shares the cores with rayon's (first, before
     // any thread starts), and freed memory stays in the process.
     teamtune_llama::share_cores_with_candle();
     keep_freed_memory();
     let mut loaded = LoadedModel::load("", DType::F32, &Device::Cpu)?;
     let model = &mut loaded.model;
+    if base_dtype == "bf16" {
+        model.freeze_base_in_bf16()?;
+    }
     let lora = LoraConfig {
         rank: 8,
         alpha: 16.0,
@@ -104,6 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "impl": "teamtune",
             "seq": seq,
             "gradient_checkpointing": checkpointing,
+            "base_dtype": base_dtype,
             "threads": std::env::var("RAYON_NUM_THREADS").ok(),
             "steps": steps,
             "tokens_per_s_best": seq as f64 / best,

@@ -566,3 +566,51 @@ fn decision_tokens_are_weighted_in_the_training_loss_only() {
     let plain = nll.iter().sum::<f64>() / b.trained_tokens() as f64;
     assert!((eval - plain).abs() < 1e-5 * plain, "{eval} vs {plain}");
 }
+
+/// `--base-dtype bf16`: the frozen projections' products with bf16 operands move the loss
+/// and the gradients by bf16's rounding only (a relative 2^-8 per operand), gradient
+/// checkpointing stays exact on top of it, and a merge is refused by name.
+#[test]
+fn a_bf16_base_moves_loss_and_gradients_by_bf16_rounding_only() {
+    let mut f32_model = model_with_dropout(1, 0.2);
+    let mut bf16_model = model_with_dropout(1, 0.2);
+    let theirs = bf16_model.adapter("train").unwrap().vars();
+    for (v, w) in f32_model
+        .adapter("train")
+        .unwrap()
+        .vars()
+        .iter()
+        .zip(theirs)
+    {
+        v.set(&Tensor::randn(0f32, 0.05, v.dims(), &Device::Cpu).unwrap())
+            .unwrap();
+        w.set(v.as_tensor()).unwrap();
+    }
+    bf16_model.freeze_base_in_bf16().unwrap();
+    let window = data();
+    let cfg = config(1e-3);
+    let (l32, g32) = grads_of(&mut f32_model, &window, &cfg, 3);
+    let (l16, g16) = grads_of(&mut bf16_model, &window, &cfg, 3);
+    let rel = (l32 - l16).abs() / l32;
+    assert!(rel > 0.0, "the bf16 base changed nothing: is it applied?");
+    assert!(rel < 1e-2, "loss {l32} (f32) vs {l16} (bf16 base)");
+    let (diff, scale) = max_abs_diff(&g16, &g32);
+    assert!(
+        diff > 0.0 && diff <= 0.05 * scale,
+        "max diff {diff} at scale {scale}"
+    );
+    // Every factor still gets a gradient through the bf16 input gradients.
+    assert!(g16.iter().all(|g| g.iter().any(|&x| x != 0.0)));
+
+    let ckpt = TrainConfig {
+        gradient_checkpointing: true,
+        ..cfg.clone()
+    };
+    let (l_ckpt, g_ckpt) = grads_of(&mut bf16_model, &window, &ckpt, 3);
+    assert!((l_ckpt - l16).abs() <= 1e-6 * l16, "{l_ckpt} vs {l16}");
+    let (diff, scale) = max_abs_diff(&g_ckpt, &g16);
+    assert!(diff <= 1e-5 * scale, "max diff {diff} at scale {scale}");
+
+    let merge = bf16_model.merge_adapter("train").unwrap_err().to_string();
+    assert!(merge.contains("--base-dtype bf16"), "{merge}");
+}

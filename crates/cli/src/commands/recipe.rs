@@ -47,6 +47,9 @@ pub struct Recipe {
     /// Weight in the training loss of decision tokens (the values of a reply's
     /// [`DECISION_FIELDS`]) against 1 for the other trained tokens; 1: no weighting.
     pub decision_weight: f32,
+    /// The frozen projections' arithmetic on the CPU: `f32`, or `bf16` (bf16 products with
+    /// f32 sums, AVX512-BF16; the adapter stays f32).
+    pub base_dtype: String,
     pub seed: u64,
 }
 
@@ -91,6 +94,7 @@ impl Default for Recipe {
             checkpoint_every: train.checkpoint_every,
             gradient_checkpointing: train.gradient_checkpointing,
             decision_weight: train.decision_weight,
+            base_dtype: "f32".into(),
             seed: train.seed,
         }
     }
@@ -169,6 +173,11 @@ pub struct RecipeFlags {
     /// [default: 1].
     #[arg(long)]
     pub decision_weight: Option<f32>,
+    /// The frozen projections on the CPU in f32, or in bf16 (bf16 products with f32 sums on
+    /// CPUs with AVX512-BF16; the adapter, its gradients and the optimizer stay f32; on a GPU
+    /// load the model with --dtype bf16 instead) [default: f32].
+    #[arg(long)]
+    pub base_dtype: Option<String>,
     /// Seed of the split, data order, adapter init and dropout masks [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -215,6 +224,7 @@ impl Recipe {
             validation_fraction,
             gradient_checkpointing,
             decision_weight,
+            base_dtype,
             seed
         );
         // The micro-batch follows a smaller batch size unless it is given too.
@@ -273,6 +283,13 @@ impl Recipe {
                 format!(
                     "--micro-batch ({}) cannot be larger than --batch-size ({})",
                     self.micro_batch, self.batch_size
+                ),
+            ),
+            (
+                ["f32", "bf16"].contains(&self.base_dtype.as_str()),
+                format!(
+                    "--base-dtype must be f32 or bf16 (got `{}`)",
+                    self.base_dtype
                 ),
             ),
             (

@@ -188,6 +188,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.model.quantize.is_some() {
         bail!("--quantize is an inference path; training needs the dense weights");
     }
+    if recipe.base_dtype == "bf16" && !args.model.device.eq_ignore_ascii_case("cpu") {
+        bail!(
+            "--base-dtype bf16 is the CPU's bf16 path; on --device {} load the model in bf16 \
+             with --dtype bf16 instead",
+            args.model.device
+        );
+    }
     if let Some(init) = &args.init_adapter {
         // The run writes --out/adapter: never over the adapter it starts from.
         if teamtune_formats::same_path(init, &args.out.join("adapter")) {
@@ -226,6 +233,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let r = &recipe;
     keep_freed_memory();
     let mut loaded = args.model.load()?;
+    if r.base_dtype == "bf16" {
+        loaded
+            .model
+            .freeze_base_in_bf16()
+            .context("--base-dtype bf16")?;
+    }
     // Unless given, conversations are cut at the model's context, or at a micro-batch's token
     // budget when that is smaller (a longer one could not be trained).
     let max_len = r.max_len.unwrap_or(

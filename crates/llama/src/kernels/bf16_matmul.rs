@@ -95,6 +95,12 @@ impl PackedBf16 {
         self.k
     }
 
+    /// The bytes of the packed weight.
+    #[cfg(test)]
+    pub fn packed_bytes(&self) -> usize {
+        self.panels.len() * std::mem::size_of::<u32>()
+    }
+
     /// Whether this CPU runs the AVX512-BF16 kernel (otherwise a portable loop gives the same
     /// bf16 products, much slower).
     pub fn has_fast_kernel() -> bool {

@@ -7,6 +7,9 @@ use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
 };
 
+use std::sync::Arc;
+
+use crate::kernels::bf16_base::Bf16Base;
 use crate::kernels::dropout::apply_dropout;
 
 use super::cpu::{
@@ -32,7 +35,7 @@ pub fn dropout_matmul(x: &Tensor, a: &Tensor, p: f32, seed: u64) -> Result<Tenso
 /// output, `h B^T` and its scaled copy are not stored). Gradients flow to `x`, `h` and `b`.
 pub fn lora_linear(x: &Tensor, w: &Tensor, h: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
     let op = LoraLinear {
-        w: w.clone(),
+        base: FrozenBase::Dense(w.clone()),
         scale,
     };
     if !x.device().is_cpu() {
@@ -40,6 +43,22 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, h: &Tensor, b: &Tensor, scale: f64) -
         let u = (h.matmul(&b.t()?)? * scale)?.to_dtype(y.dtype())?;
         return y + u;
     }
+    x.apply_op3(h, b, op)
+}
+
+/// [`lora_linear`] with the frozen weight in bf16 ([`Bf16Base`], CPU and f32 `x` only): the
+/// base output and the input gradient through bf16 products, the adapter's part in f32.
+pub(crate) fn lora_linear_bf16(
+    x: &Tensor,
+    base: &Arc<Bf16Base>,
+    h: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = LoraLinear {
+        base: FrozenBase::Bf16(base.clone()),
+        scale,
+    };
     x.apply_op3(h, b, op)
 }
 
@@ -134,9 +153,61 @@ impl CustomOp2 for DropoutMatmul {
     }
 }
 
+/// The frozen weight of a [`LoraLinear`]: dense in the model's dtype, or packed in bf16.
+#[derive(Debug, Clone)]
+enum FrozenBase {
+    Dense(Tensor),
+    Bf16(Arc<Bf16Base>),
+}
+
+impl FrozenBase {
+    /// `x W^T` on the CPU, `[n, out]` in the dtype of `x`.
+    fn forward_cpu(&self, x: &CpuStorage, lx: &Layout, out: usize) -> Result<CpuStorage> {
+        let (n, k) = lx.shape().dims2()?;
+        match self {
+            FrozenBase::Dense(w) => {
+                let (w_storage, lw) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(ws) = &*w_storage else {
+                    bail!("lora-linear: the frozen weight is not on the CPU")
+                };
+                if lw.dims() != [out, k] {
+                    bail!(
+                        "lora-linear: x {:?} does not fit weight {:?}",
+                        lx.shape(),
+                        lw.shape()
+                    )
+                }
+                Ok(frozen_matmul_cpu(x, lx, ws, lw)?.0)
+            }
+            FrozenBase::Bf16(p) => {
+                if (p.rows(), p.cols()) != (out, k) {
+                    bail!(
+                        "lora-linear: x {:?} does not fit weight [{}, {}]",
+                        lx.shape(),
+                        p.rows(),
+                        p.cols()
+                    )
+                }
+                let CpuStorage::F32(xs) = copy_as(x, lx, DType::F32)? else {
+                    bail!("lora-linear: the bf16 base takes f32 input")
+                };
+                Ok(CpuStorage::F32(p.matmul_t(&xs, n)))
+            }
+        }
+    }
+
+    /// `g W`, the input gradient.
+    fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        match self {
+            FrozenBase::Dense(w) => grad.matmul(w),
+            FrozenBase::Bf16(p) => p.input_grad_tensor(grad),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct LoraLinear {
-    w: Tensor,
+    base: FrozenBase,
     scale: f64,
 }
 
@@ -157,20 +228,15 @@ impl CustomOp3 for LoraLinear {
         let (n, k) = lx.shape().dims2()?;
         let (nh, r) = lh.shape().dims2()?;
         let (out, rb) = lb.shape().dims2()?;
-        let (w_storage, lw) = self.w.storage_and_layout();
-        let candle_core::Storage::Cpu(w) = &*w_storage else {
-            bail!("lora-linear: the frozen weight is not on the CPU")
-        };
-        if lw.dims() != [out, k] || nh != n || rb != r || h.dtype() != b.dtype() {
+        if nh != n || rb != r || h.dtype() != b.dtype() {
             bail!(
-                "lora-linear: x {:?}, weight {:?}, h {:?}, b {:?} do not fit",
+                "lora-linear: x {:?} [.., {k}], h {:?}, b {:?} do not fit",
                 lx.shape(),
-                lw.shape(),
                 lh.shape(),
                 lb.shape()
             )
         }
-        let (y, _) = frozen_matmul_cpu(x, lx, w, lw)?;
+        let y = self.base.forward_cpu(x, lx, out)?;
         let u = match h.matmul(b, (1, n, out, r), lh, &lb.transpose(0, 1)?)? {
             CpuStorage::F32(mut v) => {
                 scale_in_place(&mut v, self.scale);
@@ -205,7 +271,7 @@ impl CustomOp3 for LoraLinear {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = grad.matmul(&self.w)?;
+        let dx = self.base.input_grad(grad)?;
         let gs = (grad.to_dtype(h.dtype())? * self.scale)?;
         let dh = gs.matmul(b)?;
         let db = gs.t()?.matmul(h)?;

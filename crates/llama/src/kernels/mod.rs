@@ -45,6 +45,7 @@
 //! devices the functions fall back to the composed ops (no CUDA kernels yet).
 
 mod attention;
+pub(crate) mod bf16_base;
 pub(crate) mod bf16_matmul;
 mod cpu;
 mod cross_entropy;
@@ -62,6 +63,7 @@ mod tiled_attention;
 pub use attention::attention_probs;
 pub use cross_entropy::linear_cross_entropy;
 pub use dropout::{apply_dropout, dropout_mask, mix_seed, seeded_dropout};
+pub(crate) use lora_matmul::lora_linear_bf16;
 pub use lora_matmul::{dropout_matmul, lora_linear, FrozenMatmul};
 pub use norm_rope::{rms_norm, rope};
 pub use swiglu::silu_mul;

@@ -9,6 +9,7 @@ use candle_nn::ops;
 
 use super::llama::Mode;
 use crate::error::{LlamaError, Result};
+use crate::kernels::bf16_base::{Bf16Base, Bf16FrozenMatmul};
 use crate::kernels::bf16_matmul::PackedBf16;
 use crate::kernels::dropout::seeded_dropout;
 use crate::kernels::lora_rows::{add_lora_rows, RowGroup};
@@ -32,6 +33,9 @@ pub struct Linear {
     /// Quantised off the CPU (candle's kernels: activations quantised too).
     quantized: Option<QMatMul>,
     bf16: Option<Arc<PackedBf16>>,
+    /// The frozen base of training in bf16 (`--base-dtype bf16`): forward and input gradient
+    /// through bf16 products, in place of the dense weight.
+    bf16_base: Option<Arc<Bf16Base>>,
 }
 
 impl Linear {
@@ -41,6 +45,7 @@ impl Linear {
             quant_rows: None,
             quantized: None,
             bf16: None,
+            bf16_base: None,
         }
     }
 
@@ -52,18 +57,57 @@ impl Linear {
             quant_rows: Some(rows),
             quantized: None,
             bf16: None,
+            bf16_base: None,
         }
     }
 
     /// The dense weight `[out, in]` (for training, merges and exports); an error for a
     /// projection held only as a file's blocks.
     pub fn weight(&self) -> Result<&Tensor> {
-        self.weight.as_ref().ok_or_else(|| LlamaError::File {
-            path: "--quantize gguf".into(),
-            message: "the model holds its weights as the GGUF file's blocks; training, merging \
-                      and exporting need the dense weights (load it without --quantize)"
-                .into(),
+        if let Some(w) = &self.weight {
+            return Ok(w);
+        }
+        Err(if self.bf16_base.is_some() {
+            LlamaError::Config {
+                path: "--base-dtype bf16".into(),
+                message: "the model holds its frozen projections in bf16 for training; merging \
+                          and exporting need the dense weights (load the model again)"
+                    .into(),
+            }
+        } else {
+            LlamaError::File {
+                path: "--quantize gguf".into(),
+                message: "the model holds its weights as the GGUF file's blocks; training, \
+                          merging and exporting need the dense weights (load it without \
+                          --quantize)"
+                    .into(),
+            }
         })
+    }
+
+    /// Freezes the projection in bf16 for training on the CPU: the dense weight is replaced by
+    /// its two bf16 packs (forward and input gradient), the same bytes as the f32 weight.
+    pub(super) fn freeze_in_bf16(&mut self) -> Result<()> {
+        if self.bf16_base.is_some() {
+            return Ok(());
+        }
+        let w = self.weight()?;
+        if !w.device().is_cpu() {
+            return Err(LlamaError::Config {
+                path: "--base-dtype".into(),
+                message: "bf16 is the CPU's bf16 dot-product path; on a GPU load the model \
+                          with --dtype bf16"
+                    .into(),
+            });
+        }
+        let (n, k) = w.dims2()?;
+        let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.bf16_base = Some(Arc::new(Bf16Base::new(&values, n, k)));
+        self.weight = None;
+        self.quant_rows = None;
+        self.quantized = None;
+        self.bf16 = None;
+        Ok(())
     }
 
     /// Replaces the dense weight (a merge), dropping what was derived from the old one.
@@ -74,6 +118,12 @@ impl Linear {
 
     pub(super) fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         self.dequantize();
+        if self.bf16_base.is_some() {
+            return Err(LlamaError::Config {
+                path: "--quantize".into(),
+                message: "the model's projections are frozen in bf16 for training".into(),
+            });
+        }
         let w = self.weight()?.to_dtype(DType::F32)?;
         if dtype == GgmlDType::BF16 {
             if !w.device().is_cpu() {
@@ -211,6 +261,17 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         let (rows, inner) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+        if let Some(base) = &self.bf16_base {
+            // Differentiable: a projection without an adapter passes the input gradient on.
+            let x2 = x
+                .to_dtype(DType::F32)?
+                .reshape((rows, inner))?
+                .contiguous()?;
+            let y = x2.apply_op1(Bf16FrozenMatmul(base.clone()))?;
+            let mut out = dims.to_vec();
+            *out.last_mut().unwrap() = base.rows();
+            return y.reshape(out)?.to_dtype(x.dtype());
+        }
         if let Some(packed) = &self.bf16 {
             // Every row count: bf16 products are twice an f32 FMA's per instruction, so the
             // prefill gains too, not only the weight-bound decode steps.
@@ -389,10 +450,20 @@ impl Linear {
             Some(seed) => train_ops::dropout_matmul(&xf, a, lora.dropout, seed)?,
             None => ops::dropout(&xf, lora.dropout)?.matmul(&a.t()?)?,
         };
-        let weight = self.weight()?;
-        let y = train_ops::lora_linear(&x2, weight, &h, lora.pair.b.as_tensor(), lora.scale)?;
+        let b = lora.pair.b.as_tensor();
+        let (y, rows) = match &self.bf16_base {
+            Some(base) => (
+                train_ops::lora_linear_bf16(&xf, base, &h, b, lora.scale)?,
+                base.rows(),
+            ),
+            None => {
+                let weight = self.weight()?;
+                let y = train_ops::lora_linear(&x2, weight, &h, b, lora.scale)?;
+                (y, weight.dim(0)?)
+            }
+        };
         let mut out = dims;
-        *out.last_mut().unwrap() = weight.dim(0)?;
+        *out.last_mut().unwrap() = rows;
         Ok(y.reshape(out)?)
     }
 }

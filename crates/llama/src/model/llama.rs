@@ -258,6 +258,33 @@ impl Llama {
         Ok(())
     }
 
+    /// Freezes every decoder projection in bf16 for LoRA training on the CPU (`--base-dtype
+    /// bf16`): the forward and the input gradient of each run through AVX512-BF16's dot
+    /// products (bf16 operands, f32 sums), in place of the f32 weights. The embedding, the LM
+    /// head, the norms and the adapters stay f32. Merging and exporting then need the model
+    /// loaded again.
+    pub fn freeze_base_in_bf16(&mut self) -> Result<()> {
+        if !PackedBf16::has_fast_kernel() {
+            tracing::warn!(
+                "this CPU lacks AVX512-BF16: the bf16 base runs a portable loop, much slower than f32"
+            );
+        }
+        for b in &mut self.blocks {
+            let a = &mut b.self_attn;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                l.freeze_in_bf16()?;
+            }
+            for l in [
+                &mut b.mlp.gate_proj,
+                &mut b.mlp.up_proj,
+                &mut b.mlp.down_proj,
+            ] {
+                l.freeze_in_bf16()?;
+            }
+        }
+        Ok(())
+    }
+
     /// The quantisation of the inference path, if any.
     pub fn quantized(&self) -> Option<Quantization> {
         self.quantized

@@ -1,0 +1,188 @@
+//! The frozen base of LoRA training in bf16 (`teamtune train --base-dtype bf16`): a
+//! projection's weight `W [out, in]` packed twice for the bf16 dot products of
+//! [`super::bf16_matmul`], once as itself for the forward `x W^T` and once transposed for the
+//! input gradient `g W` (which is `g (W^T)^T`). The weight itself never trains, so nothing
+//! else of it is kept: the two packs take the bytes of the f32 weight they replace.
+//!
+//! The arithmetic is bf16 mixed precision as GPUs run it: both operands of every product
+//! rounded to bf16 (8 significant bits), sums in f32. The LoRA factors, their products and
+//! gradients, and everything outside the frozen projections stay f32.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+
+use super::bf16_matmul::PackedBf16;
+
+/// A frozen `W [out, in]` in bf16, laid out for its forward and for its input gradient.
+#[derive(Debug)]
+pub(crate) struct Bf16Base {
+    /// `W` as `[out, in]`: `x W^T`.
+    forward: PackedBf16,
+    /// `W^T` as `[in, out]`: `g W = g (W^T)^T`.
+    backward: PackedBf16,
+}
+
+impl Bf16Base {
+    /// Packs the row-major f32 `w [out, in]`.
+    pub(crate) fn new(w: &[f32], out: usize, inner: usize) -> Self {
+        let mut t = vec![0f32; w.len()];
+        for (o, row) in w.chunks_exact(inner.max(1)).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                t[i * out + o] = v;
+            }
+        }
+        Bf16Base {
+            forward: PackedBf16::new(w, out, inner),
+            backward: PackedBf16::new(&t, inner, out),
+        }
+    }
+
+    /// Output features.
+    pub(crate) fn rows(&self) -> usize {
+        self.forward.rows()
+    }
+
+    /// Input features.
+    pub(crate) fn cols(&self) -> usize {
+        self.forward.cols()
+    }
+
+    /// `x [m, in] W^T` as `[m, out]`.
+    pub(crate) fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.forward.matmul_t(x, m)
+    }
+
+    /// `g [m, out] W` as `[m, in]`.
+    pub(crate) fn input_grad(&self, g: &[f32], m: usize) -> Vec<f32> {
+        self.backward.matmul_t(g, m)
+    }
+
+    /// The input gradient of a `[m, out]` f32 tensor as a detached `[m, in]` tensor.
+    pub(crate) fn input_grad_tensor(&self, grad: &Tensor) -> Result<Tensor> {
+        let (m, out) = grad.dims2()?;
+        if out != self.rows() {
+            candle_core::bail!(
+                "bf16 base: gradient [{m}, {out}] does not fit weight [{}, {}]",
+                self.rows(),
+                self.cols()
+            );
+        }
+        let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Tensor::from_vec(self.input_grad(&g, m), (m, self.cols()), grad.device())
+    }
+}
+
+/// `x [m, in] W^T` through a [`Bf16Base`], with the input gradient `g W` through its
+/// transposed pack (f32 `x` on the CPU). The weight gets no gradient.
+pub(crate) struct Bf16FrozenMatmul(pub(crate) Arc<Bf16Base>);
+
+impl CustomOp1 for Bf16FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "bf16-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let (CpuStorage::F32(xs), Some((x0, x1))) = (s, l.contiguous_offsets()) else {
+            candle_core::bail!("bf16 base: needs a contiguous f32 input");
+        };
+        if k != self.0.cols() {
+            candle_core::bail!(
+                "bf16 base: input [{m}, {k}] does not fit weight [{}, {}]",
+                self.0.rows(),
+                self.0.cols()
+            );
+        }
+        let out = self.0.matmul_t(&xs[x0..x1], m);
+        Ok((CpuStorage::F32(out), Shape::from((m, self.0.rows()))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.input_grad_tensor(grad)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::bf16_matmul::{bf16_bits, bf16_value};
+    use candle_core::{Device, Var};
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(11);
+                (h % 20001) as f32 / 10000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn rounded(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| bf16_value(bf16_bits(x))).collect()
+    }
+
+    #[test]
+    fn forward_and_input_gradient_are_the_products_of_the_rounded_operands() {
+        // Odd sizes: partial panels, an odd inner size (a zero partner in the last pair).
+        let (m, out, inner) = (7, 37, 53);
+        let (x, w) = (values(m * inner, 1), values(out * inner, 2));
+        let base = Arc::new(Bf16Base::new(&w, out, inner));
+        let dev = Device::Cpu;
+        let xv = Var::from_vec(x.clone(), (m, inner), &dev).unwrap();
+        let y = xv
+            .as_tensor()
+            .apply_op1(Bf16FrozenMatmul(base.clone()))
+            .unwrap();
+        let g = values(m * out, 3);
+        let gt = Tensor::from_vec(g.clone(), (m, out), &dev).unwrap();
+        let grads = (y.clone() * &gt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dx = grads.get(xv.as_tensor()).unwrap().flatten_all().unwrap();
+        let (y, dx) = (
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            dx.to_vec1::<f32>().unwrap(),
+        );
+        // The references in f64 from the bf16-rounded operands.
+        let (xr, wr, gr) = (rounded(&x), rounded(&w), rounded(&g));
+        for r in 0..m {
+            for o in 0..out {
+                let e: f64 = (0..inner)
+                    .map(|i| xr[r * inner + i] as f64 * wr[o * inner + i] as f64)
+                    .sum();
+                let got = y[r * out + o] as f64;
+                assert!(
+                    (got - e).abs() < 1e-5 * (1.0 + e.abs()),
+                    "y[{r},{o}] {got} vs {e}"
+                );
+            }
+            for i in 0..inner {
+                let e: f64 = (0..out)
+                    .map(|o| gr[r * out + o] as f64 * wr[o * inner + i] as f64)
+                    .sum();
+                let got = dx[r * inner + i] as f64;
+                assert!(
+                    (got - e).abs() < 1e-5 * (1.0 + e.abs()),
+                    "dx[{r},{i}] {got} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_weights_bytes_are_those_of_f32_and_no_more() {
+        // Two bf16 packs of a weight whose sizes are multiples of the panel width: 2 bytes per
+        // value each, 4 in all, what the dense f32 weight took.
+        let (out, inner) = (64, 96);
+        let base = Bf16Base::new(&values(out * inner, 4), out, inner);
+        assert_eq!((base.rows(), base.cols()), (out, inner));
+        assert_eq!(
+            base.forward.packed_bytes() + base.backward.packed_bytes(),
+            out * inner * 4
+        );
+    }
+}
