@@ -307,7 +307,34 @@ fn a_bad_chat_template_is_named_by_its_flag() {
 /// naming the flag, before any model is read (`--model` names nothing here).
 #[test]
 fn new_flags_refuse_bad_values_before_loading() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
+        (
+            &[
+                "train",
+                "--data",
+                "x.jsonl",
+                "--out",
+                "/tmp/never",
+                "--base-dtype",
+                "f16",
+            ],
+            "--base-dtype must be f32 or bf16 (got `f16`)",
+        ),
+        (
+            &[
+                "train",
+                "--data",
+                "x.jsonl",
+                "--out",
+                "/tmp/never",
+                "--base-dtype",
+                "bf16",
+                "--device",
+                "cuda",
+            ],
+            "--base-dtype bf16 is the CPU's bf16 path; on --device cuda load the model in bf16 \
+             with --dtype bf16 instead",
+        ),
         (
             &["generate", "--prompt", "x", "--quantize", "q4_1"],
             "--quantize: invalid config: `q4_1` is not supported (q8_0, q4_0, bf16, gguf)",

@@ -51,6 +51,13 @@ pub fn on_compute_threads<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 }
 
 /// `cpu`, `cuda` or `cuda:N`.
+/// Whether this CPU has AVX512-BF16's dot products, which `--quantize bf16` and `train
+/// --base-dtype bf16` are built on (without them a portable loop gives the same products,
+/// many times slower than f32).
+pub fn cpu_has_bf16_dot_products() -> bool {
+    crate::kernels::bf16_matmul::PackedBf16::has_fast_kernel()
+}
+
 pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),

@@ -195,6 +195,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.model.device
         );
     }
+    if recipe.base_dtype == "bf16" && !teamtune_llama::cpu_has_bf16_dot_products() {
+        bail!(
+            "--base-dtype bf16 needs a CPU with AVX512-BF16 (bf16 dot products), which this one \
+             lacks: without them it would run many times slower than the default f32"
+        );
+    }
     if let Some(init) = &args.init_adapter {
         // The run writes --out/adapter: never over the adapter it starts from.
         if teamtune_formats::same_path(init, &args.out.join("adapter")) {
