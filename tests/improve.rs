@@ -520,3 +520,48 @@ fn improve_keeps_the_model_s_own_episodes_when_they_score() {
         "{report}"
     );
 }
+
+/// Conversations longer than `--max-len` are cut at a turn (or dropped when their first turn
+/// alone is longer), and the run says how many at its start and which flag changes it.
+#[test]
+fn train_warns_how_many_conversations_the_length_limit_cut_and_names_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = collect_conversations(dir.path());
+    let out = dir.path().join("run");
+    let run = command()
+        .args(["train", "--model", model.to_str().unwrap(), "--data", &data])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "1",
+        ])
+        .args([
+            "--min-score",
+            "0",
+            "--validation-fraction",
+            "0",
+            "--max-len",
+            "1200",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    let warning = err
+        .lines()
+        .find(|l| l.contains("were longer than 1200 tokens"))
+        .unwrap_or_else(|| panic!("no length warning: {err}"));
+    assert!(warning.contains("--max-len"), "{warning}");
+    let cut: usize = warning
+        .split(" were cut")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of cut conversations: {warning}"));
+    assert!(cut > 0, "{warning}");
+}

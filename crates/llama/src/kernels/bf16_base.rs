@@ -68,8 +68,18 @@ impl Bf16Base {
                 self.cols()
             );
         }
-        let g = grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Tensor::from_vec(self.input_grad(&g, m), (m, self.cols()), grad.device())
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let dx = {
+            // Read in place: a copy of a long sequence's gradient is tens of megabytes a call.
+            let (storage, layout) = grad.storage_and_layout();
+            let (candle_core::Storage::Cpu(CpuStorage::F32(g)), Some((g0, g1))) =
+                (&*storage, layout.contiguous_offsets())
+            else {
+                candle_core::bail!("bf16 base: the gradient is not f32 on the CPU");
+            };
+            self.input_grad(&g[g0..g1], m)
+        };
+        Tensor::from_vec(dx, (m, self.cols()), grad.device())
     }
 }
 

@@ -34,6 +34,8 @@
 //!   again, so neither the mask nor the dropped input is stored.
 //! - [`lora_linear`]: the frozen projection plus LoRA's up projection, `x W^T + scale h B^T`,
 //!   without storing the base output or the adapter's unscaled and scaled outputs.
+//!   With `--base-dtype bf16` the frozen weight is a pair of bf16 packs (`bf16_base`): the
+//!   forward and the input gradient as AVX512-BF16 products with f32 sums.
 //!
 //! Backwards return detached gradients: candle stores a `Var`'s gradient as returned, and one
 //! that carried its graph would keep that graph's tensors alive with it.

@@ -1,5 +1,6 @@
 //! The decoder's projections: [`Linear`] and its weight backends (dense through the frozen
-//! matmul, quantised, packed bf16), with a LoRA adapter on top when one is active.
+//! matmul, quantised, packed bf16, or frozen in bf16 for training), with a LoRA adapter on top
+//! when one is active.
 
 use std::sync::Arc;
 
@@ -61,8 +62,8 @@ impl Linear {
         }
     }
 
-    /// The dense weight `[out, in]` (for training, merges and exports); an error for a
-    /// projection held only as a file's blocks.
+    /// The dense weight `[out, in]` (for training, merges and exports); an error, naming the
+    /// flag, for a projection held only as a file's blocks or frozen in bf16 for training.
     pub fn weight(&self) -> Result<&Tensor> {
         if let Some(w) = &self.weight {
             return Ok(w);
