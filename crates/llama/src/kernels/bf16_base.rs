@@ -116,17 +116,9 @@ impl CustomOp1 for Bf16FrozenMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::bf16_matmul::tests::values;
     use crate::kernels::bf16_matmul::{bf16_bits, bf16_value};
     use candle_core::{Device, Var};
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(11);
-                (h % 20001) as f32 / 10000.0 - 1.0
-            })
-            .collect()
-    }
 
     fn rounded(v: &[f32]) -> Vec<f32> {
         v.iter().map(|&x| bf16_value(bf16_bits(x))).collect()

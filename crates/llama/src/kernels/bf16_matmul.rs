@@ -312,10 +312,11 @@ mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1] (also the bf16 base's tests' inputs).
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
                 let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13);
