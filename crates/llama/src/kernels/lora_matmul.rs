@@ -2,12 +2,13 @@
 //! gradient), LoRA's `dropout(x) A^T` ([`dropout_matmul`]) and the frozen projection plus the
 //! up projection ([`lora_linear`]).
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor,
 };
-
-use std::sync::Arc;
 
 use crate::kernels::bf16_base::Bf16Base;
 use crate::kernels::dropout::apply_dropout;
@@ -188,8 +189,13 @@ impl FrozenBase {
                         p.cols()
                     )
                 }
-                let CpuStorage::F32(xs) = copy_as(x, lx, DType::F32)? else {
-                    bail!("lora-linear: the bf16 base takes f32 input")
+                // Read in place when it can be: this runs for every projection of a step.
+                let xs = match (x, lx.contiguous_offsets()) {
+                    (CpuStorage::F32(v), Some((x0, x1))) => Cow::Borrowed(&v[x0..x1]),
+                    _ => match copy_as(x, lx, DType::F32)? {
+                        CpuStorage::F32(v) => Cow::Owned(v),
+                        _ => bail!("lora-linear: the bf16 base takes f32 input"),
+                    },
                 };
                 Ok(CpuStorage::F32(p.matmul_t(&xs, n)))
             }
