@@ -424,6 +424,9 @@ impl Worker {
             }));
             let failure = match outcome {
                 Ok(Ok(finished)) => {
+                    // Counted out before their replies go: a client that has its reply never
+                    // sees its row still running in /health.
+                    c.running.store(batch.len(), Ordering::SeqCst);
                     for f in finished {
                         self.answer(f);
                     }

@@ -149,27 +149,27 @@ mod tests {
             y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             dx.to_vec1::<f32>().unwrap(),
         );
-        // The references in f64 from the bf16-rounded operands.
+        // The references in f64 from the bf16-rounded operands: y = x W^T, dx = g W.
         let (xr, wr, gr) = (rounded(&x), rounded(&w), rounded(&g));
+        assert_products("y", &y, &xr, (m, out, inner), |o, i| wr[o * inner + i]);
+        assert_products("dx", &dx, &gr, (m, inner, out), |i, o| wr[o * inner + i]);
+    }
+
+    /// `got [m, n]` against `sum_p a[r, p] * b(j, p)` over `k` terms, in f64.
+    fn assert_products(
+        name: &str,
+        got: &[f32],
+        a: &[f32],
+        (m, n, k): (usize, usize, usize),
+        b: impl Fn(usize, usize) -> f32,
+    ) {
         for r in 0..m {
-            for o in 0..out {
-                let e: f64 = (0..inner)
-                    .map(|i| xr[r * inner + i] as f64 * wr[o * inner + i] as f64)
-                    .sum();
-                let got = y[r * out + o] as f64;
+            for j in 0..n {
+                let e: f64 = (0..k).map(|p| a[r * k + p] as f64 * b(j, p) as f64).sum();
+                let g = got[r * n + j] as f64;
                 assert!(
-                    (got - e).abs() < 1e-5 * (1.0 + e.abs()),
-                    "y[{r},{o}] {got} vs {e}"
-                );
-            }
-            for i in 0..inner {
-                let e: f64 = (0..out)
-                    .map(|o| gr[r * out + o] as f64 * wr[o * inner + i] as f64)
-                    .sum();
-                let got = dx[r * inner + i] as f64;
-                assert!(
-                    (got - e).abs() < 1e-5 * (1.0 + e.abs()),
-                    "dx[{r},{i}] {got} vs {e}"
+                    (g - e).abs() < 1e-5 * (1.0 + e.abs()),
+                    "{name}[{r},{j}] {g} vs {e}"
                 );
             }
         }
