@@ -185,13 +185,41 @@ struct Partial {
     out: Vec<f32>,
 }
 
-/// `q` `[r, d]` against `k`, `v` `[keys, d]` (slots `lo..lo + keys` of the cache); `bias` the
-/// head's rows `[t, s]` with `lo` and `s`.
-fn one_chunk(
+/// The bias rows of a chunk: the head's rows `[t, s]`, `t`, the chunk's first slot `lo` and
+/// `s`.
+type ChunkBias<'a> = Option<(&'a [f32], usize, usize, usize)>;
+
+/// `q` `[r, d]` against `k`, `v` `[keys, d]` (slots `lo..lo + keys` of the cache). The loops
+/// are compiled for AVX2 where the CPU has it (wider vectors and an inlined `floor` for the
+/// exponential): the same operations in the same order, so the same bits.
+fn one_chunk(q: &[f32], k: &[f32], v: &[f32], bias: ChunkBias, scale: f32, d: usize) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if skinny::has_avx2_fma() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { one_chunk_avx2(q, k, v, bias, scale, d) };
+    }
+    one_chunk_body(q, k, v, bias, scale, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn one_chunk_avx2(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    bias: Option<(&[f32], usize, usize, usize)>,
+    bias: ChunkBias,
+    scale: f32,
+    d: usize,
+) -> Partial {
+    one_chunk_body(q, k, v, bias, scale, d)
+}
+
+#[inline(always)]
+fn one_chunk_body(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: ChunkBias,
     scale: f32,
     d: usize,
 ) -> Partial {

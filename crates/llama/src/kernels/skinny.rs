@@ -57,6 +57,57 @@ pub(crate) fn by_weight_rows(
     out
 }
 
+/// [`by_weight_rows`] for several weights that multiply the same input (`ns[w]` rows each), in
+/// one parallel loop: `dot(w, first, rows, out_t)` for weight `w`. One output `[m, ns[w]]` per
+/// weight, each what [`by_weight_rows`] would give.
+pub(crate) fn by_weight_rows_group(
+    m: usize,
+    ns: &[usize],
+    dot: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) -> Vec<Vec<f32>> {
+    let total: usize = ns.iter().sum();
+    if m == 0 || total == 0 {
+        return ns.iter().map(|&n| vec![0.0; m * n]).collect();
+    }
+    let mut out_t = vec![0f32; total * m];
+    let threads = rayon::current_num_threads().max(1);
+    let rows_per_chunk = (total.div_ceil(threads * 4)).max(16).next_multiple_of(2);
+    // (weight, first row, its slice of out_t): chunks never straddle two weights.
+    let mut tasks = Vec::new();
+    let mut rest = out_t.as_mut_slice();
+    for (w, &n) in ns.iter().enumerate() {
+        let mut first = 0;
+        while first < n {
+            let rows = rows_per_chunk.min(n - first);
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(rows * m);
+            tasks.push((w, first, chunk));
+            rest = tail;
+            first += rows;
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(w, first, chunk)| dot(w, first, chunk.len() / m, chunk));
+    let mut outs = Vec::with_capacity(ns.len());
+    let mut at = 0;
+    for &n in ns {
+        let part = &out_t[at * m..(at + n) * m];
+        at += n;
+        if m == 1 {
+            outs.push(part.to_vec());
+            continue;
+        }
+        let mut out = vec![0f32; m * n];
+        for (j, row) in part.chunks_exact(m).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                out[r * n + j] = v;
+            }
+        }
+        outs.push(out);
+    }
+    outs
+}
+
 /// Whether the AVX2 + FMA kernels run on this CPU.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {

@@ -45,12 +45,46 @@ impl<'a> LayerLora<'a> {
         if self.groups.is_empty() {
             return linear.forward_lora(x, self.get(target), mode);
         }
-        let groups: Vec<_> = self
-            .groups
+        linear.forward_lora_rows(x, &self.groups_of(target))
+    }
+
+    /// [`Self::apply`] for projections that read the same `x`: at inference, their base
+    /// products in one pass when they can share it ([`Linear::forward_group`]), each adapter
+    /// added after as [`Self::apply`] adds it.
+    pub(super) fn apply_group<const N: usize>(
+        &self,
+        projections: [(&Linear, LoraTarget); N],
+        x: &Tensor,
+        mode: Mode,
+    ) -> Result<[Tensor; N]> {
+        let fused = match mode {
+            Mode::Inference => Linear::forward_group(projections.map(|p| p.0), x)?,
+            Mode::Training => None,
+        };
+        let Some(ys) = fused else {
+            let mut out = Vec::with_capacity(N);
+            for (linear, target) in projections {
+                out.push(self.apply(linear, x, target, mode)?);
+            }
+            return Ok(out.try_into().expect("one output per projection"));
+        };
+        let mut out = Vec::with_capacity(N);
+        for ((linear, target), y) in projections.into_iter().zip(ys) {
+            out.push(if self.groups.is_empty() {
+                linear.add_lora(x, y, self.get(target), mode)?
+            } else {
+                linear.add_lora_groups(x, y, &self.groups_of(target))?
+            });
+        }
+        Ok(out.try_into().expect("one output per projection"))
+    }
+
+    /// Each row group's adapter for `target`, with its rows.
+    fn groups_of(&self, target: LoraTarget) -> Vec<(ActiveLora<'a>, &'a Tensor)> {
+        self.groups
             .iter()
             .filter_map(|g| Some((g.adapter.active(self.layer, target)?, &g.rows)))
-            .collect();
-        linear.forward_lora_rows(x, &groups)
+            .collect()
     }
 
     pub(super) fn get(&self, t: LoraTarget) -> Option<ActiveLora<'a>> {
@@ -156,12 +190,16 @@ impl Attention {
         lora: LayerLora<'_>,
         mode: Mode,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let proj = |p: &Linear, t: LoraTarget| lora.apply(p, x, t, mode);
-        Ok((
-            proj(&self.q_proj, LoraTarget::Q)?,
-            proj(&self.k_proj, LoraTarget::K)?,
-            proj(&self.v_proj, LoraTarget::V)?,
-        ))
+        let [q, k, v] = lora.apply_group(
+            [
+                (&self.q_proj, LoraTarget::Q),
+                (&self.k_proj, LoraTarget::K),
+                (&self.v_proj, LoraTarget::V),
+            ],
+            x,
+            mode,
+        )?;
+        Ok((q, k, v))
     }
 
     /// Attention of projected `q`, `k`, `v` (`[batch, time, heads * head_dim]`): RoPE, the
@@ -243,8 +281,14 @@ pub(super) struct Mlp {
 
 impl Mlp {
     pub(super) fn forward(&self, x: &Tensor, lora: LayerLora<'_>, mode: Mode) -> Result<Tensor> {
-        let gate = lora.apply(&self.gate_proj, x, LoraTarget::Gate, mode)?;
-        let up = lora.apply(&self.up_proj, x, LoraTarget::Up, mode)?;
+        let [gate, up] = lora.apply_group(
+            [
+                (&self.gate_proj, LoraTarget::Gate),
+                (&self.up_proj, LoraTarget::Up),
+            ],
+            x,
+            mode,
+        )?;
         // One fused pass in both modes: the same rounding as candle's silu then `*`, without
         // the intermediate tensor (inference) or storing it for the backward (training).
         let gated = train_ops::silu_mul(&gate, &up)?;

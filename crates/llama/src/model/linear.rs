@@ -258,6 +258,55 @@ fn packed_forward(x: &Tensor, w: &dyn PackedWeight) -> candle_core::Result<Tenso
     y.reshape(out)?.to_dtype(x.dtype())
 }
 
+impl Linear {
+    /// The blocks [`Module::forward`] multiplies `rows` input rows by, when it takes the
+    /// few-row quantised kernel for them.
+    fn few_rows_blocks(&self, rows: usize) -> Option<&QuantRows> {
+        if self.bf16_base.is_some() || self.bf16.is_some() || rows == 0 {
+            return None;
+        }
+        self.quant_rows
+            .as_deref()
+            .filter(|_| rows <= QUANTIZED_MAX_ROWS)
+    }
+
+    /// `x W^T` for each projection of `linears` that read the same input (a layer's query, key
+    /// and value projections; its gate and up projections), when every one takes the few-row
+    /// quantised kernel for `x`: one pass rounds `x` and one parallel loop runs all of them,
+    /// each output the bits [`Module::forward`] gives. `None` otherwise (run them one by one).
+    pub(super) fn forward_group<const N: usize>(
+        linears: [&Linear; N],
+        x: &Tensor,
+    ) -> Result<Option<[Tensor; N]>> {
+        let dims = x.dims();
+        let inner = dims[dims.len() - 1];
+        let rows = x.elem_count() / inner.max(1);
+        if !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let mut blocks = Vec::with_capacity(N);
+        for l in linears {
+            match l.few_rows_blocks(rows) {
+                Some(b) if b.cols() == inner => blocks.push(b),
+                _ => return Ok(None),
+            }
+        }
+        let x2 = x
+            .to_dtype(DType::F32)?
+            .reshape((rows, inner))?
+            .contiguous()?;
+        let values = x2.flatten_all()?.to_vec1::<f32>()?;
+        let outs = QuantRows::matmul_t_group(&blocks, &values, rows);
+        let mut tensors = Vec::with_capacity(N);
+        for (out, b) in outs.into_iter().zip(&blocks) {
+            let mut shape = dims.to_vec();
+            *shape.last_mut().unwrap() = b.rows();
+            tensors.push(Tensor::from_vec(out, shape, x.device())?.to_dtype(x.dtype())?);
+        }
+        Ok(Some(tensors.try_into().expect("one output per projection")))
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
@@ -339,6 +388,18 @@ impl Linear {
             other => other,
         };
         let y = self.forward(x)?;
+        self.add_lora(x, y, lora, mode)
+    }
+
+    /// `y` (this projection's `x W^T`) plus, with an adapter, `scale * B(A(dropout(x)))`: the
+    /// rest of [`Self::forward_lora`] once the base product is known.
+    pub(super) fn add_lora(
+        &self,
+        x: &Tensor,
+        y: Tensor,
+        lora: Option<ActiveLora<'_>>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let Some(lora) = lora else {
             return Ok(y);
         };
@@ -385,6 +446,17 @@ impl Linear {
         groups: &[(ActiveLora<'_>, &Tensor)],
     ) -> Result<Tensor> {
         let y = self.forward(x)?;
+        self.add_lora_groups(x, y, groups)
+    }
+
+    /// `y` (this projection's `x W^T`) plus each group's adapter on its rows: the rest of
+    /// [`Self::forward_lora_rows`] once the base product is known.
+    pub(super) fn add_lora_groups(
+        &self,
+        x: &Tensor,
+        y: Tensor,
+        groups: &[(ActiveLora<'_>, &Tensor)],
+    ) -> Result<Tensor> {
         if fast_lora_rows(x, &y) {
             let groups: Vec<_> = groups
                 .iter()
@@ -473,4 +545,48 @@ impl Linear {
 /// CPU (other dtypes and devices compose candle ops).
 fn fast_lora_rows(x: &Tensor, y: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && y.dtype() == DType::F32
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::kernels::skinny::tests::values;
+
+    fn quantised(n: usize, k: usize, seed: u32, format: QuantFormat) -> Linear {
+        let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        let mut l = Linear::new(w);
+        l.quantize_rows(format).unwrap();
+        l
+    }
+
+    /// The fused projections of a decode step give each projection the bits of its own
+    /// forward; a projection without blocks, or too many rows, leaves them to run one by one.
+    #[test]
+    fn a_group_forward_is_each_forward_or_none() {
+        let k = 96;
+        let q = quantised(48, k, 1, QuantFormat::Int4);
+        let kp = quantised(16, k, 2, QuantFormat::Int8);
+        let v = quantised(16, k, 3, QuantFormat::Int4);
+        for rows in [1, 4] {
+            let x = Tensor::from_vec(values(rows * k, 9), (1, rows, k), &Device::Cpu).unwrap();
+            let got = Linear::forward_group([&q, &kp, &v], &x).unwrap().unwrap();
+            for (l, y) in [&q, &kp, &v].iter().zip(&got) {
+                let alone = l.forward(&x).unwrap();
+                assert_eq!(y.dims(), alone.dims());
+                let (a, b): (Vec<f32>, Vec<f32>) = (
+                    y.flatten_all().unwrap().to_vec1().unwrap(),
+                    alone.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+        let dense =
+            Linear::new(Tensor::from_vec(values(16 * k, 4), (16, k), &Device::Cpu).unwrap());
+        let x = Tensor::from_vec(values(k, 5), (1, 1, k), &Device::Cpu).unwrap();
+        assert!(Linear::forward_group([&q, &dense], &x).unwrap().is_none());
+        let many = Tensor::from_vec(values(17 * k, 6), (1, 17, k), &Device::Cpu).unwrap();
+        assert!(Linear::forward_group([&q, &v], &many).unwrap().is_none());
+    }
 }

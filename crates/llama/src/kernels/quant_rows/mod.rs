@@ -10,14 +10,23 @@
 //! one thread on small machines ([`crate::share_cores_with_candle`]). Here the activation is
 //! rounded to 16 bits per block of 32 (a scale per block: an error below 2^-16 of the block's
 //! largest value, far under the weights' own rounding), the integer products of a block are
-//! summed exactly in 32 bits (AVX2's `vpmaddwd`), and each block's sum is scaled and added in
-//! f32. Rows are split over rayon's threads.
+//! summed exactly in 32 bits (`vpmaddwd`), and each block's sum is scaled and added in f32.
+//! Rows are split over rayon's threads.
 //!
 //! Every output is one chain of the same operations in the same order whatever the number of
-//! rows: a sequence gets the same bits alone or in a batch, and the portable loop gives the
-//! bits of the AVX2 kernel.
+//! rows: a sequence gets the same bits alone or in a batch. The portable loop
+//! ([`portable`]) defines that chain; the AVX2 and AVX-512 kernels give its bits, so a
+//! machine's vector width never changes a reply.
 
 use super::skinny;
+use activations::Activations;
+
+mod activations;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod portable;
 
 /// Values per scale.
 pub(crate) const BLOCK: usize = 32;
@@ -257,118 +266,42 @@ impl QuantRows {
         assert_eq!(x.len(), m * self.k, "{m} rows of {} values", self.k);
         let x = Activations::new(x, m, self.k);
         skinny::by_weight_rows(m, self.n, |first, rows, out_t| {
-            #[cfg(target_arch = "x86_64")]
-            if skinny::has_avx2_fma() {
-                // SAFETY: the CPU has the features; the kernel reads weight rows
-                // `first..first + rows` (inside `n`, by the chunking) and the `m` rows of `x`,
-                // each `blocks * 32` values long.
-                unsafe { avx::dot_rows(self, &x, first, rows, out_t) };
-                return;
-            }
-            portable::dot_rows(self, &x, first, rows, out_t)
+            self.dot_rows(&x, first, rows, out_t)
         })
     }
-}
 
-/// The rows of `x` rounded to 16 bits per block of 32: `x = q * d`, `d = max |x| / 32767`,
-/// zeros past `k`.
-struct Activations {
-    m: usize,
-    blocks: usize,
-    /// `[m, blocks * 32]`.
-    q: Vec<i16>,
-    /// `[m, blocks]`.
-    d: Vec<f32>,
-    /// `[m, blocks]`: the sum of each block's integers (for the minima of `Int4Min`).
-    sums: Vec<i32>,
-}
-
-impl Activations {
-    fn new(x: &[f32], m: usize, k: usize) -> Self {
-        let blocks = k.div_ceil(BLOCK);
-        let mut q = vec![0i16; m * blocks * BLOCK];
-        let mut d = vec![0f32; m * blocks];
-        let mut sums = vec![0i32; m * blocks];
-        for r in 0..m {
-            for b in 0..blocks {
-                let values = &x[r * k + b * BLOCK..r * k + ((b + 1) * BLOCK).min(k)];
-                let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
-                // A NaN or infinite activation makes its row's outputs NaN, as an f32 product
-                // would, instead of being rounded to some integer.
-                if !amax.is_finite() || values.iter().any(|v| v.is_nan()) {
-                    d[r * blocks + b] = f32::NAN;
-                    continue;
-                }
-                let scale = amax / 32767.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                let out = &mut q[(r * blocks + b) * BLOCK..][..values.len()];
-                for (o, v) in out.iter_mut().zip(values) {
-                    *o = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
-                }
-                d[r * blocks + b] = scale;
-                sums[r * blocks + b] = out.iter().map(|&v| v as i32).sum();
-            }
-        }
-        Activations {
-            m,
-            blocks,
-            q,
-            d,
-            sums,
-        }
+    /// `x [m, k] @ W^T` for each weight (all `k` columns), in one parallel loop over all their
+    /// rows with `x` rounded once: each output the bits of [`Self::matmul_t`].
+    pub(crate) fn matmul_t_group(weights: &[&QuantRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let Some(k) = weights.first().map(|w| w.k) else {
+            return Vec::new();
+        };
+        assert!(weights.iter().all(|w| w.k == k), "weights of {k} columns");
+        assert_eq!(x.len(), m * k, "{m} rows of {k} values");
+        let x = Activations::new(x, m, k);
+        let ns: Vec<usize> = weights.iter().map(|w| w.n).collect();
+        skinny::by_weight_rows_group(m, &ns, |w, first, rows, out_t| {
+            weights[w].dot_rows(&x, first, rows, out_t)
+        })
     }
-}
 
-/// The same sums as the AVX2 kernel, in the same order: eight lanes, lane `l` of a block the
-/// integer sum of values `2l, 2l + 1, 16 + 2l, 17 + 2l` (`vpmaddwd` of each half, then added),
-/// scaled and added in f32 with a fused multiply-add, and the lanes added up as `hsum_avx`.
-/// `Int4Min`'s minima add `m * d_x * sum(q_x)` per block to a sum of their own, added last.
-mod portable {
-    use super::{Activations, QuantFormat, QuantRows, BLOCK};
-
-    pub(super) fn dot_rows(
-        w: &QuantRows,
-        x: &Activations,
-        first: usize,
-        rows: usize,
-        out_t: &mut [f32],
-    ) {
-        let per = w.format.bytes_per_block();
-        for i in 0..rows {
-            let j = first + i;
-            for r in 0..x.m {
-                let mut lanes = [0f32; 8];
-                let mut minima = 0f32;
-                for b in 0..w.blocks {
-                    let bytes = &w.bytes[(j * w.blocks + b) * per..][..per];
-                    let xq = &x.q[(r * x.blocks + b) * BLOCK..][..BLOCK];
-                    let dx = x.d[r * x.blocks + b];
-                    let dot = |p: &[usize]| -> f32 {
-                        p.iter()
-                            .map(|&p| w.format.value(bytes, p) * xq[p] as i32)
-                            .sum::<i32>() as f32
-                    };
-                    for (l, lane) in lanes.iter_mut().enumerate() {
-                        let (lo, hi) = ([2 * l, 2 * l + 1], [16 + 2 * l, 17 + 2 * l]);
-                        if w.format == QuantFormat::Int8Halves {
-                            let d = &w.scales[(j * w.blocks + b) * 2..][..2];
-                            *lane = dot(&lo).mul_add(d[0] * dx, *lane);
-                            *lane = dot(&hi).mul_add(d[1] * dx, *lane);
-                        } else {
-                            let scale = w.scales[j * w.blocks + b] * dx;
-                            *lane = (dot(&lo) + dot(&hi)).mul_add(scale, *lane);
-                        }
-                    }
-                    if let Some(&m) = w.mins.get(j * w.blocks + b) {
-                        let xb = r * x.blocks + b;
-                        minima = (x.sums[xb] as f32).mul_add(m * x.d[xb], minima);
-                    }
-                }
-                let [a, b, c, d, e, f, g, h] = lanes;
-                let sum = ((a + e) + (c + g)) + ((b + f) + (d + h));
-                out_t[i * x.m + r] = if w.mins.is_empty() { sum } else { sum + minima };
-            }
+    /// Weight rows `first..first + rows` dotted with every row of `x` into `out_t`
+    /// (`[rows, m]`), by the widest kernel the CPU runs.
+    fn dot_rows(&self, x: &Activations, first: usize, rows: usize, out_t: &mut [f32]) {
+        // SAFETY (both kernels): the CPU has the features; the kernel reads weight rows
+        // `first..first + rows` (inside `n`, by the chunking) and the `m` rows of `x`, each
+        // `blocks * 32` values long.
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            unsafe { avx512::dot_rows(self, x, first, rows, out_t) };
+            return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if skinny::has_avx2_fma() {
+            unsafe { avx2::dot_rows(self, x, first, rows, out_t) };
+            return;
+        }
+        portable::dot_rows(self, x, first, rows, out_t)
     }
 }
 
@@ -436,176 +369,6 @@ fn quantize_int4_min(w: &[f32; BLOCK], out: &mut [u8]) -> (f32, f32) {
         *o = q(w[i]) | q(w[i + BLOCK / 2]) << 4;
     }
     (d, min)
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx {
-    use std::arch::x86_64::*;
-
-    use super::{Activations, QuantFormat, QuantRows, BLOCK};
-
-    /// The formats as the kernels' const parameter.
-    const INT8: u8 = 0;
-    const INT4: u8 = 1;
-    const INT4_MIN: u8 = 2;
-    const INT8_HALVES: u8 = 3;
-
-    /// Tiles of 2 weight rows x up to 4 input rows: each block of a weight row is widened to
-    /// 16-bit integers once per tile and multiplied with every input row's block.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_rows(
-        w: &QuantRows,
-        x: &Activations,
-        first: usize,
-        rows: usize,
-        out_t: &mut [f32],
-    ) {
-        match w.format {
-            QuantFormat::Int8 => rows_of::<INT8>(w, x, first, rows, out_t),
-            QuantFormat::Int4 => rows_of::<INT4>(w, x, first, rows, out_t),
-            QuantFormat::Int4Min => rows_of::<INT4_MIN>(w, x, first, rows, out_t),
-            QuantFormat::Int8Halves => rows_of::<INT8_HALVES>(w, x, first, rows, out_t),
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_of<const KIND: u8>(
-        w: &QuantRows,
-        x: &Activations,
-        first: usize,
-        rows: usize,
-        out_t: &mut [f32],
-    ) {
-        let m = x.m;
-        let mut j = 0;
-        while j < rows {
-            let wr = (rows - j).min(2);
-            let mut r = 0;
-            while r < m {
-                let xr = (m - r).min(4);
-                let at = (first, j, r);
-                match (wr, xr) {
-                    (2, 4) => tile::<2, 4, KIND>(w, x, at, out_t),
-                    (2, 3) => tile::<2, 3, KIND>(w, x, at, out_t),
-                    (2, 2) => tile::<2, 2, KIND>(w, x, at, out_t),
-                    (2, _) => tile::<2, 1, KIND>(w, x, at, out_t),
-                    (_, 4) => tile::<1, 4, KIND>(w, x, at, out_t),
-                    (_, 3) => tile::<1, 3, KIND>(w, x, at, out_t),
-                    (_, 2) => tile::<1, 2, KIND>(w, x, at, out_t),
-                    _ => tile::<1, 1, KIND>(w, x, at, out_t),
-                }
-                r += xr;
-            }
-            j += wr;
-        }
-    }
-
-    /// A block's 32 integers as two vectors of 16 (values 0..16 and 16..32).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn block<const KIND: u8>(at: *const u8) -> (__m256i, __m256i) {
-        if KIND == INT8 || KIND == INT8_HALVES {
-            return (
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(at as *const __m128i)),
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(at.add(16) as *const __m128i)),
-            );
-        }
-        // Byte i holds value i in its low half and value i + 16 in its high half.
-        let raw = _mm_loadu_si128(at as *const __m128i);
-        let mask = _mm_set1_epi8(0x0F);
-        let low = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
-        let high = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
-        if KIND == INT4_MIN {
-            return (low, high);
-        }
-        let eight = _mm256_set1_epi16(8);
-        (_mm256_sub_epi16(low, eight), _mm256_sub_epi16(high, eight))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    #[allow(clippy::needless_range_loop)]
-    unsafe fn tile<const R: usize, const C: usize, const KIND: u8>(
-        w: &QuantRows,
-        x: &Activations,
-        (first, j, r): (usize, usize, usize),
-        out_t: &mut [f32],
-    ) {
-        let per = w.format.bytes_per_block();
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        // Int4Min: each block's `m * d_x * sum(q_x)`, summed apart from the lanes.
-        let mut minima = [[0f32; C]; R];
-        for b in 0..w.blocks {
-            let mut lo = [_mm256_setzero_si256(); R];
-            let mut hi = [_mm256_setzero_si256(); R];
-            let mut dw = [0f32; R];
-            let mut dw_hi = [0f32; R];
-            let mut mw = [0f32; R];
-            for a in 0..R {
-                let at = (first + j + a) * w.blocks + b;
-                (lo[a], hi[a]) = block::<KIND>(w.bytes.as_ptr().add(at * per));
-                if KIND == INT8_HALVES {
-                    dw[a] = *w.scales.get_unchecked(2 * at);
-                    dw_hi[a] = *w.scales.get_unchecked(2 * at + 1);
-                } else {
-                    dw[a] = *w.scales.get_unchecked(at);
-                }
-                if KIND == INT4_MIN {
-                    mw[a] = *w.mins.get_unchecked(at);
-                }
-            }
-            for c in 0..C {
-                let at = (r + c) * x.blocks + b;
-                let xp = x.q.as_ptr().add(at * BLOCK);
-                let x_lo = _mm256_loadu_si256(xp as *const __m256i);
-                let x_hi = _mm256_loadu_si256(xp.add(16) as *const __m256i);
-                let dx = *x.d.get_unchecked(at);
-                for a in 0..R {
-                    if KIND == INT8_HALVES {
-                        // Each half under its own scale, the low half first.
-                        let lo_sum = _mm256_madd_epi16(lo[a], x_lo);
-                        let hi_sum = _mm256_madd_epi16(hi[a], x_hi);
-                        acc[a][c] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(lo_sum),
-                            _mm256_set1_ps(dw[a] * dx),
-                            acc[a][c],
-                        );
-                        acc[a][c] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(hi_sum),
-                            _mm256_set1_ps(dw_hi[a] * dx),
-                            acc[a][c],
-                        );
-                        continue;
-                    }
-                    // At most 4 x 128 x 32767 < 2^24 per lane: exact in i32 and in f32.
-                    let sum = _mm256_add_epi32(
-                        _mm256_madd_epi16(lo[a], x_lo),
-                        _mm256_madd_epi16(hi[a], x_hi),
-                    );
-                    acc[a][c] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(sum),
-                        _mm256_set1_ps(dw[a] * dx),
-                        acc[a][c],
-                    );
-                    if KIND == INT4_MIN {
-                        let sx = *x.sums.get_unchecked(at) as f32;
-                        minima[a][c] = sx.mul_add(mw[a] * dx, minima[a][c]);
-                    }
-                }
-            }
-        }
-        let m = x.m;
-        for a in 0..R {
-            for c in 0..C {
-                let sum = super::super::skinny::hsum_avx(acc[a][c]);
-                out_t[(j + a) * m + r + c] = if KIND == INT4_MIN {
-                    sum + minima[a][c]
-                } else {
-                    sum
-                };
-            }
-        }
-    }
 }
 
 #[cfg(test)]

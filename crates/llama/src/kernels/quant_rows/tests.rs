@@ -58,23 +58,56 @@ fn within_the_activations_rounding_of_the_dequantised_product() {
     }
 }
 
+/// Each vector kernel this CPU has, run directly (not through the dispatch), against the
+/// portable loop: the same bits for every format, an odd and an even number of blocks, a
+/// row count that ends in partial tiles, and weight rows taken from the middle.
 #[test]
 fn the_portable_loop_gives_the_kernels_bits() {
-    let (m, n, k) = (6, 19, 200);
-    let (x, w) = (values(m * k, 5), values(n * k, 6));
-    for format in FORMATS {
-        let q = QuantRows::new(format, &w, n, k);
-        let acts = Activations::new(&x, m, k);
-        let mut portable_t = vec![0f32; n * m];
-        portable::dot_rows(&q, &acts, 0, n, &mut portable_t);
-        let got = q.matmul_t(&x, m);
-        for j in 0..n {
-            for r in 0..m {
-                assert_eq!(
-                    got[r * n + j].to_bits(),
-                    portable_t[j * m + r].to_bits(),
-                    "{format:?} row {r} column {j}"
-                );
+    type Kernel = unsafe fn(&QuantRows, &Activations, usize, usize, &mut [f32]);
+    #[allow(unused_mut)]
+    let mut kernels: Vec<(&str, Kernel)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if skinny::has_avx2_fma() {
+            kernels.push(("avx2", avx2::dot_rows));
+        }
+        if avx512::cpu_has_features() {
+            kernels.push(("avx512", avx512::dot_rows));
+        }
+    }
+    eprintln!(
+        "kernels checked against the portable loop: {:?}",
+        kernels.iter().map(|k| k.0).collect::<Vec<_>>()
+    );
+    // 7 blocks (the last one a partial block), 8 blocks, and a single block.
+    for (m, n, k) in [(6, 19, 200), (5, 11, 256), (3, 5, 20)] {
+        let (x, w) = (values(m * k, 5), values(n * k, 6));
+        for format in FORMATS {
+            let q = QuantRows::new(format, &w, n, k);
+            let acts = Activations::new(&x, m, k);
+            let (first, rows) = (1, n - 2);
+            let mut want = vec![0f32; rows * m];
+            portable::dot_rows(&q, &acts, first, rows, &mut want);
+            for (name, kernel) in &kernels {
+                let mut got = vec![f32::NAN; rows * m];
+                // SAFETY: the CPU has the kernel's features (checked above); rows
+                // `first..first + rows` exist.
+                unsafe { kernel(&q, &acts, first, rows, &mut got) };
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        e.to_bits(),
+                        "{name} {format:?} {m}x{n}x{k}: weight row {} input row {}",
+                        first + i / m,
+                        i % m
+                    );
+                }
+            }
+            // The dispatch too.
+            let all = q.matmul_t(&x, m);
+            for (i, e) in want.iter().enumerate() {
+                let (j, r) = (first + i / m, i % m);
+                assert_eq!(all[r * n + j].to_bits(), e.to_bits(), "{format:?}");
             }
         }
     }
@@ -182,6 +215,37 @@ fn many_rows_take_the_dequantised_weight_through_gemm() {
                     "{format:?} [{r}, {j}]: {} vs {want}",
                     got[r * n + j]
                 );
+            }
+        }
+    }
+}
+
+/// Projections that read the same input in one loop (a layer's q, k, v): each output the bits
+/// of its own product, for weights of different formats and row counts, one input row and
+/// several.
+#[test]
+fn a_group_gives_each_weight_the_bits_of_its_own_product() {
+    let k = 100;
+    let weights: Vec<QuantRows> = [
+        (QuantFormat::Int4Min, 37),
+        (QuantFormat::Int8, 5),
+        (QuantFormat::Int8Halves, 64),
+        (QuantFormat::Int4, 1),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(format, n))| QuantRows::new(format, &values(n * k, 20 + i as u32), n, k))
+    .collect();
+    let refs: Vec<&QuantRows> = weights.iter().collect();
+    for m in [1, 3, 16] {
+        let x = values(m * k, 30 + m as u32);
+        let group = QuantRows::matmul_t_group(&refs, &x, m);
+        assert_eq!(group.len(), weights.len());
+        for (w, got) in weights.iter().zip(&group) {
+            let alone = w.matmul_t(&x, m);
+            assert_eq!(got.len(), alone.len(), "{:?} m={m}", w.format);
+            for (g, a) in got.iter().zip(&alone) {
+                assert_eq!(g.to_bits(), a.to_bits(), "{:?} m={m}", w.format);
             }
         }
     }
