@@ -53,6 +53,7 @@ mod cpu;
 mod cross_entropy;
 pub(crate) mod decode_attention;
 pub(crate) mod dropout;
+pub(crate) mod fused_rows;
 mod lora_matmul;
 pub(crate) mod lora_rows;
 mod norm_rope;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor, D};
 use candle_nn::ops;
 
 use super::llama::Mode;
@@ -13,8 +13,10 @@ use crate::error::{LlamaError, Result};
 use crate::kernels::bf16_base::{Bf16Base, Bf16FrozenMatmul};
 use crate::kernels::bf16_matmul::PackedBf16;
 use crate::kernels::dropout::seeded_dropout;
+use crate::kernels::fused_rows::{self, GroupWeight};
 use crate::kernels::lora_rows::{add_lora_rows, RowGroup};
 use crate::kernels::quant_rows::{QuantFormat, QuantRows};
+use crate::kernels::skinny;
 use crate::kernels::{self as train_ops, FrozenMatmul};
 use crate::lora::adapter::ActiveLora;
 
@@ -259,51 +261,97 @@ fn packed_forward(x: &Tensor, w: &dyn PackedWeight) -> candle_core::Result<Tenso
 }
 
 impl Linear {
-    /// The blocks [`Module::forward`] multiplies `rows` input rows by, when it takes the
-    /// few-row quantised kernel for them.
-    fn few_rows_blocks(&self, rows: usize) -> Option<&QuantRows> {
+    /// The weight [`Module::forward`] multiplies `rows` rows of an f32 input by, when it takes
+    /// a few-row CPU kernel for them: the quantised blocks, or the dense f32 weight.
+    fn few_rows_path(&self, rows: usize) -> Option<FewRows<'_>> {
         if self.bf16_base.is_some() || self.bf16.is_some() || rows == 0 {
             return None;
         }
-        self.quant_rows
-            .as_deref()
-            .filter(|_| rows <= QUANTIZED_MAX_ROWS)
+        if let Some(blocks) = &self.quant_rows {
+            return (rows <= QUANTIZED_MAX_ROWS).then_some(FewRows::Blocks(blocks));
+        }
+        let w = self.weight.as_ref()?;
+        let dense = self.quantized.is_none()
+            && rows <= skinny::MAX_ROWS
+            && w.dtype() == DType::F32
+            && w.device().is_cpu()
+            && w.is_contiguous();
+        dense.then_some(FewRows::Dense(w))
     }
 
     /// `x W^T` for each projection of `linears` that read the same input (a layer's query, key
-    /// and value projections; its gate and up projections), when every one takes the few-row
-    /// quantised kernel for `x`: one pass rounds `x` and one parallel loop runs all of them,
-    /// each output the bits [`Module::forward`] gives. `None` otherwise (run them one by one).
+    /// and value projections; its gate and up projections), when each takes a few-row CPU
+    /// kernel for `x` (f32): one parallel loop runs all of them
+    /// ([`fused_rows`](crate::kernels::fused_rows)), each output the bits [`Module::forward`]
+    /// gives. `None` otherwise (run them one by one).
     pub(super) fn forward_group<const N: usize>(
         linears: [&Linear; N],
         x: &Tensor,
     ) -> Result<Option<[Tensor; N]>> {
         let dims = x.dims();
-        let inner = dims[dims.len() - 1];
+        let inner = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / inner.max(1);
-        if !x.device().is_cpu() {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
-        let mut blocks = Vec::with_capacity(N);
+        let mut paths = Vec::with_capacity(N);
         for l in linears {
-            match l.few_rows_blocks(rows) {
-                Some(b) if b.cols() == inner => blocks.push(b),
+            match l.few_rows_path(rows) {
+                Some(p) if p.cols()? == inner => paths.push(p),
                 _ => return Ok(None),
             }
         }
-        let x2 = x
-            .to_dtype(DType::F32)?
-            .reshape((rows, inner))?
-            .contiguous()?;
+        // Dense weights are read in place, under their storage's lock.
+        let guards: Vec<_> = paths
+            .iter()
+            .map(|p| match p {
+                FewRows::Dense(w) => Some(w.storage_and_layout()),
+                FewRows::Blocks(_) => None,
+            })
+            .collect();
+        let mut weights = Vec::with_capacity(N);
+        for (path, guard) in paths.iter().zip(&guards) {
+            weights.push(match (path, guard) {
+                (FewRows::Dense(w), Some((storage, layout))) => {
+                    let (Storage::Cpu(CpuStorage::F32(data)), Some((lo, hi))) =
+                        (&**storage, layout.contiguous_offsets())
+                    else {
+                        return Ok(None);
+                    };
+                    GroupWeight::Dense {
+                        values: &data[lo..hi],
+                        rows: w.dim(0)?,
+                    }
+                }
+                (FewRows::Blocks(b), _) => GroupWeight::Blocks(b),
+                (FewRows::Dense(_), None) => return Ok(None),
+            });
+        }
+        let x2 = x.reshape((rows, inner))?.contiguous()?;
         let values = x2.flatten_all()?.to_vec1::<f32>()?;
-        let outs = QuantRows::matmul_t_group(&blocks, &values, rows);
+        let outs = fused_rows::matmul_t_group(&weights, &values, rows, inner);
         let mut tensors = Vec::with_capacity(N);
-        for (out, b) in outs.into_iter().zip(&blocks) {
+        for out in outs {
             let mut shape = dims.to_vec();
-            *shape.last_mut().unwrap() = b.rows();
-            tensors.push(Tensor::from_vec(out, shape, x.device())?.to_dtype(x.dtype())?);
+            *shape.last_mut().unwrap() = out.len() / rows;
+            tensors.push(Tensor::from_vec(out, shape, x.device())?);
         }
         Ok(Some(tensors.try_into().expect("one output per projection")))
+    }
+}
+
+/// The weight of a projection's few-row CPU kernel.
+enum FewRows<'a> {
+    Blocks(&'a QuantRows),
+    Dense(&'a Tensor),
+}
+
+impl FewRows<'_> {
+    fn cols(&self) -> Result<usize> {
+        Ok(match self {
+            FewRows::Blocks(b) => b.cols(),
+            FewRows::Dense(w) => w.dim(1)?,
+        })
     }
 }
 
@@ -562,13 +610,15 @@ mod tests {
     }
 
     /// The fused projections of a decode step give each projection the bits of its own
-    /// forward; a projection without blocks, or too many rows, leaves them to run one by one.
+    /// forward, quantised and dense alike; a projection with another kernel, or too many rows,
+    /// leaves them to run one by one.
     #[test]
     fn a_group_forward_is_each_forward_or_none() {
         let k = 96;
         let q = quantised(48, k, 1, QuantFormat::Int4);
         let kp = quantised(16, k, 2, QuantFormat::Int8);
-        let v = quantised(16, k, 3, QuantFormat::Int4);
+        // Dense f32 weights take the skinny kernel, in the same loop.
+        let v = Linear::new(Tensor::from_vec(values(16 * k, 3), (16, k), &Device::Cpu).unwrap());
         for rows in [1, 4] {
             let x = Tensor::from_vec(values(rows * k, 9), (1, rows, k), &Device::Cpu).unwrap();
             let got = Linear::forward_group([&q, &kp, &v], &x).unwrap().unwrap();
@@ -582,10 +632,12 @@ mod tests {
                 assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
-        let dense =
+        // A bf16 weight takes its own kernel, not a few-row one.
+        let mut bf16 =
             Linear::new(Tensor::from_vec(values(16 * k, 4), (16, k), &Device::Cpu).unwrap());
+        bf16.quantize(GgmlDType::BF16).unwrap();
         let x = Tensor::from_vec(values(k, 5), (1, 1, k), &Device::Cpu).unwrap();
-        assert!(Linear::forward_group([&q, &dense], &x).unwrap().is_none());
+        assert!(Linear::forward_group([&q, &bf16], &x).unwrap().is_none());
         let many = Tensor::from_vec(values(17 * k, 6), (1, 17, k), &Device::Cpu).unwrap();
         assert!(Linear::forward_group([&q, &v], &many).unwrap().is_none());
     }

@@ -8,7 +8,7 @@ use super::BLOCK;
 /// The integers of blocks `2i` and `2i + 1` are stored together as the AVX-512 kernel reads
 /// them: values 0..16 of block `2i`, values 0..16 of block `2i + 1`, then values 16..32 of
 /// each (a row with an odd number of blocks ends in a pair whose second block is zeros).
-pub(super) struct Activations {
+pub(crate) struct RoundedInput {
     pub(super) m: usize,
     pub(super) blocks: usize,
     /// `[m, pairs of blocks, 64]`, laid out as above.
@@ -22,10 +22,10 @@ pub(super) struct Activations {
 /// Values per pair of blocks.
 const PAIR: usize = 2 * BLOCK;
 
-impl Activations {
+impl RoundedInput {
     /// Compiled for AVX2 where the CPU has it (an inlined rounding instead of a call per value):
     /// the same operations, so the same integers.
-    pub(super) fn new(x: &[f32], m: usize, k: usize) -> Self {
+    pub(crate) fn new(x: &[f32], m: usize, k: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::skinny::has_avx2_fma() {
             // SAFETY: the CPU has the features the function is compiled for.
@@ -72,7 +72,7 @@ impl Activations {
                 q[at + BLOCK..at + BLOCK + BLOCK / 2].copy_from_slice(hi);
             }
         }
-        Activations {
+        RoundedInput {
             m,
             blocks,
             q,

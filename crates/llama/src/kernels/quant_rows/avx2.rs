@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Activations, QuantFormat, QuantRows, BLOCK};
+use super::{QuantFormat, QuantRows, RoundedInput, BLOCK};
 
 /// The formats as the kernels' const parameter.
 pub(super) const INT8: u8 = 0;
@@ -28,7 +28,7 @@ pub(super) fn kind(format: QuantFormat) -> u8 {
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dot_rows(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     first: usize,
     rows: usize,
     out_t: &mut [f32],
@@ -44,7 +44,7 @@ pub(super) unsafe fn dot_rows(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_of<const KIND: u8>(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     first: usize,
     rows: usize,
     out_t: &mut [f32],
@@ -99,7 +99,7 @@ unsafe fn block<const KIND: u8>(at: *const u8) -> (__m256i, __m256i) {
 #[inline]
 unsafe fn tile<const R: usize, const C: usize, const KIND: u8>(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     (first, j, r): (usize, usize, usize),
     out_t: &mut [f32],
 ) {
@@ -136,7 +136,7 @@ unsafe fn tile<const R: usize, const C: usize, const KIND: u8>(
 #[allow(clippy::needless_range_loop)]
 unsafe fn block_into<const R: usize, const C: usize, const KIND: u8>(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     (row, r, b): (usize, usize, usize),
     acc: &mut [[__m256; C]; R],
     minima: &mut [[f32; C]; R],

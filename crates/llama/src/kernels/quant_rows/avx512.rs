@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{kind, INT4, INT4_MIN, INT8, INT8_HALVES};
-use super::{Activations, QuantRows, BLOCK};
+use super::{QuantRows, RoundedInput, BLOCK};
 
 /// Whether this kernel runs on this CPU: it has the features, and `TEAMTUNE_NO_AVX512` is not
 /// set (it makes an AVX-512 machine run the AVX2 kernel, to measure one beside the other).
@@ -32,7 +32,7 @@ pub(super) fn cpu_has_features() -> bool {
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 pub(super) unsafe fn dot_rows(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     first: usize,
     rows: usize,
     out_t: &mut [f32],
@@ -48,7 +48,7 @@ pub(super) unsafe fn dot_rows(
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 unsafe fn rows_of<const KIND: u8>(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     first: usize,
     rows: usize,
     out_t: &mut [f32],
@@ -116,7 +116,7 @@ unsafe fn two(a: f32, b: f32) -> __m512 {
 #[allow(clippy::needless_range_loop)]
 unsafe fn tile<const R: usize, const C: usize, const KIND: u8>(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     (first, j, r): (usize, usize, usize),
     out_t: &mut [f32],
 ) {
@@ -210,7 +210,7 @@ unsafe fn tile<const R: usize, const C: usize, const KIND: u8>(
 #[allow(clippy::needless_range_loop)]
 unsafe fn last_block<const R: usize, const C: usize, const KIND: u8>(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     (row, r, b): (usize, usize, usize),
     acc: &mut [[__m512; C]; R],
     minima: &mut [[f32; C]; R],

@@ -19,7 +19,8 @@
 //! machine's vector width never changes a reply.
 
 use super::skinny;
-use activations::Activations;
+/// An input rounded for [`QuantRows::dot_rows`] (shared by the weights that read it).
+pub(crate) use activations::RoundedInput;
 
 mod activations;
 #[cfg(target_arch = "x86_64")]
@@ -264,30 +265,15 @@ impl QuantRows {
     /// `x [m, k] @ W^T` as `[m, n]`.
     pub(crate) fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "{m} rows of {} values", self.k);
-        let x = Activations::new(x, m, self.k);
+        let x = RoundedInput::new(x, m, self.k);
         skinny::by_weight_rows(m, self.n, |first, rows, out_t| {
             self.dot_rows(&x, first, rows, out_t)
         })
     }
 
-    /// `x [m, k] @ W^T` for each weight (all `k` columns), in one parallel loop over all their
-    /// rows with `x` rounded once: each output the bits of [`Self::matmul_t`].
-    pub(crate) fn matmul_t_group(weights: &[&QuantRows], x: &[f32], m: usize) -> Vec<Vec<f32>> {
-        let Some(k) = weights.first().map(|w| w.k) else {
-            return Vec::new();
-        };
-        assert!(weights.iter().all(|w| w.k == k), "weights of {k} columns");
-        assert_eq!(x.len(), m * k, "{m} rows of {k} values");
-        let x = Activations::new(x, m, k);
-        let ns: Vec<usize> = weights.iter().map(|w| w.n).collect();
-        skinny::by_weight_rows_group(m, &ns, |w, first, rows, out_t| {
-            weights[w].dot_rows(&x, first, rows, out_t)
-        })
-    }
-
     /// Weight rows `first..first + rows` dotted with every row of `x` into `out_t`
     /// (`[rows, m]`), by the widest kernel the CPU runs.
-    fn dot_rows(&self, x: &Activations, first: usize, rows: usize, out_t: &mut [f32]) {
+    pub(crate) fn dot_rows(&self, x: &RoundedInput, first: usize, rows: usize, out_t: &mut [f32]) {
         // SAFETY (both kernels): the CPU has the features; the kernel reads weight rows
         // `first..first + rows` (inside `n`, by the chunking) and the `m` rows of `x`, each
         // `blocks * 32` values long.

@@ -10,11 +10,11 @@
 //! [`crate::kernels::skinny::hsum_avx`] adds them. `Int4Min`'s minima add `m * d_x * sum(q_x)`
 //! per block to a sum of their own, added last.
 
-use super::{Activations, QuantFormat, QuantRows};
+use super::{QuantFormat, QuantRows, RoundedInput};
 
 pub(super) fn dot_rows(
     w: &QuantRows,
-    x: &Activations,
+    x: &RoundedInput,
     first: usize,
     rows: usize,
     out_t: &mut [f32],

@@ -13,7 +13,7 @@ const FORMATS: [QuantFormat; 4] = [
 fn reference(q: &QuantRows, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
     let (n, k) = (q.n, q.k);
     let w = q.dequantize();
-    let acts = Activations::new(x, m, k);
+    let acts = RoundedInput::new(x, m, k);
     let mut want = vec![0f64; m * n];
     let mut bound = vec![0f64; m * n];
     for r in 0..m {
@@ -63,7 +63,7 @@ fn within_the_activations_rounding_of_the_dequantised_product() {
 /// row count that ends in partial tiles, and weight rows taken from the middle.
 #[test]
 fn the_portable_loop_gives_the_kernels_bits() {
-    type Kernel = unsafe fn(&QuantRows, &Activations, usize, usize, &mut [f32]);
+    type Kernel = unsafe fn(&QuantRows, &RoundedInput, usize, usize, &mut [f32]);
     #[allow(unused_mut)]
     let mut kernels: Vec<(&str, Kernel)> = Vec::new();
     #[cfg(target_arch = "x86_64")]
@@ -84,7 +84,7 @@ fn the_portable_loop_gives_the_kernels_bits() {
         let (x, w) = (values(m * k, 5), values(n * k, 6));
         for format in FORMATS {
             let q = QuantRows::new(format, &w, n, k);
-            let acts = Activations::new(&x, m, k);
+            let acts = RoundedInput::new(&x, m, k);
             let (first, rows) = (1, n - 2);
             let mut want = vec![0f32; rows * m];
             portable::dot_rows(&q, &acts, first, rows, &mut want);
@@ -215,37 +215,6 @@ fn many_rows_take_the_dequantised_weight_through_gemm() {
                     "{format:?} [{r}, {j}]: {} vs {want}",
                     got[r * n + j]
                 );
-            }
-        }
-    }
-}
-
-/// Projections that read the same input in one loop (a layer's q, k, v): each output the bits
-/// of its own product, for weights of different formats and row counts, one input row and
-/// several.
-#[test]
-fn a_group_gives_each_weight_the_bits_of_its_own_product() {
-    let k = 100;
-    let weights: Vec<QuantRows> = [
-        (QuantFormat::Int4Min, 37),
-        (QuantFormat::Int8, 5),
-        (QuantFormat::Int8Halves, 64),
-        (QuantFormat::Int4, 1),
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, &(format, n))| QuantRows::new(format, &values(n * k, 20 + i as u32), n, k))
-    .collect();
-    let refs: Vec<&QuantRows> = weights.iter().collect();
-    for m in [1, 3, 16] {
-        let x = values(m * k, 30 + m as u32);
-        let group = QuantRows::matmul_t_group(&refs, &x, m);
-        assert_eq!(group.len(), weights.len());
-        for (w, got) in weights.iter().zip(&group) {
-            let alone = w.matmul_t(&x, m);
-            assert_eq!(got.len(), alone.len(), "{:?} m={m}", w.format);
-            for (g, a) in got.iter().zip(&alone) {
-                assert_eq!(g.to_bits(), a.to_bits(), "{:?} m={m}", w.format);
             }
         }
     }
