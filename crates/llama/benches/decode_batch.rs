@@ -7,7 +7,7 @@
 //! cargo bench -p teamtune-llama --bench decode_batch  (threads: RAYON_NUM_THREADS, default all
 //! cores; TEAMTUNE_BENCH_MODEL for another model; TEAMTUNE_BENCH_REPEATS, default 2, best of;
 //! TEAMTUNE_BENCH_HISTORY, default 300, the history length; TEAMTUNE_BENCH_QUANTIZE=q8_0 for the
-//! quantised inference path)
+//! quantised inference path; TEAMTUNE_BENCH_SESSIONS, default 8, the sessions decoded together)
 
 use std::time::Instant;
 
@@ -16,10 +16,15 @@ use teamtune_llama::{
     decode_batch, default_model_path, Decoded, LoadedModel, NoFilter, SamplingParams, Session,
 };
 
+/// Sessions decoded together, unless TEAMTUNE_BENCH_SESSIONS says otherwise.
 const SESSIONS: usize = 8;
 const NEW_TOKENS: usize = 48;
 
 fn main() -> anyhow::Result<()> {
+    let session_count: usize = std::env::var("TEAMTUNE_BENCH_SESSIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SESSIONS);
     let path = std::env::var("TEAMTUNE_BENCH_MODEL")
         .unwrap_or_else(|_| default_model_path().display().to_string());
     let repeats: usize = std::env::var("TEAMTUNE_BENCH_REPEATS")
@@ -41,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     // Histories of slightly different lengths around `history_len` tokens, chat-shaped.
     let mut sessions = Vec::new();
     let mut turns = Vec::new();
-    for i in 0..SESSIONS {
+    for i in 0..session_count {
         let body = words[i * 3..].join(" ");
         let prompt = format!(
             "<|im_start|>system\nYou are agent {i} in a grid world.<|im_end|>\n<|im_start|>user\n{body}"
@@ -101,7 +106,7 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(best.unwrap())
     };
-    let generated = (SESSIONS * NEW_TOKENS) as f64;
+    let generated = (session_count * NEW_TOKENS) as f64;
     let (alone_s, alone_out) = best(&alone, false)?;
     let (batch_s, batch_out) = best(&batched, false)?;
     let (turn_alone_s, turn_alone_out) = best(&alone, true)?;
@@ -113,7 +118,7 @@ fn main() -> anyhow::Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "dtype": "f32",
         "quantize": quantize,
-        "sessions": SESSIONS,
+        "sessions": session_count,
         "history_tokens": history,
         "new_tokens_per_session": NEW_TOKENS,
         "alone_tok_s": generated / alone_s,

@@ -13,6 +13,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, T
 use rayon::prelude::*;
 
 use super::cpu::contiguous_slice;
+use super::skinny;
 
 /// One adapter's factors for one projection and the rows (of `x` and `y`) that take it.
 pub struct RowGroup {
@@ -34,25 +35,17 @@ struct LoraRows {
     groups: Vec<RowGroup>,
 }
 
-/// `y_row += scale * B (A x_row)`.
+/// `y_row += scale * B (A x_row)`, both products through the few-row kernel (eight lanes, in
+/// AVX2 where the CPU has it): a sum of one long chain per output cost a tuned model's
+/// evaluation a sixth of its time.
 fn add_row(y_row: &mut [f32], x_row: &[f32], a: &[f32], b: &[f32], rank: usize, scale: f32) {
     let inner = x_row.len();
-    let mut h = [0f32; 64];
-    let mut h_heap;
-    let h: &mut [f32] = if rank <= h.len() {
-        &mut h[..rank]
-    } else {
-        h_heap = vec![0f32; rank];
-        &mut h_heap
-    };
-    for (k, hk) in h.iter_mut().enumerate() {
-        let a_row = &a[k * inner..(k + 1) * inner];
-        *hk = a_row.iter().zip(x_row).map(|(a, x)| a * x).sum();
-    }
-    for (j, yj) in y_row.iter_mut().enumerate() {
-        let b_row = &b[j * rank..(j + 1) * rank];
-        let u: f32 = b_row.iter().zip(h.iter()).map(|(b, h)| b * h).sum();
-        *yj += scale * u;
+    let mut h = vec![0f32; rank];
+    skinny::dot_rows(x_row, 1, a, inner, &mut h);
+    let mut u = vec![0f32; y_row.len()];
+    skinny::dot_rows(&h, 1, b, rank, &mut u);
+    for (yj, uj) in y_row.iter_mut().zip(&u) {
+        *yj += scale * uj;
     }
 }
 
@@ -186,6 +179,22 @@ mod tests {
                 );
             }
         }
+        // A row's term does not depend on the other rows or groups of the call.
+        let (a, b) = (random((8, inner), 10), random((out, 8), 20));
+        let alone = add_lora_rows(
+            &y,
+            &x,
+            vec![RowGroup {
+                a: a.clone(),
+                b: b.clone(),
+                scale: 0.5,
+                rows: vec![4],
+            }],
+        )
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+        assert_eq!(alone[4], got[4]);
         // Rows of no group are untouched, bit for bit.
         let y_rows: Vec<Vec<f32>> = y.to_vec2().unwrap();
         for r in [2, 5, 6, 8, 9] {
