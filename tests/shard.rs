@@ -503,6 +503,28 @@ fn sampled_model_eval_shards_merge_into_the_unsharded_eval() {
     let report = eval_json_without_times(&merged);
     assert_eq!(report, eval_json_without_times(&full));
     assert!(report["tasks"][0]["generated_tokens"].as_u64().unwrap() > 0);
+    // The weight path taken is recorded: bf16 products by default where the CPU has them
+    // (so shards from machines that would play differently do not merge), f32 on request.
+    let has_bf16 = teamtune_llama::cpu_has_bf16_dot_products();
+    assert_eq!(
+        report["settings"]["settings"]["quantize"],
+        if has_bf16 {
+            serde_json::json!("bf16")
+        } else {
+            serde_json::Value::Null
+        },
+        "{}",
+        report["settings"]
+    );
+    let f32_run = dir.path().join("f32");
+    let mut plain = base.clone();
+    plain.extend(args(&["--dtype", "f32", "--out", &s(&f32_run)]));
+    run_ok(&plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let f32_report = eval_json_without_times(&f32_run);
+    assert_eq!(
+        f32_report["settings"]["settings"]["quantize"],
+        serde_json::Value::Null
+    );
     // Sampled, not degenerate: the episodes' first replies differ.
     let records = teamtune_gridworld::read_records(&full.join("episodes.jsonl")).unwrap();
     let first: std::collections::BTreeSet<_> = records

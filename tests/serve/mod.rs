@@ -55,6 +55,11 @@ impl Server {
                 &adapter,
                 "--port",
                 "0",
+                // The f32 path on every machine: these tests lean on the f32 model's replies
+                // (one that runs to its limit), and a CPU with AVX512-BF16 would otherwise
+                // serve bf16 products.
+                "--dtype",
+                "f32",
             ])
             .args(extra)
             .env("RUST_LOG", "warn")
