@@ -212,16 +212,7 @@ mod tests {
         let (n, inner, out) = (11, 37, 23);
         let (x, y) = (random((n, inner), 1), random((n, out), 2));
         let specs = [(8, 0.5f32, vec![0u32, 3, 4, 10]), (80, 2.0, vec![1, 7])];
-        let groups: Vec<RowGroup> = specs
-            .iter()
-            .enumerate()
-            .map(|(i, (rank, scale, rows))| RowGroup {
-                a: random((*rank, inner), 10 + i as u64),
-                b: random((out, *rank), 20 + i as u64),
-                scale: *scale,
-                rows: rows.clone(),
-            })
-            .collect();
+        let groups = groups_again(&specs, inner, out);
         let mut want: Vec<Vec<f32>> = y.to_vec2().unwrap();
         for g in &groups {
             for &r in &g.rows {
@@ -300,7 +291,8 @@ mod tests {
         }
     }
 
-    /// The groups of `specs` as the test builds them (the call consumes its groups).
+    /// The groups of `specs` (rank, scale, rows), factors a fixed function of their index;
+    /// again for each call, which consumes its groups.
     fn groups_again(specs: &[(usize, f32, Vec<u32>)], inner: usize, out: usize) -> Vec<RowGroup> {
         specs
             .iter()

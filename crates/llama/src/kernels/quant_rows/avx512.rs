@@ -25,57 +25,7 @@ pub(super) fn cpu_has_features() -> bool {
         && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// `out_t[i * m + r]` = weight row `first + i` dotted with input row `r`, for `rows` rows.
-///
-/// # Safety
-/// [`available`] holds; rows `first..first + rows` exist in `w`; `x` has `w`'s blocks.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-pub(super) unsafe fn dot_rows(
-    w: &QuantRows,
-    x: &RoundedInput,
-    first: usize,
-    rows: usize,
-    out_t: &mut [f32],
-) {
-    match kind(w.format) {
-        INT8 => rows_of::<INT8>(w, x, first, rows, out_t),
-        INT4 => rows_of::<INT4>(w, x, first, rows, out_t),
-        INT4_MIN => rows_of::<INT4_MIN>(w, x, first, rows, out_t),
-        _ => rows_of::<INT8_HALVES>(w, x, first, rows, out_t),
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn rows_of<const KIND: u8>(
-    w: &QuantRows,
-    x: &RoundedInput,
-    first: usize,
-    rows: usize,
-    out_t: &mut [f32],
-) {
-    let m = x.m;
-    let mut j = 0;
-    while j < rows {
-        let wr = (rows - j).min(2);
-        let mut r = 0;
-        while r < m {
-            let xr = (m - r).min(4);
-            let at = (first, j, r);
-            match (wr, xr) {
-                (2, 4) => tile::<2, 4, KIND>(w, x, at, out_t),
-                (2, 3) => tile::<2, 3, KIND>(w, x, at, out_t),
-                (2, 2) => tile::<2, 2, KIND>(w, x, at, out_t),
-                (2, _) => tile::<2, 1, KIND>(w, x, at, out_t),
-                (_, 4) => tile::<1, 4, KIND>(w, x, at, out_t),
-                (_, 3) => tile::<1, 3, KIND>(w, x, at, out_t),
-                (_, 2) => tile::<1, 2, KIND>(w, x, at, out_t),
-                _ => tile::<1, 1, KIND>(w, x, at, out_t),
-            }
-            r += xr;
-        }
-        j += wr;
-    }
-}
+tiled_kernel!("avx512f,avx512bw,avx2,fma");
 
 /// Two blocks' 64 integers (block `b` at `at`, block `b + 1` right after it) as two vectors of
 /// 32: values 0..16 of each block, then values 16..32 of each.

@@ -22,6 +22,67 @@ use super::skinny;
 /// An input rounded for [`QuantRows::dot_rows`] (shared by the weights that read it).
 pub(crate) use activations::RoundedInput;
 
+/// A kernel's entry point and its walk over tiles of up to 2 weight rows x 4 input rows, for a
+/// module with `tile::<R, C, KIND>(w, x, (first, j, r), out_t)` compiled for `$features`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tiled_kernel {
+    ($features:literal) => {
+        /// `out_t[i * m + r]` = weight row `first + i` dotted with input row `r`, for `rows`
+        /// rows.
+        ///
+        /// # Safety
+        /// The CPU has the module's features; rows `first..first + rows` exist in `w`; `x`
+        /// has `w`'s blocks.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dot_rows(
+            w: &QuantRows,
+            x: &RoundedInput,
+            first: usize,
+            rows: usize,
+            out_t: &mut [f32],
+        ) {
+            match kind(w.format) {
+                INT8 => rows_of::<INT8>(w, x, first, rows, out_t),
+                INT4 => rows_of::<INT4>(w, x, first, rows, out_t),
+                INT4_MIN => rows_of::<INT4_MIN>(w, x, first, rows, out_t),
+                _ => rows_of::<INT8_HALVES>(w, x, first, rows, out_t),
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn rows_of<const KIND: u8>(
+            w: &QuantRows,
+            x: &RoundedInput,
+            first: usize,
+            rows: usize,
+            out_t: &mut [f32],
+        ) {
+            let m = x.m;
+            let mut j = 0;
+            while j < rows {
+                let wr = (rows - j).min(2);
+                let mut r = 0;
+                while r < m {
+                    let xr = (m - r).min(4);
+                    let at = (first, j, r);
+                    match (wr, xr) {
+                        (2, 4) => tile::<2, 4, KIND>(w, x, at, out_t),
+                        (2, 3) => tile::<2, 3, KIND>(w, x, at, out_t),
+                        (2, 2) => tile::<2, 2, KIND>(w, x, at, out_t),
+                        (2, _) => tile::<2, 1, KIND>(w, x, at, out_t),
+                        (_, 4) => tile::<1, 4, KIND>(w, x, at, out_t),
+                        (_, 3) => tile::<1, 3, KIND>(w, x, at, out_t),
+                        (_, 2) => tile::<1, 2, KIND>(w, x, at, out_t),
+                        _ => tile::<1, 1, KIND>(w, x, at, out_t),
+                    }
+                    r += xr;
+                }
+                j += wr;
+            }
+        }
+    };
+}
+
 mod activations;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
