@@ -40,9 +40,9 @@ impl ModelArgs {
         Ok((self.dtype == "auto" && device.is_cpu() && cpu_has_bf16).then(|| "bf16".to_owned()))
     }
 
-    /// [`Self::load`] on the weight path of [`Self::inference_quantize`] for this CPU; says so
-    /// when bf16 was chosen for the user.
-    pub fn load_for_inference(&self) -> anyhow::Result<LoadedModel> {
+    /// [`Self::load`] on the weight path of [`Self::inference_quantize`] for this CPU, and that
+    /// path (for the run's records); says so when bf16 was chosen for the user.
+    pub fn load_for_inference(&self) -> anyhow::Result<(LoadedModel, Option<String>)> {
         let quantize = self.inference_quantize(teamtune_llama::cpu_has_bf16_dot_products())?;
         if self.quantize.is_none() && quantize.is_some() {
             tracing::info!(
@@ -50,11 +50,12 @@ impl ModelArgs {
                  with f32 sums (--dtype f32 keeps the f32 path)"
             );
         }
-        ModelArgs {
-            quantize,
+        let loaded = ModelArgs {
+            quantize: quantize.clone(),
             ..self.clone()
         }
-        .load()
+        .load()?;
+        Ok((loaded, quantize))
     }
 
     pub fn load(&self) -> anyhow::Result<LoadedModel> {

@@ -135,10 +135,7 @@ impl PolicyArgs {
                 Ok((Box::new(OpenAiPolicy::new(config)), settings))
             }
             "model" => {
-                let quantize = self
-                    .model
-                    .inference_quantize(teamtune_llama::cpu_has_bf16_dot_products())?;
-                let mut loaded = self.model.load_for_inference()?;
+                let (mut loaded, quantize) = self.model.load_for_inference()?;
                 let template = chat_template(&loaded.assets)?;
                 let mut name = if self.model.model.is_empty() {
                     "model:default".to_owned()

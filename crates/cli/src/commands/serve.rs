@@ -165,7 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         })?;
     listener.set_nonblocking(true)?;
-    let mut loaded = args.model.load_for_inference()?;
+    let (mut loaded, _) = args.model.load_for_inference()?;
     let template = chat_template(&loaded.assets)?;
     for (name, dir) in &adapters {
         if loaded.model.adapter(name).is_some() {
