@@ -32,34 +32,14 @@ pub(crate) fn by_weight_rows(
     n: usize,
     dot: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    if m == 0 || n == 0 {
-        return vec![0.0; m * n];
-    }
-    // Work on the transposed output [n, m] so each thread owns whole weight rows.
-    let mut out_t = vec![0f32; n * m];
-    let threads = rayon::current_num_threads().max(1);
-    // Several chunks per thread balance the load; even sizes keep the 2-row weight tiles whole.
-    let rows_per_chunk = (n.div_ceil(threads * 4)).max(16).next_multiple_of(2);
-    out_t
-        .par_chunks_mut(rows_per_chunk * m)
-        .enumerate()
-        .for_each(|(c, chunk)| dot(c * rows_per_chunk, chunk.len() / m, chunk));
-    if m == 1 {
-        // [n, 1] and [1, n] are the same buffer.
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
-    for (j, row) in out_t.chunks_exact(m).enumerate() {
-        for (r, &v) in row.iter().enumerate() {
-            out[r * n + j] = v;
-        }
-    }
-    out
+    by_weight_rows_group(m, &[n], |_, first, rows, out_t| dot(first, rows, out_t))
+        .pop()
+        .expect("one weight, one output")
 }
 
 /// [`by_weight_rows`] for several weights that multiply the same input (`ns[w]` rows each), in
-/// one parallel loop: `dot(w, first, rows, out_t)` for weight `w`. One output `[m, ns[w]]` per
-/// weight, each what [`by_weight_rows`] would give.
+/// one parallel loop: `dot(w, first, rows, out_t)` for weight `w`, never a chunk across two
+/// weights. One output `[m, ns[w]]` per weight.
 pub(crate) fn by_weight_rows_group(
     m: usize,
     ns: &[usize],
@@ -69,8 +49,10 @@ pub(crate) fn by_weight_rows_group(
     if m == 0 || total == 0 {
         return ns.iter().map(|&n| vec![0.0; m * n]).collect();
     }
+    // Work on the transposed output [rows, m] so each thread owns whole weight rows.
     let mut out_t = vec![0f32; total * m];
     let threads = rayon::current_num_threads().max(1);
+    // Several chunks per thread balance the load; even sizes keep the 2-row weight tiles whole.
     let rows_per_chunk = (total.div_ceil(threads * 4)).max(16).next_multiple_of(2);
     // (weight, first row, its slice of out_t): chunks never straddle two weights.
     let mut tasks = Vec::new();
@@ -88,6 +70,10 @@ pub(crate) fn by_weight_rows_group(
     tasks
         .into_par_iter()
         .for_each(|(w, first, chunk)| dot(w, first, chunk.len() / m, chunk));
+    if m == 1 && ns.len() == 1 {
+        // [n, 1] and [1, n] are the same buffer.
+        return vec![out_t];
+    }
     let mut outs = Vec::with_capacity(ns.len());
     let mut at = 0;
     for &n in ns {
