@@ -7,7 +7,8 @@
 //! cargo bench -p teamtune-llama --bench decode_batch  (threads: RAYON_NUM_THREADS, default all
 //! cores; TEAMTUNE_BENCH_MODEL for another model; TEAMTUNE_BENCH_REPEATS, default 2, best of;
 //! TEAMTUNE_BENCH_HISTORY, default 300, the history length; TEAMTUNE_BENCH_QUANTIZE=q8_0 for the
-//! quantised inference path; TEAMTUNE_BENCH_SESSIONS, default 8, the sessions decoded together)
+//! quantised inference path; TEAMTUNE_BENCH_SESSIONS, default 8, the sessions decoded together;
+//! TEAMTUNE_BENCH_ADAPTER, a PEFT adapter folder to decode with, e.g. a demo's run/adapter)
 
 use std::time::Instant;
 
@@ -39,6 +40,10 @@ fn main() -> anyhow::Result<()> {
     let quantize = std::env::var("TEAMTUNE_BENCH_QUANTIZE").ok();
     if let Some(q) = &quantize {
         lm.quantize(teamtune_llama::parse_quantization(q)?)?;
+    }
+    if let Ok(dir) = std::env::var("TEAMTUNE_BENCH_ADAPTER") {
+        lm.model.load_adapter("bench", std::path::Path::new(&dir))?;
+        lm.model.set_active_adapter(Some("bench"))?;
     }
     let m = &lm.model;
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. Knowledge speaks, but wisdom listens. ".repeat(40);
@@ -118,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "dtype": "f32",
         "quantize": quantize,
+        "adapter": std::env::var("TEAMTUNE_BENCH_ADAPTER").ok(),
         "sessions": session_count,
         "history_tokens": history,
         "new_tokens_per_session": NEW_TOKENS,

@@ -65,59 +65,140 @@ impl Transposed {
     }
 }
 
-/// `y_row += scale * B (A x_row)`. Each of the `rank` sums of `A x` runs over the inputs in
-/// order, and each output's sum of `B h` over the rank in order, a multiply then an add per
-/// term: the plain loops' bits. The factors are transposed so that those chains run side by
-/// side in vector lanes (`rank` of them for `A x`, the outputs for `B h`) instead of one after
-/// the other: one chain at a time cost a tuned model's evaluation a sixth of its time.
-fn add_row(y_row: &mut [f32], x_row: &[f32], f: &Transposed) {
+/// Consecutive rows of one adapter a worker takes at once. With one row, each step of `A x`
+/// waits for the previous add (a chain as long as the input); four rows' chains side by side
+/// keep the adder busy.
+const ROWS_AT_ONCE: usize = 4;
+
+/// `y_row += scale * B (A x_row)` for each of the `y.len() / out` rows of `y` and `x`. Each of
+/// the `rank` sums of `A x` runs over the inputs in order, and each output's sum of `B h` over
+/// the rank in order, a multiply then an add per term: the plain loops' bits, whatever rows
+/// share the call. The factors are transposed so that those chains run side by side in vector
+/// lanes (`rank` of them for `A x`, the outputs for `B h`) instead of one after the other: one
+/// chain at a time cost a tuned model's evaluation a sixth of its time.
+fn add_rows(y: &mut [f32], x: &[f32], f: &Transposed) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { add_rows_avx512(y, x, f) };
+    }
     #[cfg(target_arch = "x86_64")]
     if super::skinny::has_avx2_fma() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { add_row_avx2(y_row, x_row, f) };
+        return unsafe { add_rows_avx2(y, x, f) };
     }
-    add_row_body(y_row, x_row, f)
+    add_rows_body(y, x, f)
+}
+
+/// The same loops in 16-lane registers: each lane is still one output's chain, so the bits
+/// do not change.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn add_rows_avx512(y: &mut [f32], x: &[f32], f: &Transposed) {
+    add_rows_body(y, x, f)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn add_row_avx2(y_row: &mut [f32], x_row: &[f32], f: &Transposed) {
-    add_row_body(y_row, x_row, f)
+fn add_rows_avx2(y: &mut [f32], x: &[f32], f: &Transposed) {
+    add_rows_body(y, x, f)
 }
 
 #[inline(always)]
-fn add_row_body(y_row: &mut [f32], x_row: &[f32], f: &Transposed) {
-    // Sums start at -0.0, as `Iterator::sum` does.
-    let mut h = [-0.0f32; 8];
-    let mut h_heap;
-    let h: &mut [f32] = if f.rank == 8 {
-        // The study's rank: a fixed length the compiler turns into one vector.
-        for (i, &xi) in x_row.iter().enumerate() {
-            let col: &[f32; 8] = f.at[i * 8..(i + 1) * 8].try_into().expect("rank 8");
-            for k in 0..8 {
-                h[k] += col[k] * xi;
+fn add_rows_body(y: &mut [f32], x: &[f32], f: &Transposed) {
+    let inner = f.at.len() / f.rank.max(1);
+    let out = f.bt.len() / f.rank.max(1);
+    let rows = y.len() / out.max(1);
+    if f.rank == 8 {
+        // The study's rank: a fixed length the compiler turns into one vector per row.
+        match rows {
+            4 => rank8_rows::<4>(y, x, f, inner, out),
+            3 => rank8_rows::<3>(y, x, f, inner, out),
+            2 => rank8_rows::<2>(y, x, f, inner, out),
+            _ => {
+                for (y_row, x_row) in y.chunks_exact_mut(out).zip(x.chunks_exact(inner)) {
+                    rank8_rows::<1>(y_row, x_row, f, inner, out);
+                }
             }
         }
-        &mut h
-    } else {
-        h_heap = vec![-0.0f32; f.rank];
+        return;
+    }
+    for (y_row, x_row) in y.chunks_exact_mut(out).zip(x.chunks_exact(inner)) {
+        // Sums start at -0.0, as `Iterator::sum` does.
+        let mut h = vec![-0.0f32; f.rank];
         for (i, &xi) in x_row.iter().enumerate() {
             let col = &f.at[i * f.rank..(i + 1) * f.rank];
-            for (hk, &a) in h_heap.iter_mut().zip(col) {
+            for (hk, &a) in h.iter_mut().zip(col) {
                 *hk += a * xi;
             }
         }
-        &mut h_heap
-    };
-    let out = y_row.len();
-    let mut u = vec![-0.0f32; out];
-    for (k, &hk) in h.iter().enumerate() {
-        for (uj, &b) in u.iter_mut().zip(&f.bt[k * out..(k + 1) * out]) {
-            *uj += b * hk;
+        add_up_projection(y_row, &h, f);
+    }
+}
+
+/// `R` rows with a rank-8 adapter: each row's eight sums of `A x` as in one row alone, the
+/// rows' chains interleaved.
+#[inline(always)]
+fn rank8_rows<const R: usize>(y: &mut [f32], x: &[f32], f: &Transposed, inner: usize, out: usize) {
+    assert!(x.len() == R * inner && y.len() == R * out && f.at.len() == 8 * inner);
+    // Sums start at -0.0, as `Iterator::sum` does.
+    let mut h = [[-0.0f32; 8]; R];
+    for i in 0..inner {
+        let col: &[f32; 8] = f.at[i * 8..(i + 1) * 8].try_into().expect("rank 8");
+        for (r, hr) in h.iter_mut().enumerate() {
+            // SAFETY: `r < R` and `i < inner`, and `x` holds `R * inner` values (asserted).
+            let xi = unsafe { *x.get_unchecked(r * inner + i) };
+            for k in 0..8 {
+                hr[k] += col[k] * xi;
+            }
         }
     }
-    for (yj, uj) in y_row.iter_mut().zip(&u) {
-        *yj += f.scale * uj;
+    // `y += scale * B h` for the R rows together, each output's sum over the rank in order:
+    // a block of B's transposed rows is read once for all R rows.
+    const BLOCK: usize = 64;
+    let mut j0 = 0;
+    while j0 < out {
+        let width = BLOCK.min(out - j0);
+        let mut u = [[-0.0f32; BLOCK]; R];
+        for k in 0..8 {
+            let b = &f.bt[k * out + j0..k * out + j0 + width];
+            for (ur, hr) in u.iter_mut().zip(&h) {
+                let hk = hr[k];
+                for (uj, &bv) in ur[..width].iter_mut().zip(b) {
+                    *uj += bv * hk;
+                }
+            }
+        }
+        for (r, ur) in u.iter().enumerate() {
+            let y_row = &mut y[r * out + j0..r * out + j0 + width];
+            for (yj, uj) in y_row.iter_mut().zip(&ur[..width]) {
+                *yj += f.scale * uj;
+            }
+        }
+        j0 += width;
+    }
+}
+
+/// `y_row += scale * B h`, each output's sum over the rank in order, 64 outputs at a time on
+/// the stack.
+#[inline(always)]
+fn add_up_projection(y_row: &mut [f32], h: &[f32], f: &Transposed) {
+    const BLOCK: usize = 64;
+    let out = y_row.len();
+    let mut j0 = 0;
+    while j0 < out {
+        let width = BLOCK.min(out - j0);
+        let mut u = [-0.0f32; BLOCK];
+        for (k, &hk) in h.iter().enumerate() {
+            let b = &f.bt[k * out + j0..k * out + j0 + width];
+            for (uj, &bv) in u[..width].iter_mut().zip(b) {
+                *uj += bv * hk;
+            }
+        }
+        for (yj, uj) in y_row[j0..j0 + width].iter_mut().zip(&u[..width]) {
+            *yj += f.scale * uj;
+        }
+        j0 += width;
     }
 }
 
@@ -174,13 +255,23 @@ impl CustomOp2 for LoraRows {
             }
             factors.push(Transposed::new(a, b, rank, inner, out, group.scale));
         }
-        y.par_chunks_mut(out.max(1))
-            .zip(x.par_chunks(inner.max(1)))
-            .zip(group_of.par_iter())
-            .with_min_len(4)
-            .for_each(|((y_row, x_row), &g)| {
-                if let Some(f) = factors.get(g) {
-                    add_row(y_row, x_row, f);
+        // Chunks of consecutive rows; in each, runs of rows with the same adapter together.
+        y.par_chunks_mut((ROWS_AT_ONCE * out).max(1))
+            .zip(x.par_chunks((ROWS_AT_ONCE * inner).max(1)))
+            .zip(group_of.par_chunks(ROWS_AT_ONCE))
+            .for_each(|((y, x), groups)| {
+                let mut r = 0;
+                while r < groups.len() {
+                    let g = groups[r];
+                    let run = groups[r..].iter().take_while(|&&h| h == g).count();
+                    if let Some(f) = factors.get(g) {
+                        add_rows(
+                            &mut y[r * out..(r + run) * out],
+                            &x[r * inner..(r + run) * inner],
+                            f,
+                        );
+                    }
+                    r += run;
                 }
             });
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
@@ -209,9 +300,13 @@ mod tests {
     /// rows, other rows unchanged; ranks on the stack and past it.
     #[test]
     fn adds_each_groups_product_to_its_rows_only() {
-        let (n, inner, out) = (11, 37, 23);
+        // Runs of 1 to 4 consecutive rows of one adapter (rows are taken 4 at a time).
+        let (n, inner, out) = (19, 37, 71);
         let (x, y) = (random((n, inner), 1), random((n, out), 2));
-        let specs = [(8, 0.5f32, vec![0u32, 3, 4, 10]), (80, 2.0, vec![1, 7])];
+        let specs = [
+            (8, 0.5f32, vec![0u32, 3, 4, 10, 11, 12, 13, 14, 15, 16, 17]),
+            (80, 2.0, vec![1, 7, 8, 9]),
+        ];
         let groups = groups_again(&specs, inner, out);
         let mut want: Vec<Vec<f32>> = y.to_vec2().unwrap();
         for g in &groups {
@@ -269,24 +364,27 @@ mod tests {
             }
         }
         // A row's term does not depend on the other rows or groups of the call.
+        // Row 4 ran alone, row 13 among four, row 17 as the second of two.
         let (a, b) = (random((8, inner), 10), random((out, 8), 20));
-        let alone = add_lora_rows(
-            &y,
-            &x,
-            vec![RowGroup {
-                a: a.clone(),
-                b: b.clone(),
-                scale: 0.5,
-                rows: vec![4],
-            }],
-        )
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-        assert_eq!(alone[4], got[4]);
+        for r in [4usize, 13, 17] {
+            let alone = add_lora_rows(
+                &y,
+                &x,
+                vec![RowGroup {
+                    a: a.clone(),
+                    b: b.clone(),
+                    scale: 0.5,
+                    rows: vec![r as u32],
+                }],
+            )
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+            assert_eq!(alone[r], got[r], "row {r}");
+        }
         // Rows of no group are untouched, bit for bit.
         let y_rows: Vec<Vec<f32>> = y.to_vec2().unwrap();
-        for r in [2, 5, 6, 8, 9] {
+        for r in [2, 5, 6, 18] {
             assert_eq!(got[r], y_rows[r]);
         }
     }

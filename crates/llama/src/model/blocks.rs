@@ -243,9 +243,12 @@ impl Attention {
         // The weighted values `[b, n_kv_heads, n_rep * t, head_dim]`.
         let out = if decode_step {
             decode_attention::attention(&q, &k, &v, bias, scale)?
-        } else if mode == Mode::Training {
+        } else if mode == Mode::Training || (q.device().is_cpu() && q.dtype() == DType::F32) {
             // One op from q, k, v to the weighted values: neither the scores nor the
-            // probabilities are stored for the backward.
+            // probabilities are stored for the backward. A prompt's prefill on the CPU takes
+            // it too: the composed form below makes `[heads, rows, keys]` scores and
+            // probabilities (fresh pages, zero-filled, then a libm `exp` per score), which
+            // cost an evaluation a fifth of its time once the projections ran on AMX.
             train_ops::tiled_attention(&q, &k, &v, bias, scale)?
         } else {
             let scores = (q.matmul(&k.t()?)? * scale)?;
