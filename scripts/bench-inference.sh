@@ -7,6 +7,7 @@
 # context, is printed too).
 #   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin scripts/bench-inference.sh
 # llama.cpp's CPU build (llama-bench, llama-quantize targets): ../shared/notes/gguf-and-peers.md.
+# TEAMTUNE_BENCH_KV=f16 runs teamtune with an f16 KV cache, as llama.cpp runs by default.
 # The GGUFs are made once from the default model's Q4_1 file into $GGUF_DIR (default
 # target/bench-gguf) with `llama-quantize --allow-requantize`.
 set -euo pipefail

@@ -8,7 +8,8 @@
 //! cores; TEAMTUNE_BENCH_MODEL for another model; TEAMTUNE_BENCH_REPEATS, default 2, best of;
 //! TEAMTUNE_BENCH_HISTORY, default 300, the history length; TEAMTUNE_BENCH_QUANTIZE=q8_0 for the
 //! quantised inference path; TEAMTUNE_BENCH_SESSIONS, default 8, the sessions decoded together;
-//! TEAMTUNE_BENCH_ADAPTER, a PEFT adapter folder to decode with, e.g. a demo's run/adapter)
+//! TEAMTUNE_BENCH_ADAPTER, a PEFT adapter folder to decode with, e.g. a demo's run/adapter;
+//! TEAMTUNE_BENCH_KV=f16 for an f16 KV cache)
 
 use std::time::Instant;
 
@@ -44,6 +45,14 @@ fn main() -> anyhow::Result<()> {
     if let Ok(dir) = std::env::var("TEAMTUNE_BENCH_ADAPTER") {
         lm.model.load_adapter("bench", std::path::Path::new(&dir))?;
         lm.model.set_active_adapter(Some("bench"))?;
+    }
+    let kv = std::env::var("TEAMTUNE_BENCH_KV").ok();
+    match kv.as_deref() {
+        None | Some("f32") => {}
+        Some("f16") => lm
+            .model
+            .set_kv_cache_storage(Some(candle_core::DType::F16))?,
+        Some(other) => anyhow::bail!("TEAMTUNE_BENCH_KV={other}: f16 or f32"),
     }
     let m = &lm.model;
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. Knowledge speaks, but wisdom listens. ".repeat(40);
@@ -124,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         "dtype": "f32",
         "quantize": quantize,
         "adapter": std::env::var("TEAMTUNE_BENCH_ADAPTER").ok(),
+        "kv_cache": kv.unwrap_or_else(|| "f32".into()),
         "sessions": session_count,
         "history_tokens": history,
         "new_tokens_per_session": NEW_TOKENS,

@@ -4,8 +4,9 @@
 //!
 //! cargo bench -p teamtune-llama --bench smollm2  (threads: RAYON_NUM_THREADS, default all cores;
 //! TEAMTUNE_BENCH_DTYPE=bf16 for half-width weights, TEAMTUNE_BENCH_QUANTIZE=q8_0 (or q4_0, bf16,
-//! gguf: the file's own blocks) for the quantised inference path, TEAMTUNE_BENCH_DECODE_TOKENS for another number of decoded tokens,
-//! default 128)
+//! gguf: the file's own blocks) for the quantised inference path, TEAMTUNE_BENCH_KV=f16 for an f16
+//! KV cache (llama.cpp's default), TEAMTUNE_BENCH_DECODE_TOKENS for another number of decoded
+//! tokens, default 128)
 
 use std::time::Instant;
 
@@ -33,6 +34,14 @@ fn main() -> anyhow::Result<()> {
     let quantize = std::env::var("TEAMTUNE_BENCH_QUANTIZE").ok();
     if let Some(q) = &quantize {
         m.quantize(teamtune_llama::parse_quantization(q)?)?;
+    }
+    let kv = std::env::var("TEAMTUNE_BENCH_KV").ok();
+    match kv.as_deref() {
+        None | Some("f32") => {}
+        Some("f16") => m
+            .model
+            .set_kv_cache_storage(Some(candle_core::DType::F16))?,
+        Some(other) => anyhow::bail!("TEAMTUNE_BENCH_KV={other}: f16 or f32"),
     }
     // The prompt of scripts/bench_reference.py: repeated text cut to exactly PREFILL_TOKENS ids.
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ".repeat(64);
@@ -85,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "dtype": dtype_name,
         "quantize": quantize,
+        "kv_cache": kv.unwrap_or_else(|| "f32".into()),
         "prefill_tokens": PREFILL_TOKENS,
         "prefill_tok_s": PREFILL_TOKENS as f64 / best_prefill,
         "decode_tokens": decode_tokens(),

@@ -34,6 +34,9 @@ pub enum LlamaError {
     /// A decoding constraint refused or failed (see `session::TokenFilter`).
     #[error("token filter: {0}")]
     Filter(String),
+    /// A setting this model or device does not offer.
+    #[error("{0}")]
+    Unsupported(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

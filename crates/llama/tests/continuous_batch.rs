@@ -37,7 +37,21 @@ fn alone(m: &mut Llama, r: &Request, stop: &[u32]) -> (Decoded, Vec<u32>) {
 
 #[test]
 fn rows_joining_leaving_and_mixing_adapters_decode_as_alone() {
+    joining_leaving_and_mixing_decode_as_alone(with_adapters());
+}
+
+/// The same with keys and values stored as f16: each token's are rounded once as stored, the
+/// same alone and batched, so batching still changes no reply.
+#[test]
+fn rows_decode_as_alone_with_an_f16_cache() {
     let mut m = with_adapters();
+    m.set_kv_cache_storage(Some(candle_core::DType::F16))
+        .unwrap();
+    assert_eq!(m.new_cache(1).storage(), Some(candle_core::DType::F16));
+    joining_leaving_and_mixing_decode_as_alone(m);
+}
+
+fn joining_leaving_and_mixing_decode_as_alone(mut m: Llama) {
     let stop = [7u32];
     let requests = [
         Request {

@@ -26,6 +26,22 @@ pub struct ModelArgs {
     /// inference); logits slightly off the dense model's.
     #[arg(long)]
     pub quantize: Option<String>,
+    /// How eval, collect, serve and the demo store the keys and values of earlier tokens: f16
+    /// (half the bytes each decode step's attention reads, each value rounded once as stored,
+    /// llama.cpp's default), f32 (as computed), or auto: f16 on the CPU where the weights run
+    /// quantised or as bf16 products (--quantize, or auto's bf16), f32 otherwise (--dtype f32
+    /// stays the reference path).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f16", "f32"])]
+    pub kv_cache: String,
+}
+
+/// The arithmetic an inference command runs, as its records give it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferencePath {
+    /// `--quantize` as chosen (given, or auto's bf16); none for dense weights.
+    pub quantize: Option<String>,
+    /// The KV cache's storage: "f16", or the model's dtype ("f32", "bf16", "f16").
+    pub kv_cache: String,
 }
 
 impl ModelArgs {
@@ -40,22 +56,45 @@ impl ModelArgs {
         Ok((self.dtype == "auto" && device.is_cpu() && cpu_has_bf16).then(|| "bf16".to_owned()))
     }
 
-    /// [`Self::load`] on the weight path of [`Self::inference_quantize`] for this CPU, and that
-    /// path (for the run's records); says so when bf16 was chosen for the user.
-    pub fn load_for_inference(&self) -> anyhow::Result<(LoadedModel, Option<String>)> {
+    /// Whether an inference command stores its KV cache as f16: `--kv-cache` as given; auto
+    /// means f16 on the CPU when the weights run quantised or as bf16 products (`quantize`, the
+    /// path [`Self::inference_quantize`] chose), which already leave the f32 reference.
+    pub fn inference_kv_f16(&self, quantize: Option<&str>) -> anyhow::Result<bool> {
+        Ok(match self.kv_cache.as_str() {
+            "f16" => true,
+            "f32" => false,
+            _ => parse_device(&self.device)?.is_cpu() && quantize.is_some(),
+        })
+    }
+
+    /// [`Self::load`] on the weight path of [`Self::inference_quantize`] for this CPU, with the
+    /// KV cache of [`Self::inference_kv_f16`], and that path (for the run's records); says so
+    /// when bf16 was chosen for the user.
+    pub fn load_for_inference(&self) -> anyhow::Result<(LoadedModel, InferencePath)> {
         let quantize = self.inference_quantize(teamtune_llama::cpu_has_bf16_dot_products())?;
+        let kv_f16 = self.inference_kv_f16(quantize.as_deref())?;
         if self.quantize.is_none() && quantize.is_some() {
             tracing::info!(
                 "this CPU has bf16 dot products (AVX512-BF16): the weights run as bf16 products \
                  with f32 sums (--dtype f32 keeps the f32 path)"
             );
         }
-        let loaded = ModelArgs {
+        let mut loaded = ModelArgs {
             quantize: quantize.clone(),
             ..self.clone()
         }
         .load()?;
-        Ok((loaded, quantize))
+        if kv_f16 {
+            loaded
+                .model
+                .set_kv_cache_storage(Some(candle_core::DType::F16))
+                .context("--kv-cache f16")?;
+        }
+        let kv_cache = match loaded.model.kv_cache_storage() {
+            Some(d) => d.as_str().to_owned(),
+            None => loaded.model.dtype().as_str().to_owned(),
+        };
+        Ok((loaded, InferencePath { quantize, kv_cache }))
     }
 
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
@@ -92,6 +131,7 @@ mod tests {
             device: device.into(),
             dtype: dtype.into(),
             quantize: quantize.map(str::to_owned),
+            kv_cache: "auto".into(),
         }
     }
 
@@ -112,5 +152,24 @@ mod tests {
             Some("gguf")
         );
         assert!(args("auto", "tpu", None).inference_quantize(true).is_err());
+    }
+
+    /// auto stores the cache as f16 only on the CPU's quantised or bf16-product paths (a GPU
+    /// build cannot be told apart here without CUDA: a device that does not parse is an error);
+    /// the flag overrides it either way.
+    #[test]
+    fn the_kv_cache_is_f16_by_default_only_off_the_f32_reference_path() {
+        let f16 = |a: &ModelArgs, q: Option<&str>| a.inference_kv_f16(q).unwrap();
+        assert!(f16(&args("auto", "cpu", None), Some("bf16")));
+        assert!(f16(&args("auto", "cpu", Some("q4_0")), Some("q4_0")));
+        assert!(!f16(&args("f32", "cpu", None), None));
+        assert!(args("auto", "tpu", None)
+            .inference_kv_f16(Some("bf16"))
+            .is_err());
+        let mut a = args("f32", "cpu", None);
+        a.kv_cache = "f16".into();
+        assert!(f16(&a, None));
+        a.kv_cache = "f32".into();
+        assert!(!f16(&a, Some("bf16")));
     }
 }

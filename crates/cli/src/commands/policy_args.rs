@@ -135,7 +135,7 @@ impl PolicyArgs {
                 Ok((Box::new(OpenAiPolicy::new(config)), settings))
             }
             "model" => {
-                let (mut loaded, quantize) = self.model.load_for_inference()?;
+                let (mut loaded, path) = self.model.load_for_inference()?;
                 let template = chat_template(&loaded.assets)?;
                 let mut name = if self.model.model.is_empty() {
                     "model:default".to_owned()
@@ -168,7 +168,8 @@ impl PolicyArgs {
                     "constrained": options.constrained, "temperature": self.temperature,
                     "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
                     "history": self.history, "parallel": self.parallel,
-                    "quantize": quantize, "dtype": self.model.dtype,
+                    "quantize": path.quantize, "kv_cache": path.kv_cache,
+                    "dtype": self.model.dtype,
                 });
                 let policy = ModelPolicy::new(loaded.model, &loaded.assets, template, options)?;
                 Ok((Box::new(policy), settings))

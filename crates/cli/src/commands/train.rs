@@ -188,6 +188,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.model.quantize.is_some() {
         bail!("--quantize is an inference path; training needs the dense weights");
     }
+    if args.model.kv_cache != "auto" {
+        bail!("--kv-cache is an inference setting; training keeps no KV cache");
+    }
     if recipe.base_dtype == "bf16" && !args.model.device.eq_ignore_ascii_case("cpu") {
         bail!(
             "--base-dtype bf16 is the CPU's bf16 path; on --device {} load the model in bf16 \

@@ -12,7 +12,11 @@
 //! whatever else is in the batch (chunks count from the first slot a sequence reads), and
 //! padding slots (bias -inf) are not read, so a sequence gets the same bits alone and batched.
 
+use std::cell::RefCell;
+
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::kernels::{rows, skinny};
@@ -22,7 +26,7 @@ use crate::kernels::{rows, skinny};
 pub(crate) const MAX_QUERY_ROWS: usize = 32;
 
 /// `softmax(q k^T * scale + bias) v` for `q` `[b, g, r, d]`, `k` and `v` `[b, g, s, d]` (views
-/// of a cache buffer whose rows are contiguous), f32 on the CPU. `bias` is the additive mask
+/// of a cache buffer whose rows are contiguous), on the CPU: `q` f32, `k` and `v` both f32 or both f16 (an f16 cache). `bias` is the additive mask
 /// `[b, 1, t, s]` with `r` a multiple of `t` (row `i` uses bias row `i % t`, as grouped-query
 /// attention stacks its query heads along time). Returns `[b, g, r, d]`.
 pub(crate) fn attention(
@@ -84,8 +88,13 @@ impl CustomOp3 for DecodeAttention {
         v: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (q, k, v) else {
-            bail!("decode attention: f32 only")
+        let CpuStorage::F32(q) = q else {
+            bail!("decode attention: f32 queries only")
+        };
+        let kv = match (k, v) {
+            (CpuStorage::F32(k), CpuStorage::F32(v)) => Stored::F32(k, v),
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => Stored::F16(k, v),
+            _ => bail!("decode attention: keys and values must both be f32 or both f16"),
         };
         let (b, g, r, d) = lq.shape().dims4()?;
         let (kb, kg, s, kd) = lk.shape().dims4()?;
@@ -137,14 +146,24 @@ impl CustomOp3 for DecodeAttention {
             .par_iter()
             .map(|&(head, lo, keys)| {
                 let (oq, ok, ov) = offsets[head];
-                one_chunk(
-                    &q[oq..oq + r * d],
-                    &k[ok + lo * d..ok + (lo + keys) * d],
-                    &v[ov + lo * d..ov + (lo + keys) * d],
-                    head_bias(bias, head, g, s).map(|(bias, t)| (bias, t, lo, s)),
-                    self.scale as f32,
-                    d,
-                )
+                let (k, v) = (
+                    ok + lo * d..ok + (lo + keys) * d,
+                    ov + lo * d..ov + (lo + keys) * d,
+                );
+                let chunk = |k: &[f32], v: &[f32]| {
+                    one_chunk(
+                        &q[oq..oq + r * d],
+                        k,
+                        v,
+                        head_bias(bias, head, g, s).map(|(bias, t)| (bias, t, lo, s)),
+                        self.scale as f32,
+                        d,
+                    )
+                };
+                match kv {
+                    Stored::F32(ks, vs) => chunk(&ks[k], &vs[v]),
+                    Stored::F16(ks, vs) => widened(&ks[k], &vs[v], chunk),
+                }
             })
             .collect();
         let mut out = vec![0f32; b * g * r * d];
@@ -156,6 +175,33 @@ impl CustomOp3 for DecodeAttention {
         }
         Ok((CpuStorage::F32(out), Shape::from((b, g, r, d))))
     }
+}
+
+/// The cache's keys and values as stored.
+#[derive(Clone, Copy)]
+enum Stored<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [f16], &'a [f16]),
+}
+
+thread_local! {
+    /// A task's keys and values widened from f16: one chunk's worth, reused by every task the
+    /// thread runs (a chunk's attention calls nothing that could run another task meanwhile).
+    static WIDENED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `f` of a chunk's f16 keys and values widened to f32 (exactly: every f16 is an f32), so an
+/// f16 cache gives the bits an f32 cache holding the same rounded values gives.
+fn widened<R>(k: &[f16], v: &[f16], f: impl FnOnce(&[f32], &[f32]) -> R) -> R {
+    WIDENED.with(|buffers| {
+        let mut buffers = buffers.borrow_mut();
+        let (kw, vw) = &mut *buffers;
+        kw.resize(k.len(), 0.0);
+        vw.resize(v.len(), 0.0);
+        k.convert_to_f32_slice(kw);
+        v.convert_to_f32_slice(vw);
+        f(kw, vw)
+    })
 }
 
 /// Keys per task of a decode step's attention. A lone sequence has as few heads as the model
@@ -461,6 +507,45 @@ mod tests {
             0,
             "all masked: nothing skipped"
         );
+    }
+
+    /// An f16 cache (keys and values as stored, a left-padding bias, several chunks) gives
+    /// the bits of an f32 cache holding the same rounded values, and stays close to the
+    /// unrounded attention.
+    #[test]
+    fn an_f16_cache_gives_the_bits_of_its_values_widened() {
+        let dev = Device::Cpu;
+        let (b, g, rep, d) = (2, 3, 3, 64);
+        let s = 2 * KEYS_PER_TASK + 17;
+        let k = Tensor::randn(0f32, 1., (b, g, s + 9, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (b, g, s + 9, d), &dev).unwrap();
+        let q = (Tensor::randn(0f32, 1., (b, g, rep, d), &dev).unwrap() * 2.0).unwrap();
+        let mut bias = vec![0f32; b * s];
+        bias[s..s + 40]
+            .iter_mut()
+            .for_each(|x| *x = f32::NEG_INFINITY);
+        let bias = Tensor::from_vec(bias, (b, 1, 1, s), &dev).unwrap();
+        // Views of a buffer with room, as a cache hands them out.
+        let (k16, v16) = (
+            k.to_dtype(DType::F16).unwrap(),
+            v.to_dtype(DType::F16).unwrap(),
+        );
+        let view = |t: &Tensor| t.narrow(D::Minus2, 0, s).unwrap();
+        let got = attention(&q, &view(&k16), &view(&v16), Some(&bias), 0.125).unwrap();
+        let widened = |t: &Tensor| view(&t.to_dtype(DType::F32).unwrap());
+        let want = attention(&q, &widened(&k16), &widened(&v16), Some(&bias), 0.125).unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let exact = attention(&q, &view(&k), &view(&v), Some(&bias), 0.125).unwrap();
+        let err = max_diff(&got, &exact);
+        assert!(
+            err > 0.0 && err < 5e-3,
+            "f16 rounding moved the output by {err}"
+        );
+        // Mixed storage is refused, not misread.
+        assert!(attention(&q, &view(&k16), &view(&v), None, 0.125).is_err());
     }
 
     /// A row alone and the same row in a batch beside a longer one (left-padded to it): the

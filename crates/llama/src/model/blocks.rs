@@ -241,6 +241,13 @@ impl Attention {
             && q.dtype() == DType::F32
             && n_rep * t <= decode_attention::MAX_QUERY_ROWS;
         // The weighted values `[b, n_kv_heads, n_rep * t, head_dim]`.
+        // A decode step reads an f16 cache as stored (widening each chunk as it goes); the
+        // other paths take keys and values in the queries' type.
+        let (k, v) = if decode_step || k.dtype() == q.dtype() {
+            (k, v)
+        } else {
+            (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?)
+        };
         let out = if decode_step {
             decode_attention::attention(&q, &k, &v, bias, scale)?
         } else if mode == Mode::Training || (q.device().is_cpu() && q.dtype() == DType::F32) {

@@ -4,10 +4,17 @@
 //! place instead of concatenating (which would copy the whole cache at every step). Clones of
 //! a cache share buffers; a buffer is written in place only while one cache owns it, and is
 //! copied first otherwise, so forks stay independent.
+//!
+//! A cache may store its keys and values in a narrower type than the model computes them in
+//! (f16, as llama.cpp's default cache does): a decode step reads every cached key and value of
+//! every layer, so at dozens of sequences of thousands of tokens that read is what a step's
+//! attention waits on, and half the bytes is close to half the time. Each token's keys and
+//! values are rounded once, when stored, the same whether it came in a prompt or a decode step,
+//! so a sequence keeps the same bits alone, batched and resumed.
 
 use std::sync::Arc;
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{LlamaError, Result};
 
@@ -52,6 +59,10 @@ fn with_room(t: &Tensor, extra: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[t, &zeros], D::Minus2)?)
 }
 
+fn storage_name(storage: Option<DType>) -> &'static str {
+    storage.map_or("the model's type", |d| d.as_str())
+}
+
 #[derive(Debug, Clone)]
 pub struct KvCache {
     /// Per layer keys and values.
@@ -60,6 +71,8 @@ pub struct KvCache {
     valid: Vec<Vec<bool>>,
     /// Per row: the position id the next real token gets.
     next_position: Vec<u32>,
+    /// The type keys and values are stored in; `None`: as the model computes them.
+    storage: Option<DType>,
 }
 
 impl KvCache {
@@ -68,7 +81,21 @@ impl KvCache {
             layers: vec![None; num_layers],
             valid: vec![vec![]; batch],
             next_position: vec![0; batch],
+            storage: None,
         }
+    }
+
+    /// An empty cache that stores keys and values as `dtype` (`None`: as computed).
+    pub fn with_storage(num_layers: usize, batch: usize, dtype: Option<DType>) -> Self {
+        KvCache {
+            storage: dtype,
+            ..KvCache::new(num_layers, batch)
+        }
+    }
+
+    /// The type keys and values are stored in, if not the model's.
+    pub fn storage(&self) -> Option<DType> {
+        self.storage
     }
 
     pub fn batch(&self) -> usize {
@@ -111,6 +138,13 @@ impl KvCache {
                 c.layers.len()
             )));
         }
+        if let Some(c) = caches.iter().find(|c| c.storage != first.storage) {
+            return Err(LlamaError::Shape(format!(
+                "merging KV caches stored as {} and {}",
+                storage_name(first.storage),
+                storage_name(c.storage)
+            )));
+        }
         if caches.len() == 1 {
             return Ok((*first).clone());
         }
@@ -119,6 +153,7 @@ impl KvCache {
             layers: vec![None; num_layers],
             valid: Vec::new(),
             next_position: Vec::new(),
+            storage: first.storage,
         };
         for c in caches {
             let pad = slots - c.len();
@@ -197,7 +232,7 @@ impl KvCache {
         let keep: Vec<u32> = (0..valid.len() as u32)
             .filter(|&i| valid[i as usize])
             .collect();
-        let mut out = KvCache::new(self.layers.len(), 1);
+        let mut out = KvCache::with_storage(self.layers.len(), 1, self.storage);
         out.next_position[0] = self.next_position[row];
         out.valid[0] = vec![true; keep.len()];
         if keep.is_empty() {
@@ -265,6 +300,7 @@ impl KvCache {
                 .map(|&r| self.valid[r][skip..].to_vec())
                 .collect(),
             next_position: rows.iter().map(|&r| self.next_position[r]).collect(),
+            storage: self.storage,
         };
         if slots == 0 || rows.is_empty() {
             return Ok(out);
@@ -309,13 +345,19 @@ impl KvCache {
     }
 
     /// Adds the keys and values `[batch, kv_heads, new, head_dim]` of the tokens of this
-    /// forward to `layer`; returns all of that layer's keys and values so far (views).
+    /// forward to `layer`; returns all of that layer's keys and values so far (views, in the
+    /// cache's storage type).
     pub(crate) fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.storage {
+            Some(dtype) if dtype != k.dtype() => (k.to_dtype(dtype)?, v.to_dtype(dtype)?),
+            _ => (k.clone(), v.clone()),
+        };
+        let (k, v) = (&k, &v);
         // Slots in use before this forward (`commit` counts the new ones after all layers).
         let used = self.len();
         let slot = self

@@ -54,6 +54,8 @@ pub struct Llama {
     adapters: BTreeMap<String, LoraAdapter>,
     active_adapter: Option<String>,
     dropout_seed: Option<u64>,
+    /// The type new caches store keys and values in; `None`: the model's dtype.
+    kv_storage: Option<DType>,
 }
 
 /// The token embedding table: dense, or a GGUF file's blocks (`--quantize gguf`), whose rows
@@ -210,6 +212,7 @@ impl Llama {
             adapters: BTreeMap::new(),
             active_adapter: None,
             dropout_seed: None,
+            kv_storage: None,
         })
     }
 
@@ -402,7 +405,33 @@ impl Llama {
     }
 
     pub fn new_cache(&self, batch: usize) -> KvCache {
-        KvCache::new(self.config.num_hidden_layers, batch)
+        KvCache::with_storage(self.config.num_hidden_layers, batch, self.kv_storage)
+    }
+
+    /// Stores the keys and values of caches made from now on as `dtype` (f16: half the bytes a
+    /// decode step's attention reads, each value rounded once as it is stored; the attention
+    /// itself still computes in f32). `None` or the model's own dtype: as computed. Only f16
+    /// is offered beside the model's dtype: it keeps 11 significant bits where bf16 keeps 8,
+    /// and keys and values of LLaMA models stay well inside its range.
+    pub fn set_kv_cache_storage(&mut self, dtype: Option<DType>) -> Result<()> {
+        match dtype {
+            Some(d) if d == self.dtype => self.kv_storage = None,
+            None => self.kv_storage = None,
+            Some(DType::F16) if self.dtype == DType::F32 => self.kv_storage = Some(DType::F16),
+            Some(d) => {
+                return Err(LlamaError::Unsupported(format!(
+                    "a KV cache stored as {} for a {} model: only f16 for an f32 model is offered",
+                    d.as_str(),
+                    self.dtype.as_str()
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// The type caches store keys and values in, if not the model's.
+    pub fn kv_cache_storage(&self) -> Option<DType> {
+        self.kv_storage
     }
 
     /// Token embeddings `[batch, time, hidden]` of `input_ids` (u32 `[batch, time]`).
