@@ -85,6 +85,12 @@ impl ModelArgs {
         }
         .load()?;
         if kv_f16 {
+            if self.kv_cache == "auto" {
+                tracing::info!(
+                    "keys and values of earlier tokens are kept as f16, half the memory \
+                     (--kv-cache f32 keeps them as computed)"
+                );
+            }
             loaded
                 .model
                 .set_kv_cache_storage(Some(candle_core::DType::F16))
