@@ -1,6 +1,6 @@
 //! Flags every model-running command shares, and turning them into a loaded model.
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use teamtune_data::ChatTemplate;
 use teamtune_llama::{parse_device, parse_dtype, parse_quantization, ChatAssets, LoadedModel};
 
@@ -26,11 +26,11 @@ pub struct ModelArgs {
     /// inference); logits slightly off the dense model's.
     #[arg(long)]
     pub quantize: Option<String>,
-    /// How eval, collect, serve and the demo store the keys and values of earlier tokens: f16
-    /// (half the bytes each decode step's attention reads, each value rounded once as stored,
-    /// llama.cpp's default), f32 (as computed), or auto: f16 on the CPU where the weights run
-    /// quantised or as bf16 products (--quantize, or auto's bf16), f32 otherwise (--dtype f32
-    /// stays the reference path).
+    /// How the keys and values of earlier tokens are stored: f16 (half the memory, each value
+    /// rounded once as stored, llama.cpp's default), f32 (as computed), or auto: f16 on the CPU
+    /// where the weights run quantised or as bf16 products (--quantize, or the bf16 that eval,
+    /// collect, serve and the demo choose on AVX512-BF16 CPUs), f32 otherwise (--dtype f32 stays
+    /// the reference path). Training keeps no cache.
     #[arg(long, default_value = "auto", value_parser = ["auto", "f16", "f32"])]
     pub kv_cache: String,
 }
@@ -56,46 +56,47 @@ impl ModelArgs {
         Ok((self.dtype == "auto" && device.is_cpu() && cpu_has_bf16).then(|| "bf16".to_owned()))
     }
 
-    /// Whether an inference command stores its KV cache as f16: `--kv-cache` as given; auto
-    /// means f16 on the CPU when the weights run quantised or as bf16 products (`quantize`, the
-    /// path [`Self::inference_quantize`] chose), which already leave the f32 reference.
+    /// Whether the model stores its KV cache as f16: `--kv-cache` as given (refused off the
+    /// CPU or for a model that does not compute in f32); auto means f16 on the CPU for an f32
+    /// model whose weights run quantised or as bf16 products (`quantize`: the path
+    /// [`Self::inference_quantize`] chose), which already leave the f32 reference.
     pub fn inference_kv_f16(&self, quantize: Option<&str>) -> anyhow::Result<bool> {
-        Ok(match self.kv_cache.as_str() {
-            "f16" => true,
-            "f32" => false,
-            _ => parse_device(&self.device)?.is_cpu() && quantize.is_some(),
-        })
+        let device = parse_device(&self.device)?;
+        let dtype = parse_dtype(&self.dtype, &device)?;
+        let f32_on_cpu = device.is_cpu() && dtype == candle_core::DType::F32;
+        match self.kv_cache.as_str() {
+            "f16" if !device.is_cpu() => bail!(
+                "--kv-cache f16 is the CPU's path; on --device {} use --dtype f16 or bf16, which \
+                 keeps the cache in 16 bits too",
+                self.device
+            ),
+            "f16" if !f32_on_cpu => bail!(
+                "--kv-cache f16 needs a model that computes in f32; --dtype {} keeps the cache in \
+                 the model's own type",
+                self.dtype
+            ),
+            "f16" => Ok(true),
+            "f32" => Ok(false),
+            _ => Ok(f32_on_cpu && quantize.is_some()),
+        }
     }
 
-    /// [`Self::load`] on the weight path of [`Self::inference_quantize`] for this CPU, with the
-    /// KV cache of [`Self::inference_kv_f16`], and that path (for the run's records); says so
-    /// when bf16 was chosen for the user.
+    /// [`Self::load`] on the weight path of [`Self::inference_quantize`] for this CPU, and that
+    /// path with its KV cache (for the run's records); says so when bf16 was chosen for the
+    /// user.
     pub fn load_for_inference(&self) -> anyhow::Result<(LoadedModel, InferencePath)> {
         let quantize = self.inference_quantize(teamtune_llama::cpu_has_bf16_dot_products())?;
-        let kv_f16 = self.inference_kv_f16(quantize.as_deref())?;
         if self.quantize.is_none() && quantize.is_some() {
             tracing::info!(
                 "this CPU has bf16 dot products (AVX512-BF16): the weights run as bf16 products \
                  with f32 sums (--dtype f32 keeps the f32 path)"
             );
         }
-        let mut loaded = ModelArgs {
+        let loaded = ModelArgs {
             quantize: quantize.clone(),
             ..self.clone()
         }
         .load()?;
-        if kv_f16 {
-            if self.kv_cache == "auto" {
-                tracing::info!(
-                    "keys and values of earlier tokens are kept as f16, half the memory \
-                     (--kv-cache f32 keeps them as computed)"
-                );
-            }
-            loaded
-                .model
-                .set_kv_cache_storage(Some(candle_core::DType::F16))
-                .context("--kv-cache f16")?;
-        }
         let kv_cache = match loaded.model.kv_cache_storage() {
             Some(d) => d.as_str().to_owned(),
             None => loaded.model.dtype().as_str().to_owned(),
@@ -117,8 +118,22 @@ impl ModelArgs {
             .as_deref()
             .map(parse_quantization)
             .transpose()?;
-        LoadedModel::load_quantized(&self.model, dtype, &device, quantize)
-            .with_context(|| format!("loading model {name}"))
+        let kv_f16 = self.inference_kv_f16(self.quantize.as_deref())?;
+        let mut loaded = LoadedModel::load_quantized(&self.model, dtype, &device, quantize)
+            .with_context(|| format!("loading model {name}"))?;
+        if kv_f16 {
+            if self.kv_cache == "auto" {
+                tracing::info!(
+                    "keys and values of earlier tokens are kept as f16, half the memory \
+                     (--kv-cache f32 keeps them as computed)"
+                );
+            }
+            loaded
+                .model
+                .set_kv_cache_storage(Some(candle_core::DType::F16))
+                .context("--kv-cache f16")?;
+        }
+        Ok(loaded)
     }
 }
 
@@ -160,9 +175,9 @@ mod tests {
         assert!(args("auto", "tpu", None).inference_quantize(true).is_err());
     }
 
-    /// auto stores the cache as f16 only on the CPU's quantised or bf16-product paths (a GPU
-    /// build cannot be told apart here without CUDA: a device that does not parse is an error);
-    /// the flag overrides it either way.
+    /// auto stores the cache as f16 only for f32 models on the CPU's quantised or bf16-product
+    /// paths (a GPU cannot be tried without a CUDA build: a device that does not parse is an
+    /// error); the flag overrides it where the model can take it.
     #[test]
     fn the_kv_cache_is_f16_by_default_only_off_the_f32_reference_path() {
         let f16 = |a: &ModelArgs, q: Option<&str>| a.inference_kv_f16(q).unwrap();
@@ -172,10 +187,20 @@ mod tests {
         assert!(args("auto", "tpu", None)
             .inference_kv_f16(Some("bf16"))
             .is_err());
+        assert!(!f16(&args("bf16", "cpu", None), Some("q8_0")));
         let mut a = args("f32", "cpu", None);
         a.kv_cache = "f16".into();
         assert!(f16(&a, None));
         a.kv_cache = "f32".into();
         assert!(!f16(&a, Some("bf16")));
+        // An explicit f16 the model cannot take is refused before anything loads, naming the
+        // flags.
+        let mut a = args("bf16", "cpu", None);
+        a.kv_cache = "f16".into();
+        let err = a.inference_kv_f16(None).unwrap_err().to_string();
+        assert!(
+            err.contains("--kv-cache f16") && err.contains("--dtype bf16"),
+            "{err}"
+        );
     }
 }

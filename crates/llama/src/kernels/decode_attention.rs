@@ -26,9 +26,10 @@ use crate::kernels::{rows, skinny};
 pub(crate) const MAX_QUERY_ROWS: usize = 32;
 
 /// `softmax(q k^T * scale + bias) v` for `q` `[b, g, r, d]`, `k` and `v` `[b, g, s, d]` (views
-/// of a cache buffer whose rows are contiguous), on the CPU: `q` f32, `k` and `v` both f32 or both f16 (an f16 cache). `bias` is the additive mask
-/// `[b, 1, t, s]` with `r` a multiple of `t` (row `i` uses bias row `i % t`, as grouped-query
-/// attention stacks its query heads along time). Returns `[b, g, r, d]`.
+/// of a cache buffer whose rows are contiguous), on the CPU: `q` f32, `k` and `v` both f32 or
+/// both f16 (an f16 cache, widened chunk by chunk). `bias` is the additive mask `[b, 1, t, s]`
+/// with `r` a multiple of `t` (row `i` uses bias row `i % t`, as grouped-query attention
+/// stacks its query heads along time). Returns `[b, g, r, d]`.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,

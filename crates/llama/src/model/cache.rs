@@ -6,11 +6,12 @@
 //! copied first otherwise, so forks stay independent.
 //!
 //! A cache may store its keys and values in a narrower type than the model computes them in
-//! (f16, as llama.cpp's default cache does): a decode step reads every cached key and value of
-//! every layer, so at dozens of sequences of thousands of tokens that read is what a step's
-//! attention waits on, and half the bytes is close to half the time. Each token's keys and
-//! values are rounded once, when stored, the same whether it came in a prompt or a decode step,
-//! so a sequence keeps the same bits alone, batched and resumed.
+//! (f16, as llama.cpp's default cache does): half the memory, which at dozens of sequences of
+//! thousands of tokens is most of an evaluation's (6.6 -> 4.0 GB peak for the demo adapter's
+//! x10 evaluation). It did not make that evaluation faster on a 2-core AVX-512 machine
+//! (docs/BENCHMARKS.md). Each token's keys and values are rounded once, when stored, the same
+//! whether it came in a prompt or a decode step, so a sequence keeps the same bits alone,
+//! batched and resumed.
 
 use std::sync::Arc;
 
