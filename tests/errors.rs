@@ -303,11 +303,11 @@ fn a_bad_chat_template_is_named_by_its_flag() {
     assert!(!err.contains("give --chat-template"), "{err}");
 }
 
-/// The flags this round of serve, chat, export and merge work added: a bad value is an error
+/// Flags that later work added (serve, chat, export, merge, the KV cache): a bad value is an error
 /// naming the flag, before any model is read (`--model` names nothing here).
 #[test]
 fn new_flags_refuse_bad_values_before_loading() {
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 13] = [
         (
             &[
                 "train",
@@ -398,6 +398,34 @@ fn new_flags_refuse_bad_values_before_loading() {
                 "x.json",
             ],
             "--json-schema",
+        ),
+        (
+            &[
+                "generate",
+                "--prompt",
+                "x",
+                "--dtype",
+                "bf16",
+                "--kv-cache",
+                "f16",
+            ],
+            "--kv-cache f16 needs a model that computes in f32; --dtype bf16",
+        ),
+        (
+            &["generate", "--prompt", "x", "--kv-cache", "f8"],
+            "invalid value 'f8' for '--kv-cache",
+        ),
+        (
+            &[
+                "train",
+                "--data",
+                "x.jsonl",
+                "--out",
+                "/tmp/never",
+                "--kv-cache",
+                "f16",
+            ],
+            "--kv-cache is an inference setting; training keeps no KV cache",
         ),
     ];
     for (args, want) in cases {
