@@ -47,12 +47,9 @@ fn main() -> anyhow::Result<()> {
         lm.model.set_active_adapter(Some("bench"))?;
     }
     let kv = std::env::var("TEAMTUNE_BENCH_KV").ok();
-    match kv.as_deref() {
-        None | Some("f32") => {}
-        Some("f16") => lm
-            .model
-            .set_kv_cache_storage(Some(candle_core::DType::F16))?,
-        Some(other) => anyhow::bail!("TEAMTUNE_BENCH_KV={other}: f16 or f32"),
+    if let Some(kv) = &kv {
+        lm.model
+            .set_kv_cache_storage(teamtune_llama::parse_kv_cache(kv, "TEAMTUNE_BENCH_KV")?)?;
     }
     let m = &lm.model;
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. Knowledge speaks, but wisdom listens. ".repeat(40);

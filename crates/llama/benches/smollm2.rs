@@ -36,12 +36,9 @@ fn main() -> anyhow::Result<()> {
         m.quantize(teamtune_llama::parse_quantization(q)?)?;
     }
     let kv = std::env::var("TEAMTUNE_BENCH_KV").ok();
-    match kv.as_deref() {
-        None | Some("f32") => {}
-        Some("f16") => m
-            .model
-            .set_kv_cache_storage(Some(candle_core::DType::F16))?,
-        Some(other) => anyhow::bail!("TEAMTUNE_BENCH_KV={other}: f16 or f32"),
+    if let Some(kv) = &kv {
+        m.model
+            .set_kv_cache_storage(teamtune_llama::parse_kv_cache(kv, "TEAMTUNE_BENCH_KV")?)?;
     }
     // The prompt of scripts/bench_reference.py: repeated text cut to exactly PREFILL_TOKENS ids.
     let text = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. ".repeat(64);

@@ -134,9 +134,39 @@ pub fn parse_quantization(spec: &str) -> Result<Quantization> {
     }
 }
 
+/// A KV cache's storage by name, for [`crate::Llama::set_kv_cache_storage`]: `f16`, or `f32`
+/// (as the model computes; `None`). `what` names the setting in the error (a flag or a
+/// variable).
+pub fn parse_kv_cache(spec: &str, what: &str) -> Result<Option<DType>> {
+    match spec {
+        "f16" => Ok(Some(DType::F16)),
+        "f32" => Ok(None),
+        other => Err(LlamaError::Config {
+            path: what.into(),
+            message: format!("`{other}` is not a KV cache type (f16, f32)"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_kv_cache_types_and_names_the_setting_it_refuses() {
+        assert_eq!(
+            parse_kv_cache("f16", "--kv-cache").unwrap(),
+            Some(DType::F16)
+        );
+        assert_eq!(parse_kv_cache("f32", "--kv-cache").unwrap(), None);
+        let err = parse_kv_cache("q8_0", "TEAMTUNE_BENCH_KV")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("TEAMTUNE_BENCH_KV") && err.contains("q8_0"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn parses_devices_and_dtypes() {

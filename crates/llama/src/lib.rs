@@ -33,8 +33,8 @@ pub use decode::sampling::{Sampler, SamplingParams};
 pub use decode::session::{Decoded, NoFilter, Session, TokenFilter};
 pub use decode::stream::TextStream;
 pub use device::{
-    cpu_has_bf16_dot_products, on_compute_threads, parse_device, parse_dtype, parse_quantization,
-    share_cores_with_candle, Quantization,
+    cpu_has_bf16_dot_products, on_compute_threads, parse_device, parse_dtype, parse_kv_cache,
+    parse_quantization, share_cores_with_candle, Quantization,
 };
 pub use error::{LlamaError, Result};
 pub use export::gguf_model::{export_merged_gguf, GgufReport};
